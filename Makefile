@@ -1,0 +1,38 @@
+# The two entry points a newcomer needs: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (Python packages, and for tests the
+# Debian packages chromium, chromium-driver and shellcheck).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned where this machine serves them from disk (see README).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv dev-deps system-deps lint bench-download bench-train bench-predict
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v shellcheck >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver shellcheck; }
+
+demo: $(VENV)/.installed
+	$(BIN)/imgclf demo --out demo_output
+
+test: $(VENV)/.installed-dev system-deps
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,95 @@
+"""Checkpoint contract: everything needed to rebuild the model, as plain data.
+
+A checkpoint is a dict loadable with `torch.load(path, weights_only=True)`:
+
+    state_dict   model tensors, keys prefixed "model." (Lightning's layout)
+    imgclf       {"format": 1, "arch": str, "class_names": [str], "preprocessing": {...},
+                  "config": {...}}    # config is TrainConfig.to_plain()
+
+Lightning checkpoints written by `train` (RUN_DIR/checkpoints/{best,last}.ckpt) carry the
+extra keys Lightning needs to resume (optimizer states, loops, callbacks); the slim files
+under weights/ carry only the two keys above. `load_model` reads both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.config import TrainConfig
+from imgclf.errors import DataError
+from imgclf.models import create_model
+from imgclf.presets import Preprocessing
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on CPU
+    class_names: list[str]
+    preprocessing: Preprocessing
+    config: TrainConfig
+    path: Path
+
+
+def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "arch": config.model.arch,
+        "class_names": list(class_names),
+        "preprocessing": pre.to_plain(),
+        "config": config.to_plain(),
+    }
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its best checkpoint (else last); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            candidate = path / "checkpoints" / name
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"{path}: no checkpoints/best.ckpt or last.ckpt in this run directory")
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint or run directory")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: not a loadable checkpoint ({err.__class__.__name__}: {str(err)[:100]})") from None
+    if not isinstance(ckpt, dict) or "imgclf" not in ckpt or "state_dict" not in ckpt:
+        raise DataError(f"{path}: not an imgclf checkpoint (no 'imgclf' metadata)")
+    return ckpt
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    resolved = resolve_checkpoint(path)
+    ckpt = read_checkpoint(resolved)
+    meta = ckpt["imgclf"]
+    config = TrainConfig.model_validate(meta["config"])
+    model = create_model(meta["arch"], len(meta["class_names"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(model, list(meta["class_names"]), Preprocessing.from_plain(meta["preprocessing"]),
+                       config, resolved)
+
+
+def save_slim(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write a weights-only file (no optimizer state): what ships under weights/."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": state_dict, "imgclf": meta}, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,190 @@
+"""Typed training configuration: YAML file + dotted `key=value` overrides, validated by pydantic.
+
+Every stage receives a `TrainConfig` object, never a raw dict. An unknown key or a bad
+value raises `ConfigError` with one line that names the key, and the CLI exits with 2.
+`configs/default.yaml` documents every key; `TrainConfig()` holds the same defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imgclf.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo in the YAML into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    arch: str = "mobilenet_v3_small"
+    pretrained: bool = False
+    weights: str | None = None
+    cache_dir: str | None = None
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    # "auto" sizes BatchNorm momentum to the number of steps per epoch (see models.py).
+    bn_momentum: float | Literal["auto", "library"] = "auto"
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @field_validator("bn_momentum")
+    @classmethod
+    def _momentum_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1], 'auto' or 'library'")
+        return v
+
+
+class AugmentConfig(_Section):
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    policy: Literal["none", "randaugment", "trivialaugment"] = "none"
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DataConfig(_Section):
+    image_size: int = Field(64, ge=16, le=1024)
+    # Eval resizes to image_size / crop_ratio, then centre-crops image_size.
+    crop_ratio: float = Field(0.875, gt=0.0, le=1.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    num_workers: int = Field(2, ge=0)
+    # Decoded, resized images kept in RAM after the first epoch: "auto" when they fit cache_max_gb.
+    cache: bool | Literal["auto"] = "auto"
+    cache_max_gb: float = Field(4.0, ge=0.0)
+    balanced_sampler: bool = False
+    augment: AugmentConfig = AugmentConfig()
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class LossConfig(_Section):
+    name: Literal["cross_entropy"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = "none"
+
+
+class TrainerConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    monitor: Literal["val_f1_macro", "val_accuracy", "val_loss"] = "val_f1_macro"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    # "auto": bf16 autocast on CUDA that supports it, else fp16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    max_time_minutes: float | None = Field(None, gt=0.0)
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+class TrainConfig(_Section):
+    seed: int = 42
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain, YAML- and torch.load(weights_only=True)-safe data (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["trainer.epochs=3", "data.augment.hflip=false"] into a nested dict.
+
+    Values are parsed as YAML scalars so `3` is an int, `false` a bool, `[0.5, 1]` a list.
+    """
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {pair!r}: expected dotted key=value, e.g. trainer.epochs=3")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _one_line(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{origin}: bad value for '{key}': {first['msg']}{got_text}{more}"
+
+
+def build_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+        origin = f"{origin} + overrides"
+    return build_config(data, origin)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_plain(), sort_keys=False))

@@ -1,0 +1,115 @@
+"""The data manifest: `DATA_DIR/manifest.parquet`, one row per input row.
+
+This is the contract between `download` and every later stage (train, evaluate,
+predict). Columns, in order, with their meaning:
+
+    row           int    0-based index of the row over all inputs, in input order
+    source        str    the input file the row came from
+    url           str    as given
+    label         str    as given (stripped)
+    split         str    from the `split` column, else the file stem (train/val/test), else "train"
+    status        str    "ok" or one of STATUSES (why the row has no usable image)
+    error         str    human-readable reason ("" when ok)
+    http_status   int    last HTTP status seen (0 when no response)
+    attempts      int    HTTP attempts made for this row
+    sha256        str    sha256 of the stored image file ("" when none)
+    path          str    stored file, relative to DATA_DIR ("" when none)
+    width, height int    stored image size (0 when none)
+    bytes         int    stored file size (0 when none)
+    duplicate_of  int    for status "duplicate": the row whose image this row repeats, else -1
+
+Rows with status "duplicate" still have a valid `path` (the shared file), so a
+consumer may choose to use them; training uses only status "ok".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from imgclf.errors import DataError
+
+MANIFEST_NAME = "manifest.parquet"
+REPORT_NAME = "download_report.json"
+
+# Every status a row can end with. Stable: other tooling reads these strings.
+STATUSES: dict[str, str] = {
+    "ok": "downloaded and validated",
+    "invalid_url": "not an http(s) URL, or malformed",
+    "http_error": "the server answered with a non-retryable or exhausted error status",
+    "timeout": "connect, read or total deadline exceeded (after retries)",
+    "connection_error": "DNS failure, refused or reset connection (after retries)",
+    "too_many_redirects": "redirect loop or more redirects than allowed",
+    "too_large": "body larger than --max-bytes, or more pixels than the bomb limit",
+    "empty": "the body was empty",
+    "not_image": "the body does not decode as a raster image (HTML, SVG, text, truncated)",
+    "too_small": "the image is smaller than the minimum side",
+    "duplicate": "same URL or same content as an earlier row (see duplicate_of)",
+    "pending": "not attempted yet (only seen in an interrupted run's manifest)",
+}
+
+# Statuses worth retrying with --retry-failed: the server may answer differently next time.
+RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "http_error", "pending"})
+
+COLUMNS: dict[str, str] = {
+    "row": "int64",
+    "source": "string",
+    "url": "string",
+    "label": "string",
+    "split": "string",
+    "status": "string",
+    "error": "string",
+    "http_status": "int64",
+    "attempts": "int64",
+    "sha256": "string",
+    "path": "string",
+    "width": "int64",
+    "height": "int64",
+    "bytes": "int64",
+    "duplicate_of": "int64",
+}
+
+
+def normalize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Order and type the columns as the contract says; missing columns get empty defaults."""
+    out = pd.DataFrame(index=frame.index)
+    for name, dtype in COLUMNS.items():
+        if name in frame:
+            col = frame[name]
+        else:
+            col = pd.Series(-1 if name == "duplicate_of" else ("" if dtype == "string" else 0),
+                            index=frame.index)
+        out[name] = col.fillna("" if dtype == "string" else 0).astype(dtype)
+    return out
+
+
+def write_manifest(frame: pd.DataFrame, data_dir: str | Path) -> Path:
+    """Write atomically: a crash mid-write leaves the previous manifest intact."""
+    path = Path(data_dir) / MANIFEST_NAME
+    tmp = path.with_suffix(".parquet.tmp")
+    normalize(frame).to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(data_dir: str | Path) -> pd.DataFrame:
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest here; run `imgclf download ... --out {data_dir}` first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: unreadable manifest ({err.__class__.__name__})") from None
+    missing = [c for c in ("url", "label", "split", "status", "path") if c not in frame]
+    if missing:
+        raise DataError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
+    return normalize(frame)
+
+
+def usable_rows(frame: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
+    """Rows with a validated image on disk, optionally of one split."""
+    rows = frame[frame["status"] == "ok"]
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    return rows.reset_index(drop=True)

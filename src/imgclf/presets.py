@@ -1,0 +1,95 @@
+"""Train and eval preprocessing, side by side, defined once.
+
+`Preprocessing` is plain data stored in every checkpoint; `eval_transform` is what
+evaluate, predict, export and serve all use, so inference can never drift from training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from imgclf.config import AugmentConfig, DataConfig
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> Preprocessing:
+        return cls(
+            image_size=data.image_size,
+            resize_size=max(data.image_size, round(data.image_size / data.crop_ratio)),
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+        )
+
+    def to_plain(self) -> dict[str, Any]:
+        plain = asdict(self)
+        plain["mean"], plain["std"] = list(self.mean), list(self.std)
+        return plain
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> Preprocessing:
+        return cls(
+            image_size=int(plain["image_size"]),
+            resize_size=int(plain["resize_size"]),
+            mean=tuple(float(v) for v in plain["mean"]),
+            std=tuple(float(v) for v in plain["std"]),
+            interpolation=str(plain.get("interpolation", "bilinear")),
+        )
+
+
+def _interp(pre: Preprocessing) -> InterpolationMode:
+    return InterpolationMode(pre.interpolation)
+
+
+def _to_float_normalized(pre: Preprocessing) -> list[Any]:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+
+
+def eval_resize(pre: Preprocessing) -> T.Compose:
+    """PIL/uint8 -> uint8 tensor of shape (3, image_size, image_size): resize, centre crop."""
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(pre.resize_size, interpolation=_interp(pre), antialias=True),
+        T.CenterCrop(pre.image_size),
+    ])
+
+
+def normalize(pre: Preprocessing) -> T.Compose:
+    """uint8 tensor -> normalised float tensor (works on single images and batches)."""
+    return T.Compose(_to_float_normalized(pre))
+
+
+def eval_transform(pre: Preprocessing) -> T.Compose:
+    """PIL image -> normalised float tensor, exactly as the model saw validation data."""
+    return T.Compose([eval_resize(pre), normalize(pre)])
+
+
+def train_transform(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
+    """PIL image or uint8 tensor -> augmented, normalised float tensor."""
+    steps: list[Any] = [
+        T.ToImage(),
+        T.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
+                            interpolation=_interp(pre), antialias=True),
+    ]
+    if augment.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if augment.policy == "randaugment":
+        steps.append(T.RandAugment(interpolation=_interp(pre)))
+    elif augment.policy == "trivialaugment":
+        steps.append(T.TrivialAugmentWide(interpolation=_interp(pre)))
+    steps += _to_float_normalized(pre)
+    if augment.random_erasing > 0:
+        steps.append(T.RandomErasing(p=augment.random_erasing, value=0))
+    return T.Compose(steps)
