@@ -71,11 +71,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from imgclf import train
     from imgclf.config import load_config
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # before importing torch: config errors answer fast
+    from imgclf import train
+
     train.run(config, args.data, args.out, resume=args.resume)
     return 0
 
@@ -155,6 +156,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline offline on the bundled Fashion-MNIST sample")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for data and run")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=int, default=None,
+                   help="use at most N images per class and split (a quick look; default: all 4,000)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.epochs=1)")
     p.set_defaults(handler=_cmd_demo)
 
@@ -162,11 +166,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from imgclf import demo
 
-    return demo.run(args.out, seed=args.seed, overrides=list(args.overrides))
+    return demo.run(args.out, seed=args.seed, overrides=list(args.overrides), limit=args.limit,
+                    show_progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgclf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="imgclf",
+        description="From a list of labelled image URLs to an evaluated, deployable image classifier. "
+                    "Stages: download -> train -> evaluate -> predict / export / serve; demo runs them all.")
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(STAGES) + "}")
