@@ -28,6 +28,10 @@ class ImageLimits:
 class Decoded:
     image: Image.Image  # RGB, orientation applied, first frame only
     source_format: str
+    # How the bytes differ from `image`: lets the downloader keep original bytes when nothing changed.
+    source_mode: str = ""
+    rotated: bool = False  # an EXIF orientation other than 1 was applied
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,11 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
             width, height = img.size
             if width * height > limits.max_pixels:
                 return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels")
+            frames = int(getattr(img, "n_frames", 1) or 1)
             img.seek(0)  # animated images: first frame
             img.load()
+            mode = img.mode
+            rotated = img.getexif().get(0x0112, 1) not in (0, 1)
             img = ImageOps.exif_transpose(img) or img
             img = _to_rgb(img)
     except Image.DecompressionBombError as err:
@@ -78,8 +85,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
         detail = f"{kind} document" if kind else f"{err.__class__.__name__}: {str(err)[:120]}"
         return Rejected("not_image", detail)
     if min(img.size) < limits.min_side:
-        return Rejected("too_small", f"{img.size[0]}x{img.size[1]} is under the {limits.min_side}px minimum side")
-    return Decoded(img, fmt)
+        return Rejected("too_small",
+                        f"{img.size[0]}x{img.size[1]} is under the {limits.min_side}px minimum side")
+    return Decoded(img, fmt, source_mode=mode, rotated=rotated, frames=frames)
 
 
 def open_image_file(path: str, limits: ImageLimits = ImageLimits(min_side=1)) -> Image.Image:

@@ -1,0 +1,229 @@
+"""The download stage: URL lists in, validated images + manifest.parquet + download_report.json out.
+
+    imgclf download train.csv test.csv --out DATA_DIR          # run again to resume
+
+Flow: the sources are read in chunks into DATA_DIR/.state.sqlite (one line per input row, one
+per distinct URL); every unfinished URL is fetched once by an asyncio/aiohttp pool (`_fetch`),
+its body validated, resized and stored by content hash in worker processes (`_store`), and the
+outcome committed; finally the manifest (one row per input row, see imgclf.manifest) and the
+report (counts per status and per split/label, duplicates, train/test leakage) are written
+from the state (`_report`). Train, evaluate and predict read only the manifest and images/.
+
+    from imgclf import download
+    result = download.run([Path("train.csv")], Path("data"), download.DownloadOptions(show_progress=False))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgclf.download._fetch import Fetcher, check_url
+from imgclf.download._options import DownloadOptions, StoreSettings
+from imgclf.download._progress import Progress
+from imgclf.download._report import print_summary, write_outputs
+from imgclf.download._state import STATE_NAME, Outcome, State
+from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, process_body
+from imgclf.errors import DataError, ImgclfError
+from imgclf.images import Rejected
+
+__all__ = ["DownloadOptions", "DownloadResult", "run", "check_url", "STATE_NAME"]
+
+_FLUSH_EVERY_S = 0.25
+_FLUSH_ROWS = 512
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    total: int  # input rows
+    counts: dict[str, int]  # status -> rows
+    manifest_path: Path
+    report_path: Path
+    report: dict[str, Any]
+    fetched: int  # URLs finished by this run
+    elapsed_s: float
+
+
+def run(sources: list[Path], out_dir: Path, options: DownloadOptions | None = None) -> DownloadResult:
+    """Download every row of `sources` into `out_dir`; resumes whatever an earlier run left."""
+    options = options or DownloadOptions()
+    paths = [Path(p) for p in sources]
+    if not paths:
+        raise DataError("download: give at least one source file")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: source file not found")
+    data_dir = Path(out_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: --out exists and is not a directory")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    state = State(data_dir)
+    try:
+        state.check_storage(options.storage_key(), data_dir)
+        state.ingest(paths, options.chunk_rows)
+        if options.retry_failed:
+            state.reopen_retryable()
+        crashed = state.begin_run()
+        shutil.rmtree(data_dir / TMP_DIR, ignore_errors=True)  # partial files of a killed run
+        fetched, ok, interrupted = 0, 0, False
+        fetch_started = time.monotonic()
+        try:
+            fetched, ok = _fetch_pending(state, options.store_settings(str(data_dir)), options)
+        except KeyboardInterrupt:
+            interrupted = True  # committed results stay; the manifest below marks the rest pending
+        fetch_s = time.monotonic() - fetch_started
+        if not interrupted:
+            if crashed:
+                _remove_orphans(state, data_dir)
+            state.end_run()
+        extra = {"fetched_this_run": fetched, "ok_this_run": ok, "fetch_s": round(fetch_s, 3),
+                 "images_per_s": round(ok / fetch_s, 2) if fetched and fetch_s > 0 else 0.0,
+                 "interrupted": interrupted, "options": options.storage_key()}
+        manifest, report_path, report = write_outputs(state, data_dir, extra)
+    finally:
+        state.close()
+    elapsed = time.monotonic() - started
+    if options.print_summary:
+        from rich.console import Console
+
+        print_summary(report, Console())
+    if interrupted:
+        raise KeyboardInterrupt
+    return DownloadResult(report["total_rows"], dict(report["counts"]), manifest, report_path, report,
+                          fetched, elapsed)
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # fork starts workers in milliseconds; they are started here, before the event loop and the
+    # progress thread exist, so no lock held by another thread is copied into them.
+    ctx = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool.submit(int).result()
+    return pool
+
+
+def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptions) -> tuple[int, int]:
+    """Fetch every unfinished URL; return (URLs finished, of which ok)."""
+    pending = state.pending_count()
+    if pending == 0:
+        return 0, 0
+    pool = _pool(options.workers)
+    progress = Progress(pending, options.show_progress)
+    try:
+        with progress:
+            return asyncio.run(_download(state, settings, options, pool, progress))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Recorder:
+    """Buffers outcomes and commits them in small transactions (one fsync-free commit per batch)."""
+
+    def __init__(self, state: State) -> None:
+        self.state, self.buffer, self.done, self.ok = state, [], 0, 0
+        self.last = time.monotonic()
+
+    def add(self, outcome: Outcome) -> None:
+        self.buffer.append(outcome)
+        if len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.last >= _FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.state.record(self.buffer)
+            self.done += len(self.buffer)
+            self.ok += sum(o.status == "ok" for o in self.buffer)
+            self.buffer = []
+        self.last = time.monotonic()
+
+
+async def _download(state: State, settings: StoreSettings, options: DownloadOptions,
+                    pool: concurrent.futures.ProcessPoolExecutor, progress: Progress) -> tuple[int, int]:
+    fetcher = Fetcher(options)
+    recorder = _Recorder(state)
+    loop = asyncio.get_running_loop()
+    # Bounded: the input is paged from SQLite only as fast as slots free up.
+    queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(maxsize=options.concurrency * 2)
+
+    async def one(url_id: int, url: str) -> Outcome:
+        got = await fetcher.fetch(url)
+        if got.status is not None:
+            return Outcome(url_id, got.status, got.error, got.http_status, got.attempts)
+        body, got.body = got.body, None
+        try:
+            result = await loop.run_in_executor(pool, process_body, body, settings)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise ImgclfError("an image worker process died (out of memory?); run the same command "
+                              "again to resume") from None
+        if isinstance(result, Rejected):
+            if result.status == "storage_error":
+                raise DataError(result.reason)
+            return Outcome(url_id, result.status, result.reason, got.http_status, got.attempts)
+        assert isinstance(result, Stored)
+        return Outcome(url_id, "ok", "", got.http_status, got.attempts, result.sha256, result.path,
+                       result.width, result.height, result.bytes)
+
+    async def worker() -> None:
+        while (item := await queue.get()) is not None:
+            outcome = await one(*item)
+            recorder.add(outcome)
+            progress.advance(outcome.status)
+
+    async def ticker() -> None:
+        while True:  # commits results even when they arrive slowly, and refreshes the rate
+            await asyncio.sleep(_FLUSH_EVERY_S)
+            recorder.flush()
+            progress.tick()
+
+    async def produce() -> None:
+        for item in state.iter_pending():
+            await queue.put(item)
+        for _ in range(n_workers):
+            await queue.put(None)
+
+    n_workers = max(1, min(options.concurrency, progress.total))
+    tick = asyncio.create_task(ticker())
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing task (a fatal error) cancels the rest
+            group.create_task(produce())
+            for _ in range(n_workers):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        raise _first_error(failed) from None
+    finally:
+        tick.cancel()
+        await asyncio.gather(tick, return_exceptions=True)
+        recorder.flush()
+        await fetcher.close()
+    return recorder.done, recorder.ok
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to show: a user-facing one when there is one, else the first."""
+    leaves = []
+    stack: list[BaseException] = [group]
+    while stack:
+        err = stack.pop()
+        if isinstance(err, BaseExceptionGroup):
+            stack.extend(reversed(err.exceptions))
+        else:
+            leaves.append(err)
+    return next((e for e in leaves if isinstance(e, ImgclfError)), leaves[0])
+
+
+def _remove_orphans(state: State, data_dir: Path) -> None:
+    """After a killed run: drop stored files whose result was never committed (they are refetched)."""
+    images = data_dir / IMAGES_DIR
+    if not images.is_dir():
+        return
+    for path in images.glob("*/*"):
+        if path.is_file() and not state.is_referenced(path.relative_to(data_dir).as_posix()):
+            path.unlink(missing_ok=True)

@@ -1,0 +1,186 @@
+"""Network side of the download: one URL in, a body or a failure status out (never an exception).
+
+Each attempt has a connect timeout, a read timeout (longest silence) and a total deadline that
+covers redirects and the whole body, so a server that trickles a byte a second frees its slot.
+Timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and full
+jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects are followed by
+hand so that loops, their number and their target scheme are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from imgclf.download._options import DownloadOptions
+
+ALLOWED_SCHEMES = ("http", "https")
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class Fetched:
+    """Outcome of fetching one URL: `body` is set when status is None (a 2xx body to validate)."""
+
+    status: str | None
+    error: str = ""
+    http_status: int = 0
+    attempts: int = 0
+    body: bytes | None = None
+
+
+def check_url(url: str) -> str:
+    """"" when `url` is an absolute http(s) URL with a host, else the reason it is not."""
+    if not url:
+        return "empty URL"
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return "URL contains whitespace or control characters"
+    try:
+        parsed = URL(url)
+        host, _port = parsed.host, parsed.port
+    except (ValueError, TypeError) as err:
+        return f"malformed URL ({str(err)[:80]})"
+    if parsed.scheme.lower() not in ALLOWED_SCHEMES:
+        return f"scheme {parsed.scheme + ':' if parsed.scheme else '(none)'} not allowed (only http, https)"
+    if not host:
+        return "URL has no host"
+    return ""
+
+
+class _Final(Exception):
+    """Ends the attempt loop with a status that retrying will not change."""
+
+    def __init__(self, status: str, error: str, http_status: int = 0) -> None:
+        super().__init__(error)
+        self.status, self.error, self.http_status = status, error, http_status
+
+
+class _Retryable(Exception):
+    def __init__(self, status: str, error: str, http_status: int = 0, wait: float | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.http_status, self.wait = status, error, http_status, wait
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds asked by a Retry-After header (delta-seconds or HTTP date), None when absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Fetcher:
+    """Owns the aiohttp session; `await fetcher.fetch(url)` for each URL, then `await close()`."""
+
+    def __init__(self, options: DownloadOptions) -> None:
+        self.options = options
+        connector = aiohttp.TCPConnector(limit=options.concurrency, limit_per_host=options.per_host,
+                                         ttl_dns_cache=300, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, connect=options.connect_timeout,
+                                        sock_connect=options.connect_timeout, sock_read=options.read_timeout)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=True, trust_env=False,
+            headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8"},
+            max_field_size=16384, read_bufsize=_CHUNK)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def fetch(self, url: str) -> Fetched:
+        opts = self.options
+        attempts, last = 0, Fetched("connection_error", "not attempted")
+        while True:
+            attempts += 1
+            try:
+                async with asyncio.timeout(opts.timeout):
+                    body, http_status = await self._attempt(url)
+                return Fetched(None, "", http_status, attempts, body)
+            except _Final as err:
+                return Fetched(err.status, err.error, err.http_status, attempts)
+            except _Retryable as err:
+                last, wait = Fetched(err.status, err.error, err.http_status, attempts), err.wait
+            except aiohttp.ServerTimeoutError as err:  # connect or read timeout (a TimeoutError too)
+                last, wait = Fetched("timeout", _describe(err), 0, attempts), None
+            except TimeoutError:
+                last, wait = Fetched("timeout", f"no complete answer within the {opts.timeout:g}s deadline",
+                                     0, attempts), None
+            except (aiohttp.ClientError, OSError) as err:
+                last, wait = Fetched("connection_error", _describe(err), 0, attempts), None
+            if attempts > opts.retries:
+                if attempts > 1:
+                    last.error = f"{last.error} (after {attempts} attempts)"
+                return last
+            await asyncio.sleep(self._backoff(attempts, wait))
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        opts = self.options
+        if retry_after is not None:
+            return min(retry_after, opts.max_retry_after)
+        # Full jitter: spreads retries of many rows that failed together (a flapping host).
+        return random.uniform(0.5, 1.0) * min(opts.max_backoff, opts.backoff * 2 ** (attempt - 1))
+
+    async def _attempt(self, url: str) -> tuple[bytes, int]:
+        seen: list[str] = []
+        current = URL(url, encoded=False)
+        for _ in range(self.options.max_redirects + 1):
+            seen.append(str(current))
+            async with self.session.get(current, allow_redirects=False) as resp:
+                if resp.status in REDIRECT_STATUSES:
+                    current = self._next_location(resp, current, seen)
+                    continue
+                if resp.status in RETRY_STATUSES:
+                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                    raise _Retryable("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                                     resp.status, wait)
+                if not 200 <= resp.status < 300:
+                    raise _Final("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status)
+                return await self._read_body(resp), resp.status
+        raise _Final("too_many_redirects", f"more than {self.options.max_redirects} redirects", 0)
+
+    def _next_location(self, resp: aiohttp.ClientResponse, current: URL, seen: list[str]) -> URL:
+        location = resp.headers.get("Location", "")
+        if not location:
+            raise _Final("http_error", f"HTTP {resp.status} redirect without Location", resp.status)
+        try:
+            target = current.join(URL(location))
+        except ValueError:
+            raise _Final("invalid_url", f"redirect to malformed URL {location[:100]!r}",
+                         resp.status) from None
+        problem = check_url(str(target))
+        if problem:
+            raise _Final("invalid_url", f"redirect to {str(target)[:100]}: {problem}", resp.status)
+        if str(target) in seen:
+            raise _Final("too_many_redirects", f"redirect loop back to {str(target)[:100]}", resp.status)
+        return target
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        limit = self.options.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise _Final("too_large", f"Content-Length {resp.content_length} exceeds {limit} bytes",
+                         resp.status)
+        chunks, total = [], 0
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > limit:  # counted after decompression, so a gzip bomb is cut too
+                raise _Final("too_large", f"body exceeds {limit} bytes", resp.status)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{err.__class__.__name__}: {text[:160]}" if text else err.__class__.__name__

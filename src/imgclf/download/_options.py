@@ -1,0 +1,104 @@
+"""Typed options of the download stage, validated once at the edge (ConfigError on a bad value)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from imgclf.errors import ConfigError
+from imgclf.images import ImageLimits
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+ResizeMode = Literal["none", "shorter", "longer"]
+ImageFormat = Literal["keep", "jpeg", "png", "webp"]
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What the CPU workers need to validate and store one body (small and picklable)."""
+
+    data_dir: str
+    limits: ImageLimits
+    resize: ResizeMode
+    size: int
+    image_format: ImageFormat
+    quality: int
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    # Network
+    concurrency: int = 64
+    per_host: int = 16
+    timeout: float = 30.0  # total deadline per attempt: connect + headers + redirects + body
+    connect_timeout: float = 10.0
+    read_timeout: float = 15.0  # longest silence between two reads
+    retries: int = 3
+    backoff: float = 0.5  # first retry waits about this long; doubles each time, with jitter
+    max_backoff: float = 30.0
+    max_retry_after: float = 30.0  # Retry-After is honoured up to this many seconds
+    max_redirects: int = 5
+    max_bytes: int = 20_000_000
+    user_agent: str = "imgclf-download/0.1 (+https://github.com/imgclf)"
+    # Images
+    max_pixels: int = 64_000_000
+    min_side: int = 8
+    resize: ResizeMode = "longer"
+    size: int = 512
+    image_format: ImageFormat = "keep"
+    quality: int = 90
+    # Run
+    processes: int | None = None  # None: one per core
+    retry_failed: bool = False
+    show_progress: bool = True
+    print_summary: bool = True
+    chunk_rows: int = 50_000
+
+    def __post_init__(self) -> None:
+        positive = ("concurrency", "per_host", "timeout", "connect_timeout", "read_timeout", "max_bytes",
+                    "max_pixels", "size", "chunk_rows")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"download: {_flag(name)} must be > 0 (got {getattr(self, name)})")
+        for name in ("retries", "backoff", "max_backoff", "max_retry_after", "max_redirects", "min_side"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"download: {_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.resize not in ("none", "shorter", "longer"):
+            raise ConfigError(f"download: --resize must be none, shorter or longer (got {self.resize!r})")
+        if self.image_format not in ("keep", "jpeg", "png", "webp"):
+            raise ConfigError(f"download: --format must be keep, jpeg, png or webp "
+                              f"(got {self.image_format!r})")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"download: --quality must be within 1..100 (got {self.quality})")
+        if self.processes is not None and self.processes < 1:
+            raise ConfigError(f"download: --processes must be >= 1 (got {self.processes})")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> DownloadOptions:
+        """Build from `imgclf download` arguments; attributes the CLI does not define keep defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+        if getattr(args, "no_progress", False):
+            values["show_progress"] = False
+        return cls(**values)
+
+    @property
+    def workers(self) -> int:
+        return self.processes or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else (os.cpu_count() or 1))
+
+    def store_settings(self, data_dir: str) -> StoreSettings:
+        return StoreSettings(data_dir=data_dir, limits=ImageLimits(self.max_pixels, self.min_side),
+                             resize=self.resize, size=self.size, image_format=self.image_format,
+                             quality=self.quality)
+
+    def storage_key(self) -> str:
+        """Options that change the stored files: a resumed run must use the same ones."""
+        return f"resize={self.resize} size={self.size} format={self.image_format} quality={self.quality}"

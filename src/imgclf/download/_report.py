@@ -1,0 +1,137 @@
+"""Write manifest.parquet and download_report.json from the resume state, and print the summary.
+
+The manifest is streamed in row order in batches (bounded memory for millions of rows) and
+written atomically: a temporary file renamed over the previous manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgclf.download._state import State
+from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, normalize
+
+_EXAMPLES = 20
+
+
+def _resolve(rec: tuple) -> tuple:
+    """One manifest row from a state row: expands same-URL and same-content duplicates."""
+    (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
+     size, url_first, sha_first) = rec
+    duplicate_of = -1
+    if status is None:
+        status, error = "pending", "not attempted yet (interrupted run)"
+    elif row != url_first:
+        attempts = 0  # fetched once, for the first row with this URL
+        if status == "ok":
+            status, duplicate_of, error = "duplicate", sha_first, f"same URL as row {url_first}"
+        else:
+            error = f"same URL as row {url_first}: {error}"
+    elif status == "ok" and sha_first is not None and sha_first != row:
+        status, duplicate_of, error = "duplicate", sha_first, f"same image as row {sha_first}"
+    if status not in ("ok", "duplicate"):
+        sha, path, width, height, size = "", "", 0, 0, 0
+    return (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
+            size, duplicate_of)
+
+
+def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
+    """Stream the manifest, gather counts on the way, write the report; return both paths and the report."""
+    counts: Counter[str] = Counter()
+    by_split: dict[str, Counter[str]] = {}
+    by_label: dict[tuple[str, str], Counter[str]] = {}
+    duplicates = Counter()
+    manifest = data_dir / MANIFEST_NAME
+    tmp = data_dir / (MANIFEST_NAME + ".tmp")
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in state.manifest_rows():
+            resolved = [_resolve(rec) for rec in batch]
+            frame = normalize(pd.DataFrame(resolved, columns=list(COLUMNS)))
+            for split, label, status, error in zip(frame["split"], frame["label"], frame["status"],
+                                                   frame["error"], strict=True):
+                counts[status] += 1
+                by_split.setdefault(split, Counter())[status] += 1
+                by_label.setdefault((split, label), Counter())[status] += 1
+                if status == "duplicate":
+                    duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        if writer is None:  # no rows at all: still a valid, empty manifest
+            table = pa.Table.from_pandas(normalize(pd.DataFrame(columns=list(COLUMNS))), preserve_index=False)
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.close()
+        writer = None
+        os.replace(tmp, manifest)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+
+    report = {
+        "total_rows": sum(counts.values()),
+        "counts": {status: counts.get(status, 0) for status in STATUSES if counts.get(status, 0)},
+        "statuses": STATUSES,
+        "by_split": {split: dict(c) for split, c in sorted(by_split.items())},
+        "by_split_label": [{"split": s, "label": lab, **dict(c)} for (s, lab), c in sorted(by_label.items())],
+        "duplicates": {"same_url": duplicates["same_url"], "same_content": duplicates["same_content"]},
+        **_shared_images(state),
+        **extra,
+    }
+    report_path = data_dir / REPORT_NAME
+    tmp_report = report_path.with_suffix(".json.tmp")
+    tmp_report.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp_report, report_path)
+    return manifest, report_path, report
+
+
+def _shared_images(state: State) -> dict[str, Any]:
+    """Same image under several splits (train/test leakage) or several labels (label noise)."""
+    leak = {"images": 0, "rows": 0, "examples": []}
+    conflict = {"images": 0, "rows": 0, "examples": []}
+    for sha, n_splits, n_labels, first_row, n_rows, splits, labels in state.shared_images():
+        example = {"sha256": sha, "first_row": first_row, "rows": n_rows,
+                   "splits": sorted(splits.split(",")), "labels": sorted(labels.split(","))}
+        for kind, hit in ((leak, n_splits > 1), (conflict, n_labels > 1)):
+            if hit:
+                kind["images"] += 1
+                kind["rows"] += n_rows
+                if len(kind["examples"]) < _EXAMPLES:
+                    kind["examples"].append(example)
+    return {"leakage": leak, "label_conflicts": conflict}
+
+
+def print_summary(report: dict[str, Any], console: Any) -> None:
+    """The end-of-run table: one line per status, then duplicates and leakage."""
+    from rich.table import Table
+
+    table = Table(title=f"imgclf download: {report['total_rows']} rows", title_justify="left")
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("meaning")
+    total = max(1, report["total_rows"])
+    for status, n in sorted(report["counts"].items(), key=lambda kv: (kv[0] != "ok", -kv[1])):
+        table.add_row(status, str(n), f"{100 * n / total:.1f}%", STATUSES.get(status, ""))
+    console.print(table)
+    leak = report["leakage"]
+    if leak["images"]:
+        console.print(f"[bold yellow]leakage:[/] {leak['images']} image(s) appear in more than one split "
+                      f"({leak['rows']} rows); see leakage.examples in download_report.json")
+    conflicts = report["label_conflicts"]
+    if conflicts["images"]:
+        console.print(f"[yellow]label conflicts:[/] {conflicts['images']} image(s) carry more than one label")
+    if "images_per_s" in report:
+        console.print(f"fetched {report.get('fetched_this_run', 0)} URL(s) "
+                      f"in {report.get('fetch_s', 0):.1f}s "
+                      f"({report['images_per_s']:.1f} ok images/s)")

@@ -1,0 +1,107 @@
+"""CPU side of the download: validate one body, resize/re-encode it, store it by content hash.
+
+Runs in worker processes (`process_body` is the pickled entry point); results are values.
+Files land in DATA_DIR/images/<sha[:2]>/<sha>.<ext> via a temporary file in DATA_DIR/.tmp and an
+atomic rename, so a kill at any moment leaves either the whole file or no file in images/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from imgclf.download._options import StoreSettings
+from imgclf.images import Decoded, Rejected, decode_image
+
+TMP_DIR = ".tmp"
+IMAGES_DIR = "images"
+# Formats we may store as they came; anything else (GIF, BMP, TIFF, ...) is re-encoded.
+_KEEPABLE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_PIL_NAME = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class Stored:
+    sha256: str
+    path: str  # relative to DATA_DIR
+    width: int
+    height: int
+    bytes: int
+
+
+def target_size(width: int, height: int, settings: StoreSettings) -> tuple[int, int]:
+    """Shrink (never enlarge) so the chosen side is at most settings.size, keeping the aspect ratio."""
+    if settings.resize == "none":
+        return width, height
+    side = min(width, height) if settings.resize == "shorter" else max(width, height)
+    if side <= settings.size:
+        return width, height
+    scale = settings.size / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _can_keep_bytes(decoded: Decoded, size: tuple[int, int], settings: StoreSettings) -> bool:
+    # The original file is stored only when re-reading it gives exactly the validated pixels.
+    return (settings.image_format == "keep" and decoded.source_format in _KEEPABLE
+            and size == decoded.image.size and decoded.source_mode in ("RGB", "L")
+            and not decoded.rotated and decoded.frames == 1)
+
+
+def _encode(image: Image.Image, source_format: str, settings: StoreSettings) -> tuple[bytes, str]:
+    if settings.image_format == "keep":
+        fmt = source_format if source_format in _KEEPABLE else "PNG"
+    else:
+        fmt = _PIL_NAME[settings.image_format]
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(buf, "JPEG", quality=settings.quality)
+    elif fmt == "WEBP":
+        image.save(buf, "WEBP", quality=settings.quality, method=4)
+    else:
+        image.save(buf, "PNG", compress_level=6)
+    return buf.getvalue(), _KEEPABLE[fmt]
+
+
+def write_atomic(data_dir: Path, rel: str, data: bytes) -> None:
+    """Write `data` at data_dir/rel unless an identical file (same content hash name) is already there."""
+    final = data_dir / rel
+    if final.is_file() and final.stat().st_size == len(data):
+        return  # content-addressed: same name and size means same bytes
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = data_dir / TMP_DIR
+    tmp_dir.mkdir(exist_ok=True)
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def process_body(body: bytes, settings: StoreSettings) -> Stored | Rejected:
+    """Decode, validate, resize, encode, hash and store one body; never raises for bad content."""
+    decoded = decode_image(body, settings.limits)
+    if isinstance(decoded, Rejected):
+        return decoded
+    image = decoded.image
+    size = target_size(*image.size, settings)
+    if _can_keep_bytes(decoded, size, settings):
+        data, ext = body, _KEEPABLE[decoded.source_format]
+    else:
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        data, ext = _encode(image, decoded.source_format, settings)
+    sha = hashlib.sha256(data).hexdigest()
+    rel = f"{IMAGES_DIR}/{sha[:2]}/{sha}.{ext}"
+    try:
+        write_atomic(Path(settings.data_dir), rel, data)
+    except OSError as err:  # disk full, permissions: a row-level failure, the run goes on
+        return Rejected("storage_error", f"cannot write {rel}: {err.strerror or err}")
+    return Stored(sha, rel, size[0], size[1], len(data))
