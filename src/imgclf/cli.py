@@ -88,9 +88,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, default=None, help="evaluate a checkpoint file instead of a run")
     p.add_argument("--data", type=Path, default=None, help="data directory (default: the run's)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
-    p.add_argument("--out", type=Path, default=None, help="where to write (default: the run directory)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write (default: the run directory; with --weights: "
+                        "DATA_DIR/evaluations/<weights stem>-<split>)")
     p.add_argument("--seed", type=int, default=0, help="seed for bootstrap and baseline simulation")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image-decoding worker processes (default: the run config's data.num_workers)")
     p.set_defaults(handler=_cmd_evaluate)
 
 
@@ -99,19 +104,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.run_dir is None and args.weights is None:
         raise ImgclfError("evaluate: give a RUN_DIR or --weights FILE")
-    evaluate.run(evaluate.EvaluateOptions.from_namespace(args))
+    metrics = evaluate.run(evaluate.EvaluateOptions.from_namespace(args))
+    print(evaluate.format_summary(metrics))
     return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify files, folders, globs, URLs or a CSV of them")
-    p.add_argument("inputs", nargs="+", help="image files, folders, globs, http(s) URLs, or a CSV")
-    p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint, or exported model")
-    p.add_argument("--out", type=Path, default=None, help="output file (.csv or .jsonl; default: stdout CSV)")
-    p.add_argument("--top-k", type=int, default=5)
+    p = sub.add_parser("predict", help="classify files, folders, globs, URLs or a CSV of them",
+                       description="Classify images with a run, a checkpoint or an exported model. "
+                                   "Writes one row per input (top-k labels and probabilities); an "
+                                   "unreadable input gets its error in its row and the rest go on.")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs ('a/**/*.jpg'), "
+                                             "http(s) URLs, or a CSV/TSV with a url or path column")
+    p.add_argument("--model", required=True, type=Path,
+                   help="run directory, checkpoint (.ckpt/.pt), or a file from `imgclf export`")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file, .csv or .jsonl (default: CSV on stdout)")
+    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
+                   help="output format (default: from --out's suffix, else csv)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per row (default 5)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
+                   help="auto: onnx for .onnx files, torchscript for exported TorchScript, else torch")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds allowed per URL fetch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=_cmd_predict)
 
 
@@ -122,10 +138,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, with metadata")
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, with metadata",
+                       description="Write a self-describing model file (class names and preprocessing as "
+                                   "metadata) and check it against PyTorch before keeping it.")
     p.add_argument("run_dir", type=Path, help="run directory or checkpoint")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--out", type=Path, default=None, help="output file (default: RUN_DIR/model.<ext>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript)")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -136,13 +155,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over HTTP (FastAPI): /predict, /health, /labels, /")
-    p.add_argument("--model", required=True, type=Path, help="run directory or checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("serve", help="serve a model over HTTP (FastAPI): /predict, /health, /labels, /",
+                       description="HTTP service: POST /predict (multipart image or JSON {\"url\": ...}), "
+                                   "GET /health, GET /labels, GET /docs, and a page at /.")
+    p.add_argument("--model", required=True, type=Path,
+                   help="run directory, checkpoint, or a file from `imgclf export`")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let {'url': ...} fetch private, loopback and link-local addresses")
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds allowed per URL fetch")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests that arrive together are classified in one batch of at most this size")
     p.set_defaults(handler=_cmd_serve)
 
 

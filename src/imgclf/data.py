@@ -10,6 +10,7 @@ at least 1 when n >= 2, and never all of them. A class with a single image stays
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imgclf.errors import DataError
 from imgclf.images import open_image_file
@@ -93,3 +95,71 @@ class ImageFolderFrame(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = open_image_file(str(self.data_dir / self.paths[i]))
         return self.transform(image), self.targets[i]
+
+
+def _identity(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+def decode_resized(path: str | Path, resize_size: int) -> torch.Tensor:
+    """Decode a file to a uint8 tensor (3, H, W), shrunk so its shorter side is at most resize_size.
+
+    Never enlarges: eval preprocessing resizes to exactly resize_size afterwards, so caching
+    the shrunk image gives the same pixels as resizing the original (Resize is a no-op at the
+    target size), and small images (28px Fashion-MNIST) stay small in RAM.
+    """
+    image = pil_to_tensor(open_image_file(str(path)))
+    if min(image.shape[-2:]) > resize_size:
+        image = resize(image, [resize_size], antialias=True)
+    return image
+
+
+class DecodedImages(Dataset):
+    """(uint8 image tensor, class index): decoded in DataLoader workers, optionally from a RAM cache.
+
+    `transform` maps a uint8 tensor to a uint8 tensor of the final size (train augmentation or
+    eval resize + crop); normalisation happens on the batch, on the training device.
+    """
+
+    def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
+                 resize_size: int, transform: Callable | None = None) -> None:
+        self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity)
+        self.targets = self.files.targets
+        self.resize_size = resize_size
+        self.transform = transform
+        self.cache: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def decoded(self, i: int) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[i]
+        return decode_resized(self.files.data_dir / self.files.paths[i], self.resize_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.decoded(i)
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+    def with_transform(self, transform: Callable) -> DecodedImages:
+        """A view sharing files and cache, with another transform (train vs eval)."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
+    def fill_cache(self, num_workers: int) -> None:
+        """Decode every image once (in parallel workers) and keep the uint8 tensors in RAM."""
+        plain = self.with_transform(_identity)
+        loader = DataLoader(plain, batch_size=64, shuffle=False, num_workers=num_workers, collate_fn=list)
+        # clone(): tensors from workers live in shared memory, one file handle each; 60k of them
+        # would exhaust the process's descriptors.
+        self.cache = [image.clone() for batch in loader for image, _ in batch]
+
+
+def cache_bytes(data_dir: str | Path, frame: pd.DataFrame, resize_size: int) -> int:
+    """Upper estimate of the RAM the decoded cache of `frame` needs (from manifest sizes)."""
+    manifest = read_manifest(data_dir)[["row", "width", "height"]]
+    sizes = frame[["row"]].merge(manifest, on="row", how="left").fillna(resize_size)
+    short = np.minimum(sizes["width"], sizes["height"]).clip(lower=1)
+    scale = np.minimum(1.0, resize_size / short)
+    return int((3 * (sizes["width"] * scale + 1) * (sizes["height"] * scale + 1)).sum())

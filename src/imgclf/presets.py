@@ -76,8 +76,12 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     return T.Compose([eval_resize(pre), normalize(pre)])
 
 
-def train_transform(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
-    """PIL image or uint8 tensor -> augmented, normalised float tensor."""
+def train_augment(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
+    """PIL image or uint8 tensor -> augmented uint8 tensor (3, image_size, image_size).
+
+    Training keeps images uint8 until they reach the model (`normalize` runs on the batch),
+    so DataLoader workers pass a quarter of the bytes that float tensors would need.
+    """
     steps: list[Any] = [
         T.ToImage(),
         T.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
@@ -89,7 +93,12 @@ def train_transform(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
         steps.append(T.RandAugment(interpolation=_interp(pre)))
     elif augment.policy == "trivialaugment":
         steps.append(T.TrivialAugmentWide(interpolation=_interp(pre)))
-    steps += _to_float_normalized(pre)
     if augment.random_erasing > 0:
+        # On uint8, erased patches are black; on the normalised batch they would be the mean colour.
         steps.append(T.RandomErasing(p=augment.random_erasing, value=0))
     return T.Compose(steps)
+
+
+def train_transform(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
+    """PIL image or uint8 tensor -> augmented, normalised float tensor."""
+    return T.Compose([train_augment(pre, augment), normalize(pre)])

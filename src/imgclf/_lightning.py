@@ -1,0 +1,219 @@
+"""The LightningModule behind `train`: loss, metrics, optimizer and schedule, checkpoint metadata.
+
+Batches arrive as uint8 images; `presets.normalize` runs here, on the training device, so
+the DataLoader workers only decode and augment. Private: the public surface is `train.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from imgclf import models, presets
+from imgclf.checkpoint import make_meta
+from imgclf.config import TrainConfig
+
+log = logging.getLogger("imgclf.train")
+
+# Share of validation predictions given to one class above which we call it a collapse.
+COLLAPSE_SHARE = 0.9
+
+
+class ImageClassifier(pl.LightningModule):
+    def __init__(self, model: nn.Module, config: TrainConfig, class_names: list[str],
+                 pre: presets.Preprocessing, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.class_names = list(class_names)
+        self.pre = pre
+        self.normalize = presets.normalize(pre)
+        n = len(class_names)
+        self.criterion = nn.CrossEntropyLoss(weight=class_weights,
+                                             label_smoothing=config.loss.label_smoothing)
+        self.train_loss = torchmetrics.MeanMetric()
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+        self.val_f1 = torchmetrics.classification.MulticlassF1Score(n, average="macro")
+        # Predictions per class (column sums) reveal a collapse to one class.
+        self.val_confusion = torchmetrics.classification.MulticlassConfusionMatrix(n)
+        self.ema: AveragedModel | None = None
+        if config.trainer.ema:
+            # use_buffers: BatchNorm running statistics are averaged along with the weights.
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.trainer.ema_decay),
+                                     use_buffers=True)
+        self.images_seen = 0
+        self.epoch_started = 0.0
+        self.train_seconds = 0.0  # training batches only: images/s excludes validation
+        self.val_stats: dict[str, float] = {}
+        self.collapsed_epochs: list[int] = []
+        self.time_budget_s = (config.trainer.max_time_minutes or 0.0) * 60.0
+
+    # ---- forward and steps ------------------------------------------------------------------
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        if self.config.trainer.channels_last is True or (
+                self.config.trainer.channels_last == "auto" and x.is_cuda):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self._prepare(images))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        loss = self.criterion(self(images), targets)
+        self.train_loss.update(loss.detach(), weight=len(targets))
+        self.images_seen += len(targets)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds = time.perf_counter() - self.epoch_started
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        net = self.ema.module if self.ema is not None else self.model
+        logits = net(self._prepare(images))
+        self.val_loss.update(nn.functional.cross_entropy(logits, targets), weight=len(targets))
+        preds = logits.argmax(1)
+        self.val_accuracy.update(preds, targets)
+        self.val_f1.update(preds, targets)
+        self.val_confusion.update(preds, targets)
+
+    # ---- epoch bookkeeping (metrics.csv is written by a callback from these stats) -----------
+    def on_train_epoch_start(self) -> None:
+        self._set_backbone_frozen(self.current_epoch < self.config.model.freeze_backbone_epochs)
+        self.images_seen = 0
+        self.epoch_started = time.perf_counter()
+        self.train_seconds = 0.0
+
+    def finish_train_stats(self) -> dict[str, float]:
+        """Train loss, LR and speed of the epoch just finished (call on every rank: it syncs)."""
+        seconds = time.perf_counter() - self.epoch_started
+        images = self.images_seen * self.trainer.world_size
+        stats = {
+            "train_loss": float(self.train_loss.compute()) if self.images_seen else float("nan"),
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "epoch_seconds": seconds,
+            "images_per_s": images / self.train_seconds if self.train_seconds > 0 else 0.0,
+        }
+        self.train_loss.reset()
+        return stats
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        stats = {
+            "val_loss": float(self.val_loss.compute()),
+            "val_accuracy": float(self.val_accuracy.compute()),
+            "val_f1_macro": float(self.val_f1.compute()),
+        }
+        counts = self.val_confusion.compute().sum(0)
+        for metric in (self.val_loss, self.val_accuracy, self.val_f1, self.val_confusion):
+            metric.reset()
+        # Logged so ModelCheckpoint / EarlyStopping can monitor them (already synced across ranks).
+        self.log_dict(stats, prog_bar=True, sync_dist=False)
+        self.val_stats = stats
+        self._warn_if_collapsed(counts)
+
+    def _warn_if_collapsed(self, counts: torch.Tensor) -> None:
+        total = float(counts.sum())
+        if total <= 0 or len(self.class_names) < 2:
+            return
+        top = int(counts.argmax())
+        share = float(counts[top]) / total
+        if share >= COLLAPSE_SHARE:
+            self.collapsed_epochs.append(self.current_epoch)
+            log.warning(
+                "epoch %d: %.0f%% of validation predictions are class %r: the model has collapsed to one "
+                "class (in eval mode; check BatchNorm running statistics: model.bn_momentum, more data per "
+                "class, a lower optim.lr)", self.current_epoch, 100 * share, self.class_names[top])
+
+    def _set_backbone_frozen(self, frozen: bool) -> None:
+        head = {id(p) for p in models.head_parameters(self.model)}
+        for param in self.model.parameters():
+            if id(param) not in head:
+                param.requires_grad_(not frozen)
+
+    # ---- optimizer and schedule -------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.config.optim
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            # Weight decay on BatchNorm/LayerNorm scales and biases only hurts: the usual exclusion.
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        groups = [{"params": decay, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if opt.name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum,
+                                                               nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=opt.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total // max(1, self.config.trainer.epochs))
+        warmup = min(total - 1, int(opt.warmup_epochs * steps_per_epoch))
+        factor = _lr_factor(self, opt.schedule, total, warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def progress(self, step: int, total: int) -> float:
+        """Fraction of training done: by steps, or by the time budget when that runs out first."""
+        done = step / total
+        if self.time_budget_s > 0 and self._trainer is not None:
+            timer = next((c for c in self.trainer.callbacks if isinstance(c, pl.callbacks.Timer)), None)
+            if timer is not None:
+                done = max(done, timer.time_elapsed("train") / self.time_budget_s)
+        return min(1.0, done)
+
+    # ---- checkpoints: imgclf metadata, EMA weights saved as the model ---------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["imgclf"] = make_meta(self.config, self.class_names, self.pre)
+        if self.ema is not None:
+            # The shipped model is the EMA one; the raw weights are kept to resume training.
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("model.")]:
+                state["raw." + key.removeprefix("model.")] = state.pop(key)
+            for key in [k for k in state if k.startswith("ema.module.")]:
+                state["model." + key.removeprefix("ema.module.")] = state.pop(key)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("model.")]:
+                state["ema.module." + key.removeprefix("model.")] = state.pop(key)
+            for key in [k for k in state if k.startswith("raw.")]:
+                state["model." + key.removeprefix("raw.")] = state.pop(key)
+
+
+def _lr_factor(module: ImageClassifier, schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup, then cosine / one-cycle / constant.
+
+    A closure, not an object: LambdaLR would copy an object's attributes (the module) into
+    its state_dict, and checkpoints must stay plain data for weights_only loading.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        # Progress can come from the time budget, so a run cut by max_time still ends annealed.
+        done = module.progress(step, total)
+        start = warmup / total
+        frac = min(1.0, max(0.0, (done - start) / max(1e-9, 1.0 - start)))
+        if schedule == "onecycle":
+            return 1.0 - frac  # warmup up, linear anneal down: the 1cycle triangle
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor

@@ -1,0 +1,243 @@
+"""Train stage: a downloaded data directory + a TrainConfig -> a run directory with checkpoints.
+
+    imgclf train --config configs/demo.yaml --data DATA_DIR --out RUN_DIR [key=value ...]
+    imgclf train --data DATA_DIR --out RUN_DIR --resume      # after a crash or SIGKILL
+
+Reads the manifest's usable rows (status ok, split train/val), makes a seeded stratified
+train/val split, and trains with PyTorch Lightning. Hands on to evaluate/predict/export/serve
+the run directory (see docs/train.md):
+
+    config.yaml   resolved config            split.csv     row, path, label, subset
+    run.json      data_dir, class_names, best_checkpoint, imgclf_version, best score
+    checkpoints/best.ckpt, last.ckpt         (checkpoint.py contract: weights_only loadable)
+    metrics.csv   one row per epoch          curves.png    loss / accuracy / F1 curves
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from imgclf import __version__, data, models, presets
+from imgclf._callbacks import MetricsLog, read_metrics
+from imgclf._lightning import ImageClassifier
+from imgclf.config import TrainConfig, save_config
+from imgclf.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+RUN_INFO_NAME = "run.json"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    class_names: list[str]
+    best_score: float | None  # the monitored metric at the best checkpoint
+    epochs_run: int
+    seconds: float
+
+
+def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -> TrainResult:
+    """Train `config` on DATA_DIR into RUN_DIR; with resume, continue from checkpoints/last.ckpt."""
+    started = time.perf_counter()
+    data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
+    if not resume and last.is_file():
+        raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    zero = rank_zero_only.rank == 0
+    if zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_NAME)
+    split = _split(config, data_dir, run_dir, write=zero)
+    class_names = data.class_names_of(split)
+    pre = presets.Preprocessing.from_config(config.data)
+    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
+
+    model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
+                                config.model.weights, config.model.cache_dir, config.model.dropout)
+    _tune_batchnorm(model, config, len(train_loader))
+    if config.trainer.compile:
+        model.compile()  # in place: state_dict keys stay those of the plain model
+    module = ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
+    trainer = _trainer(config, run_dir)
+    if zero:
+        _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training"})
+    with warnings.catch_warnings():
+        # Lightning suggests more workers than the 2 cores we tune for; the advice is noise here.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+
+    best = Path(trainer.checkpoint_callback.best_model_path or last)
+    score = trainer.checkpoint_callback.best_model_score
+    best_score = float(score) if score is not None else None
+    epochs = len(read_metrics(run_dir)) if zero else trainer.current_epoch
+    seconds = time.perf_counter() - started
+    if zero:
+        _write_run_info(run_dir, data_dir, class_names, config, extra={
+            "status": "done", "best_score": best_score, "monitor": config.trainer.monitor,
+            "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
+            "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1)})
+        log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
+                 f"{best_score:.4f}" if best_score is not None else "n/a", best)
+    return TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def _split(config: TrainConfig, data_dir: Path, run_dir: Path, write: bool) -> pd.DataFrame:
+    if write:
+        split = data.load_or_make_split(run_dir, data_dir, config.data.val_fraction, config.seed)
+    else:  # other DDP ranks: same seed, same split, and no race on the file
+        split = data.make_split(data_dir, config.data.val_fraction, config.seed)
+    if not (split["subset"] == "val").any():
+        raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
+    return split
+
+
+def _loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_names: list[str],
+             pre: presets.Preprocessing) -> tuple[DataLoader, DataLoader]:
+    cfg = config.data
+    train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
+    train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
+                                   presets.train_augment(pre, cfg.augment))
+    val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre))
+    if _use_cache(cfg, data_dir, split, pre):
+        t0 = time.perf_counter()
+        for dataset in (train_set, val_set):
+            dataset.fill_cache(cfg.num_workers)
+        log.info("cached %d decoded images in RAM in %.1fs", len(split), time.perf_counter() - t0)
+    sampler = None
+    if cfg.balanced_sampler:
+        counts = torch.bincount(train_set.targets, minlength=len(class_names)).clamp(min=1)
+        sampler = WeightedRandomSampler((1.0 / counts)[train_set.targets].double(), len(train_set),
+                                        generator=torch.Generator().manual_seed(config.seed))
+    common: dict[str, Any] = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
+                              "pin_memory": torch.cuda.is_available()}
+    train_loader = DataLoader(train_set, batch_size=config.trainer.batch_size, shuffle=sampler is None,
+                              sampler=sampler, drop_last=len(train_set) > config.trainer.batch_size, **common)
+    val_loader = DataLoader(val_set, batch_size=config.trainer.batch_size * 2, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def _use_cache(cfg: Any, data_dir: Path, split: pd.DataFrame, pre: presets.Preprocessing) -> bool:
+    if cfg.cache is not True and cfg.cache != "auto":
+        return False
+    if cfg.cache is True:
+        return True
+    need = data.cache_bytes(data_dir, split, pre.resize_size)
+    fits = need <= cfg.cache_max_gb * 1e9
+    log.info("decoded-image cache: %.2f GB needed, budget %.2f GB -> %s", need / 1e9, cfg.cache_max_gb,
+             "on" if fits else "off")
+    return fits
+
+
+def _class_weights(config: TrainConfig, split: pd.DataFrame, class_names: list[str]) -> torch.Tensor | None:
+    """'balanced': n / (k * n_c), as scikit-learn defines it; classes absent from train weigh 1."""
+    if config.loss.class_weights != "balanced":
+        return None
+    train_labels = split.loc[split["subset"] == "train", "label"]
+    counts = torch.tensor([float((train_labels == name).sum()) for name in class_names])
+    weights = counts.sum() / (len(class_names) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.ones_like(weights))
+
+
+# ---- model and trainer --------------------------------------------------------------------------
+def auto_bn_momentum(steps_per_epoch: int) -> float:
+    """Momentum that refreshes 99% of the running statistics within one epoch, in [0.1, 0.5].
+
+    torchvision's mobilenet_v3 uses 0.01 (tuned for ImageNet's thousands of steps per epoch): on
+    a few thousand images the running statistics lag the weights and eval mode predicts one class.
+    """
+    return min(0.5, max(0.1, 1.0 - 0.01 ** (1.0 / max(1, steps_per_epoch))))
+
+
+def _tune_batchnorm(model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int) -> None:
+    choice = config.model.bn_momentum
+    if choice == "library":
+        return
+    momentum = auto_bn_momentum(steps_per_epoch) if choice == "auto" else float(choice)
+    count = models.set_bn_momentum(model, momentum)
+    if count:
+        log.info("BatchNorm momentum %.3f on %d layers (%d steps/epoch)", momentum, count, steps_per_epoch)
+
+
+def _precision(config: TrainConfig) -> str:
+    if config.trainer.precision != "auto":
+        return "32-true" if config.trainer.precision == "32" else config.trainer.precision
+    if config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
+    tcfg = config.trainer
+    mode = "min" if tcfg.monitor == "val_loss" else "max"
+    callbacks: list[pl.Callback] = [
+        pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=tcfg.monitor,
+                                     mode=mode, save_top_k=1, save_last=True, enable_version_counter=False,
+                                     auto_insert_metric_name=False),
+        MetricsLog(run_dir),
+    ]
+    if tcfg.early_stopping_patience:
+        callbacks.append(pl.callbacks.EarlyStopping(monitor=tcfg.monitor, mode=mode,
+                                                    patience=tcfg.early_stopping_patience))
+    if tcfg.progress_bar:
+        callbacks.append(pl.callbacks.TQDMProgressBar())
+    return pl.Trainer(
+        max_epochs=tcfg.epochs,
+        max_time={"minutes": tcfg.max_time_minutes} if tcfg.max_time_minutes else None,
+        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy, precision=_precision(config),
+        gradient_clip_val=config.optim.grad_clip,
+        callbacks=callbacks, logger=_logger(config, run_dir),
+        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run_dir,
+    )
+
+
+def _logger(config: TrainConfig, run_dir: Path) -> Any:
+    if not config.trainer.tensorboard:
+        return False
+    try:
+        return pl.loggers.TensorBoardLogger(run_dir, name="tensorboard")
+    except ModuleNotFoundError:
+        raise ConfigError("trainer.tensorboard: needs the tensorboard package "
+                          "(pip install tensorboard)") from None
+
+
+# ---- run directory ------------------------------------------------------------------------------
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], config: TrainConfig,
+                    extra: dict[str, Any]) -> None:
+    info = {"data_dir": str(data_dir), "class_names": class_names, "best_checkpoint": "checkpoints/best.ckpt",
+            "last_checkpoint": "checkpoints/last.ckpt", "imgclf_version": __version__,
+            "arch": config.model.arch, "seed": config.seed, "torch_version": torch.__version__,
+            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+    info.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
+    tmp = run_dir / (RUN_INFO_NAME + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(run_dir / RUN_INFO_NAME)
