@@ -65,7 +65,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="data directory written by `imgclf download`")
     p.add_argument("--out", required=True, type=Path, help="run directory to create (or resume)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt "
+                                                          "(with RUN_DIR/config.yaml unless --config)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(handler=_cmd_train)
 
@@ -74,7 +75,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from imgclf.config import load_config
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    config = load_config(args.config, overrides)  # before importing torch: config errors answer fast
+    config_path = args.config
+    if config_path is None and args.resume and (args.out / "config.yaml").is_file():
+        config_path = args.out / "config.yaml"  # resume continues with the run's own config
+    config = load_config(config_path, overrides)  # before importing torch: config errors answer fast
     from imgclf import train
 
     train.run(config, args.data, args.out, resume=args.resume)
