@@ -1,0 +1,413 @@
+"""Evaluate stage: a trained model on one split -> metrics with intervals and baselines, plots, report.
+
+    imgclf evaluate RUN_DIR [--data DATA_DIR] [--split test]
+    imgclf evaluate --weights weights/model.ckpt --data DATA_DIR [--out DIR]
+
+Reads the model (`checkpoint.load_model`), the images of the chosen split (manifest rows
+with status ok; when the data has no such rows, the run's validation subset from split.csv),
+predicts with the checkpoint's own eval preprocessing, and writes into the output folder:
+
+    metrics.json               stable keys, documented in docs/evaluate.md (the returned dict)
+    predictions.csv            row, path, true, predicted, correct, confidence, loss, top_k
+    classification_report.csv  scikit-learn's per-class precision/recall/F1/support
+    confusion_matrix.png, confusion_matrix_normalized.png, per_class_f1.png,
+    most_confused.png, training_curves.png (when the run has metrics.csv)
+    report.html                one self-contained page (images embedded)
+
+The output folder is the run directory, `--out` when given, and for `--weights` without
+`--out`: DATA_DIR/evaluations/<weights file stem>-<split>/. Nothing reaches the next stage
+except these files; predict/export/serve load the checkpoint themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import classification_report
+from torch.utils.data import DataLoader
+
+from imgclf import __version__, _metrics, _plots, _report
+from imgclf.checkpoint import LoadedModel, load_model
+from imgclf.data import SPLIT_NAME, ImageFolderFrame
+from imgclf.errors import ConfigError, DataError
+from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
+from imgclf.presets import eval_transform
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TOP_K = 5
+RUN_JSON = "run.json"
+# The model is "clearly above" weighted random when the lower end of its F1-macro interval
+# clears the baseline's simulated mean by this many baseline standard deviations.
+CLEAR_MARGIN_STD = 2.0
+
+
+@dataclass
+class EvaluateOptions:
+    run_dir: Path | None = None
+    weights: Path | None = None
+    data: Path | None = None
+    split: str = "test"
+    out: Path | None = None
+    seed: int = 0
+    batch_size: int = 128
+    num_workers: int | None = None  # None: the run config's data.num_workers
+    device: str = "auto"  # auto: cuda when available, else cpu
+    bootstrap_resamples: int = _metrics.BOOTSTRAP_RESAMPLES
+    baseline_simulations: int = _metrics.BASELINE_SIMULATIONS
+    gallery_size: int = 24
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> EvaluateOptions:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in vars(args).items() if k in known and v is not None})
+
+
+@dataclass
+class Plan:
+    """Where everything comes from and goes to, resolved once from the options."""
+
+    model_source: Path
+    data_dir: Path
+    out_dir: Path
+    run_dir: Path | None
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSet:
+    frame: pd.DataFrame  # row, path, label
+    images_root: Path
+    split: str  # what was evaluated: the requested split, or "val" after the fallback
+    source: str  # "manifest" or "run split.csv (val subset)"
+    note: str = ""
+
+
+# ---------------------------------------------------------------- resolving inputs
+
+
+def _read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable run.json ({err.__class__.__name__})") from None
+
+
+def resolve(opts: EvaluateOptions) -> Plan:
+    if opts.run_dir is None and opts.weights is None:
+        raise ConfigError("evaluate: give a RUN_DIR or --weights FILE")
+    if opts.run_dir is not None:
+        run_dir = Path(opts.run_dir)
+        if not run_dir.is_dir():
+            raise DataError(f"{run_dir}: no such run directory")
+        info = _read_run_info(run_dir)
+        data = opts.data or (Path(info["data_dir"]) if info.get("data_dir") else None)
+        if data is None:
+            raise ConfigError(f"{run_dir}: run.json names no data_dir; pass --data DATA_DIR")
+        return Plan(Path(opts.weights or run_dir), Path(data), Path(opts.out or run_dir), run_dir, info)
+    if opts.data is None:
+        raise ConfigError("evaluate --weights FILE needs --data DATA_DIR")
+    weights, data = Path(opts.weights), Path(opts.data)
+    out = opts.out or data / "evaluations" / f"{weights.stem}-{opts.split}"
+    return Plan(weights, data, Path(out), None)
+
+
+def _read_split_csv(run_dir: Path | None) -> pd.DataFrame | None:
+    if run_dir is None or not (run_dir / SPLIT_NAME).is_file():
+        return None
+    return pd.read_csv(run_dir / SPLIT_NAME, dtype={"path": str, "label": str, "subset": str},
+                       keep_default_na=False)
+
+
+def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
+                    split_csv: pd.DataFrame | None) -> EvalSet:
+    rows = usable_rows(manifest, split)
+    if not rows.empty:
+        return EvalSet(rows[["row", "path", "label"]], plan.data_dir, split, "manifest")
+    if split_csv is not None and (split_csv["subset"] == "val").any():
+        val = split_csv[split_csv["subset"] == "val"].reset_index(drop=True)
+        note = (f"no '{split}' images in {plan.data_dir}: evaluating on the run's validation subset "
+                f"({len(val)} images, the ones that chose the best checkpoint, so expect optimistic figures)")
+        log.warning(note)
+        root = Path(plan.run_info.get("data_dir") or plan.data_dir)
+        return EvalSet(val[["row", "path", "label"]], root, "val", f"run {SPLIT_NAME} (val subset)", note)
+    have = sorted(set(usable_rows(manifest)["split"]))
+    raise DataError(f"{plan.data_dir}: no downloaded images with split '{split}' (splits here: "
+                    f"{', '.join(have) or 'none'}), and no run validation subset to fall back on")
+
+
+def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,
+                    eval_set: EvalSet) -> tuple[pd.Series, str]:
+    """The labels whose shares define the weighted-random baseline, and where they came from."""
+    if split_csv is not None and (split_csv["subset"] == "train").any():
+        return split_csv.loc[split_csv["subset"] == "train", "label"], f"run {SPLIT_NAME} (train subset)"
+    train = usable_rows(manifest, "train")
+    if not train.empty:
+        return train["label"], "manifest split 'train'"
+    log.warning("no training data found: the weighted-random baseline uses the evaluated split's own shares")
+    return eval_set.frame["label"], f"evaluated split '{eval_set.split}' (no training data found)"
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
+                  opts: EvaluateOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float64 probabilities and (N,) true class indices, in frame order."""
+    dataset = ImageFolderFrame(eval_set.frame, eval_set.images_root, loaded.class_names,
+                               eval_transform(loaded.preprocessing))
+    workers = loaded.config.data.num_workers if opts.num_workers is None else opts.num_workers
+    device = _device(opts.device)
+    loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    model = loaded.model.to(device).eval()
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for images, _ in loader:
+                logits = model(images.to(device, non_blocking=True))
+                # float64 softmax: probabilities sum to 1 closely enough for log loss.
+                chunks.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    except (ValueError, OSError) as err:  # a file removed or corrupted since download
+        raise DataError(f"cannot read an evaluation image: {str(err)[:200]}") from None
+    return np.concatenate(chunks), dataset.targets.numpy()
+
+
+# ---------------------------------------------------------------- data summary
+
+
+def _read_download_report(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / REPORT_NAME
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def data_summary(manifest: pd.DataFrame) -> dict[str, Any]:
+    """Counts per status, class distribution per split, duplicates and train/test leakage.
+
+    Computed from the manifest (a stable contract) so it is there even without a download report.
+    leakage_found: rows of each non-training split (ok or duplicate) whose content (sha256) also
+    appears in train/val rows; most are already marked duplicate and so never evaluated.
+    leakage_evaluated: evaluable (ok) rows whose content is in the ok train/val rows the model saw.
+    """
+    ok = usable_rows(manifest)
+    hashed = manifest[(manifest["sha256"] != "") & manifest["status"].isin(["ok", "duplicate"])]
+    fit = hashed["split"].isin(["train", "val"])
+    seen_any = set(hashed.loc[fit, "sha256"])
+    seen_ok = set(hashed.loc[fit & (hashed["status"] == "ok"), "sha256"])
+    found, evaluated = {}, {}
+    for split in sorted(set(hashed["split"]) - {"train", "val"}):
+        rows = hashed[hashed["split"] == split]
+        found[split] = int(rows["sha256"].isin(seen_any).sum())
+        evaluated[split] = int(rows.loc[rows["status"] == "ok", "sha256"].isin(seen_ok).sum())
+    classes = ok.groupby(["label", "split"]).size().unstack(fill_value=0)
+    return {
+        "rows": int(len(manifest)),
+        "status_counts": {k: int(v) for k, v in manifest["status"].value_counts().items()},
+        "class_counts": {label: {split: int(n) for split, n in row.items()}
+                         for label, row in classes.iterrows()},
+        "duplicates": int((manifest["status"] == "duplicate").sum()),
+        "leakage_found": found,
+        "leakage_evaluated": evaluated,
+    }
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str], train_shares: np.ndarray,
+                    opts: EvaluateOptions) -> dict[str, Any]:
+    k = len(class_names)
+    y_pred = proba.argmax(axis=1)
+    head = _metrics.classification_metrics(y_true, proba)
+    ci = _metrics.bootstrap_ci(y_true, y_pred, k, opts.bootstrap_resamples, opts.seed)
+    weighted = _metrics.random_baseline(y_true, train_shares, opts.baseline_simulations, opts.seed)
+    uniform = _metrics.random_baseline(y_true, np.full(k, 1 / k), opts.baseline_simulations, opts.seed)
+    majority = _metrics.majority_baseline(y_true, train_shares)
+    cm = _metrics.confusion(y_true, y_pred, k)
+    clear_bar = weighted["f1_macro"] + CLEAR_MARGIN_STD * weighted["f1_macro_std"]
+    return {
+        **head,
+        "accuracy_ci95": ci["accuracy"],
+        "f1_macro_ci95": ci["f1_macro"],
+        "bootstrap": {"resamples": opts.bootstrap_resamples, "seed": opts.seed, "method": "percentile",
+                      "level": _metrics.CI_LEVEL},
+        "per_class": _metrics.per_class(y_true, y_pred, class_names),
+        "baselines": {
+            "weighted_random": {**weighted, "class_shares": dict(zip(class_names, train_shares.tolist(),
+                                                                     strict=True))},
+            "majority": {"class": class_names[majority.pop("class_index")], **majority},
+            "uniform_random": {k_: v for k_, v in uniform.items() if k_ != "log_loss"},
+        },
+        "vs_weighted_random": {
+            "f1_macro_gain": head["f1_macro"] - weighted["f1_macro"],
+            "accuracy_gain": head["accuracy"] - weighted["accuracy"],
+            "clearly_above": bool(ci["f1_macro"][0] > clear_bar and ci["accuracy"][0] > weighted["accuracy"]),
+        },
+        "most_confused": [{"true": class_names[t], "predicted": class_names[p], "count": c,
+                           "share_of_true": c / max(int(cm[t].sum()), 1)}
+                          for t, p, c in _metrics.most_confused(cm)],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+
+def predictions_frame(eval_set: EvalSet, y_true: np.ndarray, proba: np.ndarray,
+                      class_names: list[str]) -> pd.DataFrame:
+    names = np.array(class_names)
+    y_pred = proba.argmax(axis=1)
+    k = min(TOP_K, len(class_names))
+    top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    true_p = proba[np.arange(len(y_true)), y_true]
+    return pd.DataFrame({
+        "row": eval_set.frame["row"].to_numpy(),
+        "path": eval_set.frame["path"].to_numpy(),
+        "true": names[y_true],
+        "predicted": names[y_pred],
+        "correct": y_true == y_pred,
+        "confidence": proba.max(axis=1),
+        "loss": -np.log(np.clip(true_p, 1e-15, None)),
+        "top_k": [";".join(f"{names[j]}:{proba[i, j]:.4f}" for j in row) for i, row in enumerate(top)],
+    })
+
+
+def write_plots(out: Path, metrics: dict[str, Any], class_names: list[str],
+                run_dir: Path | None) -> dict[str, str]:
+    cm = np.array(metrics["confusion_matrix"])
+    wr_f1 = metrics["baselines"]["weighted_random"]["f1_macro"]
+    files = {
+        "confusion_matrix": _plots.confusion_matrix(cm, class_names, out / "confusion_matrix.png", False),
+        "confusion_matrix_normalized": _plots.confusion_matrix(cm, class_names,
+                                                               out / "confusion_matrix_normalized.png", True),
+        "per_class_f1": _plots.per_class_f1(
+            pd.DataFrame([{"class": c, **v} for c, v in metrics["per_class"].items()]),
+            out / "per_class_f1.png", wr_f1),
+        "most_confused": _plots.most_confused(
+            [(p["true"], p["predicted"], p["count"]) for p in metrics["most_confused"]],
+            out / "most_confused.png"),
+    }
+    history = run_dir / "metrics.csv" if run_dir else None
+    if history and history.is_file():
+        curves = _plots.training_curves(pd.read_csv(history), out / "training_curves.png", wr_f1)
+        if curves:
+            files["training_curves"] = curves
+    return {name: path.name for name, path in files.items()}
+
+
+def run(opts: EvaluateOptions) -> dict[str, Any]:
+    """Evaluate, write every file into the output folder, and return the metrics.json content."""
+    plan = resolve(opts)
+    loaded = load_model(plan.model_source)
+    manifest = read_manifest(plan.data_dir)
+    split_csv = _read_split_csv(plan.run_dir)
+    eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
+    names = loaded.class_names
+    train_labels, shares_source = training_labels(manifest, split_csv, eval_set)
+    index = {n: i for i, n in enumerate(names)}
+    known = np.array([index[x] for x in train_labels if x in index], dtype=int)
+    shares = _metrics.class_shares(known, len(names))
+
+    t0 = time.perf_counter()
+    proba, y_true = predict_proba(loaded, eval_set, opts)
+    seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "imgclf_version": __version__,
+        "split": eval_set.split,
+        "split_requested": opts.split,
+        "split_source": eval_set.source,
+        "note": eval_set.note,
+        "n_images": int(len(y_true)),
+        "n_classes": len(names),
+        "class_names": names,
+        **compute_metrics(y_true, proba, names, shares, opts),
+        "train_shares_source": shares_source,
+        "model": {"checkpoint": str(loaded.path.resolve()), "arch": loaded.config.model.arch,
+                  "image_size": loaded.preprocessing.image_size},
+        "data_dir": str(plan.data_dir.resolve()),
+        "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None,
+        "out_dir": str(plan.out_dir.resolve()),
+        "data": data_summary(manifest),
+        "timing": {"predict_seconds": seconds, "images_per_s": len(y_true) / max(seconds, 1e-9)},
+    }
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    preds = predictions_frame(eval_set, y_true, proba, names)
+    preds.to_csv(out / "predictions.csv", index=False)
+    report = classification_report(y_true, proba.argmax(axis=1), labels=np.arange(len(names)),
+                                   target_names=names, output_dict=True, zero_division=0)
+    pd.DataFrame(report).T.to_csv(out / "classification_report.csv", index_label="class")
+    files = {"predictions": "predictions.csv", "classification_report": "classification_report.csv",
+             **write_plots(out, metrics, names, plan.run_dir),
+             "report": "report.html", "metrics": "metrics.json"}
+    metrics["files"] = files
+    _report.write_report(out / "report.html", metrics, _report.ReportInputs(
+        predictions=preds, images_root=eval_set.images_root, out_dir=out, config=loaded.config.to_plain(),
+        download_report=_read_download_report(plan.data_dir), gallery_size=opts.gallery_size,
+        run_curves=plan.run_dir / "curves.png" if plan.run_dir else None))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _pct(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal: scores with intervals beside the weighted-random baseline."""
+    wr = metrics["baselines"]["weighted_random"]
+    lo_f, hi_f = metrics["f1_macro_ci95"]
+    lo_a, hi_a = metrics["accuracy_ci95"]
+    gain = metrics["vs_weighted_random"]
+    top5 = metrics.get("top5_accuracy")
+    lines = [
+        f"evaluated {metrics['n_images']} images of split '{metrics['split']}' "
+        f"({metrics['n_classes']} classes)",
+        f"F1-macro  {_pct(metrics['f1_macro'])}  95% CI [{_pct(lo_f)}, {_pct(hi_f)}]   weighted random "
+        f"{_pct(wr['f1_macro'])} ± {_pct(wr['f1_macro_std'])}   ({gain['f1_macro_gain']:+.3f})",
+        f"accuracy  {_pct(metrics['accuracy'])}  95% CI [{_pct(lo_a)}, {_pct(hi_a)}]   weighted random "
+        f"{_pct(wr['accuracy'])}           ({gain['accuracy_gain']:+.3f})",
+        f"balanced accuracy {_pct(metrics['balanced_accuracy'])}, log loss {metrics['log_loss']:.3f}"
+        + (f", top-5 accuracy {_pct(top5)}" if top5 is not None else ""),
+    ]
+    if metrics.get("note"):
+        lines.append(f"note: {metrics['note']}")
+    if not gain["clearly_above"]:
+        lines.append("WARNING: the model is not clearly above the weighted-random baseline "
+                     "(its F1-macro interval reaches within 2 std of the baseline); do not trust it yet")
+    leaked = metrics.get("data", {}).get("leakage_evaluated", {}).get(metrics["split"], 0)
+    if leaked:
+        lines.append(f"WARNING: {leaked} evaluated image(s) also appear in the training data (same content)")
+    out = Path(metrics["out_dir"])
+    for key in ("report", "confusion_matrix", "metrics"):
+        if key in metrics.get("files", {}):
+            lines.append(f"{key + ':':18} {out / metrics['files'][key]}")
+    return "\n".join(lines)
