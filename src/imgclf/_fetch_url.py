@@ -1,0 +1,191 @@
+"""Fetch one image URL safely: timeouts, a size cap, bounded redirects, and SSRF protection.
+
+Used by predict (URLs given on the command line) and serve (`{"url": ...}` requests).
+Results are values (`Fetched` or `FetchFailed`), never exceptions, so one bad URL never
+stops a batch or a server.
+
+SSRF: unless `allow_private` is set, every address a request would connect to must be a
+public unicast address. Host names are checked inside the connector's resolver, i.e. on
+the very addresses the socket connects to, so a DNS answer that changes between a check
+and the connect (DNS rebinding) cannot slip through; IP literals, which aiohttp never
+resolves, are checked before each hop, and redirects are followed by hand so every hop
+is checked. Proxies from the environment are ignored (a proxy would hide the target).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+
+from imgclf import __version__
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    allow_private: bool = False
+    connect_timeout: float = 5.0
+    total_timeout: float = 15.0  # whole fetch, all redirects included
+    max_bytes: int = 10_000_000
+    max_redirects: int = 3
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    url: str  # final URL after redirects
+
+
+@dataclass(frozen=True)
+class FetchFailed:
+    code: str  # invalid_url, refused, timeout, connection_error, http_error, too_large
+    reason: str
+
+
+class AddressRefused(OSError):
+    """The host resolves to an address that SSRF protection forbids."""
+
+
+def refusal(ip_text: str) -> str | None:
+    """What kind of non-public address this is ("loopback", ...), or None for a public unicast one."""
+    try:
+        ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
+    except ValueError:
+        return "unparsable"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    for attr, kind in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
+                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
+                       ("is_reserved", "reserved"), ("is_private", "private")):
+        if getattr(ip, attr):
+            return kind
+    if not ip.is_global:  # e.g. 100.64.0.0/10 carrier-grade NAT
+        return "non-public"
+    return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolve with the system resolver, then refuse the host if any answer is not public."""
+
+    def __init__(self) -> None:
+        self._inner = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            kind = refusal(answer["host"])
+            if kind:
+                raise AddressRefused(f"{host} resolves to {answer['host']}, a {kind} address")
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _find_refusal(err: BaseException | None) -> AddressRefused | None:
+    while err is not None:
+        if isinstance(err, AddressRefused):
+            return err
+        err = getattr(err, "os_error", None) or err.__cause__ or err.__context__
+    return None
+
+
+class Fetcher:
+    """`async with Fetcher(options) as f: result = await f.fetch(url)`; one session, many fetches."""
+
+    def __init__(self, options: FetchOptions = FetchOptions()) -> None:
+        self.options = options
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Fetcher:
+        resolver = ThreadedResolver() if self.options.allow_private else GuardedResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=self.options.concurrency,
+                                         use_dns_cache=False)  # a cached answer would skip the guard
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout,
+                                        sock_read=self.options.connect_timeout * 2)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                              headers={"User-Agent": f"imgclf/{__version__}"})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _check_url(self, url: str) -> FetchFailed | None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return FetchFailed("invalid_url", f"{url[:200]!r} is not an http(s) URL")
+        if not self.options.allow_private:
+            try:
+                ipaddress.ip_address(parts.hostname)
+            except ValueError:
+                return None  # a name: the guarded resolver checks what it resolves to
+            kind = refusal(parts.hostname)
+            if kind:
+                return FetchFailed("refused", f"{parts.hostname} is a {kind} address; such URLs are refused")
+        return None
+
+    async def fetch(self, url: str) -> Fetched | FetchFailed:
+        try:
+            return await asyncio.wait_for(self._fetch(url), self.options.total_timeout)
+        except TimeoutError:
+            return FetchFailed("timeout", f"no complete answer within {self.options.total_timeout:g}s")
+
+    async def _fetch(self, url: str) -> Fetched | FetchFailed:
+        assert self._session is not None, "use Fetcher as an async context manager"
+        for _ in range(self.options.max_redirects + 1):
+            bad = self._check_url(url)
+            if bad:
+                return bad
+            try:
+                async with self._session.get(url, allow_redirects=False) as resp:
+                    if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    if resp.status != 200:
+                        return FetchFailed("http_error", f"HTTP {resp.status} from {url[:200]}")
+                    return await self._read_body(resp, url)
+            except aiohttp.InvalidURL as err:
+                return FetchFailed("invalid_url", f"{url[:200]!r}: {err}")
+            except (aiohttp.ClientError, OSError) as err:
+                refused = _find_refusal(err)
+                if refused:
+                    return FetchFailed("refused", f"{refused}; such URLs are refused")
+                return FetchFailed("connection_error", f"{err.__class__.__name__}: {str(err)[:160]}")
+        return FetchFailed("http_error", f"more than {self.options.max_redirects} redirects")
+
+    async def _read_body(self, resp: aiohttp.ClientResponse, url: str) -> Fetched | FetchFailed:
+        limit = self.options.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            return FetchFailed("too_large", f"{resp.content_length} bytes exceeds the {limit} byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:  # a missing or lying Content-Length must not let a huge body through
+                return FetchFailed("too_large", f"body exceeds the {limit} byte limit")
+            chunks.append(chunk)
+        return Fetched(b"".join(chunks), url)
+
+
+async def fetch_all(urls: list[str], options: FetchOptions) -> list[Fetched | FetchFailed]:
+    """Fetch many URLs concurrently (bounded by options.concurrency); results in input order."""
+    async with Fetcher(options) as fetcher:
+        gate = asyncio.Semaphore(options.concurrency)
+
+        async def one(url: str) -> Any:
+            async with gate:
+                return await fetcher.fetch(url)
+
+        return list(await asyncio.gather(*(one(u) for u in urls)))

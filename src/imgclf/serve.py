@@ -1,0 +1,298 @@
+"""Serve stage: a model over HTTP with FastAPI and uvicorn.
+
+    imgclf serve --model RUN_DIR --host 127.0.0.1 --port 8000
+
+    POST /predict   an image as multipart field `file`, a raw image body (image/*), or JSON
+                    {"url": "https://..."}; `?top_k=5`. Answers {"predictions": [{label, probability}]}.
+    GET  /health    {"status": "ok", ...}        GET /labels   {"labels": [...]}
+    GET  /docs      OpenAPI (Swagger UI)        GET /         a page: drop an image, see the top-5
+
+The model is whatever `predict.load_classifier` opens (run, checkpoint, ONNX, TorchScript), so
+the service preprocesses exactly as training evaluated. Requests that arrive while the model is
+busy are classified together in one batch (no added wait), which keeps throughput up under load.
+
+Every client mistake is a 4xx JSON body {"error": code, "detail": message} and the service keeps
+running: bodies over --max-upload-mb (413), content types it cannot read (415), bodies that are
+not images or URLs it cannot use (400/422). URL fetches have timeouts and a size cap, and refuse
+private, loopback and link-local addresses unless --allow-private-urls (see _fetch_url).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from imgclf import __version__
+from imgclf._fetch_url import Fetcher, FetchFailed, FetchOptions
+from imgclf.images import ImageLimits, Rejected, decode_image
+from imgclf.predict import Classifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+JSON_BODY_LIMIT = 64 * 1024  # a {"url": ...} body; anything bigger is not one
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    max_upload_bytes: int = 10 * 1024 * 1024
+    fetch: FetchOptions = field(default_factory=lambda: FetchOptions(total_timeout=10.0))
+    max_batch: int = 16
+    limits: ImageLimits = ImageLimits(max_pixels=40_000_000, min_side=1)
+
+
+class ApiError(Exception):
+    """A client error: becomes {"error": code, "detail": message} with this status."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictResponse(BaseModel):
+    predictions: list[LabelScore]
+    source: str  # "upload" or the fetched URL
+    model: str
+
+
+class UrlRequest(BaseModel):
+    url: str
+
+
+class Batcher:
+    """Collects tensors from concurrent requests and runs them through the model together.
+
+    Greedy: a batch is whatever is queued when the model becomes free, so a lone request
+    never waits for company, and a burst is classified in a few large batches.
+    """
+
+    def __init__(self, classifier: Classifier, max_batch: int) -> None:
+        self.classifier = classifier
+        self.max_batch = max(1, max_batch)
+        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def probabilities(self, tensor: torch.Tensor) -> np.ndarray:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((tensor, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < self.max_batch and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            try:
+                probs = await run_in_threadpool(self.classifier.probabilities, [t for t, _ in items])
+            except Exception as err:  # a model failure fails these requests, never the loop
+                log.exception("inference failed for a batch of %d", len(items))
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future), row in zip(items, probs, strict=True):
+                if not future.done():  # the client may have gone away
+                    future.set_result(row)
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """Pass the body through, failing with 413 as soon as it exceeds `limit` (chunked bodies too)."""
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"request body exceeds the {limit} byte limit")
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
+
+
+def _check_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"request body of {declared} bytes exceeds the {limit} byte limit")
+
+
+async def _upload_bytes(request: Request, limit: int) -> bytes:
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise ApiError(400, "bad_multipart", err.message) from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "no_file", "multipart body needs an image in the field 'file'")
+    try:
+        return await upload.read()
+    finally:
+        await upload.close()
+
+
+def _url_from_json(body: bytes) -> str:
+    try:
+        return UrlRequest.model_validate_json(body).url
+    except ValueError:
+        raise ApiError(422, "invalid_json", 'JSON body must be {"url": "http(s)://..."}') from None
+
+
+_FETCH_STATUS = {"invalid_url": 422, "refused": 403, "too_large": 413}
+
+
+def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -> FastAPI:
+    """The ASGI app; tests and embedders can serve it with any ASGI server."""
+    batcher = Batcher(classifier, options.max_batch)
+    fetcher = Fetcher(options.fetch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        async with fetcher:
+            yield
+        await batcher.stop()
+
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
+                  description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse({"error": err.code, "detail": err.detail}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": "invalid_request", "detail": f"{where}: {first.get('msg', 'invalid')}"},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": "http_error", "detail": str(err.detail)}, status_code=err.status_code)
+
+    async def _image_bytes(request: Request) -> tuple[bytes, str]:
+        _check_length(request, options.max_upload_bytes)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return await _upload_bytes(request, options.max_upload_bytes), "upload"
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            return await _read_body(request, options.max_upload_bytes), "upload"
+        if ctype == "application/json":
+            url = _url_from_json(await _read_body(request, JSON_BODY_LIMIT))
+            fetched = await fetcher.fetch(url)
+            if isinstance(fetched, FetchFailed):
+                raise ApiError(_FETCH_STATUS.get(fetched.code, 422), f"url_{fetched.code}", fetched.reason)
+            return fetched.data, url
+        raise ApiError(415, "unsupported_media_type",
+                       "send multipart/form-data (field 'file'), an image/* body, or JSON {\"url\": ...}")
+
+    def _prepare(data: bytes) -> torch.Tensor:
+        decoded = decode_image(data, options.limits)
+        if isinstance(decoded, Rejected):
+            raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
+        return classifier.prepare(decoded.image)
+
+    @app.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY_DOC,
+              summary="Classify one image (upload, raw body, or URL)")
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
+        try:
+            data, source = await _image_bytes(request)
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
+        tensor = await run_in_threadpool(_prepare, data)
+        probs = await batcher.probabilities(tensor)
+        top = classifier.top_k(probs, top_k)
+        return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
+                               source=source, model=classifier.source)
+
+    @app.get("/health", summary="Liveness and what is loaded")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": classifier.source, "backend": classifier.backend.name,
+                "classes": len(classifier.class_names), "image_size": classifier.preprocessing.image_size,
+                "version": __version__}
+
+    @app.get("/labels", summary="Class names, in the model's output order")
+    async def labels() -> dict[str, list[str]]:
+        return {"labels": list(classifier.class_names)}
+
+    page = resources.files("imgclf").joinpath("_static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+_BINARY = {"type": "string", "format": "binary"}
+_ERROR_EXAMPLES = (
+    ("400", "not an image", "not_image", "html document"),
+    ("403", "URL refused (SSRF protection)", "url_refused", "127.0.0.1 is a loopback address"),
+    ("413", "body or image too large", "too_large", "request body exceeds the 10485760 byte limit"),
+    ("415", "unsupported content type", "unsupported_media_type", "send multipart/form-data ..."),
+    ("422", "bad request, or a URL that cannot be fetched", "url_http_error", "HTTP 404 from ..."),
+)
+_PREDICT_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": _BINARY}}},
+            "application/json": {"schema": {"type": "object", "required": ["url"],
+                                            "properties": {"url": {"type": "string", "format": "uri"}}}},
+            "image/*": {"schema": _BINARY},
+        },
+    },
+    "responses": {code: {"description": what,
+                         "content": {"application/json": {"example": {"error": err, "detail": detail}}}}
+                  for code, what, err, detail in _ERROR_EXAMPLES},
+}
+
+
+def options_from_namespace(args: argparse.Namespace) -> ServeOptions:
+    fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.fetch_timeout,
+                         max_bytes=int(args.max_upload_mb * 1024 * 1024))
+    return ServeOptions(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), fetch=fetch,
+                        max_batch=args.max_batch)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    classifier = load_classifier(args.model, args.backend)
+    app = create_app(classifier, options_from_namespace(args))
+    log.info("serving %s (%s, %d classes) on http://%s:%d", classifier.source, classifier.backend.name,
+             len(classifier.class_names), args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
