@@ -15,12 +15,14 @@ the run directory (see docs/train.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,10 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
     trainer = _trainer(config, run_dir)
     if zero:
         _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training"})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_lightning():
         # Lightning suggests more workers than the 2 cores we tune for; the advice is noise here.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
@@ -99,6 +102,18 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
         log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
                  f"{best_score:.4f}" if best_score is not None else "n/a", best)
     return TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up banner (GPU/TPU available, logger tips) is noise in a CLI run."""
+    chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        chatty.setLevel(level)
 
 
 # ---- data ---------------------------------------------------------------------------------------

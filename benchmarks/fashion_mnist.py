@@ -1,0 +1,155 @@
+"""Fashion-MNIST end to end: image files -> local HTTP -> download -> train -> evaluate.
+
+    .venv/bin/python benchmarks/fashion_mnist.py --config configs/fashion_mnist.yaml \
+        --work /tmp/imgclf_fmnist [--ship weights/fashion_mnist_mobilenet_v3_small.pt] [key=value ...]
+
+1. writes the 70,000 images of the Debian package dataset-fashion-mnist (idx files under
+   /usr/share/datasets/fashion-mnist) as PNG files, once, under WORK/images/{train,test}/<class>/;
+2. serves them on 127.0.0.1 and lists them in WORK/sources/{train,test}.csv (url,label);
+3. runs the real stages: download -> train (the named config) -> evaluate on the test split;
+4. prints wall time per stage, test F1-macro and accuracy, and writes WORK/summary.json.
+
+--ship PATH writes the best checkpoint as a slim file (no optimizer state) for weights/.
+--limit N keeps N images per class and split (a smoke test of the pipeline in a minute).
+Nothing is written into the source tree unless --ship names a path there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RAW_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Official label order; names as in the bundled demo sample (no '/' in a folder name).
+CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Ankle_boot"]
+FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "train"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "t10k")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (big-endian header: magic, dims) as a uint8 array."""
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def write_images(raw_dir: Path, root: Path, limit: int | None) -> dict[str, list[tuple[str, str]]]:
+    """PNG files per split and class; returns split -> [(relative path, label)]. Reuses finished files."""
+    listing: dict[str, list[tuple[str, str]]] = {}
+    for split, (images_name, labels_name, prefix) in FILES.items():
+        images, labels = read_idx(raw_dir / images_name), read_idx(raw_dir / labels_name)
+        taken = dict.fromkeys(range(len(CLASSES)), 0)
+        rows = []
+        for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+            if limit is not None and taken[int(label)] >= limit:
+                continue
+            taken[int(label)] += 1
+            rel = f"{split}/{CLASSES[label]}/{prefix}_{i:05d}.png"
+            path = root / rel
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+                tmp.replace(path)
+            rows.append((rel, CLASSES[label]))
+        listing[split] = rows
+    return listing
+
+
+def write_sources(listing: dict[str, list[tuple[str, str]]], base_url: str, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, rows in listing.items():
+        path = out_dir / f"{split}.csv"
+        path.write_text("url,label\n" + "".join(f"{base_url}/{rel},{label}\n" for rel, label in rows))
+        paths.append(path)
+    return paths
+
+
+def ship(best_checkpoint: Path, dest: Path) -> Path:
+    """Slim copy of a Lightning checkpoint: model tensors + imgclf metadata, no optimizer state."""
+    from imgclf import checkpoint
+
+    ckpt = checkpoint.read_checkpoint(best_checkpoint)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return checkpoint.save_slim(dest, state, ckpt["imgclf"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs"
+                        / "fashion_mnist.yaml")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imgclf_fmnist"))
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="folder with the four idx .gz files")
+    parser.add_argument("--limit", type=int, default=None, help="images per class and split (smoke test)")
+    parser.add_argument("--ship", type=Path, default=None, help="write the best model, slim, to this file")
+    parser.add_argument("--run-name", default="run", help="run directory under WORK (must be new)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from imgclf import download, evaluate, train
+    from imgclf._localserver import LocalServer
+    from imgclf.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    work = args.work
+    data_dir, run_dir = work / "data", work / args.run_name
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    listing = write_images(args.raw, work / "images", args.limit)
+    timings["write_png"] = time.perf_counter() - t0
+    print(f"== images: {sum(len(v) for v in listing.values())} PNG files in {timings['write_png']:.0f}s",
+          flush=True)
+
+    with LocalServer(work / "images") as server:
+        sources = write_sources(listing, server.base_url, work / "sources")
+        t0 = time.perf_counter()
+        result = download.run(sources, data_dir, download.DownloadOptions(show_progress=False))
+        timings["download"] = time.perf_counter() - t0
+    print(f"== download: {result.counts} in {timings['download']:.0f}s", flush=True)
+
+    t0 = time.perf_counter()
+    trained = train.run(config, data_dir, run_dir)
+    timings["train"] = time.perf_counter() - t0
+    print(f"== train: {trained.epochs_run} epochs in {timings['train']:.0f}s, best val "
+          f"{config.trainer.monitor} {trained.best_score}", flush=True)
+
+    t0 = time.perf_counter()
+    metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test"))
+    timings["evaluate"] = time.perf_counter() - t0
+
+    summary = {
+        "config": str(args.config), "overrides": args.overrides, "cpu_cores": os.cpu_count(),
+        "torch_threads": __import__("torch").get_num_threads(), "limit": args.limit,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "epochs_run": trained.epochs_run, "best_val": trained.best_score,
+        "test_f1_macro": metrics["f1_macro"], "test_accuracy": metrics["accuracy"],
+        "test_images": metrics["n_images"], "run_dir": str(run_dir), "python": sys.version.split()[0],
+    }
+    if args.ship:
+        summary["shipped"] = str(ship(trained.best_checkpoint, args.ship))
+        summary["shipped_bytes"] = args.ship.stat().st_size
+    (work / f"summary-{args.run_name}.json").write_text(json.dumps(summary, indent=2))
+    print("== summary")
+    print(json.dumps(summary, indent=2))
+    print(f"test F1-macro {metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f}; time per stage: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
