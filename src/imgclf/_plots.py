@@ -32,7 +32,8 @@ class Layout:
 
 def layout_for(k: int) -> Layout:
     side = float(np.clip(0.32 * k + 3.5, 6.0, 45.0))
-    tick = float(np.clip(11 - k / 10, 6, 10))
+    # A tick label takes about a third of its cell's height (in points), within 6..10 pt.
+    tick = float(np.clip(side / k * 72 * 0.33, 6, 10))
     return Layout(side=side, tick_fontsize=tick, rotation=45 if k <= 12 else 90,
                   annotate=k <= 25, cell_fontsize=float(np.clip(14 - k / 2.5, 5, 10)))
 
