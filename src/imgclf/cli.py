@@ -34,8 +34,13 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect-timeout", type=float, default=10.0, help="connect timeout in seconds")
     p.add_argument("--read-timeout", type=float, default=15.0, help="max seconds between two reads")
     p.add_argument("--retries", type=int, default=3, help="retries for timeouts, resets, 408, 429, 5xx")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="first retry waits up to this many seconds, doubling each time (with jitter)")
+    p.add_argument("--max-retry-after", type=float, default=30.0,
+                   help="honour a server's Retry-After up to this many seconds")
     p.add_argument("--max-redirects", type=int, default=5)
-    p.add_argument("--max-bytes", type=int, default=20_000_000, help="cut bodies larger than this (too_large)")
+    p.add_argument("--max-bytes", type=int, default=20_000_000,
+                   help="cut bodies larger than this (too_large)")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (bombs)")
     p.add_argument("--min-side", type=int, default=8, help="refuse images with a smaller side (too_small)")
     p.add_argument("--resize", choices=("none", "shorter", "longer"), default="longer",
