@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run an imgclf command with a host data folder mounted at /data.
+#
+#   docker/run_volume.sh DATA_DIR                   # imgclf train --data /data --out /work/runs/docker
+#   docker/run_volume.sh ~/lists download /data/urls.csv --out /data/images
+#   docker/run_volume.sh ~/images evaluate /work/runs/docker --data /data
+#
+# DATA_DIR is any host folder (created if missing); it is mounted read-write so `download`
+# can write into it. Outputs go to IMGCLF_OUT (default ./imgclf_output), mounted at /work.
+# IMGCLF_GPUS and IMGCLF_IMAGE work as in run.sh.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+    sed -n '2,11p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+fi
+
+image="${IMGCLF_IMAGE:-imgclf:latest}"
+mkdir -p "$1"
+data_dir="$(cd "$1" && pwd)"
+shift
+out_dir="${IMGCLF_OUT:-${PWD}/imgclf_output}"
+mkdir -p "${out_dir}"
+out_dir="$(cd "${out_dir}" && pwd)"
+
+if [[ $# -eq 0 ]]; then
+    set -- train --data /data --out /work/runs/docker
+fi
+
+docker_args=(--rm --shm-size 2g --user "$(id -u):$(id -g)" --env HOME=/tmp
+             --volume "${data_dir}:/data" --volume "${out_dir}:/work")
+if [[ -t 0 && -t 1 ]]; then
+    docker_args+=(--interactive --tty)
+fi
+if [[ -n "${IMGCLF_GPUS:-}" ]]; then
+    docker_args+=(--gpus "${IMGCLF_GPUS}")
+fi
+
+exec docker run "${docker_args[@]}" "${image}" "$@"

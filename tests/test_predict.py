@@ -1,0 +1,161 @@
+"""predict: files, folders, globs, URLs (a real local HTTP server) and CSVs; errors stay in their rows."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import DEMO_ROOT, demo_images
+
+from imgclf import cli, predict
+from imgclf._fetch_url import Fetched, FetchFailed, FetchOptions, fetch_all, refusal
+from imgclf._inputs import expand_inputs
+from imgclf._localserver import LocalServer
+from imgclf.checkpoint import load_model
+from imgclf.images import open_image_file
+from imgclf.presets import eval_transform
+
+BROKEN = DEMO_ROOT.parent / "broken"
+QUIET = predict.PredictOptions(progress=False)
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """The bundled demo_data folder over real HTTP on 127.0.0.1."""
+    with LocalServer(DEMO_ROOT.parent) as server:
+        yield server
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predictions_equal_the_checkpoint_model_on_eval_preprocessing(tiny_run: Path, tmp_path: Path) -> None:
+    images = demo_images("test", "Coat", 5) + demo_images("test", "Bag", 5)
+    out = tmp_path / "preds.csv"
+    ok, failed = predict.run([str(p) for p in images], tiny_run, out, options=predict.PredictOptions(
+        top_k=3, batch_size=4, progress=False))
+    assert (ok, failed) == (10, 0)
+    rows = _rows(out)
+    loaded = load_model(tiny_run)
+    transform = eval_transform(loaded.preprocessing)
+    with torch.no_grad():
+        batch = torch.stack([transform(open_image_file(str(p))) for p in images])
+        probs = torch.softmax(loaded.model(batch), 1)
+    for row, path, want in zip(rows, images, probs.numpy(), strict=True):
+        assert row["input"] == str(path) and row["status"] == "ok" and row["error"] == ""
+        order = np.argsort(-want)
+        assert [row[f"label_{i}"] for i in (1, 2, 3)] == [loaded.class_names[j] for j in order]
+        assert abs(float(row["probability_1"]) - want[order[0]]) < 1e-5
+        assert float(row["probability_1"]) >= float(row["probability_2"]) >= float(row["probability_3"])
+
+
+def test_mixed_inputs_keep_order_and_errors_stay_in_their_rows(tiny_run: Path, tmp_path: Path,
+                                                               image_server: LocalServer) -> None:
+    folder = tmp_path / "folder" / "nested"
+    folder.mkdir(parents=True)
+    for src in demo_images("test", "Sandal", 3):
+        shutil.copyfile(src, folder / src.name)
+    (folder / "notes.txt").write_text("not an image, and not an image suffix either")
+    glob_pattern = str(DEMO_ROOT / "test" / "Bag" / "t10k_000*.png")
+    n_glob = len(list((DEMO_ROOT / "test" / "Bag").glob("t10k_000*.png")))
+    coat = demo_images("test", "Coat", 1)[0]
+    inputs = [
+        str(tmp_path / "folder"),                                   # 3 images, recursive; .txt skipped
+        glob_pattern,                                               # n_glob images
+        image_server.url(f"fashion_mnist/test/Coat/{coat.name}"),  # a real URL
+        image_server.url("broken/truncated.png"),                   # URL, truncated PNG
+        image_server.url("broken/removed.html"),                    # URL, an HTML page
+        image_server.url("no/such/file.png"),                       # URL, 404
+        str(BROKEN / "truncated.png"),                              # file, truncated
+        str(tmp_path / "missing.png"),                              # names nothing
+        str(coat),
+    ]
+    out = tmp_path / "preds.jsonl"
+    options = predict.PredictOptions(batch_size=4, progress=False)
+    ok, failed = predict.run(inputs, tiny_run, out, options=options)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 + n_glob + 7 and (ok, failed) == (3 + n_glob + 2, 5)
+    assert [Path(r["input"]).name for r in rows[:3]] == sorted(p.name for p in folder.glob("*.png"))
+    tail = rows[3 + n_glob:]
+    assert [r["status"] for r in tail] == ["ok", "error", "error", "error", "error", "error", "ok"]
+    assert tail[1]["error"].startswith("not_image") and tail[2]["error"] == "not_image: html document"
+    assert tail[3]["error"].startswith("http_error: HTTP 404")
+    assert tail[4]["error"].startswith("not_image") and "no such file" in tail[5]["error"]
+    assert all(r["top"] == [] for r in tail[1:6])
+    # The same image by URL and by path gives the same answer.
+    assert tail[0]["top"] == tail[6]["top"] and len(tail[0]["top"]) == 3  # 3 classes, top-5 capped
+
+
+def test_batch_size_does_not_change_results(tiny_run: Path) -> None:
+    items = expand_inputs([str(p) for p in demo_images("test", "Ankle_boot", 7)])
+    classifier = predict.load_classifier(tiny_run)
+    one = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=1, progress=False)))
+    big = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=64, progress=False)))
+    three = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=3, progress=False)))
+    for a, b, c in zip(one, big, three, strict=True):
+        assert [x[0] for x in a.top] == [x[0] for x in b.top] == [x[0] for x in c.top]
+        assert np.allclose([x[1] for x in a.top], [x[1] for x in b.top], atol=1e-5)
+        assert np.allclose([x[1] for x in c.top], [x[1] for x in b.top], atol=1e-5)
+
+
+def test_csv_of_paths_and_urls(tmp_path: Path, image_server: LocalServer) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    bag = demo_images("test", "Bag", 1)[0]
+    shutil.copyfile(bag, images / "bag.png")
+    listing = tmp_path / "list.csv"
+    html_url = image_server.url("broken/removed.html")
+    listing.write_text(f"url,note\nimgs/bag.png,relative to the csv\n{html_url},x\n{bag},absolute\n")
+    items = expand_inputs([str(listing)])
+    assert [(i.kind, i.source) for i in items] == [
+        ("file", str(images / "bag.png")), ("url", html_url), ("file", str(bag))]
+    no_column = tmp_path / "bad.csv"
+    no_column.write_text("file,label\na.png,x\n")
+    with pytest.raises(Exception, match="needs a 'url' or 'path' column"):
+        expand_inputs([str(no_column)])
+
+
+def test_cli_stdout_csv_and_exit_codes(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    bag = demo_images("test", "Bag", 2)
+    base = ["predict", "--model", str(tiny_run), "--no-progress"]
+    assert cli.main([*base, "--top-k", "1", *map(str, bag)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "input,status,error,label_1,probability_1" and len(lines) == 3
+    # Every input unusable: exit 1 and a one-line summary on stderr.
+    assert cli.main([*base, str(BROKEN / "truncated.png")]) == 1
+    assert "1 of 1 inputs could not be classified" in capsys.readouterr().err
+    # A bad model path: one line, exit 2, no traceback.
+    assert cli.main(["predict", "--model", str(tmp_path / "nope"), str(bag[0])]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_fetch_refuses_private_addresses_unless_allowed(image_server: LocalServer) -> None:
+    url = image_server.url("fashion_mnist/test/Bag/" + demo_images("test", "Bag", 1)[0].name)
+    name_url = url.replace("127.0.0.1", "localhost")
+    guarded = FetchOptions(allow_private=False)
+    literal, by_name, bad_scheme = asyncio.run(fetch_all([url, name_url, "ftp://example.com/a.png"], guarded))
+    assert isinstance(literal, FetchFailed) and literal.code == "refused" and "loopback" in literal.reason
+    assert isinstance(by_name, FetchFailed) and by_name.code == "refused"  # caught in the resolver
+    assert isinstance(bad_scheme, FetchFailed) and bad_scheme.code == "invalid_url"
+    allowed = asyncio.run(fetch_all([url], FetchOptions(allow_private=True)))[0]
+    assert isinstance(allowed, Fetched) and allowed.data[:4] == b"\x89PNG"
+    small = asyncio.run(fetch_all([url], FetchOptions(allow_private=True, max_bytes=50)))[0]
+    assert isinstance(small, FetchFailed) and small.code == "too_large"
+
+
+@pytest.mark.parametrize("address,kind", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"), ("10.0.0.8", "private"),
+    ("192.168.1.1", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"), ("100.64.0.1", "non-public"),
+    ("8.8.8.8", None), ("2606:4700:4700::1111", None),
+])
+def test_address_policy(address: str, kind: str | None) -> None:
+    assert refusal(address) == kind
