@@ -1,0 +1,56 @@
+"""images.decode_image on real encoded bodies (built with Pillow's own encoders)."""
+
+from __future__ import annotations
+
+import pytest
+from fault_server import sample_images
+
+from imgclf.images import Decoded, ImageLimits, Rejected, decode_image, open_image_file
+
+IMAGES = sample_images()
+
+
+@pytest.mark.parametrize("name, status", [
+    ("truncated.jpg", "not_image"), ("page.html", "not_image"), ("drawing.svg", "not_image"),
+    ("notes.txt", "not_image"), ("empty.jpg", "empty"), ("tiny.png", "too_small"), ("bomb.png", "too_large"),
+])
+def test_rejections(name: str, status: str) -> None:
+    result = decode_image(IMAGES[name])
+    assert isinstance(result, Rejected) and result.status == status and result.reason
+
+
+@pytest.mark.parametrize("name, mode", [
+    ("rgb.jpg", "RGB"), ("cmyk.jpg", "CMYK"), ("deep16.png", "I;16"), ("palette_alpha.png", "P"),
+    ("animated.gif", "P"), ("image.webp", "RGB"),
+])
+def test_every_mode_becomes_rgb(name: str, mode: str) -> None:
+    result = decode_image(IMAGES[name])
+    assert isinstance(result, Decoded) and result.image.mode == "RGB" and result.source_mode == mode
+
+
+def test_exif_orientation_is_applied() -> None:
+    result = decode_image(IMAGES["rotated.jpg"])
+    assert isinstance(result, Decoded) and result.rotated and result.image.size == (48, 64)
+    plain = decode_image(IMAGES["rgb.jpg"])
+    assert isinstance(plain, Decoded) and not plain.rotated and plain.image.size == (64, 48)
+
+
+def test_animated_keeps_first_frame() -> None:
+    result = decode_image(IMAGES["animated.gif"])
+    assert isinstance(result, Decoded) and result.frames == 3
+    assert result.image.getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_limits_are_configurable() -> None:
+    assert isinstance(decode_image(IMAGES["rgb.jpg"], ImageLimits(max_pixels=1000)), Rejected)
+    assert isinstance(decode_image(IMAGES["tiny.png"], ImageLimits(min_side=1)), Decoded)
+
+
+def test_open_image_file_raises_with_the_reason(tmp_path) -> None:  # noqa: ANN001
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(IMAGES["page.html"])
+    with pytest.raises(ValueError, match="not_image"):
+        open_image_file(str(bad))
+    good = tmp_path / "y.png"
+    good.write_bytes(IMAGES["tiny.png"])
+    assert open_image_file(str(good)).size == (1, 1)

@@ -1,0 +1,42 @@
+"""sources.iter_sources: CSV/TSV/Parquet in chunks, splits from column or file stem, row numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from imgclf.errors import DataError
+from imgclf.sources import iter_sources, read_sources
+
+
+def test_rows_are_numbered_across_files_and_chunks(tmp_path: Path) -> None:
+    pd.DataFrame({"url": [f"http://h/{i}" for i in range(5)], "label": "a"}).to_csv(tmp_path / "train.csv",
+                                                                                    index=False)
+    test = pd.DataFrame({"url": ["http://h/t"], "label": [" b "]})
+    test.to_csv(tmp_path / "Test.tsv", sep="\t", index=False)
+    chunks = list(iter_sources([tmp_path / "train.csv", tmp_path / "Test.tsv"], chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 2, 1, 1]
+    frame = pd.concat(chunks, ignore_index=True)
+    assert frame["row"].tolist() == list(range(6))
+    assert frame["split"].tolist() == ["train"] * 5 + ["test"]
+    assert frame["label"].iloc[-1] == "b"
+
+
+def test_split_column_wins_and_aliases(tmp_path: Path) -> None:
+    pd.DataFrame({"url": ["u1", "u2", "u3"], "label": "x", "split": ["Validation", "", "test"]}).to_parquet(
+        tmp_path / "all.parquet")
+    frame = read_sources([tmp_path / "all.parquet"])
+    assert frame["split"].tolist() == ["val", "train", "test"]
+
+
+def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        read_sources([tmp_path / "nope.csv"])
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(DataError, match="unsupported"):
+        read_sources([tmp_path / "a.json"])
+    (tmp_path / "b.csv").write_text("link,label\nx,y\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_sources([tmp_path / "b.csv"])
