@@ -287,6 +287,25 @@ def _finished(state: Path) -> set[str]:
         return set()
 
 
+def _processes_running(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker` (the killed run and its workers)."""
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            if proc_dir.name.isdigit() and marker.encode() in (proc_dir / "cmdline").read_bytes():
+                found.append(int(proc_dir.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_until_gone(marker: str, seconds: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := _processes_running(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
 def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     files = sorted((DEMO_ROOT / "train").glob("*/*.png"))[:60]
     with FaultServer(latency=0.15) as srv:
@@ -305,6 +324,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
         done_before = _finished(state)
         assert 12 <= len(done_before) < len(set(urls)), "kill did not land mid-run"
         counts_at_kill = dict(srv.counts)
+        assert _wait_until_gone(str(tmp_path / "train.csv")) == [], "worker processes outlived the killed run"
         assert not (tmp_path / "d" / "manifest.parquet").exists()
 
         rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs
 from imgclf.download._state import STATE_NAME, Outcome, State
-from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, process_body
+from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, die_with_parent, process_body
 from imgclf.errors import DataError, ImgclfError
 from imgclf.images import Rejected
 
@@ -105,7 +106,8 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     # fork starts workers in milliseconds; they are started here, before the event loop and the
     # progress thread exist, so no lock held by another thread is copied into them.
     ctx = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                  initializer=die_with_parent, initargs=(os.getpid(),))
     pool.submit(int).result()
     return pool
 

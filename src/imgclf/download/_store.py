@@ -7,9 +7,14 @@ atomic rename, so a kill at any moment leaves either the whole file or no file i
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
+import signal
+import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +88,29 @@ def write_atomic(data_dir: Path, rel: str, data: bytes) -> None:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: exit when the downloader dies, even by SIGKILL (no orphan workers).
+
+    Forked workers share the pool's pipes with their siblings, so they never see EOF when the
+    parent is killed; without this they would wait for work for ever.
+    """
+    if sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:  # portable fallback
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def process_body(body: bytes, settings: StoreSettings) -> Stored | Rejected:
