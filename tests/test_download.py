@@ -341,3 +341,16 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     assert not any((data_dir / ".tmp").glob("*")) if (data_dir / ".tmp").exists() else True
     stored = {p.relative_to(data_dir).as_posix() for p in (data_dir / "images").glob("*/*")}
     assert stored == set(manifest.loc[manifest["path"] != "", "path"])  # no orphan, no missing file
+
+
+def test_two_runs_on_one_data_dir_are_refused(tmp_path: Path) -> None:
+    from imgclf.download._state import State
+
+    (tmp_path / "d").mkdir()
+    holder = State(tmp_path / "d")
+    try:
+        with pytest.raises(DataError, match="another"):
+            State(tmp_path / "d")
+    finally:
+        holder.close()
+    State(tmp_path / "d").close()  # free again once the first one is closed

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from imgclf import sources
 from imgclf.download._fetch import RETRY_STATUSES, check_url
@@ -86,9 +87,26 @@ def _fingerprint(paths: list[Path]) -> str:
     return json.dumps(items)
 
 
+def _lock_dir(data_dir: Path) -> IO[bytes] | None:
+    """One download per DATA_DIR at a time; the kernel drops the lock when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(data_dir / (STATE_NAME + ".lock"), "wb")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataError(f"{data_dir}: another `imgclf download` is writing here; wait for it or use "
+                        "another --out") from None
+    return handle
+
+
 class State:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE_NAME
+        self._lock = _lock_dir(data_dir)
         try:
             # isolation_level=None: we open transactions ourselves, one per batch.
             self.db = sqlite3.connect(self.path, isolation_level=None)
@@ -101,6 +119,8 @@ class State:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
 
     def _meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -96,6 +96,7 @@ def die_with_parent(parent_pid: int) -> None:
     Forked workers share the pool's pipes with their siblings, so they never see EOF when the
     parent is killed; without this they would wait for work for ever.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
     if sys.platform == "linux":
         try:
             libc = ctypes.CDLL(None, use_errno=True)
