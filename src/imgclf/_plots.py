@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 MAX_LABEL = 28  # characters; longer class names are cut with an ellipsis
@@ -133,6 +134,7 @@ def training_curves(history: pd.DataFrame, path: Path, baseline_f1: float | None
     ax_score.set_title("validation")
     for ax in (ax_loss, ax_score):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
