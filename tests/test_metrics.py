@@ -100,7 +100,7 @@ def test_bootstrap_is_seeded_and_chunking_keeps_every_resample(monkeypatch: pyte
     p = np.array([0, 1, 1, 0, 2, 2, 0, 1])
     assert M.bootstrap_ci(y, p, 3, resamples=100, seed=5) == M.bootstrap_ci(y, p, 3, resamples=100, seed=5)
     monkeypatch.setattr(M, "_MAX_CHUNK_CELLS", 8 * 7)  # 7 resamples per chunk: 15 chunks
-    assert sum(M._chunks(100, 8)) == 100
+    assert sum(M._chunks(100, 8, 3)) == 100
     ci = M.bootstrap_ci(y, p, 3, resamples=100, seed=5)
     assert 0.0 <= ci["accuracy"][0] <= 5 / 8 <= ci["accuracy"][1] <= 1.0
 
@@ -129,3 +129,13 @@ def test_per_class_and_most_confused() -> None:
     cm = M.confusion(y_true, y_pred, 4)
     assert M.most_confused(cm) == [(0, 1, 2), (1, 0, 1), (2, 1, 1)]
     assert M.most_confused(cm, top=1) == [(0, 1, 2)]
+
+
+def test_chunks_bound_memory_for_many_classes() -> None:
+    # 1000 classes, 50 images: a chunk must not hold 1000 confusion matrices of 10^6 cells each.
+    sizes = list(M._chunks(1000, 50, 1000))
+    assert sum(sizes) == 1000 and max(sizes) * 1000 * 1000 <= M._MAX_CHUNK_CELLS
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 1000, 50)
+    ci = M.bootstrap_ci(y, y.copy(), 1000, resamples=40, seed=0)
+    assert ci == {"accuracy": [1.0, 1.0], "f1_macro": [1.0, 1.0]}

@@ -18,7 +18,8 @@ from sklearn import metrics as skm
 BOOTSTRAP_RESAMPLES = 1000
 BASELINE_SIMULATIONS = 1000
 CI_LEVEL = 0.95
-# Each resample chunk holds chunk * N indices; this keeps memory near 64 MB for any N.
+# A chunk of B resamples holds B * N indices and B * K * K confusion cells; capping both
+# keeps memory near 64 MB per array for any N and K (1000 classes: 8 resamples per chunk).
 _MAX_CHUNK_CELLS = 8_000_000
 
 
@@ -69,8 +70,8 @@ def f1_macro_from_confusion(cm: np.ndarray) -> np.ndarray:
     return f1.sum(axis=-1) / np.maximum(present.sum(axis=-1), 1)
 
 
-def _chunks(total: int, n: int) -> Iterator[int]:
-    size = max(1, _MAX_CHUNK_CELLS // max(n, 1))
+def _chunks(total: int, n: int, k: int) -> Iterator[int]:
+    size = max(1, _MAX_CHUNK_CELLS // max(n, k * k, 1))
     for start in range(0, total, size):
         yield min(size, total - start)
 
@@ -81,7 +82,7 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, k: int, resamples: int 
     rng = np.random.default_rng(seed)
     n = len(y_true)
     acc, f1 = [], []
-    for size in _chunks(resamples, n):
+    for size in _chunks(resamples, n, k):
         idx = rng.integers(0, n, size=(size, n))
         t, p = y_true[idx], y_pred[idx]
         acc.append((t == p).mean(axis=1))
@@ -111,7 +112,7 @@ def random_baseline(y_true: np.ndarray, shares: np.ndarray, simulations: int = B
     n = len(y_true)
     rng = np.random.default_rng(seed)
     f1 = []
-    for size in _chunks(simulations, n):
+    for size in _chunks(simulations, n, k):
         guesses = rng.choice(k, size=(size, n), p=shares)
         truth = np.broadcast_to(y_true, guesses.shape)
         f1.append(f1_macro_from_confusion(_batched_confusion(truth, guesses, k)))
