@@ -72,21 +72,21 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
     split = _split(config, data_dir, run_dir, write=zero)
     class_names = data.class_names_of(split)
     pre = presets.Preprocessing.from_config(config.data)
-    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
-
+    # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
                                 config.model.weights, config.model.cache_dir, config.model.dropout)
+    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
     _tune_batchnorm(model, config, len(train_loader))
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
     module = ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
-    trainer = _trainer(config, run_dir)
     if zero:
         _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training"})
     with warnings.catch_warnings(), _quiet_lightning():
         # Lightning suggests more workers than the 2 cores we tune for; the advice is noise here.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+        trainer = _trainer(config, run_dir)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
