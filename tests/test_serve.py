@@ -1,0 +1,260 @@
+"""serve: a real `imgclf serve` process on 127.0.0.1, its page in headless Chromium, and a load test."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from helpers import DEMO_ROOT, demo_images
+
+from imgclf._fetch_url import FetchOptions
+from imgclf._localserver import LocalServer
+from imgclf.predict import load_classifier
+from imgclf.serve import ServeOptions, create_app
+
+BROKEN = DEMO_ROOT.parent / "broken"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless=new", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen | None = None, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{base} never became healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run: Path) -> Iterator[str]:
+    """`imgclf serve` as a user starts it: its own process, default SSRF policy, 1 MB upload cap."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port", str(port),
+               "--max-upload-mb", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+class ThreadedServer:
+    """uvicorn serving an app in a background thread on a port the OS picks."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[LocalServer]:
+    with LocalServer(DEMO_ROOT.parent) as srv:
+        yield srv
+
+
+def _post_file(base: str, path: Path, **params) -> httpx.Response:
+    with open(path, "rb") as fh:
+        return httpx.post(f"{base}/predict", files={"file": (path.name, fh, "image/png")}, params=params,
+                          timeout=30)
+
+
+def test_health_labels_and_openapi(server: str, tiny_run: Path) -> None:
+    classes = load_classifier(tiny_run).class_names
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["classes"] == len(classes) and health["backend"] == "torch"
+    assert httpx.get(f"{server}/labels").json() == {"labels": classes}
+    spec = httpx.get(f"{server}/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def test_upload_matches_predict_stage(server: str, tiny_run: Path) -> None:
+    image = demo_images("test", "Coat", 1)[0]
+    classifier = load_classifier(tiny_run)
+    from imgclf.images import open_image_file
+
+    want = classifier.top_k(classifier.probabilities([classifier.prepare(open_image_file(str(image)))])[0], 5)
+    got = _post_file(server, image).json()
+    assert got["source"] == "upload"
+    assert [p["label"] for p in got["predictions"]] == [label for label, _ in want]
+    assert all(abs(p["probability"] - w) < 1e-5 for p, (_, w) in zip(got["predictions"], want, strict=True))
+    raw = httpx.post(f"{server}/predict?top_k=1", content=image.read_bytes(),
+                     headers={"content-type": "image/png"})
+    assert raw.json()["predictions"] == got["predictions"][:1]
+
+
+@pytest.mark.parametrize("case", ["html", "truncated", "empty", "too_large", "wrong_type", "bad_json",
+                                  "no_file", "bad_top_k", "url_loopback", "url_localhost", "url_scheme",
+                                  "url_link_local"])
+def test_client_mistakes_get_4xx_json_and_the_service_keeps_running(server: str, case: str) -> None:
+    url = f"{server}/predict"
+    json_post = lambda payload: httpx.post(url, json=payload, timeout=30)  # noqa: E731
+    by_name = server.replace("127.0.0.1", "localhost")  # a name: refused by the resolver guard
+    expected = {
+        "html": (400, "not_image", lambda: _post_file(server, BROKEN / "removed.html")),
+        "truncated": (400, "not_image", lambda: _post_file(server, BROKEN / "truncated.png")),
+        "empty": (400, "empty", lambda: httpx.post(url, files={"file": ("e.png", b"", "image/png")})),
+        "too_large": (413, "too_large",
+                      lambda: httpx.post(url, files={"file": ("big.png", os.urandom(1_200_000))})),
+        "wrong_type": (415, "unsupported_media_type",
+                       lambda: httpx.post(url, content=b"hello", headers={"content-type": "text/plain"})),
+        "bad_json": (422, "invalid_json", lambda: json_post({"link": "http://example.com/a.png"})),
+        "no_file": (422, "no_file", lambda: httpx.post(url, files={"other": ("a.png", b"x")})),
+        "bad_top_k": (422, "invalid_request", lambda: _post_file(server, BROKEN / "truncated.png", top_k=0)),
+        "url_loopback": (403, "url_refused", lambda: json_post({"url": f"{server}/health"})),
+        "url_localhost": (403, "url_refused", lambda: json_post({"url": by_name})),
+        "url_scheme": (422, "url_invalid_url", lambda: json_post({"url": "file:///etc/passwd"})),
+        "url_link_local": (403, "url_refused", lambda: json_post({"url": "http://169.254.169.254/latest/meta-data"})),
+    }
+    status, code, send = expected[case]
+    response = send()
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code and response.json()["detail"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_chunked_upload_over_the_limit_is_cut(server: str) -> None:
+    def body() -> Iterator[bytes]:  # no Content-Length: the server must count as it reads
+        for _ in range(40):
+            yield b"\0" * 65536
+
+    response = httpx.post(f"{server}/predict", content=body(), headers={"content-type": "image/png"})
+    assert response.status_code == 413 and response.json()["error"] == "too_large"
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_url_fetch_with_allow_private(tiny_run: Path, image_server: LocalServer) -> None:
+    options = ServeOptions(fetch=FetchOptions(allow_private=True, total_timeout=5))
+    image = demo_images("test", "Bag", 1)[0]
+    with ThreadedServer(create_app(load_classifier(tiny_run), options)) as base:
+        image_url = image_server.url(f"fashion_mnist/test/Bag/{image.name}")
+        by_url = httpx.post(f"{base}/predict", json={"url": image_url})
+        assert by_url.status_code == 200, by_url.text
+        assert by_url.json()["source"].endswith(image.name)
+        assert by_url.json()["predictions"] == _post_file(base, image).json()["predictions"]
+        missing = httpx.post(f"{base}/predict", json={"url": image_server.url("nope.png")})
+        assert missing.status_code == 422 and missing.json()["error"] == "url_http_error"
+        html = httpx.post(f"{base}/predict", json={"url": image_server.url("broken/removed.html")})
+        assert html.status_code == 400 and html.json()["error"] == "not_image"
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Same labels in the same order; probabilities equal up to float noise (batches differ in size)."""
+    pa, pb = a["predictions"], b["predictions"]
+    return [p["label"] for p in pa] == [p["label"] for p in pb] and all(
+        abs(x["probability"] - y["probability"]) < 1e-4 for x, y in zip(pa, pb, strict=True))
+
+
+def test_load_2000_requests_16_concurrent(server: str) -> None:
+    images = [p for label in ("Bag", "Coat", "Ankle_boot") for p in demo_images("test", label, 3)]
+    bodies = [p.read_bytes() for p in images]
+    reference = [httpx.post(f"{server}/predict", content=b, headers={"content-type": "image/png"}).json()
+                 for b in bodies]
+
+    async def hammer(total: int, concurrency: int) -> tuple[list[float], list[str]]:
+        gate = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+        problems: list[str] = []
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=server, limits=limits, timeout=60) as client:
+            async def one(i: int) -> None:
+                async with gate:
+                    start = time.perf_counter()
+                    resp = await client.post("/predict", content=bodies[i % len(bodies)],
+                                             headers={"content-type": "image/png"})
+                    latencies.append(time.perf_counter() - start)
+                    if resp.status_code != 200 or not _same(resp.json(), reference[i % len(bodies)]):
+                        problems.append(f"{i}: {resp.status_code} {resp.text[:100]}")
+
+            await asyncio.gather(*(one(i) for i in range(total)))
+        return latencies, problems
+
+    started = time.perf_counter()
+    latencies, problems = asyncio.run(hammer(2000, 16))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    print(f"\nload: 2000 requests, 16 concurrent, {wall:.1f}s, {2000 / wall:.0f} req/s, "
+          f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, errors {len(problems)}")
+    assert problems == []
+    assert len(latencies) == 2000
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.browser
+def test_page_in_headless_chromium(server: str, tiny_run: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    image = demo_images("test", "Ankle_boot", 1)[0]
+    api = _post_file(server, image).json()["predictions"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/")
+            expect(page.locator("#model")).to_contain_text(f"{len(api)} classes")
+            # 1) choose a file
+            page.set_input_files("#file", str(image))
+            rows = page.locator("li.prediction")
+            expect(rows).to_have_count(len(api))
+            assert rows.locator(".label").all_text_contents() == [p["label"] for p in api]
+            top_width = rows.first.locator(".bar > span").evaluate("el => el.style.width")
+            # The bar is as wide as the probability (the browser normalises "100.0%" to "100%").
+            assert abs(float(top_width.rstrip("%")) - 100 * api[0]["probability"]) < 0.06
+            expect(page.locator("#preview")).to_be_visible()
+            # 2) drop a file on the drop zone
+            page.evaluate("""async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt }));
+            }""", base64.b64encode(BROKEN.joinpath("truncated.png").read_bytes()).decode())
+            expect(page.locator("#error")).to_contain_text("Could not classify")
+            expect(rows).to_have_count(0)
+            # 3) a URL the server refuses: the page shows why
+            page.fill("#url", f"{server}/health")
+            page.click("button[type=submit]")
+            expect(page.locator("#error")).to_contain_text("loopback")
+        finally:
+            browser.close()
