@@ -1,0 +1,70 @@
+"""models.py: architectures by name with a head sized to the classes; local weights; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgclf import models
+from imgclf.errors import ConfigError
+
+
+@pytest.mark.parametrize("arch", models.ARCHITECTURES)
+def test_every_architecture_gets_a_head_for_the_classes(arch: str) -> None:
+    model = models.create_model(arch, num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    head = models.head_parameters(model)
+    assert head and any(p.shape[0] == 7 for p in head)
+
+
+def test_dropout_override_and_bn_momentum() -> None:
+    model = models.create_model("mobilenet_v3_small", 3, dropout=0.5)
+    assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.5]
+    assert models.set_bn_momentum(model, 0.2) == 34
+    assert all(m.momentum == 0.2 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_unknown_architecture_and_too_few_classes_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="model.arch.*resnet18"):
+        models.create_model("resnet1000", 3)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        models.create_model("resnet18", 1)
+
+
+def test_timm_names_need_timm_or_build_with_it() -> None:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs timm"):
+            models.create_model("timm/resnet10t", 3)
+    else:
+        assert models.create_model("timm/resnet10t", 3)(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_local_weights_load_with_weights_only_and_skip_a_different_head(tmp_path: Path) -> None:
+    source = models.create_model("resnet18", 10)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": {"model." + k: v for k, v in source.state_dict().items()}}, path)
+    model = models.create_model("resnet18", 3, weights=str(path))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.weight.shape == (3, 512)  # the 10-class head was skipped
+
+    with pytest.raises(ConfigError, match="model.weights.*not found"):
+        models.create_model("resnet18", 3, weights=str(tmp_path / "missing.pth"))
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"conv1.weight": source.conv1.weight, "obj": Path("x")}, unsafe)  # needs full unpickling
+    with pytest.raises(ConfigError, match="not a loadable state dict"):
+        models.create_model("resnet18", 3, weights=str(unsafe))
+    with pytest.raises(ConfigError, match="no tensor"):
+        models.create_model("mobilenet_v3_small", 3, weights=str(path))
+
+
+def test_pretrained_offline_error_says_how_to_give_a_local_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        models.create_model("resnet18", 3, pretrained=True, cache_dir=str(tmp_path))
+    message = str(err.value)
+    assert "model.weights=PATH" in message and "https://download.pytorch.org" in message
+    assert "\n" not in message
