@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgclf.download._batch import Batcher
 from imgclf.download._fetch import Fetcher, check_url
 from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs
 from imgclf.download._state import STATE_NAME, Outcome, State
-from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, die_with_parent, process_body
+from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, die_with_parent
 from imgclf.errors import DataError, ImgclfError
 from imgclf.images import Rejected
 
@@ -151,7 +152,7 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
                     pool: concurrent.futures.ProcessPoolExecutor, progress: Progress) -> tuple[int, int]:
     fetcher = Fetcher(options)
     recorder = _Recorder(state)
-    loop = asyncio.get_running_loop()
+    batcher = Batcher(pool, settings)
     # Bounded: the input is paged from SQLite only as fast as slots free up.
     queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(maxsize=options.concurrency * 2)
 
@@ -161,7 +162,7 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
             return Outcome(url_id, got.status, got.error, got.http_status, got.attempts)
         body, got.body = got.body, None
         try:
-            result = await loop.run_in_executor(pool, process_body, body, settings)
+            result = await batcher.process(body)
         except concurrent.futures.process.BrokenProcessPool:
             raise ImgclfError("an image worker process died (out of memory?); run the same command "
                               "again to resume") from None

@@ -134,3 +134,8 @@ def process_body(body: bytes, settings: StoreSettings) -> Stored | Rejected:
     except OSError as err:  # disk full, permissions: a row-level failure, the run goes on
         return Rejected("storage_error", f"cannot write {rel}: {err.strerror or err}")
     return Stored(sha, rel, size[0], size[1], len(data))
+
+
+def process_many(bodies: list[bytes], settings: StoreSettings) -> list[Stored | Rejected]:
+    """One pool task for several bodies (see _batch): same results as process_body on each."""
+    return [process_body(body, settings) for body in bodies]
