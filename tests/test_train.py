@@ -297,3 +297,17 @@ def test_default_yaml_documents_every_key_with_the_defaults() -> None:
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             key = line.split(":")[0].strip()
             assert "#" in line, f"undocumented key {key!r}"
+
+
+def test_cpu_threads_leave_room_for_loader_workers() -> None:
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        train._set_cpu_threads(tiny_config("data.num_workers=1", "trainer.accelerator=cpu"))
+        assert torch.get_num_threads() == max(1, cores - 1)
+        train._set_cpu_threads(tiny_config("trainer.cpu_threads=3", "trainer.accelerator=cpu"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        tiny_config("trainer.cpu_threads=0")

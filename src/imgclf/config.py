@@ -95,6 +95,16 @@ class TrainerConfig(_Section):
     max_time_minutes: float | None = Field(None, gt=0.0)
     tensorboard: bool = False
     progress_bar: bool = True
+    # CPU only. "auto": cores minus DataLoader workers (at least 1); oversubscribed OpenMP threads
+    # spin-wait on each other and can train 10x slower than one thread.
+    cpu_threads: int | Literal["auto"] = "auto"
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _threads_positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
 
 
 class TrainConfig(_Section):

@@ -65,6 +65,7 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
     if not resume and last.is_file():
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
     pl.seed_everything(config.seed, workers=True, verbose=False)
+    _set_cpu_threads(config)
     zero = rank_zero_only.rank == 0
     if zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +193,22 @@ def _tune_batchnorm(model: torch.nn.Module, config: TrainConfig, steps_per_epoch
     count = models.set_bn_momentum(model, momentum)
     if count:
         log.info("BatchNorm momentum %.3f on %d layers (%d steps/epoch)", momentum, count, steps_per_epoch)
+
+
+def _set_cpu_threads(config: TrainConfig) -> None:
+    """Keep our own threads and worker processes within the cores (CPU training only)."""
+    tcfg = config.trainer
+    if tcfg.accelerator not in ("auto", "cpu") or (tcfg.accelerator == "auto" and torch.cuda.is_available()):
+        return
+    if tcfg.cpu_threads == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_processes = tcfg.devices if isinstance(tcfg.devices, int) and tcfg.strategy != "auto" else 1
+        threads = max(1, cores // max(1, local_processes) - config.data.num_workers)
+    else:
+        threads = int(tcfg.cpu_threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log.info("CPU training with %d thread(s) and %d loader worker(s)", threads, config.data.num_workers)
 
 
 def _precision(config: TrainConfig) -> str:
