@@ -74,7 +74,12 @@ def main() -> None:
         items = expand_inputs([str(f) for f in files])
         pre = backends["torch eager"].preprocessing
         options = predict.PredictOptions(batch_size=args.batch_size, progress=False)
-        batch = list(torch.randn(args.batch_size, 3, pre.image_size, pre.image_size))
+        # Real preprocessed images, not random numbers: random inputs can drive untrained weights into
+        # denormal floats, which are many times slower on CPU and would measure the wrong thing.
+        from imgclf.images import open_image_file
+
+        first = backends["torch eager"]
+        batch = [first.prepare(open_image_file(str(f))) for f in files[: args.batch_size]]
         n_batches = max(1, len(files) // args.batch_size)
 
         rows = []
@@ -92,7 +97,8 @@ def main() -> None:
     shown = model_path.relative_to(ROOT) if model_path == SHIPPED else (args.model or "untrained, same arch")
     print(f"model: {shown}, input {pre.image_size}px, batch {args.batch_size}, {len(files)} images")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)")
     print(f"top-1 agreement torch vs onnx: {agree:.1%}\n")
     print("| backend | model only (images/s) | end to end (images/s) |")
     print("|---|---:|---:|")

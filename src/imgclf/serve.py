@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -34,7 +35,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from imgclf import __version__
 from imgclf._fetch_url import Fetcher, FetchFailed, FetchOptions
 from imgclf.images import ImageLimits, Rejected, decode_image
-from imgclf.predict import Classifier, load_classifier
+from imgclf.predict import Classifier, load_classifier, preprocess_pool
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class ServeOptions:
     max_upload_bytes: int = 10 * 1024 * 1024
     fetch: FetchOptions = field(default_factory=lambda: FetchOptions(total_timeout=10.0))
     max_batch: int = 16
+    prep_threads: int = 4  # decoding and preprocessing, alongside the model's thread
     limits: ImageLimits = ImageLimits(max_pixels=40_000_000, min_side=1)
 
 
@@ -90,6 +91,8 @@ class Batcher:
     def __init__(self, classifier: Classifier, max_batch: int) -> None:
         self.classifier = classifier
         self.max_batch = max(1, max_batch)
+        # One thread owns the model: batches run one at a time with all of torch's intra-op threads.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-model")
         self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
@@ -101,6 +104,7 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._executor.shutdown(wait=False)
 
     async def probabilities(self, tensor: torch.Tensor) -> np.ndarray:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -113,7 +117,8 @@ class Batcher:
             while len(items) < self.max_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
             try:
-                probs = await run_in_threadpool(self.classifier.probabilities, [t for t, _ in items])
+                probs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.classifier.probabilities, [t for t, _ in items])
             except Exception as err:  # a model failure fails these requests, never the loop
                 log.exception("inference failed for a batch of %d", len(items))
                 for _, future in items:
@@ -174,6 +179,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     """The ASGI app; tests and embedders can serve it with any ASGI server."""
     batcher = Batcher(classifier, options.max_batch)
     fetcher = Fetcher(options.fetch)
+    prep = preprocess_pool(options.prep_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,6 +187,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
         async with fetcher:
             yield
         await batcher.stop()
+        prep.shutdown(wait=False)
 
     app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
                   description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
@@ -229,7 +236,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
             data, source = await _image_bytes(request)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
-        tensor = await run_in_threadpool(_prepare, data)
+        tensor = await asyncio.get_running_loop().run_in_executor(prep, _prepare, data)
         probs = await batcher.probabilities(tensor)
         top = classifier.top_k(probs, top_k)
         return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
