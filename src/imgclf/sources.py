@@ -31,7 +31,8 @@ def split_from_stem(path: Path) -> str:
 def _check_columns(path: Path, columns: list[str]) -> None:
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})")
+        found = ", ".join(columns) or "none"
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {found})")
 
 
 def _raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
