@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import CLASSES, make_data_dir
 
 TINY_CLASSES = CLASSES[:3]
