@@ -163,3 +163,16 @@ def test_fetch_refuses_private_addresses_unless_allowed(image_server: LocalServe
 ])
 def test_address_policy(address: str, kind: str | None) -> None:
     assert refusal(address) == kind
+
+
+def test_slim_weights_file_predicts_like_its_run(tiny_run: Path, tmp_path: Path) -> None:
+    """weights/*.pt files are slim checkpoints (state_dict + imgclf meta only): same answers."""
+    from imgclf.checkpoint import read_checkpoint, save_slim
+
+    full = read_checkpoint(tiny_run)
+    slim = save_slim(tmp_path / "weights" / "tiny.pt", full["state_dict"], full["imgclf"])
+    assert set(torch.load(slim, weights_only=True)) == {"state_dict", "imgclf"}
+    images = [str(p) for p in demo_images("test", "Shirt", 4)]
+    a = list(predict.predict(expand_inputs(images), predict.load_classifier(slim), QUIET))
+    b = list(predict.predict(expand_inputs(images), predict.load_classifier(tiny_run), QUIET))
+    assert [p.top for p in a] == [p.top for p in b] and all(p.status == "ok" for p in a)
