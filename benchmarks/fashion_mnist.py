@@ -87,27 +87,10 @@ def ship(best_checkpoint: Path, dest: Path) -> Path:
     return checkpoint.save_slim(dest, state, ckpt["imgclf"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs"
-                        / "fashion_mnist.yaml")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/imgclf_fmnist"))
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="folder with the four idx .gz files")
-    parser.add_argument("--limit", type=int, default=None, help="images per class and split (smoke test)")
-    parser.add_argument("--ship", type=Path, default=None, help="write the best model, slim, to this file")
-    parser.add_argument("--run-name", default="run", help="run directory under WORK (must be new)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from imgclf import download, evaluate, train
+def _write_and_download(args: argparse.Namespace, work: Path, data_dir: Path,
+                        timings: dict[str, float]) -> None:
+    from imgclf import download
     from imgclf._localserver import LocalServer
-    from imgclf.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    work = args.work
-    data_dir, run_dir = work / "data", work / args.run_name
-    timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     listing = write_images(args.raw, work / "images", args.limit)
@@ -121,6 +104,36 @@ def main(argv: list[str] | None = None) -> int:
         result = download.run(sources, data_dir, download.DownloadOptions(show_progress=False))
         timings["download"] = time.perf_counter() - t0
     print(f"== download: {result.counts} in {timings['download']:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs"
+                        / "fashion_mnist.yaml")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imgclf_fmnist"))
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="folder with the four idx .gz files")
+    parser.add_argument("--limit", type=int, default=None, help="images per class and split (smoke test)")
+    parser.add_argument("--ship", type=Path, default=None, help="write the best model, slim, to this file")
+    parser.add_argument("--run-name", default="run", help="run directory under WORK (must be new)")
+    parser.add_argument("--reuse-data", action="store_true",
+                        help="skip writing and downloading when WORK/data already has a manifest "
+                             "(the served URLs change port on every run, so a rerun would fetch anew)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from imgclf import evaluate, train
+    from imgclf.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    work = args.work
+    data_dir, run_dir = work / "data", work / args.run_name
+    timings: dict[str, float] = {}
+
+    if args.reuse_data and (data_dir / "manifest.parquet").is_file():
+        print(f"== reusing {data_dir} (no write, no download)", flush=True)
+    else:
+        _write_and_download(args, work, data_dir, timings)
 
     t0 = time.perf_counter()
     trained = train.run(config, data_dir, run_dir)
