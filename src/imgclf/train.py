@@ -65,7 +65,16 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
     if not resume and last.is_file():
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    _set_cpu_threads(config)
+    threads_before = torch.get_num_threads()
+    try:
+        _set_cpu_threads(config)
+        return _run(config, data_dir, run_dir, resume, started)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float) -> TrainResult:
+    last = run_dir / "checkpoints" / "last.ckpt"
     zero = rank_zero_only.rank == 0
     if zero:
         run_dir.mkdir(parents=True, exist_ok=True)
