@@ -211,7 +211,7 @@ def _set_cpu_threads(config: TrainConfig) -> None:
         return
     if tcfg.cpu_threads == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_processes = tcfg.devices if isinstance(tcfg.devices, int) and tcfg.strategy != "auto" else 1
+        local_processes = tcfg.devices if isinstance(tcfg.devices, int) else 1  # DDP: one per device
         threads = max(1, cores // max(1, local_processes) - config.data.num_workers)
     else:
         threads = int(tcfg.cpu_threads)
