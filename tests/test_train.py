@@ -311,3 +311,9 @@ def test_cpu_threads_leave_room_for_loader_workers() -> None:
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="cpu_threads"):
         tiny_config("trainer.cpu_threads=0")
+
+
+def test_missing_manifest_fails_before_creating_the_run_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no manifest"):
+        train.run(tiny_config(), tmp_path / "no_data", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,7 @@ from imgclf._callbacks import MetricsLog, read_metrics
 from imgclf._lightning import ImageClassifier
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
+from imgclf.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger(__name__)
 RUN_INFO_NAME = "run.json"
@@ -64,6 +65,8 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
         raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
     if not resume and last.is_file():
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
+    if not (data_dir / MANIFEST_NAME).is_file():
+        read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
     pl.seed_everything(config.seed, workers=True, verbose=False)
     threads_before = torch.get_num_threads()
     try:
