@@ -32,7 +32,8 @@ demo: $(VENV)/.installed
 	$(BIN)/imgclf demo --out demo_output
 
 test: $(VENV)/.installed-dev system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
