@@ -17,8 +17,9 @@ from pathlib import Path
 from imgclf.errors import DataError
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
-# Looked up in a source checkout (and the Docker image, which copies the checkout).
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# The configs ship inside the package (the repo's configs/ links here), so the demo also runs
+# from a plain `pip install` and in the Docker image.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 # The broken links a real scraped list has: what the downloader must account for, not crash on.
 BROKEN_LINKS = (
@@ -71,7 +72,7 @@ def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: in
     from imgclf.config import load_config
 
     if not DEMO_CONFIG.is_file():
-        raise DataError(f"{DEMO_CONFIG}: demo config not found (run the demo from a source checkout)")
+        raise DataError(f"{DEMO_CONFIG}: demo config missing from the installed package")
     out = Path(out)
     data_dir, run_dir = out / "data", _fresh_run_dir(out)
     config = load_config(DEMO_CONFIG, [f"seed={seed}", *(overrides or [])])
