@@ -181,19 +181,19 @@ class ImageClassifier(pl.LightningModule):
         checkpoint["imgclf"] = make_meta(self.config, self.class_names, self.pre)
         if self.ema is not None:
             # The shipped model is the EMA one; the raw weights are kept to resume training.
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("model.")]:
-                state["raw." + key.removeprefix("model.")] = state.pop(key)
-            for key in [k for k in state if k.startswith("ema.module.")]:
-                state["model." + key.removeprefix("ema.module.")] = state.pop(key)
+            _rename_prefix(checkpoint["state_dict"], "model.", "raw.")
+            _rename_prefix(checkpoint["state_dict"], "ema.module.", "model.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("model.")]:
-                state["ema.module." + key.removeprefix("model.")] = state.pop(key)
-            for key in [k for k in state if k.startswith("raw.")]:
-                state["model." + key.removeprefix("raw.")] = state.pop(key)
+            _rename_prefix(checkpoint["state_dict"], "model.", "ema.module.")
+            _rename_prefix(checkpoint["state_dict"], "raw.", "model.")
+
+
+def _rename_prefix(state: dict[str, Any], old: str, new: str) -> None:
+    """Move every tensor under `old` to `new`, in place."""
+    for key in [k for k in state if k.startswith(old)]:
+        state[new + key.removeprefix(old)] = state.pop(key)
 
 
 def _lr_factor(module: ImageClassifier, schedule: str, total: int, warmup: int) -> Callable[[int], float]:
