@@ -139,6 +139,14 @@ def test_falls_back_to_the_run_validation_subset(tiny_run: Path, tmp_path: Path)
     assert not (tmp_path / "single" / "evaluations").exists()
 
 
+def test_a_missing_split_that_is_not_held_out_is_an_error(tiny_run: Path, tiny_data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    # A typo must not silently evaluate something else: only test/val fall back to the run's val subset.
+    with pytest.raises(DataError, match=r"split 'tset' \(splits here: test, train\)"):
+        evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, data=tiny_data_dir, split="tset",
+                                              out=tmp_path / "ev"))
+
+
 def test_shipped_weights_give_the_same_metrics(tiny_run: Path, tiny_data_dir: Path, run_metrics: dict,
                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = read_checkpoint(tiny_run)

@@ -317,3 +317,22 @@ def test_missing_manifest_fails_before_creating_the_run_dir(tmp_path: Path) -> N
     with pytest.raises(DataError, match="no manifest"):
         train.run(tiny_config(), tmp_path / "no_data", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["Bag"] * 4, "at least 2 classes"),            # one class: nothing to tell apart
+    ([], "no downloaded images with split 'train'"),  # every row failed to download
+])
+def test_unusable_data_fails_before_creating_the_run_dir(tmp_path: Path, tiny_data_dir: Path,
+                                                         labels: list[str], message: str) -> None:
+    from imgclf.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(tiny_data_dir)
+    train_rows = manifest[manifest["split"] == "train"].head(len(labels)).assign(label=labels)
+    failed = manifest.head(3).assign(status="http_error", path="")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_manifest(pd.concat([train_rows, failed], ignore_index=True), data_dir)
+    with pytest.raises(DataError, match=message):
+        train.run(tiny_config(), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -66,12 +66,19 @@ def class_names_of(split: pd.DataFrame) -> list[str]:
     return names
 
 
+def read_split(run_dir: Path) -> pd.DataFrame | None:
+    """The run's saved split (RUN_DIR/split.csv), or None when the run has none yet."""
+    path = Path(run_dir) / SPLIT_NAME
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"path": str, "label": str, "subset": str}, keep_default_na=False)
+
+
 def load_or_make_split(run_dir: Path, data_dir: str | Path, val_fraction: float, seed: int) -> pd.DataFrame:
-    path = run_dir / SPLIT_NAME
-    if path.is_file():
-        return pd.read_csv(path, dtype={"path": str, "label": str, "subset": str}, keep_default_na=False)
-    split = make_split(data_dir, val_fraction, seed)
-    split.to_csv(path, index=False)
+    split = read_split(run_dir)
+    if split is None:
+        split = make_split(data_dir, val_fraction, seed)
+        split.to_csv(Path(run_dir) / SPLIT_NAME, index=False)
     return split
 
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from imgclf import __version__, _metrics, _plots, _report
 from imgclf.checkpoint import LoadedModel, load_model
-from imgclf.data import SPLIT_NAME, ImageFolderFrame
+from imgclf.data import SPLIT_NAME, ImageFolderFrame, read_split
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.presets import eval_transform
@@ -126,10 +126,7 @@ def resolve(opts: EvaluateOptions) -> Plan:
 
 
 def _read_split_csv(run_dir: Path | None) -> pd.DataFrame | None:
-    if run_dir is None or not (run_dir / SPLIT_NAME).is_file():
-        return None
-    return pd.read_csv(run_dir / SPLIT_NAME, dtype={"path": str, "label": str, "subset": str},
-                       keep_default_na=False)
+    return None if run_dir is None else read_split(run_dir)
 
 
 def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
@@ -137,7 +134,9 @@ def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
     rows = usable_rows(manifest, split)
     if not rows.empty:
         return EvalSet(rows[["row", "path", "label"]], plan.data_dir, split, "manifest")
-    if split_csv is not None and (split_csv["subset"] == "val").any():
+    # Only the held-out splits fall back: a data directory from a single CSV has no test rows, but
+    # the run's validation subset is held out. Any other missing name is a typo worth an error.
+    if split in ("test", "val") and split_csv is not None and (split_csv["subset"] == "val").any():
         val = split_csv[split_csv["subset"] == "val"].reset_index(drop=True)
         note = (f"no '{split}' images in {plan.data_dir}: evaluating on the run's validation subset "
                 f"({len(val)} images, the ones that chose the best checkpoint, so expect optimistic figures)")
@@ -145,8 +144,9 @@ def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
         root = Path(plan.run_info.get("data_dir") or plan.data_dir)
         return EvalSet(val[["row", "path", "label"]], root, "val", f"run {SPLIT_NAME} (val subset)", note)
     have = sorted(set(usable_rows(manifest)["split"]))
+    fallback = ", and no run validation subset to fall back on" if split in ("test", "val") else ""
     raise DataError(f"{plan.data_dir}: no downloaded images with split '{split}' (splits here: "
-                    f"{', '.join(have) or 'none'}), and no run validation subset to fall back on")
+                    f"{', '.join(have) or 'none'}){fallback}")
 
 
 def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,

@@ -79,11 +79,13 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
 def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float) -> TrainResult:
     last = run_dir / "checkpoints" / "last.ckpt"
     zero = rank_zero_only.rank == 0
-    if zero:
+    split = _split(config, data_dir, run_dir)
+    class_names = data.class_names_of(split)
+    if zero:  # only now: unusable data must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_NAME)
-    split = _split(config, data_dir, run_dir, write=zero)
-    class_names = data.class_names_of(split)
+        if not (run_dir / data.SPLIT_NAME).is_file():
+            split.to_csv(run_dir / data.SPLIT_NAME, index=False)
     pre = presets.Preprocessing.from_config(config.data)
     # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
@@ -130,10 +132,10 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-def _split(config: TrainConfig, data_dir: Path, run_dir: Path, write: bool) -> pd.DataFrame:
-    if write:
-        split = data.load_or_make_split(run_dir, data_dir, config.data.val_fraction, config.seed)
-    else:  # other DDP ranks: same seed, same split, and no race on the file
+def _split(config: TrainConfig, data_dir: Path, run_dir: Path) -> pd.DataFrame:
+    """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed."""
+    split = data.read_split(run_dir)
+    if split is None:
         split = data.make_split(data_dir, config.data.val_fraction, config.seed)
     if not (split["subset"] == "val").any():
         raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
