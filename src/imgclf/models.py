@@ -59,8 +59,12 @@ def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
         raise ConfigError(f"model.arch: {name!r} needs timm (pip install 'imgclf[timm]')") from None
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except OSError as err:  # huggingface_hub's "not in cache and no network" errors are OSErrors
+        raise ConfigError(
+            f"model.pretrained: cannot fetch timm weights for {name!r} ({err.__class__.__name__}); offline, "
+            "download them elsewhere and set model.weights=PATH (or pre-fill HF_HOME's cache)") from None
     except RuntimeError as err:
-        raise ConfigError(f"model.arch: timm cannot build {name!r}: {err}") from None
+        raise ConfigError(f"model.arch: timm cannot build {name!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
