@@ -75,6 +75,9 @@ def test_demo_quick_look(tmp_path: Path) -> None:
     assert "weighted" in out.lower()
     run_dir = tmp_path / "demo" / "run"
     assert str(run_dir) in out
+    for name in ("report.html", "confusion_matrix.png", "metrics.json", "curves.png"):
+        assert str(run_dir / name) in out, name  # every path the summary names exists
+        assert (run_dir / name).is_file(), name
     check_metrics(json.loads((run_dir / "metrics.json").read_text()), n_classes=10)
     # A second demo keeps the first run and writes a new one.
     imgclf("demo", "--out", str(tmp_path / "demo"), "--limit", "5", "--no-progress", *TINY)

@@ -97,8 +97,7 @@ def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: in
     print(evaluate.format_summary(metrics))
     print("\ntime per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f" (total {sum(timings.values()):.0f}s)")
-    print(f"run directory:    {run_dir}")
-    for name in ("report.html", "confusion_matrix.png", "curves.png", "metrics.json"):
-        if (run_dir / name).exists():
-            print(f"{name + ':':17} {run_dir / name}")
+    # The summary above already lists report.html, the confusion matrix and metrics.json.
+    print(f"run directory:     {run_dir}")
+    print(f"training curves:   {run_dir / 'curves.png'}")
     return 0
