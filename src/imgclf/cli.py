@@ -178,6 +178,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds allowed per URL fetch")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests that arrive together are classified in one batch of at most this size")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="connections served at once; more get HTTP 503 (bounds memory: each holds "
+                        "up to --max-upload-mb)")
     p.set_defaults(handler=_cmd_serve)
 
 

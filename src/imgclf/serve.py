@@ -300,6 +300,9 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(classifier, options_from_namespace(args))
     log.info("serving %s (%s, %d classes) on http://%s:%d", classifier.source, classifier.backend.name,
              len(classifier.class_names), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # Without a limit every connection reads its whole body (up to --max-upload-mb) and queues it,
+    # so memory grows with load; uvicorn answers connections over the limit with 503 instead.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                limit_concurrency=args.max_concurrency)
     return 0
 
