@@ -40,3 +40,29 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("link,label\nx,y\n")
     with pytest.raises(DataError, match="missing column"):
         read_sources([tmp_path / "b.csv"])
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_csv_is_a_one_line_error_naming_the_file(tmp_path: Path, content: str) -> None:
+    (tmp_path / "empty.csv").write_text(content)
+    with pytest.raises(DataError, match=r"empty\.csv: empty file, no header row") as err:
+        read_sources([tmp_path / "empty.csv"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a parquet file at all", b"PAR1" + b"\0" * 64 + b"PAR1"])
+def test_corrupt_parquet_is_a_one_line_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.parquet").write_bytes(content)
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot parse") as err:
+        read_sources([tmp_path / "bad.parquet"])
+    assert "\n" not in str(err.value)
+
+
+def test_column_names_are_normalised_in_csv_and_parquet(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(" URL ,Label,SPLIT\nhttp://x/1.png,cat,test\n")
+    pd.DataFrame({" URL ": ["http://x/2.png"], "Label": ["dog"], "Split": ["val"]}).to_parquet(
+        tmp_path / "b.parquet")
+    frame = read_sources([tmp_path / "a.csv", tmp_path / "b.parquet"])
+    assert frame["url"].tolist() == ["http://x/1.png", "http://x/2.png"]
+    assert frame["label"].tolist() == ["cat", "dog"]
+    assert frame["split"].tolist() == ["test", "val"]

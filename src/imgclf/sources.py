@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgclf.errors import DataError
@@ -39,10 +40,12 @@ def _raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         pfile = pq.ParquetFile(path)
-        _check_columns(path, pfile.schema_arrow.names)
-        wanted = [c for c in ("url", "label", "split") if c in pfile.schema_arrow.names]
-        for batch in pfile.iter_batches(batch_size=chunk_rows, columns=wanted):
-            yield batch.to_pandas()
+        # Same normalisation as CSV headers, so `URL,Label` works in both; read by original name.
+        by_name = {c.strip().lower(): c for c in reversed(pfile.schema_arrow.names)}
+        _check_columns(path, list(by_name))
+        wanted = {by_name[c]: c for c in ("url", "label", "split") if c in by_name}
+        for batch in pfile.iter_batches(batch_size=chunk_rows, columns=list(wanted)):
+            yield batch.to_pandas().rename(columns=wanted)
         return
     sep = "\t" if suffix in (".tsv", ".tab") else ","
     reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=chunk_rows)
@@ -83,8 +86,11 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000) -> Iterator[
                 yield out
         except DataError:
             raise
-        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
-            raise DataError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from None
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: empty file, no header row") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError, pa.ArrowException) as err:
+            first_line = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DataError(f"{path}: cannot parse ({first_line})") from None
 
 
 def read_sources(paths: list[str | Path]) -> pd.DataFrame:
