@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from helpers import DEMO_ROOT, demo_images
 
-from imgclf._fetch_url import FetchOptions
+from imgclf._fetch_url import Fetcher, FetchOptions, literal_address
 from imgclf._localserver import LocalServer
 from imgclf.predict import load_classifier
 from imgclf.serve import ServeOptions, create_app
@@ -126,7 +126,7 @@ def test_upload_matches_predict_stage(server: str, tiny_run: Path) -> None:
 
 @pytest.mark.parametrize("case", ["html", "truncated", "empty", "too_large", "wrong_type", "bad_json",
                                   "no_file", "bad_top_k", "url_loopback", "url_localhost", "url_scheme",
-                                  "url_link_local"])
+                                  "url_link_local", "url_loopback_short_form"])
 def test_client_mistakes_get_4xx_json_and_the_service_keeps_running(server: str, case: str) -> None:
     url = f"{server}/predict"
     json_post = lambda payload: httpx.post(url, json=payload, timeout=30)  # noqa: E731
@@ -146,12 +146,37 @@ def test_client_mistakes_get_4xx_json_and_the_service_keeps_running(server: str,
         "url_localhost": (403, "url_refused", lambda: json_post({"url": by_name})),
         "url_scheme": (422, "url_invalid_url", lambda: json_post({"url": "file:///etc/passwd"})),
         "url_link_local": (403, "url_refused", lambda: json_post({"url": "http://169.254.169.254/latest/meta-data"})),
+        "url_loopback_short_form": (403, "url_refused",
+                                    lambda: json_post({"url": server.replace("127.0.0.1", "127.1") + "/health"})),
     }
     status, code, send = expected[case]
     response = send()
     assert response.status_code == status, response.text
     assert response.json()["error"] == code and response.json()["detail"]
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0177.0.0.1", "127.000.000.001", "127.0.0.1.",
+                                  "0x7f.1", "0x7f000001", "10.1", "[::1]", "[::ffff:127.0.0.1]"])
+def test_numeric_host_forms_are_refused_before_any_connection(host: str) -> None:
+    # aiohttp < 3.14 connects to numeric-looking hosts without asking the resolver, so the
+    # pre-flight check must canonicalise every form the OS accepts (no network needed here).
+    failed = Fetcher(FetchOptions())._check_url(f"http://{host}:8000/health")
+    assert failed is not None and failed.code == "refused", failed
+
+
+@pytest.mark.parametrize("host", ["1.2.3.4.5", "99999999999", "0x"])
+def test_numeric_host_that_is_no_address_is_invalid(host: str) -> None:
+    failed = Fetcher(FetchOptions())._check_url(f"http://{host}/a.png")
+    assert failed is not None and failed.code == "invalid_url", failed
+
+
+def test_public_numeric_hosts_and_names_pass_the_preflight_check() -> None:
+    fetcher = Fetcher(FetchOptions())
+    assert literal_address("8.8.8.8.") == "8.8.8.8" and literal_address("0x08080808") == "8.8.8.8"
+    assert fetcher._check_url("http://8.8.8.8/a.png") is None
+    assert fetcher._check_url("http://example.com/a.png") is None  # names: the resolver guard decides
+    assert literal_address("1e3.example") is None
 
 
 def test_chunked_upload_over_the_limit_is_cut(server: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,29 @@ def refusal(ip_text: str) -> str | None:
     return None
 
 
+_NUMERIC_HOST = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+))*")
+
+
+def literal_address(hostname: str) -> str | None:
+    """The canonical address when `hostname` is an IP literal in any form the OS accepts, else None.
+
+    `127.1`, `2130706433`, `0177.0.0.1`, `0x7f.1` and `127.0.0.1.` all reach loopback through
+    the system resolver, while `ipaddress` rejects them; some aiohttp versions skip the resolver
+    for such numeric hosts, so they are canonicalised here. "" means numeric but not a valid address.
+    """
+    host = hostname.rstrip(".")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _NUMERIC_HOST.fullmatch(host):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return ""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolve with the system resolver, then refuse the host if any answer is not public."""
 
@@ -127,11 +151,12 @@ class Fetcher:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return FetchFailed("invalid_url", f"{url[:200]!r} is not an http(s) URL")
         if not self.options.allow_private:
-            try:
-                ipaddress.ip_address(parts.hostname)
-            except ValueError:
+            host = literal_address(parts.hostname)
+            if host is None:
                 return None  # a name: the guarded resolver checks what it resolves to
-            kind = refusal(parts.hostname)
+            if host == "":
+                return FetchFailed("invalid_url", f"{parts.hostname!r} is not a valid IPv4 address")
+            kind = refusal(host)
             if kind:
                 return FetchFailed("refused", f"{parts.hostname} is a {kind} address; such URLs are refused")
         return None
