@@ -354,3 +354,36 @@ def test_two_runs_on_one_data_dir_are_refused(tmp_path: Path) -> None:
     finally:
         holder.close()
     State(tmp_path / "d").close()  # free again once the first one is closed
+
+
+def test_blank_label_rows_get_missing_label_and_are_not_fetched(server: FaultServer, tmp_path: Path) -> None:
+    server.add("labelled.png", sample_images()["other.png"])
+    server.add("unlabelled.png", sample_images()["solid0.jpg"])
+    labelled, unlabelled = server.url("file/labelled.png"), server.url("file/unlabelled.png")
+    (tmp_path / "train.csv").write_text(
+        f"url,label\n{unlabelled},\n{labelled},a\n{labelled},   \nnot a url,\n{server.url('status/404')},b\n")
+    result = download.run([tmp_path / "train.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+    manifest = pd.read_parquet(result.manifest_path)
+    assert manifest["status"].tolist() == ["missing_label", "ok", "missing_label", "missing_label", "http_error"]
+    assert manifest.loc[0, "error"] == "the row has no label" and "missing_label" in STATUSES
+    blank = manifest[manifest["status"] == "missing_label"]
+    assert (blank["path"] == "").all() and (blank["attempts"] == 0).all() and (blank["duplicate_of"] == -1).all()
+    assert "/file/unlabelled.png" not in server.counts and server.counts["/file/labelled.png"] == 1
+    assert manifest.loc[1, "path"] and manifest.loc[1, "duplicate_of"] == -1  # the labelled row is untouched
+    assert result.counts == {"ok": 1, "missing_label": 3, "http_error": 1}
+    assert "" not in set(manifest.loc[manifest["status"] == "ok", "label"])
+
+
+def test_state_releases_the_lock_when_the_database_cannot_open(tmp_path: Path, monkeypatch) -> None:
+    from imgclf.download import _state
+
+    (tmp_path / "d").mkdir()
+
+    def broken_connect(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_state.sqlite3, "connect", broken_connect)
+        with pytest.raises(DataError, match="unusable resume state"):
+            _state.State(tmp_path / "d")
+    _state.State(tmp_path / "d").close()  # the failed attempt did not keep DATA_DIR locked

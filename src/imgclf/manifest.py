@@ -37,6 +37,7 @@ REPORT_NAME = "download_report.json"
 STATUSES: dict[str, str] = {
     "ok": "downloaded and validated",
     "invalid_url": "not an http(s) URL, or malformed",
+    "missing_label": "the row has no label (its URL is not fetched for it)",
     "http_error": "the server answered with a non-retryable or exhausted error status",
     "timeout": "connect, read or total deadline exceeded (after retries)",
     "connection_error": "DNS failure, refused or reset connection (after retries)",
@@ -48,9 +49,6 @@ STATUSES: dict[str, str] = {
     "duplicate": "same URL or same content as an earlier row (see duplicate_of)",
     "pending": "not attempted yet (only seen in an interrupted run's manifest)",
 }
-
-# Statuses worth retrying with --retry-failed: the server may answer differently next time.
-RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "http_error", "pending"})
 
 COLUMNS: dict[str, str] = {
     "row": "int64",

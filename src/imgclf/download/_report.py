@@ -27,7 +27,9 @@ def _resolve(rec: tuple) -> tuple:
     (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
      size, url_first, sha_first) = rec
     duplicate_of = -1
-    if status is None:
+    if not label:  # never fetched for this row: no URL outcome applies
+        status, error, http_status, attempts = "missing_label", "the row has no label", 0, 0
+    elif status is None:
         status, error = "pending", "not attempted yet (interrupted run)"
     elif row != url_first:
         attempts = 0  # fetched once, for the first row with this URL

@@ -47,7 +47,7 @@ WITH first_by_sha AS (
     WHERE status = 'ok' AND first_row IS NOT NULL GROUP BY sha256)
 SELECT r.row, r.source, r.url, r.label, r.split, u.status, u.error, u.http_status, u.attempts,
        u.sha256, u.path, u.width, u.height, u.bytes, u.first_row, f.first
-FROM rows r JOIN urls u ON u.url = r.url
+FROM rows r LEFT JOIN urls u ON u.url = r.url AND r.label <> ''
 LEFT JOIN first_by_sha f ON u.status = 'ok' AND f.sha256 = u.sha256
 ORDER BY r.row
 """
@@ -55,7 +55,7 @@ ORDER BY r.row
 _SHARED_IMAGES_QUERY = """
 SELECT u.sha256, COUNT(DISTINCT r.split), COUNT(DISTINCT r.label), MIN(r.row), COUNT(*),
        GROUP_CONCAT(DISTINCT r.split), GROUP_CONCAT(DISTINCT r.label)
-FROM rows r JOIN urls u ON u.url = r.url WHERE u.status = 'ok'
+FROM rows r JOIN urls u ON u.url = r.url WHERE u.status = 'ok' AND r.label <> ''
 GROUP BY u.sha256 HAVING COUNT(DISTINCT r.split) > 1 OR COUNT(DISTINCT r.label) > 1
 """
 
@@ -107,15 +107,24 @@ class State:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE_NAME
         self._lock = _lock_dir(data_dir)
+        db: sqlite3.Connection | None = None
         try:
             # isolation_level=None: we open transactions ourselves, one per batch.
-            self.db = sqlite3.connect(self.path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a killed process (not a power cut) without an fsync per commit.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as err:
-            raise DataError(f"{self.path}: unusable resume state ({err}); delete it to start over") from None
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException as err:
+            # Release the database and the flock, or this process would keep DATA_DIR locked.
+            if db is not None:
+                db.close()
+            if self._lock is not None:
+                self._lock.close()
+            if isinstance(err, sqlite3.DatabaseError):
+                raise DataError(f"{self.path}: unusable resume state ({err}); delete it to start over") from None
+            raise
+        self.db = db
 
     def close(self) -> None:
         self.db.close()
@@ -168,7 +177,10 @@ class State:
     def _ingest_chunk(self, chunk) -> None:  # noqa: ANN001 - a pandas frame from sources.iter_sources
         problems: dict[str, str] = {}
         url_rows = []
-        for row, url in zip(chunk["row"].tolist(), chunk["url"].tolist(), strict=True):
+        for row, url, label in zip(chunk["row"].tolist(), chunk["url"].tolist(), chunk["label"].tolist(),
+                                   strict=True):
+            if not label:
+                continue  # status missing_label, set per row in the manifest; its URL is not fetched
             if url not in problems:
                 problems[url] = check_url(url)
             problem = problems[url]
