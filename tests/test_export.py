@@ -126,6 +126,21 @@ def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert cli.main(["export", str(tmp_path / "missing")]) == 2
 
 
+def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tmp_path: Path,
+                                                              monkeypatch, capsys) -> None:
+    # Stand-in for an exporter crash mid-write, which no real model reliably triggers.
+    def crash(wrapped, probe, path: Path, dynamo: bool) -> None:
+        path.write_bytes(b"half an onnx file")
+        raise RuntimeError("exporter blew up\nwith a long internal traceback")
+
+    monkeypatch.setattr(export, "_onnx_export", crash)
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "RuntimeError: exporter blew up" in err
+    assert list(tmp_path.iterdir()) == []  # neither model.onnx nor model.onnx.tmp
+
+
 def test_onnx_without_metadata_is_refused(onnx_file: Path, tmp_path: Path) -> None:
     model = onnx.load(str(onnx_file))
     del model.metadata_props[:]

@@ -243,12 +243,22 @@ def run(model_path: str | Path, fmt: str = "onnx", out: str | Path | None = None
     out_path = Path(out) if out is not None else default_out(model_path, fmt)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    result = (export_onnx if fmt == "onnx" else export_torchscript)(loaded, tmp)
-    if result.max_abs_diff > PARITY_TOLERANCE:
+    exporter = export_onnx if fmt == "onnx" else export_torchscript
+    try:  # the finally removes a half-written tmp file, whatever went wrong
+        try:
+            result = exporter(loaded, tmp)
+        except ImgclfError:
+            raise
+        except Exception as err:  # exporters and checkers raise assorted types; the user needs one line
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            raise ImgclfError(f"export: {fmt} export of {loaded.path} failed "
+                              f"({err.__class__.__name__}: {first}); file not written") from err
+        if result.max_abs_diff > PARITY_TOLERANCE:
+            raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
+                              f"(> {PARITY_TOLERANCE:g}); file not written")
+        tmp.replace(out_path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
-                          f"(> {PARITY_TOLERANCE:g}); file not written")
-    tmp.replace(out_path)
     return ExportResult(out_path, result.format, result.exporter, result.max_abs_diff)
 
 
