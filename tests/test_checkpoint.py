@@ -36,3 +36,37 @@ def test_resolve_and_read_errors(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1)}, plain)
     with pytest.raises(DataError, match="no 'imgclf' metadata"):
         checkpoint.read_checkpoint(plain)
+
+
+def _tampered(tiny_run: Path, tmp_path: Path, change) -> Path:
+    ckpt = checkpoint.read_checkpoint(tiny_run)
+    change(ckpt)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _wrong_head(ckpt: dict) -> None:
+    # One more output than there are class names: a head that belongs to some other dataset.
+    rows, cols = ckpt["state_dict"]["model.fc.weight"].shape
+    ckpt["state_dict"]["model.fc.weight"] = torch.zeros(rows + 1, cols)
+    ckpt["state_dict"]["model.fc.bias"] = torch.zeros(rows + 1)
+
+
+def test_weights_that_do_not_fit_the_architecture_are_a_data_error(tiny_run: Path, tmp_path: Path) -> None:
+    path = _tampered(tiny_run, tmp_path, _wrong_head)
+    with pytest.raises(DataError, match=r"tampered\.ckpt: weights do not match") as info:
+        checkpoint.load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_incomplete_or_newer_metadata_is_a_data_error(tiny_run: Path, tmp_path: Path) -> None:
+    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].pop("preprocessing"))
+    with pytest.raises(DataError, match=r"tampered\.ckpt: imgclf metadata lacks preprocessing"):
+        checkpoint.load_model(path)
+    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].update(format=checkpoint.FORMAT_VERSION + 1))
+    with pytest.raises(DataError, match="upgrade imgclf"):
+        checkpoint.load_model(path)
+    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"]["config"].update(seed="not a number"))
+    with pytest.raises(DataError, match="metadata is invalid"):
+        checkpoint.load_model(path)

@@ -62,7 +62,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = resolve_checkpoint(path)
+    return _read_resolved(resolve_checkpoint(path))
+
+
+def _read_resolved(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -72,17 +75,41 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _one_line(err: Exception) -> str:
+    # load_state_dict lists every mismatched key over many lines; the CLI prints one.
+    text = " ".join(str(err).split())
+    return f"{err.__class__.__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
 def load_model(path: str | Path) -> LoadedModel:
+    """Rebuild the model from a run directory or checkpoint; DataError (exit 2) for anything unusable."""
     resolved = resolve_checkpoint(path)
-    ckpt = read_checkpoint(resolved)
+    ckpt = _read_resolved(resolved)
     meta = ckpt["imgclf"]
-    config = TrainConfig.model_validate(meta["config"])
-    model = create_model(meta["arch"], len(meta["class_names"]))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    if not isinstance(meta, dict):
+        raise DataError(f"{resolved}: 'imgclf' metadata is not a mapping")
+    missing = [k for k in ("format", "arch", "class_names", "preprocessing", "config") if k not in meta]
+    if missing:
+        raise DataError(f"{resolved}: imgclf metadata lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT_VERSION:
+        newer = isinstance(meta["format"], int) and meta["format"] > FORMAT_VERSION
+        raise DataError(f"{resolved}: checkpoint format {meta['format']!r}, this imgclf reads format "
+                        f"{FORMAT_VERSION}" + ("; upgrade imgclf to load it" if newer else ""))
+    try:
+        config = TrainConfig.model_validate(meta["config"])
+        class_names = [str(name) for name in meta["class_names"]]
+        preprocessing = Preprocessing.from_plain(meta["preprocessing"])
+        model = create_model(meta["arch"], len(class_names))
+    except Exception as err:  # pydantic ValidationError, ConfigError, KeyError/TypeError from bad metadata
+        raise DataError(f"{resolved}: imgclf metadata is invalid ({_one_line(err)})") from None
+    try:
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state)
+    except Exception as err:  # shapes or keys that do not fit meta["arch"] with len(class_names) outputs
+        raise DataError(f"{resolved}: weights do not match {meta['arch']} with {len(class_names)} classes "
+                        f"({_one_line(err)})") from None
     model.eval()
-    return LoadedModel(model, list(meta["class_names"]), Preprocessing.from_plain(meta["preprocessing"]),
-                       config, resolved)
+    return LoadedModel(model, class_names, preprocessing, config, resolved)
 
 
 def save_slim(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
