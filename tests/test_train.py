@@ -151,7 +151,9 @@ def test_ddp_two_cpu_processes(tiny_data_dir: Path, tmp_path: Path) -> None:
     args = ["--data", str(tiny_data_dir), "--out", str(run_dir), "trainer.epochs=1", "trainer.batch_size=8",
             "data.image_size=32", "data.num_workers=0", "trainer.progress_bar=false",
             "model.arch=mobilenet_v3_small", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp"]
+            "trainer.strategy=ddp",
+            # Both leave parameters without gradients, which plain DDP refuses: they must work.
+            "trainer.ema=true", "model.freeze_backbone_epochs=1"]
     done = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
@@ -336,3 +338,28 @@ def test_unusable_data_fails_before_creating_the_run_dir(tmp_path: Path, tiny_da
     with pytest.raises(DataError, match=message):
         train.run(tiny_config(), data_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_architecture_is_refused_and_keeps_the_config(tiny_run: Path, tiny_data_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="model.arch=resnet18, resumed with mobilenet_v3_small"):
+        train.run(tiny_config("model.arch=mobilenet_v3_small"), tiny_data_dir, run_dir, resume=True)
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_a_fresh_run_replaces_a_split_left_by_an_attempt_that_died_early(tiny_data_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # What an attempt on other data leaves when killed before its first checkpoint.
+    pd.DataFrame({"row": [0, 1], "path": ["gone/a.png", "gone/b.png"], "label": ["x", "y"],
+                  "subset": ["train", "val"]}).to_csv(run_dir / "split.csv", index=False)
+    train.run(tiny_config("trainer.epochs=1"), tiny_data_dir, run_dir)
+    split = pd.read_csv(run_dir / "split.csv")
+    assert not split["path"].str.startswith("gone/").any()
+    assert sorted(split["label"].unique()) == ["Ankle_boot", "Bag", "Coat"]

@@ -51,6 +51,8 @@ class ImageClassifier(pl.LightningModule):
             # use_buffers: BatchNorm running statistics are averaged along with the weights.
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.trainer.ema_decay),
                                      use_buffers=True)
+            # The average is updated by hand, never by gradients; DDP would otherwise wait for them.
+            self.ema.requires_grad_(False)
         self.images_seen = 0
         self.epoch_started = 0.0
         self.train_seconds = 0.0  # training batches only: images/s excludes validation

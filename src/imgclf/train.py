@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import __version__, data, models, presets
+from imgclf import __version__, checkpoint, data, models, presets
 from imgclf._callbacks import MetricsLog, read_metrics
 from imgclf._lightning import ImageClassifier
 from imgclf.config import TrainConfig, save_config
@@ -79,12 +79,14 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
 def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float) -> TrainResult:
     last = run_dir / "checkpoints" / "last.ckpt"
     zero = rank_zero_only.rank == 0
-    split = _split(config, data_dir, run_dir)
+    split = _split(config, data_dir, run_dir, resume)
     class_names = data.class_names_of(split)
-    if zero:  # only now: unusable data must not leave a half-made run directory behind
+    if resume:
+        _check_resumable(config, last, class_names)
+    if zero:  # only now: unusable data or config must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_NAME)
-        if not (run_dir / data.SPLIT_NAME).is_file():
+        if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             split.to_csv(run_dir / data.SPLIT_NAME, index=False)
     pre = presets.Preprocessing.from_config(config.data)
     # The model first: its initial weights then depend on the seed only, not on data loading.
@@ -102,7 +104,14 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
         trainer = _trainer(config, run_dir)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1); record it and let the CLI report an
+            # interruption (exit 130, "resume with --resume"), not a failure.
+            if zero:
+                _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "interrupted"})
+            raise KeyboardInterrupt from None
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
     score = trainer.checkpoint_callback.best_model_score
@@ -131,10 +140,27 @@ def _quiet_lightning() -> Iterator[None]:
         chatty.setLevel(level)
 
 
+def _check_resumable(config: TrainConfig, last: Path, class_names: list[str]) -> None:
+    """Refuse a resume whose config or data would not fit the saved weights (before touching RUN_DIR)."""
+    meta = checkpoint.read_checkpoint(last)["imgclf"]
+    saved = {"model.arch": meta["arch"], "data.image_size": meta["preprocessing"]["image_size"]}
+    given = {"model.arch": config.model.arch, "data.image_size": config.data.image_size}
+    for key, value in saved.items():
+        if given[key] != value:
+            raise ConfigError(f"{last}: trained with {key}={value}, resumed with {given[key]}; "
+                              "resume without --config to reuse the run's config.yaml")
+    if list(meta["class_names"]) != class_names:
+        raise DataError(f"{last}: the run's classes differ from those in its split.csv; start a new run")
+
+
 # ---- data ---------------------------------------------------------------------------------------
-def _split(config: TrainConfig, data_dir: Path, run_dir: Path) -> pd.DataFrame:
-    """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed."""
-    split = data.read_split(run_dir)
+def _split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> pd.DataFrame:
+    """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed.
+
+    Without --resume a split.csv left by an attempt that died before its first checkpoint is
+    replaced: the data, seed or val_fraction may have changed since, and nothing trained is lost.
+    """
+    split = data.read_split(run_dir) if resume else None
     if split is None:
         split = data.make_split(data_dir, config.data.val_fraction, config.seed)
     if not (split["subset"] == "val").any():
@@ -233,6 +259,13 @@ def _precision(config: TrainConfig) -> str:
     return "32-true"
 
 
+def _strategy(config: TrainConfig) -> str:
+    """DDP must know that frozen backbone parameters get no gradients in the first epochs."""
+    if config.trainer.strategy == "ddp" and config.model.freeze_backbone_epochs > 0:
+        return "ddp_find_unused_parameters_true"
+    return config.trainer.strategy
+
+
 def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
     tcfg = config.trainer
     mode = "min" if tcfg.monitor == "val_loss" else "max"
@@ -251,7 +284,7 @@ def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
         max_epochs=tcfg.epochs,
         max_time={"minutes": tcfg.max_time_minutes} if tcfg.max_time_minutes else None,
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
-        strategy=tcfg.strategy, precision=_precision(config),
+        strategy=_strategy(config), precision=_precision(config),
         gradient_clip_val=config.optim.grad_clip,
         callbacks=callbacks, logger=_logger(config, run_dir),
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
