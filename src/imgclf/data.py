@@ -74,12 +74,10 @@ def read_split(run_dir: Path) -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={"path": str, "label": str, "subset": str}, keep_default_na=False)
 
 
-def load_or_make_split(run_dir: Path, data_dir: str | Path, val_fraction: float, seed: int) -> pd.DataFrame:
-    split = read_split(run_dir)
-    if split is None:
-        split = make_split(data_dir, val_fraction, seed)
-        split.to_csv(Path(run_dir) / SPLIT_NAME, index=False)
-    return split
+def write_split(split: pd.DataFrame, run_dir: Path) -> Path:
+    path = Path(run_dir) / SPLIT_NAME
+    split.to_csv(path, index=False)
+    return path
 
 
 class ImageFolderFrame(Dataset):

@@ -87,7 +87,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_NAME)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
-            split.to_csv(run_dir / data.SPLIT_NAME, index=False)
+            data.write_split(split, run_dir)
     pre = presets.Preprocessing.from_config(config.data)
     # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
