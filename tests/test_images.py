@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from fault_server import sample_images
 
@@ -54,3 +57,17 @@ def test_open_image_file_raises_with_the_reason(tmp_path) -> None:  # noqa: ANN0
     good = tmp_path / "y.png"
     good.write_bytes(IMAGES["tiny.png"])
     assert open_image_file(str(good)).size == (1, 1)
+
+
+def test_pillow_warnings_are_silenced_process_wide_not_per_call() -> None:
+    # decode_image runs in thread pools, so it must not use warnings.catch_warnings(); the filter
+    # is set once at import. A fresh interpreter, because pytest discards filters set while collecting.
+    code = (
+        "import warnings, imgclf.images\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.warn_explicit('Corrupt EXIF data', UserWarning, 'x.py', 1, module='PIL.TiffImagePlugin')\n"
+        "    warnings.warn_explicit('not Pillow', UserWarning, 'y.py', 1, module='PILlow_fake')\n"
+        "print([str(w.message) for w in caught])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['not Pillow']"

@@ -16,6 +16,10 @@ from PIL import Image, ImageOps
 
 # Pillow raises DecompressionBombError only above 2x this; we check the pixel count ourselves.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns about things we already handle (corrupt EXIF, palette transparency, bombs).
+# One process-wide filter, set at import: warnings.catch_warnings() is not thread-safe and
+# decode_image runs in predict's and serve's thread pools.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -62,20 +66,18 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
     if not data:
         return Rejected("empty", "empty body")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format or "unknown"
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels")
-            frames = int(getattr(img, "n_frames", 1) or 1)
-            img.seek(0)  # animated images: first frame
-            img.load()
-            mode = img.mode
-            rotated = img.getexif().get(0x0112, 1) not in (0, 1)
-            img = ImageOps.exif_transpose(img) or img
-            img = _to_rgb(img)
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or "unknown"
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels")
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        img.seek(0)  # animated images: first frame
+        img.load()
+        mode = img.mode
+        rotated = img.getexif().get(0x0112, 1) not in (0, 1)
+        img = ImageOps.exif_transpose(img) or img
+        img = _to_rgb(img)
     except Image.DecompressionBombError as err:
         return Rejected("too_large", str(err).splitlines()[0])
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "not an image"
