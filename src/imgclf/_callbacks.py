@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 
+from imgclf import _plots
 from imgclf._lightning import ImageClassifier
 
 METRICS_NAME = "metrics.csv"
@@ -47,26 +48,10 @@ class MetricsLog(pl.Callback):
 
 
 def plot_curves(frame: pd.DataFrame, path: Path) -> None:
-    """Loss (train, val) and validation accuracy / F1-macro per epoch, side by side."""
-    import matplotlib
+    """curves.png after every epoch, drawn by the same code as evaluate's training curves.
 
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train loss")
-    ax_loss.plot(frame["epoch"], frame["val_loss"], marker="o", label="val loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_title("loss")
-    ax_loss.legend()
-    ax_score.plot(frame["epoch"], frame["val_accuracy"], marker="o", label="val accuracy")
-    ax_score.plot(frame["epoch"], frame["val_f1_macro"], marker="o", label="val F1-macro")
-    ax_score.set_xlabel("epoch")
-    ax_score.set_ylim(0, 1)
-    ax_score.set_title("validation")
-    ax_score.legend()
-    fig.tight_layout()
+    Written to a temporary file and renamed, so a run killed mid-save keeps the previous plot.
+    """
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    if _plots.training_curves(frame, tmp) is not None:
+        tmp.replace(path)
