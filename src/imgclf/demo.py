@@ -75,7 +75,8 @@ def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: in
         raise DataError(f"{DEMO_CONFIG}: demo config missing from the installed package")
     out = Path(out)
     data_dir, run_dir = out / "data", _fresh_run_dir(out)
-    config = load_config(DEMO_CONFIG, [f"seed={seed}", *(overrides or [])])
+    quiet = [] if show_progress else ["trainer.progress_bar=false"]
+    config = load_config(DEMO_CONFIG, [f"seed={seed}", *quiet, *(overrides or [])])
     timings: dict[str, float] = {}
 
     with LocalServer(SAMPLE_ROOT) as server:
