@@ -92,3 +92,16 @@ def test_timm_pretrained_offline_is_a_one_line_config_error(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert "ConfigError: model.pretrained: cannot fetch timm weights" in proc.stderr
     assert "model.weights=PATH" in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def test_fast_layout_is_channels_last_on_cpu_and_changes_no_prediction(arch: str) -> None:
+    torch.manual_seed(0)
+    model = models.create_model(arch, 4).eval()
+    batch = torch.rand(3, 3, 64, 64)
+    fast = models.fast_layout(batch)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, batch)
+    with torch.inference_mode():
+        nchw, nhwc = model(batch), model(fast)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-4)
+    assert models.fast_layout(torch.rand(2, 5)).shape == (2, 5)  # not an image batch: untouched

@@ -63,10 +63,9 @@ class ImageClassifier(pl.LightningModule):
     # ---- forward and steps ------------------------------------------------------------------
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
-        if self.config.trainer.channels_last is True or (
-                self.config.trainer.channels_last == "auto" and x.is_cuda):
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        if self.config.trainer.channels_last is True:
+            return x.contiguous(memory_format=torch.channels_last)
+        return models.fast_layout(x) if self.config.trainer.channels_last == "auto" else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self._prepare(images))

@@ -40,6 +40,7 @@ from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.data import SPLIT_NAME, ImageFolderFrame, read_split
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
+from imgclf.models import fast_layout
 from imgclf.presets import eval_transform
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
     try:
         with torch.inference_mode():
             for images, _ in loader:
-                logits = model(images.to(device, non_blocking=True))
+                logits = model(fast_layout(images.to(device, non_blocking=True)))
                 # float64 softmax: probabilities sum to 1 closely enough for log loss.
                 chunks.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     except (ValueError, OSError) as err:  # a file removed or corrupted since download

@@ -133,3 +133,15 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(head, nn.Module):
             return list(head.parameters())
     return []
+
+
+def fast_layout(batch: torch.Tensor) -> torch.Tensor:
+    """The batch in the memory layout convolutions run fastest in on its device.
+
+    channels_last (NHWC) on CUDA and CPU: oneDNN's NHWC depthwise kernels train mobilenet and
+    efficientnet 1.5-1.8x faster on CPU, dense convnets about equally (benchmarks/cpu_layout.py).
+    The weights follow the input's layout, so only the batch is converted.
+    """
+    if batch.dim() == 4 and batch.device.type in ("cuda", "cpu"):
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch

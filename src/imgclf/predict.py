@@ -35,6 +35,7 @@ from imgclf._fetch_url import Fetched, FetchOptions, fetch_all
 from imgclf._inputs import Input, expand_inputs
 from imgclf.errors import ConfigError, DataError
 from imgclf.images import ImageLimits, Rejected, decode_image
+from imgclf.models import fast_layout
 from imgclf.presets import Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class TorchBackend:
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return torch.softmax(self.model(batch), dim=1).numpy()
+            return torch.softmax(self.model(fast_layout(batch)), dim=1).numpy()
 
 
 class TorchScriptBackend:
