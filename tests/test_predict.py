@@ -155,6 +155,24 @@ def test_fetch_refuses_private_addresses_unless_allowed(image_server: LocalServe
     assert isinstance(small, FetchFailed) and small.code == "too_large"
 
 
+def test_fetch_follows_redirects_and_stops_loops_like_download(tmp_path: Path) -> None:
+    # predict/serve share download's redirect follower and capped reader (imgclf._http).
+    from fault_server import FaultServer
+
+    png = demo_images("test", "Bag", 1)[0].read_bytes()
+    with FaultServer() as server:
+        server.add("bag.png", png, "image/png")
+        urls = [server.url("redirect/2/bag.png"), server.url("loop/a"), server.url("redirect/9/bag.png"),
+                server.url("stream/200000"), server.url("gzip/bag.png")]
+        options = FetchOptions(allow_private=True, max_redirects=3, max_bytes=100_000)
+        two, loop, nine, endless, gzipped = asyncio.run(fetch_all(urls, options))
+    assert isinstance(two, Fetched) and two.data == png and two.url.endswith("/file/bag.png")
+    assert isinstance(loop, FetchFailed) and loop.code == "too_many_redirects" and "loop" in loop.reason
+    assert isinstance(nine, FetchFailed) and nine.code == "too_many_redirects"
+    assert isinstance(endless, FetchFailed) and endless.code == "too_large"  # no Content-Length
+    assert isinstance(gzipped, Fetched) and gzipped.data == png
+
+
 @pytest.mark.parametrize("address,kind", [
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"), ("10.0.0.8", "private"),
     ("192.168.1.1", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),

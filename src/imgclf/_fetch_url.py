@@ -9,7 +9,8 @@ public unicast address. Host names are checked inside the connector's resolver, 
 the very addresses the socket connects to, so a DNS answer that changes between a check
 and the connect (DNS rebinding) cannot slip through; IP literals, which aiohttp never
 resolves, are checked before each hop, and redirects are followed by hand so every hop
-is checked. Proxies from the environment are ignored (a proxy would hide the target).
+is checked (imgclf._http follows them and caps the body, as it does for download). Proxies
+from the environment are ignored (a proxy would hide the target).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
-from imgclf import __version__
-
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+from imgclf import __version__, _http
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Fetched:
 
 @dataclass(frozen=True)
 class FetchFailed:
-    code: str  # invalid_url, refused, timeout, connection_error, http_error, too_large
+    code: str  # invalid_url, refused, timeout, connection_error, http_error, too_many_redirects, too_large
     reason: str
 
 
@@ -167,41 +167,27 @@ class Fetcher:
         except TimeoutError:
             return FetchFailed("timeout", f"no complete answer within {self.options.total_timeout:g}s")
 
+    def _check_hop(self, url: URL) -> None:
+        bad = self._check_url(str(url))
+        if bad:
+            raise _http.HttpFailure(bad.code, bad.reason)
+
     async def _fetch(self, url: str) -> Fetched | FetchFailed:
         assert self._session is not None, "use Fetcher as an async context manager"
-        for _ in range(self.options.max_redirects + 1):
-            bad = self._check_url(url)
-            if bad:
-                return bad
-            try:
-                async with self._session.get(url, allow_redirects=False) as resp:
-                    if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
-                        url = urljoin(url, resp.headers["Location"])
-                        continue
-                    if resp.status != 200:
-                        return FetchFailed("http_error", f"HTTP {resp.status} from {url[:200]}")
-                    return await self._read_body(resp, url)
-            except aiohttp.InvalidURL as err:
-                return FetchFailed("invalid_url", f"{url[:200]!r}: {err}")
-            except (aiohttp.ClientError, OSError) as err:
-                refused = _find_refusal(err)
-                if refused:
-                    return FetchFailed("refused", f"{refused}; such URLs are refused")
-                return FetchFailed("connection_error", f"{err.__class__.__name__}: {str(err)[:160]}")
-        return FetchFailed("http_error", f"more than {self.options.max_redirects} redirects")
-
-    async def _read_body(self, resp: aiohttp.ClientResponse, url: str) -> Fetched | FetchFailed:
-        limit = self.options.max_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            return FetchFailed("too_large", f"{resp.content_length} bytes exceeds the {limit} byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:  # a missing or lying Content-Length must not let a huge body through
-                return FetchFailed("too_large", f"body exceeds the {limit} byte limit")
-            chunks.append(chunk)
-        return Fetched(b"".join(chunks), url)
+        try:
+            async with _http.get(self._session, url, self.options.max_redirects, self._check_hop) as resp:
+                if resp.status != 200:
+                    return FetchFailed("http_error", f"HTTP {resp.status} from {str(resp.url)[:200]}")
+                return Fetched(await _http.read_capped(resp, self.options.max_bytes), str(resp.url))
+        except _http.HttpFailure as err:
+            return FetchFailed(err.status, err.error)
+        except aiohttp.InvalidURL as err:
+            return FetchFailed("invalid_url", f"{url[:200]!r}: {err}")
+        except (aiohttp.ClientError, OSError) as err:
+            refused = _find_refusal(err)
+            if refused:
+                return FetchFailed("refused", f"{refused}; such URLs are refused")
+            return FetchFailed("connection_error", f"{err.__class__.__name__}: {str(err)[:160]}")
 
 
 async def fetch_all(urls: list[str], options: FetchOptions) -> list[Fetched | FetchFailed]:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgclf._http import check_url
 from imgclf.download._batch import Batcher
-from imgclf.download._fetch import Fetcher, check_url
+from imgclf.download._fetch import Fetcher
 from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs

@@ -3,8 +3,8 @@
 Each attempt has a connect timeout, a read timeout (longest silence) and a total deadline that
 covers redirects and the whole body, so a server that trickles a byte a second frees its slot.
 Timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and full
-jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects are followed by
-hand so that loops, their number and their target scheme are checked.
+jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects and the capped
+body read are imgclf._http's, shared with predict and serve.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from yarl import URL
 
+from imgclf import _http
 from imgclf.download._options import DownloadOptions
 
-ALLOWED_SCHEMES = ("http", "https")
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 64 * 1024
 
 
 @dataclass
@@ -35,32 +32,6 @@ class Fetched:
     http_status: int = 0
     attempts: int = 0
     body: bytes | None = None
-
-
-def check_url(url: str) -> str:
-    """"" when `url` is an absolute http(s) URL with a host, else the reason it is not."""
-    if not url:
-        return "empty URL"
-    if any(ch.isspace() or ord(ch) < 32 for ch in url):
-        return "URL contains whitespace or control characters"
-    try:
-        parsed = URL(url)
-        host, _port = parsed.host, parsed.port
-    except (ValueError, TypeError) as err:
-        return f"malformed URL ({str(err)[:80]})"
-    if parsed.scheme.lower() not in ALLOWED_SCHEMES:
-        return f"scheme {parsed.scheme + ':' if parsed.scheme else '(none)'} not allowed (only http, https)"
-    if not host:
-        return "URL has no host"
-    return ""
-
-
-class _Final(Exception):
-    """Ends the attempt loop with a status that retrying will not change."""
-
-    def __init__(self, status: str, error: str, http_status: int = 0) -> None:
-        super().__init__(error)
-        self.status, self.error, self.http_status = status, error, http_status
 
 
 class _Retryable(Exception):
@@ -95,7 +66,7 @@ class Fetcher:
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=True, trust_env=False,
             headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8"},
-            max_field_size=16384, read_bufsize=_CHUNK)
+            max_field_size=16384, read_bufsize=_http.CHUNK)
 
     async def close(self) -> None:
         await self.session.close()
@@ -109,7 +80,7 @@ class Fetcher:
                 async with asyncio.timeout(opts.timeout):
                     body, http_status = await self._attempt(url)
                 return Fetched(None, "", http_status, attempts, body)
-            except _Final as err:
+            except _http.HttpFailure as err:
                 return Fetched(err.status, err.error, err.http_status, attempts)
             except _Retryable as err:
                 last, wait = Fetched(err.status, err.error, err.http_status, attempts), err.wait
@@ -134,51 +105,15 @@ class Fetcher:
         return random.uniform(0.5, 1.0) * min(opts.max_backoff, opts.backoff * 2 ** (attempt - 1))
 
     async def _attempt(self, url: str) -> tuple[bytes, int]:
-        seen: list[str] = []
-        current = URL(url, encoded=False)
-        for _ in range(self.options.max_redirects + 1):
-            seen.append(str(current))
-            async with self.session.get(current, allow_redirects=False) as resp:
-                if resp.status in REDIRECT_STATUSES:
-                    current = self._next_location(resp, current, seen)
-                    continue
-                if resp.status in RETRY_STATUSES:
-                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                    raise _Retryable("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
-                                     resp.status, wait)
-                if not 200 <= resp.status < 300:
-                    raise _Final("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status)
-                return await self._read_body(resp), resp.status
-        raise _Final("too_many_redirects", f"more than {self.options.max_redirects} redirects", 0)
-
-    def _next_location(self, resp: aiohttp.ClientResponse, current: URL, seen: list[str]) -> URL:
-        location = resp.headers.get("Location", "")
-        if not location:
-            raise _Final("http_error", f"HTTP {resp.status} redirect without Location", resp.status)
-        try:
-            target = current.join(URL(location))
-        except ValueError:
-            raise _Final("invalid_url", f"redirect to malformed URL {location[:100]!r}",
-                         resp.status) from None
-        problem = check_url(str(target))
-        if problem:
-            raise _Final("invalid_url", f"redirect to {str(target)[:100]}: {problem}", resp.status)
-        if str(target) in seen:
-            raise _Final("too_many_redirects", f"redirect loop back to {str(target)[:100]}", resp.status)
-        return target
-
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
-        limit = self.options.max_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            raise _Final("too_large", f"Content-Length {resp.content_length} exceeds {limit} bytes",
-                         resp.status)
-        chunks, total = [], 0
-        async for chunk in resp.content.iter_chunked(_CHUNK):
-            total += len(chunk)
-            if total > limit:  # counted after decompression, so a gzip bomb is cut too
-                raise _Final("too_large", f"body exceeds {limit} bytes", resp.status)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        async with _http.get(self.session, url, self.options.max_redirects) as resp:
+            if resp.status in RETRY_STATUSES:
+                wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                raise _Retryable("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                                 resp.status, wait)
+            if not 200 <= resp.status < 300:
+                raise _http.HttpFailure("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                                        resp.status)
+            return await _http.read_capped(resp, self.options.max_bytes), resp.status
 
 
 def _describe(err: BaseException) -> str:
