@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from imgclf import checkpoint, train
+from imgclf import checkpoint, models, train
 from imgclf._callbacks import METRIC_COLUMNS
 from imgclf._lightning import ImageClassifier, _lr_factor
 from imgclf.config import TrainConfig, load_config
@@ -143,6 +143,40 @@ def test_resume_after_sigkill(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert torch.load(last, weights_only=True)["epoch"] == 3
     assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
     assert checkpoint.load_model(run_dir).preprocessing.image_size == 32
+
+
+def test_sigterm_stops_training_after_the_current_batch_and_the_run_resumes(tiny_data_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    # What `docker stop` or a batch scheduler sends: the run must stop soon, say so, and resume.
+    run_dir = tmp_path / "run"
+    args = ["--data", str(tiny_data_dir), "--out", str(run_dir), "trainer.epochs=30", "trainer.batch_size=16",
+            "data.image_size=32", "data.num_workers=0", "trainer.progress_bar=false",
+            "model.arch=mobilenet_v3_small"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None and _epochs_in(last) < 0:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"training ended before the signal: {proc.stderr.read()[-500:]!r}"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=20)  # 30 epochs would take minutes
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-1500:]
+    assert "interrupted" in stderr.splitlines()[-1]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    stopped_at = _epochs_in(last)
+    assert 0 <= stopped_at < 29
+
+    done = subprocess.run(_cli("--data", str(tiny_data_dir), "--out", str(run_dir), "--resume",
+                               f"trainer.epochs={stopped_at + 2}"),
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+    # Epochs after the last checkpoint are trained again, their metrics rows replaced, not doubled.
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == list(range(stopped_at + 2))
 
 
 # ---- DDP: 2 CPU processes (gloo) -------------------------------------------------------------------
@@ -363,3 +397,28 @@ def test_a_fresh_run_replaces_a_split_left_by_an_attempt_that_died_early(tiny_da
     split = pd.read_csv(run_dir / "split.csv")
     assert not split["path"].str.startswith("gone/").any()
     assert sorted(split["label"].unique()) == ["Ankle_boot", "Bag", "Coat"]
+
+
+def test_resume_of_an_ema_run_trains_the_raw_weights_and_keeps_averaging(tiny_data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    ema = ("trainer.ema=true", "trainer.ema_decay=0.5")
+    run_dir = tmp_path / "ema"
+    first = train.run(tiny_config("trainer.epochs=1", *ema), tiny_data_dir, run_dir)
+    saved = torch.load(first.last_checkpoint, weights_only=True)
+
+    # What --resume loads: the raw weights go back into the trained model, the average into the EMA.
+    config = tiny_config("trainer.epochs=2", *ema)
+    module = ImageClassifier(models.create_model("resnet18", 3), config, first.class_names,
+                             Preprocessing.from_config(config.data))
+    module.on_load_checkpoint(saved)
+    module.load_state_dict(saved["state_dict"])
+    raw = torch.load(first.last_checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, raw["raw." + k]) for k, v in module.model.state_dict().items())
+    assert all(torch.equal(v, raw["model." + k]) for k, v in module.ema.module.state_dict().items())
+
+    second = train.run(config, tiny_data_dir, run_dir, resume=True)
+    resumed = torch.load(second.last_checkpoint, weights_only=True)
+    assert resumed["global_step"] == 2 * saved["global_step"]
+    # One EMA update per step over both sessions: the average was not restarted on resume.
+    assert int(resumed["state_dict"]["ema.n_averaged"]) == resumed["global_step"]
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [0, 1]

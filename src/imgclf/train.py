@@ -103,6 +103,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         # Lightning suggests more workers than the 2 cores we tune for; the advice is noise here.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # --resume writes there
         trainer = _trainer(config, run_dir)
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
