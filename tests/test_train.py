@@ -280,19 +280,25 @@ def test_auto_bn_momentum_fits_steps_per_epoch() -> None:
     assert {m.momentum for m in kept.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
 
 
-def test_collapse_to_one_class_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+def test_collapse_to_one_class_is_warned_when_it_persists(caplog: pytest.LogCaptureFixture) -> None:
     from imgclf.models import create_model
 
     config = tiny_config()
     module = ImageClassifier(create_model("resnet18", 3), config, ["a", "b", "c"],
                              Preprocessing.from_config(config.data))
-    with caplog.at_level("WARNING", logger="imgclf.train"):
-        module._warn_if_collapsed(torch.tensor([1.0, 30.0, 0.0]))
-        assert "collapsed to one class" in caplog.text and "'b'" in caplog.text
+    one_class, spread = torch.tensor([1.0, 30.0, 0.0]), torch.tensor([10.0, 12.0, 9.0])
+    with caplog.at_level("INFO", logger="imgclf.train"):
+        module._warn_if_collapsed(one_class, epoch=0)  # warming up: noted, not alarming
+        assert [r.levelname for r in caplog.records] == ["INFO"] and "'b'" in caplog.text
         caplog.clear()
-        module._warn_if_collapsed(torch.tensor([10.0, 12.0, 9.0]))
-        assert caplog.text == ""
-    assert module.collapsed_epochs == [0]
+        module._warn_if_collapsed(one_class, epoch=1)  # still one class: the BatchNorm trap
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "collapsed to one class" in caplog.text and "bn_momentum" in caplog.text
+        caplog.clear()
+        module._warn_if_collapsed(spread, epoch=2)
+        module._warn_if_collapsed(one_class, epoch=4)  # not consecutive: info again
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert module.collapsed_epochs == [0, 1, 4]
 
 
 def test_balanced_class_weights() -> None:

@@ -126,20 +126,26 @@ class ImageClassifier(pl.LightningModule):
         # Logged so ModelCheckpoint / EarlyStopping can monitor them (already synced across ranks).
         self.log_dict(stats, prog_bar=True, sync_dist=False)
         self.val_stats = stats
-        self._warn_if_collapsed(counts)
+        self._warn_if_collapsed(counts, self.current_epoch)
 
-    def _warn_if_collapsed(self, counts: torch.Tensor) -> None:
+    def _warn_if_collapsed(self, counts: torch.Tensor, epoch: int) -> None:
         total = float(counts.sum())
         if total <= 0 or len(self.class_names) < 2:
             return
         top = int(counts.argmax())
         share = float(counts[top]) / total
-        if share >= COLLAPSE_SHARE:
-            self.collapsed_epochs.append(self.current_epoch)
-            log.warning(
-                "epoch %d: %.0f%% of validation predictions are class %r: the model has collapsed to one "
-                "class (in eval mode; check BatchNorm running statistics: model.bn_momentum, more data per "
-                "class, a lower optim.lr)", self.current_epoch, 100 * share, self.class_names[top])
+        if share < COLLAPSE_SHARE:
+            return
+        # A net trained from scratch often predicts one class for an epoch while it warms up;
+        # the BatchNorm trap keeps it there. So: info the first time, a warning when it persists.
+        persists = epoch - 1 in self.collapsed_epochs
+        self.collapsed_epochs.append(epoch)
+        log.log(logging.WARNING if persists else logging.INFO,
+                "epoch %d: %.0f%% of validation predictions are class %r%s", epoch, 100 * share,
+                self.class_names[top],
+                ": the model has collapsed to one class (in eval mode; check BatchNorm running statistics: "
+                "model.bn_momentum, more data per class, a lower optim.lr)" if persists else
+                " (usual in the first epochs from scratch; a warning follows if it persists)")
 
     def _set_backbone_frozen(self, frozen: bool) -> None:
         head = {id(p) for p in models.head_parameters(self.model)}
