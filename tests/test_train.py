@@ -428,3 +428,13 @@ def test_resume_of_an_ema_run_trains_the_raw_weights_and_keeps_averaging(tiny_da
     # One EMA update per step over both sessions: the average was not restarted on resume.
     assert int(resumed["state_dict"]["ema.n_averaged"]) == resumed["global_step"]
     assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [0, 1]
+
+
+def test_compile_trains_and_saves_plain_state_dict_keys(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # torch.compile on CPU (inductor, a C++ compiler): slow to start (~30 s), so one tiny epoch.
+    result = train.run(tiny_config("trainer.epochs=1", "trainer.compile=true"), tiny_data_dir, tmp_path / "run")
+    state = torch.load(result.best_checkpoint, weights_only=True)["state_dict"]
+    assert "model.conv1.weight" in state and not any("_orig_mod" in k for k in state)
+    loaded = checkpoint.load_model(result.run_dir)  # a plain, uncompiled model
+    assert loaded.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert pd.read_csv(result.run_dir / "metrics.csv")["val_f1_macro"].between(0, 1).all()
