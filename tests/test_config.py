@@ -49,6 +49,10 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     ("trainer:\n  epochs: many\n", "trainer.epochs"),
     ("data:\n  val_fraction: 1.5\n", "data.val_fraction"),
     ("optim:\n  name: adam2\n", "optim.name"),
+    # Values torchvision would only reject mid-epoch, with a traceback, after RUN_DIR was made.
+    ("data:\n  augment:\n    crop_scale: [1.2, 0.5]\n", "data.augment.crop_scale"),
+    ("data:\n  augment:\n    crop_scale: [0, 1]\n", "data.augment.crop_scale"),
+    ("data:\n  std: [0.2, 0, 0.2]\n", "data.std"),
 ])
 def test_bad_file_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "bad.yaml"

@@ -45,6 +45,14 @@ class AugmentConfig(_Section):
     policy: Literal["none", "randaugment", "trivialaugment"] = "none"
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # Checked here, not when the first batch is augmented (a traceback mid-epoch).
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return v
+
 
 class DataConfig(_Section):
     image_size: int = Field(64, ge=16, le=1024)
@@ -59,6 +67,13 @@ class DataConfig(_Section):
     cache_max_gb: float = Field(4.0, ge=0.0)
     balanced_sampler: bool = False
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0.0:
+            raise ValueError("every channel's std must be > 0 (images are divided by it)")
+        return v
 
 
 class OptimConfig(_Section):
