@@ -300,6 +300,13 @@ def test_collapse_to_one_class_is_warned_when_it_persists(caplog: pytest.LogCapt
         assert [r.levelname for r in caplog.records] == ["INFO"]
     assert module.collapsed_epochs == [0, 1, 4]
 
+    # At the end of training: a collapsed last epoch that was only noted gets its warning.
+    for collapsed, epochs, warned in (([0], 1, True), ([0, 1], 2, False), ([0], 3, False), ([1, 4], 5, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="imgclf.train"):
+            train._warn_if_ended_collapsed(collapsed, epochs)
+        assert bool(caplog.records) == warned, (collapsed, epochs)
+
 
 def test_balanced_class_weights() -> None:
     split = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 2 + ["c"], "subset": ["train"] * 8 + ["val"]})
@@ -377,6 +384,17 @@ def test_unusable_data_fails_before_creating_the_run_dir(tmp_path: Path, tiny_da
     write_manifest(pd.concat([train_rows, failed], ignore_index=True), data_dir)
     with pytest.raises(DataError, match=message):
         train.run(tiny_config(), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, said", [("trainer.strategy=foo", "invalid strategy name"),
+                                             ("trainer.devices=abc", "devices"),
+                                             ("trainer.accelerator=mps", "accelerator=mps")])
+def test_a_device_request_lightning_refuses_is_a_config_error_before_the_run_dir(
+        tmp_path: Path, tiny_data_dir: Path, override: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=said) as exc:
+        train.run(tiny_config(override), tiny_data_dir, tmp_path / "run")
+    assert "\n" not in str(exc.value)
     assert not (tmp_path / "run").exists()
 
 

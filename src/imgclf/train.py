@@ -30,6 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -83,15 +84,17 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     class_names = data.class_names_of(split)
     if resume:
         _check_resumable(config, last, class_names)
+    # The model first: its initial weights then depend on the seed only, not on data loading.
+    model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
+                                config.model.weights, config.model.cache_dir, config.model.dropout)
+    with _quiet_lightning():
+        trainer = _trainer(config, run_dir)
     if zero:  # only now: unusable data or config must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_NAME)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
     pre = presets.Preprocessing.from_config(config.data)
-    # The model first: its initial weights then depend on the seed only, not on data loading.
-    model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
-                                config.model.weights, config.model.cache_dir, config.model.dropout)
     train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
     _tune_batchnorm(model, config, len(train_loader))
     if config.trainer.compile:
@@ -104,7 +107,6 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # --resume writes there
-        trainer = _trainer(config, run_dir)
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
         except SystemExit:
@@ -126,7 +128,20 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
             "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1)})
         log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
                  f"{best_score:.4f}" if best_score is not None else "n/a", best)
+        _warn_if_ended_collapsed(module.collapsed_epochs, epochs)
     return TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds)
+
+
+def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
+    """A run whose last epoch predicts one class must not end on an info line only.
+
+    The module warns when a collapse lasts two epochs; a single collapsed last epoch (a 1-epoch
+    run, or a relapse at the end) was only noted, so it is warned here.
+    """
+    last = epochs - 1
+    if collapsed and collapsed[-1] == last and last - 1 not in collapsed:
+        log.warning("the last epoch (%d) predicted one class for 90%% or more of the validation images: "
+                    "train longer, or check model.bn_momentum and optim.lr", last)
 
 
 @contextlib.contextmanager
@@ -281,16 +296,22 @@ def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
                                                     patience=tcfg.early_stopping_patience))
     if tcfg.progress_bar:
         callbacks.append(pl.callbacks.TQDMProgressBar())
-    return pl.Trainer(
-        max_epochs=tcfg.epochs,
-        max_time={"minutes": tcfg.max_time_minutes} if tcfg.max_time_minutes else None,
-        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
-        strategy=_strategy(config), precision=_precision(config),
-        gradient_clip_val=config.optim.grad_clip,
-        callbacks=callbacks, logger=_logger(config, run_dir),
-        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run_dir,
-    )
+    try:
+        return pl.Trainer(
+            max_epochs=tcfg.epochs,
+            max_time={"minutes": tcfg.max_time_minutes} if tcfg.max_time_minutes else None,
+            accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
+            strategy=_strategy(config), precision=_precision(config),
+            gradient_clip_val=config.optim.grad_clip,
+            callbacks=callbacks, logger=_logger(config, run_dir),
+            enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
+            num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run_dir,
+        )
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
+        # Lightning checks the device request here: no GPU, a bad devices value, an unknown strategy.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"trainer.accelerator={tcfg.accelerator} devices={tcfg.devices} "
+                          f"strategy={tcfg.strategy}: {first}") from None
 
 
 def _logger(config: TrainConfig, run_dir: Path) -> Any:
