@@ -210,3 +210,14 @@ def test_errors_are_one_line(tmp_path: Path, tiny_run: Path, capsys: pytest.Capt
     assert main(["evaluate", "--weights", str(tmp_path / "w.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "imgclf evaluate: error: evaluate --weights FILE needs --data DATA_DIR"
+
+
+@pytest.mark.parametrize("device, said", [("foo", "not a device"), ("cuda:7", "no such CUDA device"),
+                                          ("mps", "MPS is not available")])
+def test_an_unusable_device_is_one_line_exit_2(tiny_run: Path, tmp_path: Path, capsys, device: str,
+                                               said: str) -> None:
+    from imgclf import cli
+
+    code = cli.main(["evaluate", str(tiny_run), "--device", device, "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and err.count("\n") == 1, err

@@ -168,7 +168,16 @@ def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: no such CUDA device here "
+                          f"({torch.cuda.device_count()} visible); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
 
 
 def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
