@@ -20,6 +20,13 @@ IMAGES = sample_images()
 def test_rejections(name: str, status: str) -> None:
     result = decode_image(IMAGES[name])
     assert isinstance(result, Rejected) and result.status == status and result.reason
+    assert "object at 0x" not in result.reason  # says what the body is, not where Pillow read it
+
+
+def test_an_unknown_format_is_described_by_its_first_bytes() -> None:
+    result = decode_image(b"RIFX\x00\x01junk that is no image")
+    assert isinstance(result, Rejected) and result.status == "not_image"
+    assert result.reason == "not a format Pillow reads (starts with b'RIFX\\x00\\x01ju')"
 
 
 @pytest.mark.parametrize("name, mode", [

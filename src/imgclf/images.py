@@ -12,7 +12,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow raises DecompressionBombError only above 2x this; we check the pixel count ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -84,7 +84,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
         head = data[:200].lstrip().lower()
         kind = "html" if head.startswith((b"<!doctype html", b"<html")) else (
             "svg" if b"<svg" in head else "")
-        detail = f"{kind} document" if kind else f"{err.__class__.__name__}: {str(err)[:120]}"
+        if kind:
+            detail = f"{kind} document"
+        elif isinstance(err, UnidentifiedImageError):  # its text only names our in-memory buffer
+            detail = f"not a format Pillow reads (starts with {data[:8]!r})"
+        else:
+            detail = f"{err.__class__.__name__}: {str(err)[:120]}"
         return Rejected("not_image", detail)
     if min(img.size) < limits.min_side:
         return Rejected("too_small",
