@@ -283,3 +283,25 @@ def test_page_in_headless_chromium(server: str, tiny_run: Path) -> None:
             expect(page.locator("#error")).to_contain_text("loopback")
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_swagger_ui_works_offline(server: str) -> None:
+    # FastAPI's default /docs pulls Swagger UI from a CDN; ours must render with no network at all.
+    from playwright.sync_api import expect, sync_playwright
+
+    html = httpx.get(f"{server}/docs").text
+    assert "/static-offline-docs/swagger-ui-bundle.js" in html and "cdn." not in html
+    outside: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server)
+                       else (outside.append(route.request.url), route.abort()))
+            page.goto(f"{server}/docs")
+            expect(page.locator(".swagger-ui .info .title")).to_contain_text("imgclf")
+            expect(page.locator(".opblock-summary-path", has_text="/predict").first).to_be_visible()
+        finally:
+            browser.close()
+    assert outside == []

@@ -5,7 +5,7 @@
     POST /predict   an image as multipart field `file`, a raw image body (image/*), or JSON
                     {"url": "https://..."}; `?top_k=5`. Answers {"predictions": [{label, probability}]}.
     GET  /health    {"status": "ok", ...}        GET /labels   {"labels": [...]}
-    GET  /docs      OpenAPI (Swagger UI)        GET /         a page: drop an image, see the top-5
+    GET  /docs      Swagger UI (no CDN)          GET /         a page: drop an image, see the top-5
 
 The model is whatever `predict.load_classifier` opens (run, checkpoint, ONNX, TorchScript), so
 the service preprocesses exactly as training evaluated. Requests that arrive while the model is
@@ -34,6 +34,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -189,8 +190,10 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
         await batcher.stop()
         prep.shutdown(wait=False)
 
-    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
-                  description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
+    # FastAPIOffline: Swagger UI (/docs) and ReDoc (/redoc) from files in the package, not a CDN,
+    # so the API pages work on an air-gapped server.
+    app = FastAPIOffline(title="imgclf", version=__version__, lifespan=lifespan,
+                         description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
