@@ -100,8 +100,10 @@ def test_files_written_into_the_run_directory(tiny_run: Path, tiny_data_dir: Pat
     assert preds["path"].tolist() == test["path"].tolist()
     assert preds["predicted"].tolist() == names[proba.argmax(axis=1)].tolist()
     assert preds["confidence"].to_numpy() == pytest.approx(proba.max(axis=1), rel=1e-5)
-    first = preds["top_k"][0].split(";")
-    assert len(first) == 3 and first[0].split(":")[0] == preds["predicted"][0]
+    first = json.loads(preds["top_k"][0])  # [[label, probability], ...], best first
+    assert len(first) == 3 and first[0][0] == preds["predicted"][0]
+    assert first[0][1] == pytest.approx(preds["confidence"][0], abs=5e-5)
+    assert [p for _, p in first] == sorted((p for _, p in first), reverse=True)
     assert (preds["correct"] == (preds["true"] == preds["predicted"])).all()
 
     report = pd.read_csv(tiny_run / "classification_report.csv", index_col="class")

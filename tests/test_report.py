@@ -4,6 +4,7 @@ real headless Chromium (no console errors, every image rendered, a screenshot sa
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -125,10 +126,10 @@ def test_wide_evaluation_has_top5_and_a_large_confusion_matrix(wide_eval: tuple[
     # Scores rebuilt from top_k (the 5 best of 60 classes, in rank order): enough to score top-5.
     scores = np.zeros((len(preds), 60))
     for i, cell in enumerate(preds["top_k"]):
-        items = cell.split(";")
+        items = json.loads(cell)
         assert len(items) == 5
-        for rank, item in enumerate(items):
-            scores[i, names.index(item.rpartition(":")[0])] = 5 - rank
+        for rank, (label, _prob) in enumerate(items):
+            scores[i, names.index(label)] = 5 - rank
     assert m["top5_accuracy"] == pytest.approx(top_k_accuracy_score(y, scores, k=5, labels=range(60)))
     assert png_size(out / "confusion_matrix.png")[0] > 2000
 

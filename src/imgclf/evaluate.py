@@ -301,7 +301,9 @@ def predictions_frame(eval_set: EvalSet, y_true: np.ndarray, proba: np.ndarray,
         "correct": y_true == y_pred,
         "confidence": proba.max(axis=1),
         "loss": -np.log(np.clip(true_p, 1e-15, None)),
-        "top_k": [";".join(f"{names[j]}:{proba[i, j]:.4f}" for j in row) for i, row in enumerate(top)],
+        # JSON pairs, not "label:prob;...": class names may hold ':' and ';' (and commas, quotes).
+        "top_k": [json.dumps([[str(names[j]), round(float(proba[i, j]), 4)] for j in row], ensure_ascii=False)
+                  for i, row in enumerate(top)],
     })
 
 
