@@ -147,18 +147,16 @@ class Fetcher:
             await self._session.close()
 
     def _check_url(self, url: str) -> FetchFailed | None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return FetchFailed("invalid_url", f"{url[:200]!r} is not an http(s) URL")
-        if not self.options.allow_private:
-            host = literal_address(parts.hostname)
-            if host is None:
-                return None  # a name: the guarded resolver checks what it resolves to
-            if host == "":
-                return FetchFailed("invalid_url", f"{parts.hostname!r} is not a valid IPv4 address")
-            kind = refusal(host)
-            if kind:
-                return FetchFailed("refused", f"{parts.hostname} is a {kind} address; such URLs are refused")
+        """Refuse a URL whose host is a non-public IP literal (scheme and host: _http.check_url)."""
+        hostname = urlsplit(url).hostname or ""
+        host = literal_address(hostname)
+        if host is None:
+            return None  # a name: the guarded resolver checks what it resolves to
+        if host == "":
+            return FetchFailed("invalid_url", f"{hostname!r} is not a valid IPv4 address")
+        kind = refusal(host)
+        if kind:
+            return FetchFailed("refused", f"{hostname} is a {kind} address; such URLs are refused")
         return None
 
     async def fetch(self, url: str) -> Fetched | FetchFailed:
@@ -175,7 +173,8 @@ class Fetcher:
     async def _fetch(self, url: str) -> Fetched | FetchFailed:
         assert self._session is not None, "use Fetcher as an async context manager"
         try:
-            async with _http.get(self._session, url, self.options.max_redirects, self._check_hop) as resp:
+            guard = None if self.options.allow_private else self._check_hop
+            async with _http.get(self._session, url, self.options.max_redirects, guard) as resp:
                 if resp.status != 200:
                     return FetchFailed("http_error", f"HTTP {resp.status} from {str(resp.url)[:200]}")
                 return Fetched(await _http.read_capped(resp, self.options.max_bytes), str(resp.url))
