@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from imgclf import export, predict
-from imgclf._inputs import expand_inputs
+from imgclf.inference import load_classifier
+from imgclf.predict._inputs import expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEST = ROOT / "src" / "imgclf" / "demo_data" / "fashion_mnist" / "test"
@@ -68,8 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or (SHIPPED if SHIPPED.is_file() else _fresh_checkpoint(Path(tmp)))
         onnx_path = export.run(model_path, "onnx", Path(tmp) / "model.onnx").path
-        backends = {"torch eager": predict.load_classifier(model_path, "torch"),
-                    "onnxruntime": predict.load_classifier(onnx_path, "onnx")}
+        backends = {"torch eager": load_classifier(model_path, "torch"),
+                    "onnxruntime": load_classifier(onnx_path, "onnx")}
         files = sorted(DEMO_TEST.rglob("*.png"))[: args.images]
         items = expand_inputs([str(f) for f in files])
         pre = backends["torch eager"].preprocessing

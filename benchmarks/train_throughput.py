@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from imgclf import data, models, presets, train
-    from imgclf._lightning import ImageClassifier
     from imgclf.config import load_config
+    from imgclf.train._module import ImageClassifier
 
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, config {args.config.name}")
     with tempfile.TemporaryDirectory() as tmp:

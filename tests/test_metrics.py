@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from imgclf import _metrics as M
+from imgclf.evaluate import _metrics as M
 
 
 def test_weighted_random_accuracy_is_the_dot_product_of_shares() -> None:

@@ -14,11 +14,12 @@ import torch
 from helpers import DEMO_ROOT, demo_images
 
 from imgclf import cli, predict
-from imgclf._fetch_url import Fetched, FetchFailed, FetchOptions, fetch_all, refusal
-from imgclf._inputs import expand_inputs
 from imgclf._localserver import LocalServer
 from imgclf.checkpoint import load_model
 from imgclf.images import open_image_file
+from imgclf.inference import load_classifier
+from imgclf.net.guard import FetchedBody, FetchFailed, FetchOptions, fetch_all, refusal
+from imgclf.predict._inputs import expand_inputs
 from imgclf.presets import eval_transform
 
 BROKEN = DEMO_ROOT.parent / "broken"
@@ -100,7 +101,7 @@ def test_mixed_inputs_keep_order_and_errors_stay_in_their_rows(tiny_run: Path, t
 
 def test_batch_size_does_not_change_results(tiny_run: Path) -> None:
     items = expand_inputs([str(p) for p in demo_images("test", "Ankle_boot", 7)])
-    classifier = predict.load_classifier(tiny_run)
+    classifier = load_classifier(tiny_run)
     one = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=1, progress=False)))
     big = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=64, progress=False)))
     three = list(predict.predict(items, classifier, predict.PredictOptions(batch_size=3, progress=False)))
@@ -150,7 +151,7 @@ def test_fetch_refuses_private_addresses_unless_allowed(image_server: LocalServe
     assert isinstance(by_name, FetchFailed) and by_name.code == "refused"  # caught in the resolver
     assert isinstance(bad_scheme, FetchFailed) and bad_scheme.code == "invalid_url"
     allowed = asyncio.run(fetch_all([url], FetchOptions(allow_private=True)))[0]
-    assert isinstance(allowed, Fetched) and allowed.data[:4] == b"\x89PNG"
+    assert isinstance(allowed, FetchedBody) and allowed.data[:4] == b"\x89PNG"
     small = asyncio.run(fetch_all([url], FetchOptions(allow_private=True, max_bytes=50)))[0]
     assert isinstance(small, FetchFailed) and small.code == "too_large"
 
@@ -166,11 +167,11 @@ def test_fetch_follows_redirects_and_stops_loops_like_download(tmp_path: Path) -
                 server.url("stream/200000"), server.url("gzip/bag.png")]
         options = FetchOptions(allow_private=True, max_redirects=3, max_bytes=100_000)
         two, loop, nine, endless, gzipped = asyncio.run(fetch_all(urls, options))
-    assert isinstance(two, Fetched) and two.data == png and two.url.endswith("/file/bag.png")
+    assert isinstance(two, FetchedBody) and two.data == png and two.url.endswith("/file/bag.png")
     assert isinstance(loop, FetchFailed) and loop.code == "too_many_redirects" and "loop" in loop.reason
     assert isinstance(nine, FetchFailed) and nine.code == "too_many_redirects"
     assert isinstance(endless, FetchFailed) and endless.code == "too_large"  # no Content-Length
-    assert isinstance(gzipped, Fetched) and gzipped.data == png
+    assert isinstance(gzipped, FetchedBody) and gzipped.data == png
 
 
 @pytest.mark.parametrize("address,kind", [
@@ -191,6 +192,6 @@ def test_slim_weights_file_predicts_like_its_run(tiny_run: Path, tmp_path: Path)
     slim = save_slim(tmp_path / "weights" / "tiny.pt", full["state_dict"], full["imgclf"])
     assert set(torch.load(slim, weights_only=True)) == {"state_dict", "imgclf"}
     images = [str(p) for p in demo_images("test", "Shirt", 4)]
-    a = list(predict.predict(expand_inputs(images), predict.load_classifier(slim), QUIET))
-    b = list(predict.predict(expand_inputs(images), predict.load_classifier(tiny_run), QUIET))
+    a = list(predict.predict(expand_inputs(images), load_classifier(slim), QUIET))
+    b = list(predict.predict(expand_inputs(images), load_classifier(tiny_run), QUIET))
     assert [p.top for p in a] == [p.top for p in b] and all(p.status == "ok" for p in a)

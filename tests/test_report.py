@@ -16,9 +16,11 @@ from helpers import CLASSES, demo_images, make_data_dir
 from PIL import Image
 from sklearn.metrics import top_k_accuracy_score
 
-from imgclf import _plots, evaluate
+from imgclf import evaluate
 from imgclf.checkpoint import make_meta, save_slim
 from imgclf.config import load_config
+from imgclf.curves import training_curves
+from imgclf.evaluate import _plots
 from imgclf.manifest import write_manifest
 from imgclf.models import create_model
 from imgclf.presets import Preprocessing
@@ -67,8 +69,8 @@ def test_per_class_and_pairs_plots(tmp_path: Path) -> None:
     assert png_size(_plots.most_confused([("a", "b", 4), ("b", "a", 1)], tmp_path / "p.png"))[1] > 100
     assert (_plots.most_confused([], tmp_path / "none.png")).is_file()  # a perfect model still gets a figure
     history = pd.DataFrame({"epoch": [0, 1], "train_loss": [1.0, 0.5], "val_f1_macro": [0.4, 0.6]})
-    assert _plots.training_curves(history, tmp_path / "c.png", 0.3).is_file()
-    assert _plots.training_curves(pd.DataFrame({"epoch": []}), tmp_path / "none.png") is None
+    assert training_curves(history, tmp_path / "c.png", 0.3).is_file()
+    assert training_curves(pd.DataFrame({"epoch": []}), tmp_path / "none.png") is None
 
 
 def make_wide_data_dir(dest: Path, k: int, per_split: int) -> tuple[Path, list[str]]:

@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 from helpers import DEMO_ROOT, demo_images
 
-from imgclf._fetch_url import Fetcher, FetchOptions, literal_address
 from imgclf._localserver import LocalServer
-from imgclf.predict import load_classifier
+from imgclf.inference import load_classifier
+from imgclf.net.guard import FetchOptions, GuardedFetcher, literal_address
 from imgclf.serve import ServeOptions, create_app
 
 BROKEN = DEMO_ROOT.parent / "broken"
@@ -161,18 +161,18 @@ def test_client_mistakes_get_4xx_json_and_the_service_keeps_running(server: str,
 def test_numeric_host_forms_are_refused_before_any_connection(host: str) -> None:
     # aiohttp < 3.14 connects to numeric-looking hosts without asking the resolver, so the
     # pre-flight check must canonicalise every form the OS accepts (no network needed here).
-    failed = Fetcher(FetchOptions())._check_url(f"http://{host}:8000/health")
+    failed = GuardedFetcher(FetchOptions())._check_url(f"http://{host}:8000/health")
     assert failed is not None and failed.code == "refused", failed
 
 
 @pytest.mark.parametrize("host", ["1.2.3.4.5", "99999999999", "0x"])
 def test_numeric_host_that_is_no_address_is_invalid(host: str) -> None:
-    failed = Fetcher(FetchOptions())._check_url(f"http://{host}/a.png")
+    failed = GuardedFetcher(FetchOptions())._check_url(f"http://{host}/a.png")
     assert failed is not None and failed.code == "invalid_url", failed
 
 
 def test_public_numeric_hosts_and_names_pass_the_preflight_check() -> None:
-    fetcher = Fetcher(FetchOptions())
+    fetcher = GuardedFetcher(FetchOptions())
     assert literal_address("8.8.8.8.") == "8.8.8.8" and literal_address("0x08080808") == "8.8.8.8"
     assert fetcher._check_url("http://8.8.8.8/a.png") is None
     assert fetcher._check_url("http://example.com/a.png") is None  # names: the resolver guard decides

@@ -20,11 +20,11 @@ from conftest import tiny_config
 from PIL import Image
 
 from imgclf import checkpoint, models, train
-from imgclf._callbacks import METRIC_COLUMNS
-from imgclf._lightning import ImageClassifier, _lr_factor
 from imgclf.config import TrainConfig, load_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.presets import Preprocessing
+from imgclf.train._callbacks import METRIC_COLUMNS
+from imgclf.train._module import ImageClassifier, _lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgclf._files import atomic_path
 from imgclf.config import TrainConfig
-from imgclf.errors import DataError
+from imgclf.errors import DataError, first_line
 from imgclf.models import create_model
 from imgclf.presets import Preprocessing
+from imgclf.rundir import RunDir
 
 FORMAT_VERSION = 1
 
@@ -51,8 +53,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint (else last); a file means itself."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            candidate = path / "checkpoints" / name
+        for candidate in (RunDir(path).best, RunDir(path).last):
             if candidate.is_file():
                 return candidate
         raise DataError(f"{path}: no checkpoints/best.ckpt or last.ckpt in this run directory")
@@ -75,12 +76,6 @@ def _read_resolved(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _one_line(err: Exception) -> str:
-    # load_state_dict lists every mismatched key over many lines; the CLI prints one.
-    text = " ".join(str(err).split())
-    return f"{err.__class__.__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
-
-
 def load_model(path: str | Path) -> LoadedModel:
     """Rebuild the model from a run directory or checkpoint; DataError (exit 2) for anything unusable."""
     resolved = resolve_checkpoint(path)
@@ -101,13 +96,13 @@ def load_model(path: str | Path) -> LoadedModel:
         preprocessing = Preprocessing.from_plain(meta["preprocessing"])
         model = create_model(meta["arch"], len(class_names))
     except Exception as err:  # pydantic ValidationError, ConfigError, KeyError/TypeError from bad metadata
-        raise DataError(f"{resolved}: imgclf metadata is invalid ({_one_line(err)})") from None
+        raise DataError(f"{resolved}: imgclf metadata is invalid ({first_line(err)})") from None
     try:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
     except Exception as err:  # shapes or keys that do not fit meta["arch"] with len(class_names) outputs
         raise DataError(f"{resolved}: weights do not match {meta['arch']} with {len(class_names)} classes "
-                        f"({_one_line(err)})") from None
+                        f"({first_line(err)})") from None
     model.eval()
     return LoadedModel(model, class_names, preprocessing, config, resolved)
 
@@ -116,7 +111,6 @@ def save_slim(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[
     """Write a weights-only file (no optimizer state): what ships under weights/."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": state_dict, "imgclf": meta}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state_dict, "imgclf": meta}, tmp)
     return path

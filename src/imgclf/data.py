@@ -21,12 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
+from imgclf import rundir
+from imgclf._files import atomic_path
 from imgclf.errors import DataError
 from imgclf.images import open_image_file
 from imgclf.manifest import read_manifest, usable_rows
 
 log = logging.getLogger(__name__)
-SPLIT_NAME = "split.csv"
+SPLIT_NAME = rundir.SPLIT
 
 
 def stratified_split(labels: pd.Series, val_fraction: float, seed: int) -> np.ndarray:
@@ -76,7 +78,8 @@ def read_split(run_dir: Path) -> pd.DataFrame | None:
 
 def write_split(split: pd.DataFrame, run_dir: Path) -> Path:
     path = Path(run_dir) / SPLIT_NAME
-    split.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        split.to_csv(tmp, index=False)
     return path
 
 

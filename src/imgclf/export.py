@@ -8,7 +8,7 @@ The exported graph takes a normalised float batch (N, 3, H, W), N dynamic, and r
 file as metadata (class names, input size, resize/crop sizes, mean/std, interpolation):
 ONNX `metadata_props` (key "imgclf", JSON, plus readable flat keys) or a TorchScript extra
 file `imgclf.json`. `predict --backend onnx|torchscript` and `serve` read it back with
-`read_metadata` and preprocess with `presets.eval_transform`, exactly as training evaluated.
+`imgclf.modelfile` and preprocess with `presets.eval_transform`, exactly as training evaluated.
 
 ONNX uses torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, the default in
 torch 2.9+) with a dynamic batch dimension; if it fails on an unusual architecture we fall
@@ -18,13 +18,11 @@ After writing, the file is loaded back and compared with PyTorch on a probe batc
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import logging
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,26 +32,18 @@ import torch
 from torch import nn
 
 from imgclf import __version__
+from imgclf._files import atomic_path
 from imgclf.checkpoint import LoadedModel, load_model
-from imgclf.errors import DataError, ImgclfError
+from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
+from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify, load_torchscript
 from imgclf.presets import Preprocessing
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "imgclf"
-TORCHSCRIPT_EXTRA = "imgclf.json"
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
+# What each output suffix means; anything else is refused rather than written in the wrong format.
+FORMAT_OF_SUFFIX = {".onnx": "onnx", ".torchscript": "torchscript", ".ts": "torchscript", ".pt": "torchscript"}
 PARITY_TOLERANCE = 1e-4
-
-
-@dataclass(frozen=True)
-class ExportedMeta:
-    """What an exported file says about itself."""
-
-    class_names: list[str]
-    preprocessing: Preprocessing
-    arch: str
-    exporter: str
 
 
 @dataclass(frozen=True)
@@ -87,51 +77,6 @@ def metadata(loaded: LoadedModel, exporter: str) -> dict[str, Any]:
         "outputs": ["logits", "probabilities"],
         "exporter": exporter,
     }
-
-
-def _parse_meta(plain: dict[str, Any], path: Path) -> ExportedMeta:
-    try:
-        return ExportedMeta(list(plain["class_names"]), Preprocessing.from_plain(plain["preprocessing"]),
-                            str(plain.get("arch", "")), str(plain.get("exporter", "")))
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path}: imgclf metadata is incomplete ({err.__class__.__name__}: {err})") from None
-
-
-def read_onnx_metadata(path: str | Path) -> ExportedMeta:
-    import onnx
-
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf raises assorted types for a file that is not ONNX
-        raise DataError(f"{path}: not a readable ONNX file ({err.__class__.__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        raise DataError(f"{path}: no '{METADATA_KEY}' metadata; export it with `imgclf export`")
-    return _parse_meta(json.loads(props[METADATA_KEY]), path)
-
-
-def is_torchscript(path: str | Path) -> bool:
-    """A TorchScript archive written by export (a zip with our extra file); checkpoints are not."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith(f"/extra/{TORCHSCRIPT_EXTRA}") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, ExportedMeta]:
-    path = Path(path)
-    extra = {TORCHSCRIPT_EXTRA: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still supported
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:
-        raise DataError(f"{path}: not a loadable TorchScript file ({err.__class__.__name__})") from None
-    if not extra[TORCHSCRIPT_EXTRA]:
-        raise DataError(f"{path}: no {TORCHSCRIPT_EXTRA} metadata; export it with `imgclf export`")
-    return module.eval(), _parse_meta(json.loads(extra[TORCHSCRIPT_EXTRA]), path)
 
 
 def _probe(pre: Preprocessing, n: int = 3) -> torch.Tensor:
@@ -234,36 +179,47 @@ def default_out(model_path: Path, fmt: str) -> Path:
     return model_path.with_suffix(SUFFIXES[fmt])
 
 
-def run(model_path: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
-    """Export the run's best checkpoint; raises ImgclfError when the result disagrees with PyTorch."""
-    if fmt not in SUFFIXES:
-        raise ImgclfError(f"export: unknown format {fmt!r} (choose onnx or torchscript)")
+def resolve_format(fmt: str | None, out: Path | None) -> str:
+    """The format to write: from --out's suffix when given (it must agree with --format), else --format."""
+    if fmt is not None and fmt not in SUFFIXES:
+        raise ConfigError(f"export: unknown format {fmt!r} (choose onnx or torchscript)")
+    if out is None:
+        return fmt or "onnx"
+    by_suffix = FORMAT_OF_SUFFIX.get(out.suffix.lower())
+    if by_suffix is None:
+        known = ", ".join(f"{s} ({f})" for s, f in FORMAT_OF_SUFFIX.items())
+        raise ConfigError(f"export: cannot write {out.suffix or 'a file without suffix'} ({out.name}); "
+                          f"imgclf writes {known}")
+    if fmt is not None and fmt != by_suffix:
+        raise ConfigError(f"export: --format {fmt} disagrees with {out.name}, which is a {by_suffix} file name")
+    return by_suffix
+
+
+def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None = None) -> ExportResult:
+    """Export a run's best checkpoint (or a checkpoint file); the format follows `out`'s suffix.
+
+    Raises ImgclfError when the exported file disagrees with PyTorch (nothing is written then).
+    """
     model_path = Path(model_path)
+    out_arg = Path(out) if out is not None else None
+    fmt = resolve_format(fmt, out_arg)
+    kind = identify(model_path)
+    if kind not in (ModelKind.RUN, ModelKind.CHECKPOINT):
+        raise DataError(f"{model_path}: already an exported {kind.value} file; export reads a run directory "
+                        "or checkpoint (PyTorch weights)")
     loaded = load_model(model_path)
-    out_path = Path(out) if out is not None else default_out(model_path, fmt)
+    out_path = out_arg if out_arg is not None else default_out(model_path, fmt)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     exporter = export_onnx if fmt == "onnx" else export_torchscript
-    try:  # the finally removes a half-written tmp file, whatever went wrong
+    with atomic_path(out_path) as tmp:  # nothing is left behind unless the file is complete and checked
         try:
             result = exporter(loaded, tmp)
         except ImgclfError:
             raise
         except Exception as err:  # exporters and checkers raise assorted types; the user needs one line
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            raise ImgclfError(f"export: {fmt} export of {loaded.path} failed "
-                              f"({err.__class__.__name__}: {first}); file not written") from err
+            raise ImgclfError(f"export: {fmt} export of {loaded.path} failed ({first_line(err)}); "
+                              "file not written") from err
         if result.max_abs_diff > PARITY_TOLERANCE:
             raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
                               f"(> {PARITY_TOLERANCE:g}); file not written")
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(out_path, result.format, result.exporter, result.max_abs_diff)
-
-
-def main(args: argparse.Namespace) -> int:
-    result = run(args.run_dir, args.format, args.out)
-    print(f"wrote {result.path} ({result.format}, {result.exporter}); "
-          f"max |exported - torch| probability on a probe batch: {result.max_abs_diff:.2e}")
-    return 0

@@ -4,14 +4,18 @@ This is the contract between `download` and every later stage (train, evaluate,
 predict). Columns, in order, with their meaning:
 
     row           int    0-based index of the row over all inputs, in input order
-    source        str    the input file the row came from
-    url           str    as given
-    label         str    as given (stripped)
-    split         str    from the `split` column, else the file stem (train/val/test), else "train"
+    source        str    the input the row came from: a table, a folder or an archive, as given
+    url           str    as given; for a local source, the file's locator: the folder as given
+                         joined with the file's path in it (`photos/train/cat/1.jpg`), a table's
+                         `path` joined to the table's folder, or `archive!member` for an archive
+                         member (`pics.zip!train/cat/1.jpg`)
+    label         str    as given (stripped); for folders and archives the class folder's name verbatim
+    split         str    from the `split` column or split folder (train/val/test), else the source's
+                         name (train/val/test), else "train"
     status        str    "ok" or one of STATUSES (why the row has no usable image)
     error         str    human-readable reason ("" when ok)
-    http_status   int    last HTTP status seen (0 when no response)
-    attempts      int    HTTP attempts made for this row
+    http_status   int    last HTTP status seen (0 when no response, and for local rows)
+    attempts      int    HTTP attempts made for this row (0 for local rows)
     sha256        str    sha256 of the stored image file ("" when none)
     path          str    stored file, relative to DATA_DIR ("" when none)
     width, height int    stored image size (0 when none)
@@ -19,7 +23,9 @@ predict). Columns, in order, with their meaning:
     duplicate_of  int    for status "duplicate": the row whose image this row repeats, else -1
 
 Rows with status "duplicate" still have a valid `path` (the shared file), so a
-consumer may choose to use them; training uses only status "ok".
+consumer may choose to use them; training uses only status "ok". Local files that get no
+row (hidden, outside class folders, not regular files, unsafe archive members) are listed
+under `skipped` in download_report.json. Manifests written before local sources read as before.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from imgclf._files import atomic_path
 from imgclf.errors import DataError
 
 MANIFEST_NAME = "manifest.parquet"
@@ -46,6 +53,8 @@ STATUSES: dict[str, str] = {
     "empty": "the body was empty",
     "not_image": "the body does not decode as a raster image (HTML, SVG, text, truncated)",
     "too_small": "the image is smaller than the minimum side",
+    "unreadable": "a local file or archive member that cannot be read (missing, permission, not a regular file, "
+                  "corrupt or encrypted member)",
     "duplicate": "same URL or same content as an earlier row (see duplicate_of)",
     "pending": "not attempted yet (only seen in an interrupted run's manifest)",
 }
@@ -85,16 +94,46 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 def write_manifest(frame: pd.DataFrame, data_dir: str | Path) -> Path:
     """Write atomically: a crash mid-write leaves the previous manifest intact."""
     path = Path(data_dir) / MANIFEST_NAME
-    tmp = path.with_suffix(".parquet.tmp")
-    normalize(frame).to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        normalize(frame).to_parquet(tmp, index=False)
     return path
+
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def _holds_images(folder: Path, budget: int = 2000) -> bool:
+    """A quick look (at most `budget` entries) for image files in sub-folders: an image folder."""
+    for n, path in enumerate(folder.glob("*/**/*")):
+        if n >= budget:
+            return False
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            return True
+    return False
+
+
+def make_data_dir_hint(data_dir: Path) -> str:
+    """The exact command that turns an image folder or archive into a data directory ("" if neither)."""
+    import shlex
+
+    from imgclf import sources
+
+    try:
+        kind = sources.source_kind(data_dir)
+    except DataError:
+        return ""
+    if kind == "table" or (kind == "folder" and not _holds_images(data_dir)):
+        return ""
+    out = shlex.quote(str(data_dir.parent / f"{sources.source_stem(data_dir)}_data"))
+    return (f"{data_dir}: images, not a data directory (no {MANIFEST_NAME}); make one with "
+            f"`imgclf download {shlex.quote(str(data_dir))} --out {out}`, then use --data {out}")
 
 
 def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise DataError(f"{path}: no manifest here; run `imgclf download ... --out {data_dir}` first")
+        hint = make_data_dir_hint(Path(data_dir))
+        raise DataError(hint or f"{path}: no manifest here; run `imgclf download ... --out {data_dir}` first")
     try:
         frame = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several unrelated types for a corrupt file

@@ -2,18 +2,20 @@
 
 `Preprocessing` is plain data stored in every checkpoint; `eval_transform` is what
 evaluate, predict, export and serve all use, so inference can never drift from training.
+torch and torchvision are imported inside the transform builders only: reading the
+preprocessing of an exported ONNX model must not cost a torch import.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
+from typing import TYPE_CHECKING, Any
 
 from imgclf.config import AugmentConfig, DataConfig
+
+if TYPE_CHECKING:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,22 @@ class Preprocessing:
 
 
 def _interp(pre: Preprocessing) -> InterpolationMode:
+    from torchvision.transforms import InterpolationMode
+
     return InterpolationMode(pre.interpolation)
 
 
 def _to_float_normalized(pre: Preprocessing) -> list[Any]:
+    import torch
+    from torchvision.transforms import v2 as T
+
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
 
 
 def eval_resize(pre: Preprocessing) -> T.Compose:
     """PIL/uint8 -> uint8 tensor of shape (3, image_size, image_size): resize, centre crop."""
+    from torchvision.transforms import v2 as T
+
     return T.Compose([
         T.ToImage(),
         T.Resize(pre.resize_size, interpolation=_interp(pre), antialias=True),
@@ -68,11 +77,15 @@ def eval_resize(pre: Preprocessing) -> T.Compose:
 
 def normalize(pre: Preprocessing) -> T.Compose:
     """uint8 tensor -> normalised float tensor (works on single images and batches)."""
+    from torchvision.transforms import v2 as T
+
     return T.Compose(_to_float_normalized(pre))
 
 
 def eval_transform(pre: Preprocessing) -> T.Compose:
     """PIL image -> normalised float tensor, exactly as the model saw validation data."""
+    from torchvision.transforms import v2 as T
+
     return T.Compose([eval_resize(pre), normalize(pre)])
 
 
@@ -82,6 +95,8 @@ def train_augment(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
     Training keeps images uint8 until they reach the model (`normalize` runs on the batch),
     so DataLoader workers pass a quarter of the bytes that float tensors would need.
     """
+    from torchvision.transforms import v2 as T
+
     steps: list[Any] = [
         T.ToImage(),
         T.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
@@ -101,4 +116,6 @@ def train_augment(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
 
 def train_transform(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
     """PIL image or uint8 tensor -> augmented, normalised float tensor."""
+    from torchvision.transforms import v2 as T
+
     return T.Compose([train_augment(pre, augment), normalize(pre)])

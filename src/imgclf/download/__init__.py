@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgclf._http import check_url
+from imgclf.net.http import check_url
 from imgclf.download._batch import Batcher
 from imgclf.download._fetch import Fetcher
 from imgclf.download._options import DownloadOptions, StoreSettings

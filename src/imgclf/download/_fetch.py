@@ -4,7 +4,7 @@ Each attempt has a connect timeout, a read timeout (longest silence) and a total
 covers redirects and the whole body, so a server that trickles a byte a second frees its slot.
 Timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and full
 jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects and the capped
-body read are imgclf._http's, shared with predict and serve.
+body read are imgclf.net.http's, shared with predict and serve.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from imgclf import _http
+from imgclf.net import http as _http
 from imgclf.download._options import DownloadOptions
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))

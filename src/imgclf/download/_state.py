@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from imgclf import sources
-from imgclf._http import check_url
+from imgclf.net.http import check_url
 from imgclf.download._fetch import RETRY_STATUSES
 from imgclf.errors import ConfigError, DataError
 

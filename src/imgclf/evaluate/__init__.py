@@ -35,19 +35,22 @@ import torch
 from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader
 
-from imgclf import __version__, _metrics, _plots, _report
+from imgclf import __version__
+from imgclf._files import write_atomic
 from imgclf.checkpoint import LoadedModel, load_model
+from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, ImageFolderFrame, read_split
 from imgclf.errors import ConfigError, DataError
+from imgclf.evaluate import _html, _metrics, _plots
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.models import fast_layout
 from imgclf.presets import eval_transform
+from imgclf.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TOP_K = 5
-RUN_JSON = "run.json"
 # The model is "clearly above" weighted random when the lower end of its F1-macro interval
 # clears the baseline's simulated mean by this many baseline standard deviations.
 CLEAR_MARGIN_STD = 2.0
@@ -98,13 +101,8 @@ class EvalSet:
 
 
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RUN_JSON
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable run.json ({err.__class__.__name__})") from None
+    info = RunDir(run_dir).read_info()
+    return info.model_dump() if info is not None else {}
 
 
 def resolve(opts: EvaluateOptions) -> Plan:
@@ -322,9 +320,9 @@ def write_plots(out: Path, metrics: dict[str, Any], class_names: list[str],
             [(p["true"], p["predicted"], p["count"]) for p in metrics["most_confused"]],
             out / "most_confused.png"),
     }
-    history = run_dir / "metrics.csv" if run_dir else None
+    history = RunDir(run_dir).metrics if run_dir else None
     if history and history.is_file():
-        curves = _plots.training_curves(pd.read_csv(history), out / "training_curves.png", wr_f1)
+        curves = training_curves(pd.read_csv(history), out / "training_curves.png", wr_f1)
         if curves:
             files["training_curves"] = curves
     return {name: path.name for name, path in files.items()}
@@ -378,11 +376,11 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
              **write_plots(out, metrics, names, plan.run_dir),
              "report": "report.html", "metrics": "metrics.json"}
     metrics["files"] = files
-    _report.write_report(out / "report.html", metrics, _report.ReportInputs(
+    _html.write_report(out / "report.html", metrics, _html.ReportInputs(
         predictions=preds, images_root=eval_set.images_root, out_dir=out, config=loaded.config.to_plain(),
         download_report=_read_download_report(plan.data_dir), gallery_size=opts.gallery_size,
-        run_curves=plan.run_dir / "curves.png" if plan.run_dir else None))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run_curves=RunDir(plan.run_dir).curves if plan.run_dir else None))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -18,6 +18,7 @@ import jinja2
 import pandas as pd
 import yaml
 
+from imgclf._files import write_atomic
 from imgclf.images import open_image_file
 
 THUMB_SIDE = 128
@@ -78,7 +79,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def render(metrics: dict[str, Any], inputs: ReportInputs) -> str:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("imgclf", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("imgclf.evaluate", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
@@ -98,6 +99,6 @@ def render(metrics: dict[str, Any], inputs: ReportInputs) -> str:
 
 
 def write_report(path: Path, metrics: dict[str, Any], inputs: ReportInputs) -> Path:
-    path.write_text(render(metrics, inputs), encoding="utf-8")
+    write_atomic(path, render(metrics, inputs))
     return path
 

@@ -1,6 +1,7 @@
 """Evaluation plots as PNG files (matplotlib, no display needed).
 
-Figures are built with `matplotlib.figure.Figure` directly rather than pyplot, so nothing
+Training curves are drawn by `imgclf.curves` (shared with train). Figures are built with
+`matplotlib.figure.Figure` directly rather than pyplot, so nothing
 depends on a GUI backend or on pyplot's global figure list (no leaks across many calls).
 Sizes, fonts and label rotation grow with the number of classes so that a 50+ class
 confusion matrix still has one readable label per row.
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-DPI = 100
+from imgclf.curves import save_figure
+
 MAX_LABEL = 28  # characters; longer class names are cut with an ellipsis
 
 
@@ -41,11 +42,6 @@ def layout_for(k: int) -> Layout:
 
 def short(name: str) -> str:
     return name if len(name) <= MAX_LABEL else name[: MAX_LABEL - 1] + "…"
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    return path
 
 
 def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, normalize: bool) -> Path:
@@ -77,7 +73,7 @@ def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, normali
             text = f"{values[i, j]:.2f}" if normalize else str(int(values[i, j]))
             ax.text(j, i, text, ha="center", va="center", fontsize=lay.cell_fontsize,
                     color="white" if values[i, j] > threshold else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_f1(table: pd.DataFrame, path: Path, baseline_f1: float | None = None) -> Path:
@@ -96,7 +92,7 @@ def per_class_f1(table: pd.DataFrame, path: Path, baseline_f1: float | None = No
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1")
     ax.set_title("F1 per class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def most_confused(pairs: list[tuple[str, str, int]], path: Path) -> Path:
@@ -112,30 +108,4 @@ def most_confused(pairs: list[tuple[str, str, int]], path: Path) -> Path:
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     ax.set_title("most confused pairs")
-    return _save(fig, path)
-
-
-def training_curves(history: pd.DataFrame, path: Path, baseline_f1: float | None = None) -> Path | None:
-    """Loss and validation scores per epoch from the run's metrics.csv; None when it has neither."""
-    losses = [c for c in ("train_loss", "val_loss") if c in history]
-    scores = [c for c in ("val_accuracy", "val_f1_macro") if c in history]
-    if "epoch" not in history or not (losses or scores) or history.empty:
-        return None
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_score = fig.subplots(1, 2)
-    for col in losses:
-        ax_loss.plot(history["epoch"], history[col], marker="o", label=col)
-    ax_loss.set_title("loss")
-    for col in scores:
-        ax_score.plot(history["epoch"], history[col], marker="o", label=col)
-    if baseline_f1 is not None:
-        ax_score.axhline(baseline_f1, color="#c0392b", linestyle="--", label="weighted-random F1-macro")
-    ax_score.set_ylim(0, 1.02)
-    ax_score.set_title("validation")
-    for ax in (ax_loss, ax_score):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

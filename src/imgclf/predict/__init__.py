@@ -8,12 +8,11 @@ A model is a run directory or checkpoint (PyTorch), or a file written by `imgclf
 preprocessing, which is applied with `presets.eval_transform`, never re-implemented.
 Output: one row per input (CSV or JSONL) with the top-k labels and probabilities; an input
 that cannot be read or decoded gets its error in its row and the batch goes on.
-`Classifier` is also what `serve` uses.
+The model is opened by `imgclf.inference.load_classifier`, as serve and evaluate do.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import json
@@ -22,129 +21,22 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from imgclf._fetch_url import Fetched, FetchOptions, fetch_all
-from imgclf._inputs import Input, expand_inputs
-from imgclf.errors import ConfigError, DataError
-from imgclf.images import ImageLimits, Rejected, decode_image
-from imgclf.models import fast_layout
-from imgclf.presets import Preprocessing, eval_transform
+from imgclf.errors import ConfigError
+from imgclf.images import Rejected, decode_image
+from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier, preprocess_pool
+from imgclf.net.guard import FetchedBody, FetchOptions, fetch_all
+from imgclf.predict._inputs import Input, expand_inputs
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx", "torchscript")
-# Prediction accepts any size an image viewer would show; the bomb limit still applies.
-PREDICT_LIMITS = ImageLimits(min_side=1)
-
-
-class Backend(Protocol):
-    """Normalised float batch (N, 3, H, W) in, class probabilities (N, C) out."""
-
-    name: str
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray: ...
-
-
-class TorchBackend:
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.softmax(self.model(fast_layout(batch)), dim=1).numpy()
-
-
-class TorchScriptBackend:
-    name = "torchscript"
-
-    def __init__(self, module: torch.jit.ScriptModule) -> None:
-        self.module = module
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(batch)[1].numpy()
-
-
-class OnnxBackend:
-    name = "onnx"
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(path), providers=providers)
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        return self.session.run(["probabilities"], {"input": batch.numpy()})[0]
-
-
-@dataclass
-class Classifier:
-    """A backend plus the class names and preprocessing that belong to it."""
-
-    backend: Backend
-    class_names: list[str]
-    preprocessing: Preprocessing
-    source: str  # the model path, for logs and /health
-    transform: Any = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.transform = eval_transform(self.preprocessing)
-
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
-
-    def probabilities(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        return self.backend.probabilities(torch.stack(tensors))
-
-    def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
-        order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(self.class_names)))]
-        return [(self.class_names[i], float(probs[i])) for i in order]
-
-
-def _pick_backend(path: Path, backend: str) -> str:
-    if backend != "auto":
-        return backend
-    if path.suffix.lower() == ".onnx":
-        return "onnx"
-    from imgclf.export import is_torchscript
-
-    return "torchscript" if path.is_file() and is_torchscript(path) else "torch"
-
-
-def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier:
-    """Open a run directory, checkpoint, .onnx or TorchScript file as a Classifier."""
-    path = Path(model_path)
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    chosen = _pick_backend(path, backend)
-    if chosen == "onnx":
-        from imgclf.export import read_onnx_metadata
-
-        if not path.is_file():
-            raise DataError(f"{path}: --backend onnx needs an .onnx file written by `imgclf export`")
-        meta = read_onnx_metadata(path)
-        return Classifier(OnnxBackend(path), meta.class_names, meta.preprocessing, str(path))
-    if chosen == "torchscript":
-        from imgclf.export import load_torchscript
-
-        module, meta = load_torchscript(path)
-        return Classifier(TorchScriptBackend(module), meta.class_names, meta.preprocessing, str(path))
-    from imgclf.checkpoint import load_model
-
-    loaded = load_model(path)
-    return Classifier(TorchBackend(loaded.model), loaded.class_names, loaded.preprocessing, str(loaded.path))
+__all__ = ["PredictOptions", "Prediction", "load_classifier", "predict", "run", "write_predictions"]
 
 
 @dataclass(frozen=True)
@@ -185,7 +77,7 @@ def _load_batch(items: list[Input], classifier: Classifier, options: PredictOpti
         if item.kind == "missing":
             return item.error
         if item.kind == "url":
-            if not isinstance(body, Fetched):
+            if not isinstance(body, FetchedBody):
                 return f"{body.code}: {body.reason}"
             body = body.data
         else:
@@ -199,17 +91,6 @@ def _load_batch(items: list[Input], classifier: Classifier, options: PredictOpti
 
     bodies = [next(fetched) if item.kind == "url" else None for item in items]
     return list(pool.map(one, items, bodies))
-
-
-def _single_threaded_torch() -> None:
-    # Per thread (OpenMP semantics): preprocessing threads run torch ops on small images, where
-    # intra-op threads only fight the model's own threads for the cores (measured: 5-10x slower).
-    torch.set_num_threads(1)
-
-
-def preprocess_pool(threads: int) -> ThreadPoolExecutor:
-    """Threads for reading, decoding and preprocessing, each with single-threaded torch ops."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="imgclf-prep", initializer=_single_threaded_torch)
 
 
 def _chunks(items: list[Input], size: int) -> Iterator[list[Input]]:
@@ -301,17 +182,3 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as stream:
         return write_predictions(preds, stream, fmt, options.top_k)
-
-
-def main(args: argparse.Namespace) -> int:
-    options = PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
-                             fetch=FetchOptions(allow_private=True, total_timeout=args.timeout))
-    try:
-        ok, failed = run(args.inputs, args.model, args.out, args.backend, options, args.format)
-    except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
-        return 0
-    if failed:
-        print(f"imgclf predict: {failed} of {ok + failed} inputs could not be classified "
-              "(see the error column)", file=sys.stderr)
-    return 0 if ok else 1

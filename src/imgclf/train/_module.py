@@ -61,14 +61,14 @@ class ImageClassifier(pl.LightningModule):
         self.time_budget_s = (config.trainer.max_time_minutes or 0.0) * 60.0
 
     # ---- forward and steps ------------------------------------------------------------------
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
         if self.config.trainer.channels_last is True:
             return x.contiguous(memory_format=torch.channels_last)
         return models.fast_layout(x) if self.config.trainer.channels_last == "auto" else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self._prepare(images))
+        return self.model(self._model_input(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -85,7 +85,7 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, targets = batch
         net = self.ema.module if self.ema is not None else self.model
-        logits = net(self._prepare(images))
+        logits = net(self._model_input(images))
         self.val_loss.update(nn.functional.cross_entropy(logits, targets), weight=len(targets))
         preds = logits.argmax(1)
         self.val_accuracy.update(preds, targets)

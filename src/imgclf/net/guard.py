@@ -1,7 +1,7 @@
 """Fetch one image URL safely: timeouts, a size cap, bounded redirects, and SSRF protection.
 
 Used by predict (URLs given on the command line) and serve (`{"url": ...}` requests).
-Results are values (`Fetched` or `FetchFailed`), never exceptions, so one bad URL never
+Results are values (`FetchedBody` or `FetchFailed`), never exceptions, so one bad URL never
 stops a batch or a server.
 
 SSRF: unless `allow_private` is set, every address a request would connect to must be a
@@ -9,7 +9,7 @@ public unicast address. Host names are checked inside the connector's resolver, 
 the very addresses the socket connects to, so a DNS answer that changes between a check
 and the connect (DNS rebinding) cannot slip through; IP literals, which aiohttp never
 resolves, are checked before each hop, and redirects are followed by hand so every hop
-is checked (imgclf._http follows them and caps the body, as it does for download). Proxies
+is checked (imgclf.net.http follows them and caps the body, as it does for download). Proxies
 from the environment are ignored (a proxy would hide the target).
 """
 
@@ -28,7 +28,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from imgclf import __version__, _http
+from imgclf import __version__
+from imgclf.net import http as _http
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class FetchOptions:
 
 
 @dataclass(frozen=True)
-class Fetched:
+class FetchedBody:
     data: bytes
     url: str  # final URL after redirects
 
@@ -125,14 +126,14 @@ def _find_refusal(err: BaseException | None) -> AddressRefused | None:
     return None
 
 
-class Fetcher:
-    """`async with Fetcher(options) as f: result = await f.fetch(url)`; one session, many fetches."""
+class GuardedFetcher:
+    """`async with GuardedFetcher(options) as f: result = await f.fetch(url)`; one session, many fetches."""
 
     def __init__(self, options: FetchOptions = FetchOptions()) -> None:
         self.options = options
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Fetcher:
+    async def __aenter__(self) -> GuardedFetcher:
         resolver = ThreadedResolver() if self.options.allow_private else GuardedResolver()
         connector = aiohttp.TCPConnector(resolver=resolver, limit=self.options.concurrency,
                                          use_dns_cache=False)  # a cached answer would skip the guard
@@ -159,7 +160,7 @@ class Fetcher:
             return FetchFailed("refused", f"{hostname} is a {kind} address; such URLs are refused")
         return None
 
-    async def fetch(self, url: str) -> Fetched | FetchFailed:
+    async def fetch(self, url: str) -> FetchedBody | FetchFailed:
         try:
             return await asyncio.wait_for(self._fetch(url), self.options.total_timeout)
         except TimeoutError:
@@ -170,14 +171,14 @@ class Fetcher:
         if bad:
             raise _http.HttpFailure(bad.code, bad.reason)
 
-    async def _fetch(self, url: str) -> Fetched | FetchFailed:
-        assert self._session is not None, "use Fetcher as an async context manager"
+    async def _fetch(self, url: str) -> FetchedBody | FetchFailed:
+        assert self._session is not None, "use GuardedFetcher as an async context manager"
         try:
             guard = None if self.options.allow_private else self._check_hop
             async with _http.get(self._session, url, self.options.max_redirects, guard) as resp:
                 if resp.status != 200:
                     return FetchFailed("http_error", f"HTTP {resp.status} from {str(resp.url)[:200]}")
-                return Fetched(await _http.read_capped(resp, self.options.max_bytes), str(resp.url))
+                return FetchedBody(await _http.read_capped(resp, self.options.max_bytes), str(resp.url))
         except _http.HttpFailure as err:
             return FetchFailed(err.status, err.error)
         except aiohttp.InvalidURL as err:
@@ -189,9 +190,9 @@ class Fetcher:
             return FetchFailed("connection_error", f"{err.__class__.__name__}: {str(err)[:160]}")
 
 
-async def fetch_all(urls: list[str], options: FetchOptions) -> list[Fetched | FetchFailed]:
+async def fetch_all(urls: list[str], options: FetchOptions) -> list[FetchedBody | FetchFailed]:
     """Fetch many URLs concurrently (bounded by options.concurrency); results in input order."""
-    async with Fetcher(options) as fetcher:
+    async with GuardedFetcher(options) as fetcher:
         gate = asyncio.Semaphore(options.concurrency)
 
         async def one(url: str) -> Any:

@@ -14,22 +14,19 @@ busy are classified together in one batch (no added wait), which keeps throughpu
 Every client mistake is a 4xx JSON body {"error": code, "detail": message} and the service keeps
 running: bodies over --max-upload-mb (413), content types it cannot read (415), bodies that are
 not images or URLs it cannot use (400/422). URL fetches have timeouts and a size cap, and refuse
-private, loopback and link-local addresses unless --allow-private-urls (see _fetch_url).
+private, loopback and link-local addresses unless --allow-private-urls (see imgclf.net.guard).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,9 +38,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from imgclf import __version__
-from imgclf._fetch_url import Fetcher, FetchFailed, FetchOptions
 from imgclf.images import ImageLimits, Rejected, decode_image
-from imgclf.predict import Classifier, load_classifier, preprocess_pool
+from imgclf.inference import Classifier, load_classifier, preprocess_pool
+from imgclf.net.guard import FetchFailed, FetchOptions, GuardedFetcher
+from imgclf.serve._batching import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -80,55 +78,6 @@ class PredictResponse(BaseModel):
 
 class UrlRequest(BaseModel):
     url: str
-
-
-class Batcher:
-    """Collects tensors from concurrent requests and runs them through the model together.
-
-    Greedy: a batch is whatever is queued when the model becomes free, so a lone request
-    never waits for company, and a burst is classified in a few large batches.
-    """
-
-    def __init__(self, classifier: Classifier, max_batch: int) -> None:
-        self.classifier = classifier
-        self.max_batch = max(1, max_batch)
-        # One thread owns the model: batches run one at a time with all of torch's intra-op threads.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-model")
-        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=False)
-
-    async def probabilities(self, tensor: torch.Tensor) -> np.ndarray:
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((tensor, future))
-        return await future
-
-    async def _loop(self) -> None:
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.max_batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            try:
-                probs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.classifier.probabilities, [t for t, _ in items])
-            except Exception as err:  # a model failure fails these requests, never the loop
-                log.exception("inference failed for a batch of %d", len(items))
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            for (_, future), row in zip(items, probs, strict=True):
-                if not future.done():  # the client may have gone away
-                    future.set_result(row)
 
 
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -178,8 +127,8 @@ _FETCH_STATUS = {"invalid_url": 422, "refused": 403, "too_large": 413}
 
 def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -> FastAPI:
     """The ASGI app; tests and embedders can serve it with any ASGI server."""
-    batcher = Batcher(classifier, options.max_batch)
-    fetcher = Fetcher(options.fetch)
+    batcher = MicroBatcher(classifier, options.max_batch)
+    fetcher = GuardedFetcher(options.fetch)
     prep = preprocess_pool(options.prep_threads)
 
     @contextlib.asynccontextmanager
@@ -226,7 +175,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (field 'file'), an image/* body, or JSON {\"url\": ...}")
 
-    def _prepare(data: bytes) -> torch.Tensor:
+    def _decode_and_transform(data: bytes) -> torch.Tensor:
         decoded = decode_image(data, options.limits)
         if isinstance(decoded, Rejected):
             raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
@@ -239,7 +188,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
             data, source = await _image_bytes(request)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
-        tensor = await asyncio.get_running_loop().run_in_executor(prep, _prepare, data)
+        tensor = await asyncio.get_running_loop().run_in_executor(prep, _decode_and_transform, data)
         probs = await batcher.probabilities(tensor)
         top = classifier.top_k(probs, top_k)
         return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
@@ -289,23 +238,17 @@ _PREDICT_BODY_DOC: dict[str, Any] = {
 }
 
 
-def options_from_namespace(args: argparse.Namespace) -> ServeOptions:
-    fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.fetch_timeout,
-                         max_bytes=int(args.max_upload_mb * 1024 * 1024))
-    return ServeOptions(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), fetch=fetch,
-                        max_batch=args.max_batch)
-
-
-def main(args: argparse.Namespace) -> int:
+def run(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
+        options: ServeOptions = ServeOptions(), max_concurrency: int = 64) -> int:
+    """Load the model and serve it until interrupted."""
     import uvicorn
 
-    classifier = load_classifier(args.model, args.backend)
-    app = create_app(classifier, options_from_namespace(args))
+    classifier = load_classifier(model, backend)
+    app = create_app(classifier, options)
     log.info("serving %s (%s, %d classes) on http://%s:%d", classifier.source, classifier.backend.name,
-             len(classifier.class_names), args.host, args.port)
+             len(classifier.class_names), host, port)
     # Without a limit every connection reads its whole body (up to --max-upload-mb) and queues it,
     # so memory grows with load; uvicorn answers connections over the limit with 503 instead.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                limit_concurrency=args.max_concurrency)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                limit_concurrency=max_concurrency)
     return 0
-

@@ -16,7 +16,6 @@ the run directory (see docs/train.md):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -34,16 +33,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import __version__, checkpoint, data, models, presets
-from imgclf._callbacks import MetricsLog, read_metrics
-from imgclf._lightning import ImageClassifier
+from imgclf import __version__, checkpoint, data, models, presets, rundir
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
+from imgclf.train._callbacks import MetricsLog, read_metrics
+from imgclf.train._module import ImageClassifier
 
 log = logging.getLogger(__name__)
-RUN_INFO_NAME = "run.json"
-CONFIG_NAME = "config.yaml"
 
 
 @dataclass
@@ -61,7 +58,7 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
     """Train `config` on DATA_DIR into RUN_DIR; with resume, continue from checkpoints/last.ckpt."""
     started = time.perf_counter()
     data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = rundir.RunDir(run_dir).last
     if resume and not last.is_file():
         raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
     if not resume and last.is_file():
@@ -78,7 +75,7 @@ def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False
 
 
 def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float) -> TrainResult:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
     split = _split(config, data_dir, run_dir, resume)
     class_names = data.class_names_of(split)
@@ -91,7 +88,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         trainer = _trainer(config, run_dir)
     if zero:  # only now: unusable data or config must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_NAME)
+        save_config(config, rundir.RunDir(run_dir).config)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
     pre = presets.Preprocessing.from_config(config.data)
@@ -286,7 +283,7 @@ def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
     tcfg = config.trainer
     mode = "min" if tcfg.monitor == "val_loss" else "max"
     callbacks: list[pl.Callback] = [
-        pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=tcfg.monitor,
+        pl.callbacks.ModelCheckpoint(dirpath=rundir.RunDir(run_dir).checkpoints, filename="best", monitor=tcfg.monitor,
                                      mode=mode, save_top_k=1, save_last=True, enable_version_counter=False,
                                      auto_insert_metric_name=False),
         MetricsLog(run_dir),
@@ -334,11 +331,8 @@ def _relative(path: Path, run_dir: Path) -> str:
 
 def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], config: TrainConfig,
                     extra: dict[str, Any]) -> None:
-    info = {"data_dir": str(data_dir), "class_names": class_names, "best_checkpoint": "checkpoints/best.ckpt",
-            "last_checkpoint": "checkpoints/last.ckpt", "imgclf_version": __version__,
-            "arch": config.model.arch, "seed": config.seed, "torch_version": torch.__version__,
-            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
-    info.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
-    tmp = run_dir / (RUN_INFO_NAME + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / RUN_INFO_NAME)
+    fields = {"data_dir": str(data_dir), "class_names": class_names, "imgclf_version": __version__,
+              "arch": config.model.arch, "seed": config.seed, "torch_version": torch.__version__,
+              "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+    fields.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
+    rundir.RunDir(run_dir).write_info(rundir.RunInfo(**fields))

@@ -9,17 +9,17 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 
-from imgclf import _plots
-from imgclf._lightning import ImageClassifier
+from imgclf._files import atomic_path
+from imgclf.curves import training_curves
+from imgclf.rundir import CURVES, METRICS_CSV
+from imgclf.train._module import ImageClassifier
 
-METRICS_NAME = "metrics.csv"
-CURVES_NAME = "curves.png"
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1_macro", "lr",
                   "epoch_seconds", "images_per_s"]
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / METRICS_NAME
+    path = run_dir / METRICS_CSV
     if not path.is_file():
         return pd.DataFrame(columns=METRIC_COLUMNS)
     return pd.read_csv(path)
@@ -43,15 +43,16 @@ class MetricsLog(pl.Callback):
         frame = read_metrics(self.run_dir)
         frame = frame[frame["epoch"] < epoch]
         frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)[METRIC_COLUMNS]
-        frame.to_csv(self.run_dir / METRICS_NAME, index=False)
-        plot_curves(frame, self.run_dir / CURVES_NAME)
+        frame.to_csv(self.run_dir / METRICS_CSV, index=False)
+        plot_curves(frame, self.run_dir / CURVES)
 
 
 def plot_curves(frame: pd.DataFrame, path: Path) -> None:
     """curves.png after every epoch, drawn by the same code as evaluate's training curves.
 
-    Written to a temporary file and renamed, so a run killed mid-save keeps the previous plot.
+    Written atomically, so a run killed mid-save keeps the previous plot.
     """
-    tmp = path.with_suffix(".tmp.png")
-    if _plots.training_curves(frame, tmp) is not None:
-        tmp.replace(path)
+    if frame.empty:
+        return
+    with atomic_path(path) as tmp:
+        training_curves(frame, tmp)

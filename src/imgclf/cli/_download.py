@@ -1,0 +1,49 @@
+"""`imgclf download`: arguments and the call into the download stage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch image URLs into validated images + manifest.parquet",
+                       description="Download and validate images listed in CSV/TSV/Parquet files "
+                                   "(columns url,label[,split]); resumable: run the same command again.")
+    p.add_argument("sources", nargs="+", type=Path, help="CSV/TSV/Parquet files; a file stem train/val/test "
+                                                          "names the split when there is no split column")
+    p.add_argument("--out", required=True, type=Path, help="data directory to write images and manifest into")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight in total (default 64)")
+    p.add_argument("--per-host", type=int, default=16, help="requests in flight per host (default 16)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="processes decoding/validating images (default: number of cores)")
+    p.add_argument("--timeout", type=float, default=30.0, help="total deadline per request in seconds")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="connect timeout in seconds")
+    p.add_argument("--read-timeout", type=float, default=15.0, help="max seconds between two reads")
+    p.add_argument("--retries", type=int, default=3, help="retries for timeouts, resets, 408, 429, 5xx")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="first retry waits up to this many seconds, doubling each time (with jitter)")
+    p.add_argument("--max-retry-after", type=float, default=30.0,
+                   help="honour a server's Retry-After up to this many seconds")
+    p.add_argument("--max-redirects", type=int, default=5)
+    p.add_argument("--max-bytes", type=int, default=20_000_000,
+                   help="cut bodies larger than this (too_large)")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (bombs)")
+    p.add_argument("--min-side", type=int, default=8, help="refuse images with a smaller side (too_small)")
+    p.add_argument("--resize", choices=("none", "shorter", "longer"), default="longer",
+                   help="resize so that this side is at most --size (default: longer)")
+    p.add_argument("--size", type=int, default=512, help="target side for --resize (default 512)")
+    p.add_argument("--format", dest="image_format", choices=("keep", "jpeg", "png", "webp"), default="keep",
+                   help="re-encode format (keep: store the original bytes when no resize was needed)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
+    p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from imgclf import download
+
+    options = download.DownloadOptions.from_namespace(args)
+    result = download.run(args.sources, args.out, options)
+    return 0 if result.total > 0 else 1
