@@ -7,11 +7,15 @@ from pathlib import Path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download", help="fetch image URLs into validated images + manifest.parquet",
-                       description="Download and validate images listed in CSV/TSV/Parquet files "
-                                   "(columns url,label[,split]); resumable: run the same command again.")
-    p.add_argument("sources", nargs="+", type=Path, help="CSV/TSV/Parquet files; a file stem train/val/test "
-                                                          "names the split when there is no split column")
+    p = sub.add_parser("download", help="image folders, archives or URL lists -> validated images + manifest",
+                       description="Validate and store images from image folders (ImageFolder layout: "
+                                   "[train|val|test/]<label>/<image>), archives of them (.zip, .tar, .tar.gz, "
+                                   ".tar.zst, ...) and CSV/TSV/Parquet tables (columns label and url and/or "
+                                   "path[, split]) into a data directory; resumable and incremental: run the "
+                                   "same command again.")
+    p.add_argument("sources", nargs="+", type=Path,
+                   help="folders, archives, CSV/TSV/Parquet tables, mixed freely; a source named "
+                        "train/val/test names the split when nothing else does")
     p.add_argument("--out", required=True, type=Path, help="data directory to write images and manifest into")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight in total (default 64)")
     p.add_argument("--per-host", type=int, default=16, help="requests in flight per host (default 16)")
@@ -38,12 +42,22 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    for name, default in (("url", "url"), ("label", "label"), ("split", "split"), ("path", "path")):
+        p.add_argument(f"--{name}-col", default=None, metavar="NAME",
+                       help=f"table column holding the {name} (default: {default})")
     p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    import sys
+
     from imgclf import download
 
     options = download.DownloadOptions.from_namespace(args)
     result = download.run(args.sources, args.out, options)
-    return 0 if result.total > 0 else 1
+    if result.counts.get("ok", 0) == 0:  # nothing to train on: say so in one line, exit non-zero
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
+        print(f"imgclf download: no row ended ok ({result.total} rows{': ' + counts if counts else ''}); "
+              f"see {result.report_path}", file=sys.stderr)
+        return 1
+    return 0

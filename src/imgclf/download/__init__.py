@@ -1,13 +1,18 @@
-"""The download stage: URL lists in, validated images + manifest.parquet + download_report.json out.
+"""The download stage: URL lists, image folders and archives in; validated images +
+manifest.parquet + download_report.json out.
 
     imgclf download train.csv test.csv --out DATA_DIR          # run again to resume
+    imgclf download photos/ more_photos.zip --out DATA_DIR     # local sources (see _local, _archive)
 
 Flow: the sources are read in chunks into DATA_DIR/.state.sqlite (one line per input row, one
 per distinct URL); every unfinished URL is fetched once by an asyncio/aiohttp pool (`_fetch`),
 its body validated, resized and stored by content hash in worker processes (`_store`), and the
-outcome committed; finally the manifest (one row per input row, see imgclf.manifest) and the
-report (counts per status and per split/label, duplicates, train/test leakage) are written
-from the state (`_report`). Train, evaluate and predict read only the manifest and images/.
+outcome committed. Local files and archive members are listed like rows (`_local`, `_archive`)
+and handed to the same workers by reference (`_feed`): the worker reads the file itself and
+validates it with the same `_store.process_body`. Finally the manifest (one row per input row,
+see imgclf.manifest) and the report (counts per status and per split/label, duplicates,
+train/test leakage, skipped local files) are written from the state (`_report`). Train,
+evaluate and predict read only the manifest and images/.
 
     from imgclf import download
     result = download.run([Path("train.csv")], Path("data"), download.DownloadOptions(show_progress=False))
@@ -26,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgclf.net.http import check_url
+from imgclf import sources as _sources
 from imgclf.download._batch import Batcher
+from imgclf.download._feed import feed, local_pages, stream_pages, worker_death
 from imgclf.download._fetch import Fetcher
+from imgclf.download._local import check_out_dir
 from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs
@@ -36,6 +43,7 @@ from imgclf.download._state import STATE_NAME, Outcome, State
 from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, die_with_parent
 from imgclf.errors import DataError, ImgclfError
 from imgclf.images import Rejected
+from imgclf.net.http import check_url
 
 __all__ = ["DownloadOptions", "DownloadResult", "run", "check_url", "STATE_NAME"]
 
@@ -59,19 +67,19 @@ def run(sources: list[Path], out_dir: Path, options: DownloadOptions | None = No
     options = options or DownloadOptions()
     paths = [Path(p) for p in sources]
     if not paths:
-        raise DataError("download: give at least one source file")
+        raise DataError("download: give at least one source (a table, a folder or an archive)")
     for path in paths:
-        if not path.is_file():
-            raise DataError(f"{path}: source file not found")
+        _sources.source_kind(path)  # a one-line error for a missing or unsupported source
     data_dir = Path(out_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: --out exists and is not a directory")
+    check_out_dir(paths, data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     state = State(data_dir)
     try:
         state.check_storage(options.storage_key(), data_dir)
-        state.ingest(paths, options.chunk_rows)
+        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes)
         if options.retry_failed:
             state.reopen_retryable()
         crashed = state.begin_run()
@@ -89,7 +97,8 @@ def run(sources: list[Path], out_dir: Path, options: DownloadOptions | None = No
             state.end_run()
         extra = {"fetched_this_run": fetched, "ok_this_run": ok, "fetch_s": round(fetch_s, 3),
                  "images_per_s": round(ok / fetch_s, 2) if fetched and fetch_s > 0 else 0.0,
-                 "interrupted": interrupted, "options": options.storage_key()}
+                 "interrupted": interrupted, "options": options.storage_key(),
+                 "skipped": state.skipped_report()}
         manifest, report_path, report = write_outputs(state, data_dir, extra)
     finally:
         state.close()
@@ -162,24 +171,26 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
         if got.status is not None:
             return Outcome(url_id, got.status, got.error, got.http_status, got.attempts)
         body, got.body = got.body, None
-        try:
+        with worker_death():
             result = await batcher.process(body)
-        except concurrent.futures.process.BrokenProcessPool:
-            raise ImgclfError("an image worker process died (out of memory?); run the same command "
-                              "again to resume") from None
-        if isinstance(result, Rejected):
-            if result.status == "storage_error":
-                raise DataError(result.reason)
-            return Outcome(url_id, result.status, result.reason, got.http_status, got.attempts)
-        assert isinstance(result, Stored)
-        return Outcome(url_id, "ok", "", got.http_status, got.attempts, result.sha256, result.path,
-                       result.width, result.height, result.bytes)
+        return _outcome(url_id, result, got.http_status, got.attempts)
 
     async def worker() -> None:
         while (item := await queue.get()) is not None:
             outcome = await one(*item)
             recorder.add(outcome)
             progress.advance(outcome.status)
+
+    def deliver(url_id: int, result: Stored | Rejected) -> None:  # a local item: no HTTP
+        outcome = _outcome(url_id, result, 0, 0)
+        recorder.add(outcome)
+        progress.advance(outcome.status)
+
+    async def local() -> None:  # files and archive members, alongside the URLs
+        await feed(pool, settings, options.workers, local_pages(state.iter_pending_local()), deliver)
+        for archive in state.pending_streams():
+            await feed(pool, settings, options.workers,
+                       stream_pages(archive, state.pending_members(archive), settings.max_bytes), deliver)
 
     async def ticker() -> None:
         while True:  # commits results even when they arrive slowly, and refreshes the rate
@@ -198,6 +209,7 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
     try:
         async with asyncio.TaskGroup() as group:  # one failing task (a fatal error) cancels the rest
             group.create_task(produce())
+            group.create_task(local())
             for _ in range(n_workers):
                 group.create_task(worker())
     except BaseExceptionGroup as failed:
@@ -208,6 +220,15 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
         recorder.flush()
         await fetcher.close()
     return recorder.done, recorder.ok
+
+
+def _outcome(url_id: int, result: Stored | Rejected, http_status: int, attempts: int) -> Outcome:
+    if isinstance(result, Rejected):
+        if result.status == "storage_error":  # disk full, permissions: stop, nothing is lost
+            raise DataError(result.reason)
+        return Outcome(url_id, result.status, result.reason, http_status, attempts)
+    return Outcome(url_id, "ok", "", http_status, attempts, result.sha256, result.path, result.width,
+                   result.height, result.bytes)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

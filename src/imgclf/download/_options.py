@@ -10,6 +10,7 @@ from typing import Literal
 
 from imgclf.errors import ConfigError
 from imgclf.images import ImageLimits
+from imgclf.sources import Columns
 
 
 def _flag(name: str) -> str:
@@ -30,6 +31,7 @@ class StoreSettings:
     size: int
     image_format: ImageFormat
     quality: int
+    max_bytes: int = 20_000_000  # local files and archive members: read at most this much
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class DownloadOptions:
     show_progress: bool = True
     print_summary: bool = True
     chunk_rows: int = 50_000
+    # Tables: which column holds what (None: url, label, split, path)
+    url_col: str | None = None
+    label_col: str | None = None
+    split_col: str | None = None
+    path_col: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("concurrency", "per_host", "timeout", "connect_timeout", "read_timeout", "max_bytes",
@@ -97,7 +104,10 @@ class DownloadOptions:
     def store_settings(self, data_dir: str) -> StoreSettings:
         return StoreSettings(data_dir=data_dir, limits=ImageLimits(self.max_pixels, self.min_side),
                              resize=self.resize, size=self.size, image_format=self.image_format,
-                             quality=self.quality)
+                             quality=self.quality, max_bytes=self.max_bytes)
+
+    def columns(self) -> Columns:
+        return Columns(url=self.url_col, label=self.label_col, split=self.split_col, path=self.path_col)
 
     def storage_key(self) -> str:
         """Options that change the stored files: a resumed run must use the same ones."""

@@ -2,6 +2,10 @@
 
 Two tables. `rows` is the input, one line per input row (re-read when the sources change).
 `urls` holds one line per distinct URL with its outcome: `status` NULL means not finished.
+A local file or archive member is a "URL" too: its locator (see imgclf.manifest) is the key,
+`kind` says how to read it, and `size`/`stamp` are its signature when it was listed, so a
+file that changed is validated again while an unchanged one is not. `skipped` lists the files
+of local sources that get no row (hidden, outside class folders, ...), for the report.
 A result is committed only after its image file is in place, so after a kill (even SIGKILL)
 a URL is either finished, with its file, or fetched again; a finished URL is never fetched
 again. The manifest is a join of the two, streamed in row order.
@@ -11,15 +15,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import pandas as pd
+
 from imgclf import sources
-from imgclf.net.http import check_url
 from imgclf.download._fetch import RETRY_STATUSES
+from imgclf.download._local import Item, LocalRef, Skipped, iter_items
 from imgclf.errors import ConfigError, DataError
+from imgclf.net.http import check_url
 
 STATE_NAME = ".state.sqlite"
 
@@ -33,11 +41,31 @@ CREATE TABLE IF NOT EXISTS urls(
 CREATE INDEX IF NOT EXISTS urls_by_sha ON urls(sha256) WHERE sha256 <> '';
 CREATE TABLE IF NOT EXISTS rows(row INTEGER PRIMARY KEY, source TEXT NOT NULL, url TEXT NOT NULL,
                                 label TEXT NOT NULL, split TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS skipped(source TEXT NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL,
+                                   reason TEXT NOT NULL);
 """
+# Columns of local items, added to `urls` (also to a state written before local sources existed).
+_LOCAL_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'url'"), ("file", "TEXT NOT NULL DEFAULT ''"),
+                  ("member", "TEXT NOT NULL DEFAULT ''"), ("pos", "INTEGER NOT NULL DEFAULT -1"),
+                  ("size", "INTEGER NOT NULL DEFAULT -1"), ("stamp", "INTEGER NOT NULL DEFAULT -1"))
 
 _UPSERT_URL = """
 INSERT INTO urls(url, first_row, status, error) VALUES (?, ?, ?, ?)
 ON CONFLICT(url) DO UPDATE SET first_row = excluded.first_row WHERE urls.first_row IS NULL
+"""
+
+# A local item keeps its outcome while its signature is unchanged; a changed file starts over.
+_SAME_FILE = ("urls.kind = excluded.kind AND urls.file = excluded.file AND urls.size = excluded.size "
+              "AND urls.stamp = excluded.stamp")
+_UPSERT_LOCAL = f"""
+INSERT INTO urls(url, first_row, status, error, kind, file, member, pos, size, stamp)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(url) DO UPDATE SET
+    first_row = COALESCE(urls.first_row, excluded.first_row),
+    status = CASE WHEN {_SAME_FILE} THEN urls.status ELSE excluded.status END,
+    error = CASE WHEN {_SAME_FILE} THEN urls.error ELSE excluded.error END,
+    kind = excluded.kind, file = excluded.file, member = excluded.member, pos = excluded.pos,
+    size = excluded.size, stamp = excluded.stamp
 """
 
 # Manifest rows in input order with what is needed to resolve duplicates: the first row that
@@ -77,8 +105,9 @@ class Outcome:
     bytes: int = 0
 
 
-def _fingerprint(paths: list[Path]) -> str:
-    items = []
+def _fingerprint(paths: list[Path], how: object) -> str:
+    """The input as read: each source's identity and signature, and how it was read (columns, caps)."""
+    items: list[object] = [repr(how)]
     for path in paths:
         try:
             st = path.stat()
@@ -116,6 +145,7 @@ class State:
             # NORMAL in WAL mode survives a killed process (not a power cut) without an fsync per commit.
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            _add_local_columns(db)
         except BaseException as err:
             # Release the database and the flock, or this process would keep DATA_DIR locked.
             if db is not None:
@@ -156,26 +186,67 @@ class State:
                               "Use the same options, or another --out")
         self._set_meta("storage", key)
 
-    def ingest(self, paths: list[Path], chunk_rows: int) -> int:
-        """Load the input rows unless this exact input was already loaded; return the row count."""
-        fingerprint = _fingerprint(paths)
+    def ingest(self, paths: list[Path], chunk_rows: int, columns: sources.Columns | None = None,
+               max_bytes: int = 20_000_000) -> int:
+        """Load the input rows unless this exact input was already loaded; return the row count.
+
+        Tables and archives are identified by their size and mtime; folders and tables naming
+        local files are read again every run (a file may have been added or changed).
+        """
+        columns = columns or sources.Columns()
+        fingerprint = _fingerprint(paths, (columns, max_bytes))
         if self._meta("ingested") == fingerprint:
             return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM meta WHERE key = 'ingested'")
         self.db.execute("DELETE FROM rows")
+        self.db.execute("DELETE FROM skipped")
         self.db.execute("UPDATE urls SET first_row = NULL")  # URLs that left the input are not fetched
         self.db.execute("COMMIT")
-        total = 0
-        for chunk in sources.iter_sources(paths, chunk_rows=chunk_rows):
-            self._ingest_chunk(chunk)
-            total += len(chunk)
-        self.db.execute("BEGIN")
-        self._set_meta("ingested", fingerprint)
-        self.db.execute("COMMIT")
+        total, rereads = 0, False
+        for chunk in iter_items(paths, chunk_rows, columns, max_bytes):
+            if isinstance(chunk, pd.DataFrame):
+                self._ingest_chunk(chunk, total)
+                total += len(chunk)
+            else:
+                total, files = self._ingest_items(chunk, total)
+                rereads = rereads or files
+        if not rereads:
+            self.db.execute("BEGIN")
+            self._set_meta("ingested", fingerprint)
+            self.db.execute("COMMIT")
         return total
 
-    def _ingest_chunk(self, chunk) -> None:  # noqa: ANN001 - a pandas frame from sources.iter_sources
+    def _ingest_items(self, items: list[Item | Skipped], row: int) -> tuple[int, bool]:
+        """Store a chunk of items (URLs and local files) from row number `row`; return the next row
+        number and whether it held local files (which must be listed again next run)."""
+        rows, url_rows, local_rows, skipped, files = [], [], [], [], False
+        for item in items:
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            rows.append((row, item.source, item.url, item.label, item.split))
+            if item.kind == "url":
+                if item.label:
+                    problem = check_url(item.url)
+                    url_rows.append((item.url, row, "invalid_url" if problem else None, problem))
+            else:
+                files = files or item.kind == "file"
+                if item.label:
+                    local_rows.append((item.url, row, item.status, item.error, item.kind, item.file, item.member,
+                                       item.offset, item.size, item.stamp))
+            row += 1
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT INTO rows(row, source, url, label, split) VALUES (?, ?, ?, ?, ?)", rows)
+        self.db.executemany(_UPSERT_URL, url_rows)
+        self.db.executemany(_UPSERT_LOCAL, local_rows)
+        self.db.executemany("INSERT INTO skipped(source, path, kind, reason) VALUES (?, ?, ?, ?)", skipped)
+        self.db.execute("COMMIT")
+        return row, files
+
+    def _ingest_chunk(self, chunk: pd.DataFrame, first: int) -> None:
+        """A table chunk of URLs only (the fast path), numbered from row `first`."""
+        chunk = chunk.assign(row=range(first, first + len(chunk)))
         problems: dict[str, str] = {}
         url_rows = []
         for row, url, label in zip(chunk["row"].tolist(), chunk["url"].tolist(), chunk["label"].tolist(),
@@ -199,7 +270,8 @@ class State:
         self.db.execute("BEGIN")
         cur = self.db.execute(
             "UPDATE urls SET status = NULL WHERE first_row IS NOT NULL AND (status IN ('timeout', "
-            f"'connection_error') OR (status = 'http_error' AND http_status IN (0,{codes})))")
+            f"'connection_error') OR (status = 'http_error' AND http_status IN (0,{codes})) "
+            "OR (status = 'unreadable' AND kind = 'file'))")
         self.db.execute("COMMIT")
         return cur.rowcount
 
@@ -208,16 +280,42 @@ class State:
             "SELECT COUNT(*) FROM urls WHERE status IS NULL AND first_row IS NOT NULL").fetchone()[0]
 
     def iter_pending(self, page: int = 1000) -> Iterator[tuple[int, str]]:
-        """Unfinished URLs in input order, a page at a time so memory stays flat."""
+        """Unfinished URLs (http/https only) in input order, a page at a time so memory stays flat."""
         last = -1
         while True:
             batch = self.db.execute(
                 "SELECT id, url FROM urls WHERE id > ? AND status IS NULL AND first_row IS NOT NULL "
-                "ORDER BY id LIMIT ?", (last, page)).fetchall()
+                "AND kind = 'url' ORDER BY id LIMIT ?", (last, page)).fetchall()
             if not batch:
                 return
             yield from batch
             last = batch[-1][0]
+
+    def iter_pending_local(self, page: int = 1000) -> Iterator[tuple[int, str, LocalRef]]:
+        """Unfinished local files and seekable archive members (the workers read them), in order."""
+        last = -1
+        while True:
+            batch = self.db.execute(
+                "SELECT id, url, kind, file, member, pos, size FROM urls WHERE id > ? AND status IS NULL "
+                "AND first_row IS NOT NULL AND kind IN ('file', 'zip', 'tar') ORDER BY id LIMIT ?",
+                (last, page)).fetchall()
+            if not batch:
+                return
+            for url_id, url, *ref in batch:
+                yield url_id, url, LocalRef(*ref)
+            last = batch[-1][0]
+
+    def pending_streams(self) -> list[str]:
+        """Compressed tars with unfinished members (read front to back by the parent)."""
+        return [f for (f,) in self.db.execute(
+            "SELECT DISTINCT file FROM urls WHERE kind = 'tarstream' AND status IS NULL "
+            "AND first_row IS NOT NULL ORDER BY file")]
+
+    def pending_members(self, archive: str) -> dict[str, tuple[int, str]]:
+        """member name -> (id, locator) of the unfinished members of one compressed tar."""
+        return {member: (url_id, url) for url_id, url, member in self.db.execute(
+            "SELECT id, url, member FROM urls WHERE kind = 'tarstream' AND file = ? AND status IS NULL "
+            "AND first_row IS NOT NULL ORDER BY id", (archive,))}
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
         self.db.execute("BEGIN")
@@ -237,7 +335,22 @@ class State:
         """Stored images that appear under several splits (leakage) or several labels (conflict)."""
         yield from self.db.execute(_SHARED_IMAGES_QUERY)
 
+    def skipped_report(self, listed: int = 1000) -> dict[str, object]:
+        """Files of local sources that got no row: counts by kind and the first `listed` of them."""
+        counts = Counter(dict(self.db.execute("SELECT kind, COUNT(*) FROM skipped GROUP BY kind").fetchall()))
+        files = [{"source": s, "path": p, "kind": k, "reason": r} for s, p, k, r in self.db.execute(
+            "SELECT source, path, kind, reason FROM skipped ORDER BY rowid LIMIT ?", (listed,))]
+        return {"total": sum(counts.values()), "by_kind": dict(sorted(counts.items())), "files": files}
+
     def is_referenced(self, rel_path: str) -> bool:
         sha = Path(rel_path).stem
         return self.db.execute("SELECT 1 FROM urls WHERE sha256 = ? AND path = ? LIMIT 1",
                                (sha, rel_path)).fetchone() is not None
+
+
+def _add_local_columns(db: sqlite3.Connection) -> None:
+    """Bring `urls` to the current columns (a state from before local sources lacks them)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(urls)")}
+    for name, declaration in _LOCAL_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE urls ADD COLUMN {name} {declaration}")

@@ -1,0 +1,371 @@
+"""Archives as sources: zip and tar members are read in place, never unpacked, never trusted.
+
+A member name only ever becomes a label, a split and the manifest's locator (`archive!member`);
+nothing is written under a member's name. What reaches DATA_DIR is a member's bytes, after
+they have been validated, re-hashed and stored as images/<sha[:2]>/<sha>.<ext> like any
+downloaded body. Refused, listed in download_report.json (`unsafe_member`), never read:
+  - names that are absolute (`/x`, `C:x`), climb out (`..` anywhere, `\\` counted as `/`) or hold NUL;
+  - symlink and hardlink members, devices, FIFOs, sparse and unknown member types;
+  - zip members whose stored data overlaps another member's (the overlapping-file zip bomb).
+Bounded (the member ends `too_large`, or the rest of the archive is not read):
+  - each member: --max-bytes decompressed (declared size checked first, reads capped anyway);
+  - each zip member over 1 MiB: at most 100:1 decompressed to compressed;
+  - each archive: at most max(1 GiB, 100 x the archive's size) decompressed in all (for a
+    compressed tar, the position in the decompressed stream, which also bounds skipping).
+
+Zip members and members of an uncompressed .tar are read by the worker processes themselves
+(by central-directory index or data offset); a compressed tar (.tar.gz, .tgz, .tar.bz2,
+.tar.xz, .tar.zst through the `zstandard` package) can only be read front to back, so the
+parent streams it once and hands the wanted members' bytes to the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import os
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from imgclf import sources
+from imgclf.download._local import Item, Layout, LocalRef, Skipped, is_hidden, utf8_ok, wrapper_of
+from imgclf.errors import DataError
+from imgclf.images import Rejected
+
+RATIO_LIMIT = 100
+RATIO_FLOOR = 1 << 20
+TOTAL_FLOOR = 1 << 30
+TOTAL_RATIO = 100
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
+                NotImplementedError, RuntimeError, ValueError)
+_TAR_MODES = {"tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
+
+
+class Entry(NamedTuple):
+    """One member as listed: its safe path parts, or the problem that makes it unsafe."""
+
+    name: str
+    parts: tuple[str, ...]
+    problem: str  # "" when safe to read
+    is_file: bool
+    offset: int
+    size: int
+    stamp: int
+    status: str | None = None
+    error: str = ""
+
+
+def total_cap(path: Path | str) -> int:
+    return max(TOTAL_FLOOR, TOTAL_RATIO * os.path.getsize(path))
+
+
+def safe_parts(name: str) -> tuple[tuple[str, ...], str]:
+    """The path parts of a member name, or ((), why it is refused)."""
+    text = name.replace("\\", "/")
+    if "\x00" in text:
+        return (), "NUL byte in the member name"
+    if text.startswith("/") or _DRIVE.match(text):
+        return (), "absolute member name"
+    parts = tuple(p for p in text.split("/") if p not in ("", "."))
+    if ".." in parts:
+        return (), "member name climbs out with '..'"
+    if not parts:
+        return (), "empty member name"
+    return parts, ""
+
+
+# -- listing ----------------------------------------------------------------------------------------
+def list_archive(path: Path, max_bytes: int) -> Iterator[Item | Skipped]:
+    """Every member of the archive at `path` as Item or Skipped, in archive order."""
+    fmt = sources.archive_format(path) or "zip"
+    kind = {"zip": "zip", "tar": "tar"}.get(fmt, "tarstream")
+    entries = list(_zip_entries(path, max_bytes) if fmt == "zip" else _tar_entries(path, fmt, max_bytes))
+    shown, absolute = str(path), os.path.abspath(path)
+    visible = [e.parts for e in entries if e.is_file and not e.problem and not any(map(is_hidden, e.parts))]
+    layout = Layout(sources.split_from_stem(path), wrapper_of(visible))
+    hidden_seen: set[tuple[str, ...]] = set()
+    for e in entries:
+        where = f"{shown}!{e.name}"
+        if e.problem:
+            yield Skipped(shown, where, "unsafe_member" if e.parts or e.name else "unreadable_archive", e.problem)
+        elif not e.is_file:
+            continue
+        elif not all(map(utf8_ok, e.parts)):
+            yield Skipped(shown, where, "bad_name", "the name is not valid UTF-8")
+        elif (top := _hidden_prefix(e.parts)) is not None:
+            if top not in hidden_seen:  # __MACOSX/ mirrors every file: list the folder once
+                hidden_seen.add(top)
+                yield Skipped(shown, f"{shown}!{'/'.join(top)}", "hidden", "hidden or system entry (not read)")
+        elif (place := layout.place(e.parts)) is None:
+            yield Skipped(shown, where, "outside_class_folders", "not inside a class folder")
+        else:
+            yield Item(shown, where, place[0], place[1], kind, absolute, e.name, e.offset, e.size, e.stamp,
+                       e.status, e.error)
+
+
+def _hidden_prefix(parts: tuple[str, ...]) -> tuple[str, ...] | None:
+    for i, part in enumerate(parts):
+        if is_hidden(part):
+            return parts[: i + 1]
+    return None
+
+
+def zip_name(info: zipfile.ZipInfo) -> str:
+    """The member name: UTF-8 when flagged or when the raw bytes are UTF-8 (common, unflagged)."""
+    if info.flag_bits & 0x800:
+        return info.orig_filename
+    try:
+        return info.orig_filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.orig_filename
+
+
+def _unix_mode(info: zipfile.ZipInfo) -> int:
+    return info.external_attr >> 16 if info.create_system == 3 else 0
+
+
+def _zip_type_problem(info: zipfile.ZipInfo) -> str:
+    kind = stat.S_IFMT(_unix_mode(info))
+    if kind in (0, stat.S_IFREG, stat.S_IFDIR):
+        return ""
+    if kind == stat.S_IFLNK:
+        return "symlink member (not followed)"
+    return "device, FIFO or socket member"
+
+
+def _overlapping(infos: list[zipfile.ZipInfo]) -> set[int]:
+    """Members whose data overlaps another's: the overlapping-file zip bomb (CVE-2024-0450)."""
+    order = sorted(range(len(infos)), key=lambda i: infos[i].header_offset)
+    bad: set[int] = set()
+    end, owner = -1, -1
+    for i in order:
+        info = infos[i]
+        if info.header_offset < end:
+            bad.update((i, owner))
+        # 30 bytes of local header at least: a lower bound of the member's extent.
+        if info.header_offset + 30 + info.compress_size > end:
+            end, owner = info.header_offset + 30 + info.compress_size, i
+    return bad
+
+
+def _zip_entries(path: Path, max_bytes: int) -> Iterator[Entry]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: not a readable zip archive ({_first_line(err)})") from None
+    overlapping, cap, total = _overlapping(infos), total_cap(path), 0
+    for index, info in enumerate(infos):
+        name = zip_name(info)
+        parts, problem = safe_parts(name)
+        is_file = not info.is_dir() and stat.S_IFMT(_unix_mode(info)) != stat.S_IFDIR
+        if not is_file and not parts and problem == "empty member name":
+            continue  # "./": harmless, and folders are never created anyway
+        problem = problem or _zip_type_problem(info)
+        if not problem and index in overlapping:
+            problem = "its data overlaps another member's (a zip bomb trick)"
+        status, error = None, ""
+        if problem or not is_file:
+            pass
+        elif info.flag_bits & 0x1:
+            status, error = "unreadable", "encrypted member (no password is asked for)"
+        elif info.file_size > max_bytes:
+            status, error = "too_large", f"declares {info.file_size} bytes, over --max-bytes {max_bytes}"
+        elif info.file_size > RATIO_FLOOR and info.file_size > RATIO_LIMIT * max(1, info.compress_size):
+            status, error = "too_large", (f"compression ratio over {RATIO_LIMIT}:1 "
+                                          f"({info.compress_size} -> {info.file_size} bytes): a zip bomb?")
+        elif total + info.file_size > cap:
+            status, error = "too_large", f"the archive decompresses to more than {cap} bytes in all"
+        else:
+            total += info.file_size
+        yield Entry(name, parts, problem, is_file, index, info.file_size, info.CRC, status, error)
+
+
+@contextlib.contextmanager
+def open_tar(path: Path | str, fmt: str) -> Iterator[tarfile.TarFile]:
+    """A TarFile: random access for a plain .tar, a forward-only stream for compressed ones."""
+    with contextlib.ExitStack() as stack:
+        if fmt == "tar":
+            fileobj: IO[bytes] | None = None
+            mode = "r:"
+        elif fmt == "tar.zst":
+            try:
+                import zstandard
+            except ImportError:
+                raise DataError(f"{path}: reading .tar.zst needs the zstandard package "
+                                "(pip install zstandard)") from None
+            raw = stack.enter_context(open(path, "rb"))
+            fileobj = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
+            mode = "r|"
+        else:
+            fileobj, mode = None, _TAR_MODES[fmt]
+        # backslashreplace: names with bytes that are not UTF-8 still make one stable string.
+        tar = tarfile.open(None if fileobj else path, mode, fileobj=fileobj, errors="backslashreplace")
+        stack.enter_context(tar)
+        yield tar
+
+
+def _tar_type_problem(member: tarfile.TarInfo) -> str:
+    if member.isreg():
+        return "sparse member (not supported)" if member.issparse() else ""
+    if member.isdir():
+        return ""
+    if member.issym():
+        return f"symlink member (-> {member.linkname[:80]!r}) not followed"
+    if member.islnk():
+        return f"hardlink member (-> {member.linkname[:80]!r}) not followed"
+    if member.ischr() or member.isblk():
+        return "device member"
+    if member.isfifo():
+        return "FIFO member"
+    return f"unsupported member type {member.type!r}"
+
+
+def iter_tar(tar: tarfile.TarFile, cap: int) -> Iterator[tarfile.TarInfo | str]:
+    """Members in order; a final string says why reading stopped early (corrupt, cut, over the cap)."""
+    count = 0
+    while True:
+        try:
+            member = tar.next()
+        except _READ_ERRORS as err:
+            yield f"the archive is corrupt or cut after {count} member(s): {_first_line(err)}"
+            return
+        if member is None:
+            return
+        tar.members.clear()  # a TarFile keeps every header it read: memory would grow with the archive
+        if member.offset_data + member.size > cap:
+            yield f"the archive decompresses to more than {cap} bytes; the rest is not read"
+            return
+        count += 1
+        yield member
+
+
+def _tar_entries(path: Path, fmt: str, max_bytes: int) -> Iterator[Entry]:
+    try:
+        with open_tar(path, fmt) as tar:
+            for member in iter_tar(tar, total_cap(path)):
+                if isinstance(member, str):
+                    yield Entry("", (), member, False, -1, -1, -1)
+                    return
+                parts, problem = safe_parts(member.name)
+                if member.isdir() and not parts and problem == "empty member name":
+                    continue  # "./" (tar -C dir .): harmless, and folders are never created anyway
+                problem = problem or _tar_type_problem(member)
+                status, error = None, ""
+                if not problem and member.isreg() and member.size > max_bytes:
+                    status, error = "too_large", f"{member.size} bytes, over --max-bytes {max_bytes}"
+                yield Entry(member.name, parts, problem, member.isreg(), member.offset_data, member.size,
+                            int(member.mtime), status, error)
+    except _READ_ERRORS as err:  # cannot even open it
+        raise DataError(f"{path}: not a readable {fmt} archive ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def stream_members(path: str, wanted: dict[str, tuple[int, str]],
+                   max_bytes: int) -> Iterator[tuple[int, str, bytes | Rejected]]:
+    """Read a compressed tar front to back; yield (id, url, bytes or why not) for each wanted member."""
+    fmt = sources.archive_format(Path(path)) or "tar.gz"
+    reason = "not found in the archive any more"
+    try:
+        with open_tar(path, fmt) as tar:
+            for member in iter_tar(tar, total_cap(path)):
+                if isinstance(member, str):
+                    reason = member
+                    break
+                target = wanted.pop(member.name, None)
+                if target is not None:
+                    yield (*target, _read_tar_member(tar, member, max_bytes))
+                    if not wanted:
+                        return
+    except (*_READ_ERRORS, DataError) as err:
+        reason = f"cannot read the archive: {_first_line(err)}"
+    for target in wanted.values():
+        yield (*target, Rejected("unreadable", reason))
+
+
+def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes | Rejected:
+    if _tar_type_problem(member) or not member.isreg():
+        return Rejected("unreadable", "the member changed type since it was listed")
+    if member.size > max_bytes:
+        return Rejected("too_large", f"{member.size} bytes, over --max-bytes {max_bytes}")
+    try:
+        fh = tar.extractfile(member)
+        data = fh.read(member.size) if fh is not None else b""
+    except _READ_ERRORS as err:
+        return Rejected("unreadable", f"cannot extract: {_first_line(err)}")
+    if len(data) != member.size:
+        return Rejected("unreadable", "the archive ends inside this member")
+    return data
+
+
+class _OpenArchives:
+    """Archives a worker process has open (a few; forked children start with their own)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep, self.pid = keep, os.getpid()
+        self.zips: dict[str, zipfile.ZipFile] = {}
+        self.fds: dict[str, int] = {}
+
+    def _fresh(self) -> None:
+        if self.pid != os.getpid():  # inherited across fork: handles share file offsets, drop them
+            self.pid, self.zips, self.fds = os.getpid(), {}, {}
+
+    def zip(self, path: str) -> zipfile.ZipFile:
+        self._fresh()
+        if path not in self.zips:
+            if len(self.zips) >= self.keep:
+                self.zips.pop(next(iter(self.zips))).close()
+            self.zips[path] = zipfile.ZipFile(path)
+        return self.zips[path]
+
+    def fd(self, path: str) -> int:
+        self._fresh()
+        if path not in self.fds:
+            if len(self.fds) >= self.keep:
+                os.close(self.fds.pop(next(iter(self.fds))))
+            self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self.fds[path]
+
+
+_OPEN = _OpenArchives()
+
+
+def read_member(ref: LocalRef, max_bytes: int) -> bytes | Rejected:
+    """Worker side: one zip member (by index) or plain-tar member (by data offset)."""
+    try:
+        if ref.kind == "zip":
+            return _read_zip_member(_OPEN.zip(ref.file), ref, max_bytes)
+        if ref.size > max_bytes:
+            return Rejected("too_large", f"{ref.size} bytes, over --max-bytes {max_bytes}")
+        data = os.pread(_OPEN.fd(ref.file), ref.size, ref.offset)
+    except _READ_ERRORS as err:
+        return Rejected("unreadable", f"cannot extract: {_first_line(err)}")
+    if len(data) != ref.size:
+        return Rejected("unreadable", "the archive is shorter than when it was listed")
+    return data
+
+
+def _read_zip_member(zf: zipfile.ZipFile, ref: LocalRef, max_bytes: int) -> bytes | Rejected:
+    infos = zf.infolist()
+    info = infos[ref.offset] if 0 <= ref.offset < len(infos) else None
+    if info is None or zip_name(info) != ref.member:
+        return Rejected("unreadable", "the archive changed since it was listed; run the command again")
+    if info.file_size > max_bytes:
+        return Rejected("too_large", f"declares {info.file_size} bytes, over --max-bytes {max_bytes}")
+    with zf.open(info) as fh:  # zipfile stops at the declared size and checks the CRC
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return Rejected("too_large", f"over --max-bytes {max_bytes}")
+    return data
