@@ -32,6 +32,7 @@ class StoreSettings:
     image_format: ImageFormat
     quality: int
     max_bytes: int = 20_000_000  # local files and archive members: read at most this much
+    layout: str = "files"  # "tar": bodies go back to the parent's shard writer (see _writers)
 
 
 @dataclass(frozen=True)

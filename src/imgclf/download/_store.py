@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from imgclf import storage
 from imgclf.download._local import LocalRef, read_local
 from imgclf.download._options import StoreSettings
 from imgclf.images import Decoded, Rejected, decode_image
@@ -40,6 +41,8 @@ class Stored:
     width: int
     height: int
     bytes: int
+    # --layout tar: the encoded image, for the parent's shard writer (nothing was written here)
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def target_size(width: int, height: int, settings: StoreSettings) -> tuple[int, int]:
@@ -97,6 +100,21 @@ def write_atomic(data_dir: Path, rel: str, data: bytes) -> None:
         _write_new(tmp, final, data)
 
 
+def write_file(out: str, rel: str, data: bytes) -> None:
+    """Store one image at out/rel: a local folder (write_atomic) or an object-store URL (one PUT,
+    so the object appears whole or not at all)."""
+    if not storage.is_url(out):
+        write_atomic(Path(out), rel, data)
+        return
+    fs, path = storage.filesystem(storage.join(out, rel))
+    try:
+        fs.pipe_file(path, data)
+    except OSError:
+        raise
+    except Exception as err:  # botocore/aiohttp errors: a row-level storage_error like a full disk
+        raise OSError(f"{err.__class__.__name__}: {str(err)[:200]}") from None
+
+
 def _write_new(tmp: str, final: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -152,8 +170,10 @@ def process_body(body: bytes, settings: StoreSettings) -> Stored | Rejected:
         data, ext = _encode(image, decoded.source_format, settings)
     sha = hashlib.sha256(data).hexdigest()
     rel = f"{IMAGES_DIR}/{sha[:2]}/{sha}.{ext}"
+    if settings.layout == "tar":  # the parent appends it to its current shard (see _writers)
+        return Stored(sha, rel, size[0], size[1], len(data), data)
     try:
-        write_atomic(Path(settings.data_dir), rel, data)
+        write_file(settings.data_dir, rel, data)
     except OSError as err:  # disk full, permissions: a row-level failure, the run goes on
         return Rejected("storage_error", f"cannot write {rel}: {err.strerror or err}")
     return Stored(sha, rel, size[0], size[1], len(data))

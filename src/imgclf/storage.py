@@ -1,0 +1,148 @@
+"""Where a data directory lives, and the one reader of a row's image bytes (core layer).
+
+DATA_DIR is a local folder or an fsspec URL (`s3://bucket/prefix`; credentials and endpoint come
+from the environment as boto and s3fs read them: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL, AWS_PROFILE ...). A stored image is either a file,
+`DATA_DIR/<path>` (layout `files`), or a member of a tar shard, `offset`..`offset + bytes` of
+`DATA_DIR/<shard>` (layout `tar`; see imgclf.manifest). `read_row` is the one reader train,
+evaluate, audit and the report thumbnails use: a local file read, a local `pread`, or one ranged
+GET on object storage, so a reader never needs a whole shard and never holds a dataset in RAM.
+
+Every relative name read from a manifest goes through `confined` first: absolute names, `..`
+and backslashes are refused, so a hostile manifest cannot make a reader leave DATA_DIR.
+
+    read_row("data", RowRef("images/ab/ab12....png"))                        # files layout
+    read_row("s3://bucket/data", RowRef("images/ab/ab12....png", "shards/00003.tar", 1536, 2140))
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgclf.errors import ConfigError, DataError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where one row's image is: the manifest's path, shard, offset and bytes columns."""
+
+    path: str
+    shard: str = ""  # tar layout: the tar, relative to DATA_DIR ("" for a plain file)
+    offset: int = -1  # tar layout: byte offset of the member's data in the tar
+    size: int = 0  # the manifest's `bytes`: the member's size (needed for a ranged read)
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """True for `scheme://...` (s3, gs, memory, ...) except file://, which is a local path."""
+    text = os.fspath(location)
+    return bool(_SCHEME.match(text)) and not text.lower().startswith("file://")
+
+
+def location(text: str | os.PathLike[str]) -> str | Path:
+    """A data directory as given: an object-store URL stays text, anything else is a Path.
+
+    Also an argparse `type=`: `Path("s3://b/p")` would collapse the `//` and lose the URL.
+    """
+    text = os.fspath(text)
+    if text.lower().startswith("file://"):
+        return Path(text[len("file://"):])
+    return text if is_url(text) else Path(text)
+
+
+def display(data_dir: str | os.PathLike[str]) -> str:
+    """The data directory as a user wrote it (a URL) or as an absolute local path."""
+    return str(data_dir) if is_url(data_dir) else str(Path(data_dir).resolve())
+
+
+def confined(rel: str) -> str:
+    """`rel` if it is a plain relative name inside DATA_DIR; DataError otherwise.
+
+    Manifests are data: a row may come from another tool or another person. Absolute names,
+    `..` components, backslashes and NULs could make a reader open files outside DATA_DIR.
+    """
+    if not rel or "\\" in rel or "\x00" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+        raise DataError(f"manifest names {rel!r}: not a relative path inside the data directory")
+    if any(part in ("..", "") for part in rel.split("/")) or posixpath.normpath(rel) != rel:
+        raise DataError(f"manifest names {rel!r}: not a plain relative path inside the data directory")
+    return rel
+
+
+def join(base: str | os.PathLike[str], rel: str) -> str:
+    """`base/rel` for a local folder or a URL (rel is confined first)."""
+    rel = confined(rel)
+    if is_url(base):
+        return os.fspath(base).rstrip("/") + "/" + rel
+    return os.path.join(os.fspath(base), rel)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URL; one line naming the missing package."""
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec comes with lightning
+        raise ConfigError(f"{url}: object storage needs fsspec (pip install 'imgclf[s3]')") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        raise ConfigError(f"{url}: needs the package for this storage ({err}); for S3: "
+                          "pip install 'imgclf[s3]'") from None
+    except ValueError as err:
+        raise ConfigError(f"{url}: not a storage URL fsspec knows ({err})") from None
+
+
+def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int | None = None) -> bytes:
+    """The bytes of `base/rel`, or `size` bytes from `start` (a ranged read). OSError when absent."""
+    target = join(base, rel)
+    if is_url(target):
+        fs, path = filesystem(target)
+        end = None if size is None else start + size
+        try:
+            data = fs.cat_file(path, start=start or None, end=end)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # botocore/aiohttp raise their own types; the caller wants OSError
+            raise OSError(f"{target}: {err.__class__.__name__}: {str(err)[:200]}") from None
+    else:
+        with open(target, "rb") as fh:
+            if size is None:
+                fh.seek(start)
+                data = fh.read()
+            else:
+                data = os.pread(fh.fileno(), size, start)
+    if size is not None and len(data) != size:
+        raise OSError(f"{target}: short read at {start} ({len(data)} of {size} bytes): shard cut or changed")
+    return data
+
+
+def read_row(data_dir: str | os.PathLike[str], ref: RowRef) -> bytes:
+    """The stored image bytes of one manifest row, from a file or from its tar shard."""
+    if ref.shard:
+        if ref.offset < 0 or ref.size <= 0:
+            raise DataError(f"manifest row {ref.path!r} in shard {ref.shard!r} lacks offset/bytes")
+        return read_bytes(data_dir, ref.shard, ref.offset, ref.size)
+    return read_bytes(data_dir, ref.path)
+
+
+def exists(base: str | os.PathLike[str], rel: str) -> bool:
+    target = join(base, rel)
+    if is_url(target):
+        fs, path = filesystem(target)
+        return bool(fs.exists(path))
+    return os.path.isfile(target)
+
+
+def upload(local: str | os.PathLike[str], base: str, rel: str) -> None:
+    """Copy a finished local file to `base/rel` on object storage.
+
+    One PUT (or a multipart upload completed at the end): the object appears whole or not at
+    all, which is the object-store form of write-to-temp-then-rename.
+    """
+    fs, path = filesystem(join(base, rel))
+    fs.put_file(os.fspath(local), path)
