@@ -12,33 +12,55 @@ import logging
 import sys
 
 from imgclf import __version__
-from imgclf.cli import _demo, _download, _evaluate, _export, _predict, _serve, _train
+from imgclf.cli import _config, _demo, _download, _evaluate, _export, _predict, _serve, _train
+from imgclf.cli._common import Parser, add_verbosity
 from imgclf.errors import ImgclfError
 
 STAGES = ("download", "train", "evaluate", "predict", "export", "serve", "demo")
+# Commands that are not pipeline stages: helpers around them.
+TOOLS = ("config",)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+COMMANDS = (_download, _train, _evaluate, _predict, _export, _serve, _demo, _config)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="imgclf",
         description="From a list of labelled image URLs to an evaluated, deployable image classifier. "
                     "Stages: download -> train -> evaluate -> predict / export / serve; demo runs them all.")
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(STAGES) + "}")
-    for module in (_download, _train, _evaluate, _predict, _export, _serve, _demo):
+    add_verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(STAGES + TOOLS) + "}")
+    for module in COMMANDS:
         module.add(sub)
+    for command in sub.choices.values():
+        add_verbosity(command, top=False)
+        command.takes_config_keys = any(a.dest == "overrides" for a in command._actions)
     return parser
+
+
+def _parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown option is reported by the subcommand that was meant, with a suggestion."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        target = subparsers.choices.get(getattr(args, "command", None) or "", parser)
+        target.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    return logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
     except ImgclfError as err:

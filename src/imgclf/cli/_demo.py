@@ -9,7 +9,7 @@ from pathlib import Path
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline offline on the bundled Fashion-MNIST sample")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for data and run")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seeds the split, training and the report's bootstrap")
     p.add_argument("--limit", type=int, default=None,
                    help="use at most N images per class and split (a quick look; default: all 4,000)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars")

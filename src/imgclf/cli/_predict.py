@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from imgclf.cli._common import add_model_argument, add_output_argument
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -13,16 +14,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                                    "unreadable input gets its error in its row and the rest go on.")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs ('a/**/*.jpg'), "
                                              "http(s) URLs, or a CSV/TSV with a url or path column")
-    p.add_argument("--model", required=True, type=Path,
-                   help="run directory, checkpoint (.ckpt/.pt), or a file from `imgclf export`")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output file, .csv or .jsonl (default: CSV on stdout)")
+    add_model_argument(p, required=True)
+    add_output_argument(p, "output file, .csv or .jsonl (default: CSV on stdout)")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
-                   help="output format (default: from --out's suffix, else csv)")
-    p.add_argument("--top-k", type=int, default=5, help="labels per row (default 5)")
-    p.add_argument("--batch-size", type=int, default=64)
+                   help="format of the output file (default: from --output's suffix, else csv)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per row")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
-                   help="auto: onnx for .onnx files, torchscript for exported TorchScript, else torch")
+                   help="auto: the model file's own (onnx for .onnx, torchscript for exported TorchScript, "
+                        "else torch)")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds allowed per URL fetch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=handle)
@@ -38,7 +38,7 @@ def handle(args: argparse.Namespace) -> int:
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
                                      fetch=FetchOptions(allow_private=True, total_timeout=args.timeout))
     try:
-        ok, failed = predict.run(args.inputs, args.model, args.out, args.backend, options, args.format)
+        ok, failed = predict.run(args.inputs, args.model, args.output, args.backend, options, args.format)
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from imgclf.cli._common import add_model_argument
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (FastAPI): /predict, /health, /labels, /",
                        description="HTTP service: POST /predict (multipart image or JSON {\"url\": ...}), "
                                    "GET /health, GET /labels, GET /docs, and a page at /.")
-    p.add_argument("--model", required=True, type=Path,
-                   help="run directory, checkpoint, or a file from `imgclf export`")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto")
+    add_model_argument(p, required=True)
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
+                   help="auto: the model file's own")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let {'url': ...} fetch private, loopback and link-local addresses")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
-    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds allowed per URL fetch")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds allowed per URL fetch ({'url': ...})")
+    p.add_argument("--fetch-timeout", dest="timeout", type=float, help=argparse.SUPPRESS)  # before 0.2
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests that arrive together are classified in one batch of at most this size")
     p.add_argument("--max-concurrency", type=int, default=64,
@@ -32,6 +34,6 @@ def handle(args: argparse.Namespace) -> int:
     from imgclf.net.guard import FetchOptions
 
     max_bytes = int(args.max_upload_mb * 1024 * 1024)
-    fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.fetch_timeout, max_bytes=max_bytes)
+    fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.timeout, max_bytes=max_bytes)
     options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch)
     return serve.run(args.model, args.backend, args.host, args.port, options, args.max_concurrency)

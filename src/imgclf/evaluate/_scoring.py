@@ -1,0 +1,108 @@
+"""The model side of evaluate: open any model (run, checkpoint, ONNX, TorchScript), score a split.
+
+Evaluate takes a model wherever predict, export and serve do (`imgclf.modelfile.identify`).
+PyTorch weights run on the chosen device; an exported file runs on its own backend
+(onnxruntime or TorchScript), through the same eval preprocessing stored with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from imgclf.data import ImageFolderFrame
+from imgclf.errors import ConfigError, DataError, first_line
+from imgclf.modelfile import ModelKind, identify
+from imgclf.models import fast_layout
+from imgclf.presets import Preprocessing, eval_transform
+
+
+@dataclass
+class EvalModel:
+    """What evaluate needs to know about a model, whatever file it came from."""
+
+    path: Path
+    class_names: list[str]
+    preprocessing: Preprocessing
+    arch: str
+    config: dict[str, Any]  # the training config as plain data ({} for exported files)
+    num_workers: int  # the run's data.num_workers (decoding processes), 0 for exported files
+    # normalised float batch -> (N, K) float64 probabilities
+    probabilities: Callable[[torch.Tensor], np.ndarray] = field(repr=False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: no such CUDA device here "
+                          f"({torch.cuda.device_count()} visible); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def _torch_model(path: Path, device: torch.device) -> EvalModel:
+    from imgclf.checkpoint import load_model
+
+    loaded = load_model(path)
+    model = loaded.model.to(device).eval()
+
+    def probabilities(batch: torch.Tensor) -> np.ndarray:
+        logits = model(fast_layout(batch.to(device, non_blocking=True)))
+        # float64 softmax: probabilities sum to 1 closely enough for log loss.
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+    return EvalModel(loaded.path, loaded.class_names, loaded.preprocessing, loaded.config.model.arch,
+                     loaded.config.to_plain(), loaded.config.data.num_workers, probabilities)
+
+
+def _exported_model(path: Path, kind: ModelKind, device_name: str) -> EvalModel:
+    from imgclf.inference import load_classifier
+    from imgclf.modelfile import load_torchscript, read_onnx_metadata
+
+    if device_name not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device_name}: {path} is an exported {kind.value} file, which runs on its "
+                          "own backend; evaluate the run directory or checkpoint to choose a device")
+    meta = read_onnx_metadata(path) if kind == ModelKind.ONNX else load_torchscript(path)[1]
+    backend = load_classifier(path).backend
+
+    def probabilities(batch: torch.Tensor) -> np.ndarray:
+        return np.asarray(backend.probabilities(batch), dtype=np.float64)
+
+    return EvalModel(path, meta.class_names, meta.preprocessing, meta.arch, {}, 0, probabilities)
+
+
+def open_model(path: Path, device: str) -> EvalModel:
+    kind = identify(path)
+    if kind in (ModelKind.RUN, ModelKind.CHECKPOINT):
+        return _torch_model(path, _device(device))
+    return _exported_model(path, kind, device)
+
+
+def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batch_size: int,
+                  num_workers: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float64 probabilities and (N,) true class indices, in frame order."""
+    dataset = ImageFolderFrame(frame, images_root, model.class_names, eval_transform(model.preprocessing))
+    workers = model.num_workers if num_workers is None else num_workers
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=torch.cuda.is_available())
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for images, _ in loader:
+                chunks.append(model.probabilities(images))
+    except (ValueError, OSError) as err:  # a file removed or corrupted since download
+        raise DataError(f"cannot read an evaluation image: {first_line(err)}") from None
+    return np.concatenate(chunks), dataset.targets.numpy()
