@@ -134,12 +134,14 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, log: Path | None 
     return wall, peak
 
 
-def run_imgclf(urls: Path, out: Path, args: argparse.Namespace, log: Path) -> dict:
-    cmd = [sys.executable, "-m", "imgclf", "download", str(urls), "--out", str(out), "--no-progress",
-           "--processes", str(args.processes), "--concurrency", str(args.concurrency),
-           "--per-host", str(args.concurrency), "--timeout", str(args.timeout),
-           "--retries", str(args.retries),
-           "--resize", "shorter", "--size", str(args.size), "--format", "jpeg", "--quality", "90"]
+def run_imgclf(urls: Path, out: Path, args: argparse.Namespace, log: Path, extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "imgclf", "download", str(urls), "--out", str(out), "--no-progress"]
+    if not args.default_flags:
+        cmd += ["--processes", str(args.processes), "--concurrency", str(args.concurrency),
+                "--per-host", str(args.concurrency), "--timeout", str(args.timeout),
+                "--retries", str(args.retries),
+                "--resize", "shorter", "--size", str(args.size), "--format", "jpeg", "--quality", "90"]
+    cmd += list(extra)
     wall, peak = measure(cmd, log=log)
     manifest = pd.read_parquet(out / "manifest.parquet", columns=["status"])
     counts = manifest["status"].value_counts().to_dict()
@@ -148,14 +150,16 @@ def run_imgclf(urls: Path, out: Path, args: argparse.Namespace, log: Path) -> di
 
 
 def run_img2dataset(urls: Path, out: Path, args: argparse.Namespace, log: Path) -> dict:
-    code = (
-        "from img2dataset import download\n"
-        f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, input_format='csv', url_col='url', "
-        f"caption_col='label', output_format='files', processes_count={args.processes}, "
+    matched = (
+        f", output_format='files', processes_count={args.processes}, "
         f"thread_count={args.concurrency}, image_size={args.size}, resize_mode='keep_ratio', "
         f"resize_only_if_bigger=True, encode_format='jpg', encode_quality=90, timeout={args.timeout}, "
         f"retries={args.retries}, number_sample_per_shard=1000, enable_wandb=False, "
-        "distributor='multiprocessing')\n")
+        "distributor='multiprocessing'")
+    code = (
+        "from img2dataset import download\n"
+        f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, input_format='csv', url_col='url', "
+        f"caption_col='label'{'' if args.default_flags else matched})\n")
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     wall, peak = measure([args.img2dataset, "-c", code], env=env, log=log)
     ok = rows = 0
@@ -176,6 +180,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="output side for both tools")
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--retries", type=int, default=1)
+    parser.add_argument("--default-flags", action="store_true",
+                        help="run both tools with their default flags (only input, output and columns given)")
     parser.add_argument("--img2dataset", default="", help="python of a venv with img2dataset (skip if empty)")
     parser.add_argument("--rss-rows", type=int, default=0,
                         help="also run imgclf alone on this many rows of fast 404s (memory of the row path)")
@@ -195,7 +201,8 @@ def main() -> None:
     server.start()
     base = f"http://127.0.0.1:{ports.get(timeout=60)}"
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; "
-          f"latency {args.latency * 1000:.0f} ms, processes {args.processes}, concurrency {args.concurrency}")
+          f"latency {args.latency * 1000:.0f} ms, "
+          + ("default flags" if args.default_flags else f"processes {args.processes}, concurrency {args.concurrency}"))
     try:
         if args.images:
             urls = work / "urls.csv"

@@ -13,6 +13,9 @@ Routes:
     /loop/{a|b}                  a -> b -> a ...
     /gzip/{name}                 the body gzip-compressed, with Content-Encoding: gzip
     /stream/{n}                  n bytes in chunks, without Content-Length
+    /limited/{k}/{name}          a rate-limited host: 429 when more than k of these requests are
+                                 in flight, else /file/{name} after ?ms= milliseconds
+                                 (`server.limited` counts served, rejected and the peak in flight)
 A per-request `latency` (seconds) slows every route down (for the kill-and-resume test).
 """
 
@@ -34,6 +37,7 @@ class FaultServer:
         self.counts: Counter[str] = Counter()
         self.files: dict[str, tuple[bytes, str]] = {}
         self._flaky: Counter[str] = Counter()
+        self.limited: Counter[str] = Counter()  # served, rejected, peak, in_flight
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -71,6 +75,7 @@ class FaultServer:
             web.get("/hang", self._hang), web.get("/reset", self._reset),
             web.get("/redirect/{n}/{name}", self._redirect), web.get("/loop/{side}", self._loop_route),
             web.get("/gzip/{name}", self._gzip), web.get("/stream/{n}", self._stream),
+            web.get("/limited/{k}/{name}", self._limited),
         ])
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -107,6 +112,21 @@ class FaultServer:
             return web.Response(status=code, text="try later", headers=headers)
         body, ctype = self._body(info["name"])
         return web.Response(body=body, content_type=ctype)
+
+    async def _limited(self, request: web.Request) -> web.Response:
+        stats = self.limited
+        if stats["in_flight"] >= int(request.match_info["k"]):
+            stats["rejected"] += 1
+            return web.Response(status=429, text="slow down")
+        stats["in_flight"] += 1
+        stats["peak"] = max(stats["peak"], stats["in_flight"])
+        try:
+            await asyncio.sleep(float(request.query.get("ms", "0")) / 1000)
+            body, ctype = self._body(request.match_info["name"])
+            stats["served"] += 1
+            return web.Response(body=body, content_type=ctype)
+        finally:
+            stats["in_flight"] -= 1
 
     async def _trickle(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": "100000"})

@@ -4,7 +4,9 @@ Each attempt has a connect timeout, a read timeout (longest silence) and a total
 covers redirects and the whole body, so a server that trickles a byte a second frees its slot.
 Timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and full
 jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects and the capped
-body read are imgclf.net.http's, shared with predict and serve.
+body read are imgclf.net.http's, shared with predict and serve. How many attempts each host
+gets at a time is the limiter's call (`_politeness`: adaptive by default, `--per-host N` fixed);
+each attempt tells it how the host answered.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from imgclf.net import http as _http
 from imgclf.download._options import DownloadOptions
+from imgclf.download._politeness import HostLimiter, Slot
+from imgclf.net import http as _http
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
@@ -57,9 +60,11 @@ def retry_after_seconds(value: str | None) -> float | None:
 class Fetcher:
     """Owns the aiohttp session; `await fetcher.fetch(url)` for each URL, then `await close()`."""
 
-    def __init__(self, options: DownloadOptions) -> None:
+    def __init__(self, options: DownloadOptions, limiter: HostLimiter | None = None) -> None:
         self.options = options
-        connector = aiohttp.TCPConnector(limit=options.concurrency, limit_per_host=options.per_host,
+        self.limiter = limiter or HostLimiter(options.concurrency, options.per_host)
+        # Per host, the limiter decides (limit_per_host=0: none in the connector).
+        connector = aiohttp.TCPConnector(limit=options.concurrency, limit_per_host=0,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(total=None, connect=options.connect_timeout,
                                         sock_connect=options.connect_timeout, sock_read=options.read_timeout)
@@ -76,21 +81,28 @@ class Fetcher:
         attempts, last = 0, Fetched("connection_error", "not attempted")
         while True:
             attempts += 1
-            try:
-                async with asyncio.timeout(opts.timeout):
-                    body, http_status = await self._attempt(url)
-                return Fetched(None, "", http_status, attempts, body)
-            except _http.HttpFailure as err:
-                return Fetched(err.status, err.error, err.http_status, attempts)
-            except _Retryable as err:
-                last, wait = Fetched(err.status, err.error, err.http_status, attempts), err.wait
-            except aiohttp.ServerTimeoutError as err:  # connect or read timeout (a TimeoutError too)
-                last, wait = Fetched("timeout", _describe(err), 0, attempts), None
-            except TimeoutError:
-                last, wait = Fetched("timeout", f"no complete answer within the {opts.timeout:g}s deadline",
-                                     0, attempts), None
-            except (aiohttp.ClientError, OSError) as err:
-                last, wait = Fetched("connection_error", _describe(err), 0, attempts), None
+            async with self.limiter.slot(url) as slot:  # waiting for a slot is not part of the deadline
+                try:
+                    async with asyncio.timeout(opts.timeout):
+                        body, http_status = await self._attempt(url, slot)
+                    return Fetched(None, "", http_status, attempts, body)
+                except _http.HttpFailure as err:
+                    return Fetched(err.status, err.error, err.http_status, attempts)
+                except _Retryable as err:
+                    last, wait = Fetched(err.status, err.error, err.http_status, attempts), err.wait
+                except _NoHeaders as err:
+                    last, wait = Fetched("timeout", str(err), 0, attempts), None
+                    slot.failed()
+                except aiohttp.ServerTimeoutError as err:  # connect or read timeout (a TimeoutError too)
+                    last, wait = Fetched("timeout", _describe(err), 0, attempts), None
+                    slot.failed()
+                except TimeoutError:
+                    last, wait = Fetched("timeout", f"no complete answer within the {opts.timeout:g}s deadline",
+                                         0, attempts), None
+                    slot.failed()
+                except (aiohttp.ClientError, OSError) as err:
+                    last, wait = Fetched("connection_error", _describe(err), 0, attempts), None
+                    slot.failed()
             if attempts > opts.retries:
                 if attempts > 1:
                     last.error = f"{last.error} (after {attempts} attempts)"
@@ -104,16 +116,34 @@ class Fetcher:
         # Full jitter: spreads retries of many rows that failed together (a flapping host).
         return random.uniform(0.5, 1.0) * min(opts.max_backoff, opts.backoff * 2 ** (attempt - 1))
 
-    async def _attempt(self, url: str) -> tuple[bytes, int]:
-        async with _http.get(self.session, url, self.options.max_redirects) as resp:
-            if resp.status in RETRY_STATUSES:
-                wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                raise _Retryable("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
-                                 resp.status, wait)
-            if not 200 <= resp.status < 300:
-                raise _http.HttpFailure("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(),
-                                        resp.status)
-            return await _http.read_capped(resp, self.options.max_bytes), resp.status
+    async def _attempt(self, url: str, slot: Slot) -> tuple[bytes, int]:
+        started = time.monotonic()
+        wait = slot.rtt.deadline(self.options.read_timeout) if self.options.adaptive_timeout else None
+        if wait is not None and wait >= self.options.read_timeout:
+            wait = None  # aiohttp's own read timeout says it (same value)
+        try:
+            async with asyncio.timeout(wait) as headers_due:
+                async with _http.get(self.session, url, self.options.max_redirects) as resp:
+                    headers_due.reschedule(None)  # the body has its own limits (--read-timeout, --timeout)
+                    slot.answered(time.monotonic() - started, resp.status)  # time to headers: host latency
+                    return await self._answer(resp)
+        except TimeoutError:
+            if wait is not None and headers_due.expired():
+                raise _NoHeaders(f"no response headers within {wait:.1f}s (this host usually answers in "
+                                 f"{slot.rtt.srtt * 1000:.0f} ms)") from None
+            raise
+
+    async def _answer(self, resp: aiohttp.ClientResponse) -> tuple[bytes, int]:
+        if resp.status in RETRY_STATUSES:
+            wait = retry_after_seconds(resp.headers.get("Retry-After"))
+            raise _Retryable("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status, wait)
+        if not 200 <= resp.status < 300:
+            raise _http.HttpFailure("http_error", f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status)
+        return await _http.read_capped(resp, self.options.max_bytes), resp.status
+
+
+class _NoHeaders(Exception):
+    """The host's adaptive header deadline passed (see _politeness.Rtt)."""
 
 
 def _describe(err: BaseException) -> str:

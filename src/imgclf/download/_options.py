@@ -39,10 +39,11 @@ class StoreSettings:
 class DownloadOptions:
     # Network
     concurrency: int = 64
-    per_host: int = 16
+    per_host: int | None = None  # None: adapts per host (see _politeness); N: a fixed cap per host
     timeout: float = 30.0  # total deadline per attempt: connect + headers + redirects + body
     connect_timeout: float = 10.0
     read_timeout: float = 15.0  # longest silence between two reads
+    adaptive_timeout: bool = True  # wait for headers a few times the host's usual latency (see _politeness)
     retries: int = 3
     backoff: float = 0.5  # first retry waits about this long; doubles each time, with jitter
     max_backoff: float = 30.0
@@ -68,10 +69,16 @@ class DownloadOptions:
     label_col: str | None = None
     split_col: str | None = None
     path_col: str | None = None
+    # Storage (see _writers, _sink): --out may be an object-store URL; its state then lives locally
+    layout: Literal["files", "tar"] = "files"
+    shard_size: int = 1000  # --layout tar: images per tar shard (a kill loses at most one open shard)
+    state_dir: str | None = None  # URL --out: local folder for the resume state (None: ~/.cache/imgclf/state/...)
 
     def __post_init__(self) -> None:
-        positive = ("concurrency", "per_host", "timeout", "connect_timeout", "read_timeout", "max_bytes",
-                    "max_pixels", "size", "chunk_rows")
+        if self.per_host is not None and self.per_host < 1:
+            raise ConfigError(f"download: --per-host must be > 0 (got {self.per_host})")
+        positive = ("concurrency", "timeout", "connect_timeout", "read_timeout", "max_bytes",
+                    "max_pixels", "size", "chunk_rows", "shard_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"download: {_flag(name)} must be > 0 (got {getattr(self, name)})")
@@ -87,6 +94,8 @@ class DownloadOptions:
             raise ConfigError(f"download: --quality must be within 1..100 (got {self.quality})")
         if self.processes is not None and self.processes < 1:
             raise ConfigError(f"download: --processes must be >= 1 (got {self.processes})")
+        if self.layout not in ("files", "tar"):
+            raise ConfigError(f"download: --layout must be files or tar (got {self.layout!r})")
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> DownloadOptions:
@@ -105,11 +114,12 @@ class DownloadOptions:
     def store_settings(self, data_dir: str) -> StoreSettings:
         return StoreSettings(data_dir=data_dir, limits=ImageLimits(self.max_pixels, self.min_side),
                              resize=self.resize, size=self.size, image_format=self.image_format,
-                             quality=self.quality, max_bytes=self.max_bytes)
+                             quality=self.quality, max_bytes=self.max_bytes, layout=self.layout)
 
     def columns(self) -> Columns:
         return Columns(url=self.url_col, label=self.label_col, split=self.split_col, path=self.path_col)
 
     def storage_key(self) -> str:
         """Options that change the stored files: a resumed run must use the same ones."""
-        return f"resize={self.resize} size={self.size} format={self.image_format} quality={self.quality}"
+        key = f"resize={self.resize} size={self.size} format={self.image_format} quality={self.quality}"
+        return key if self.layout == "files" else f"{key} layout={self.layout}"  # old states: files
