@@ -21,15 +21,27 @@ predict). Columns, in order, with their meaning:
     width, height int    stored image size (0 when none)
     bytes         int    stored file size (0 when none)
     duplicate_of  int    for status "duplicate": the row whose image this row repeats, else -1
+    shard         str    `download --layout tar`: the tar holding the image, relative to DATA_DIR
+                         (`shards/00007.tar`); "" when the image is a plain file at `path`
+    offset        int    `--layout tar`: byte offset of the image's data inside `shard` (its size is
+                         `bytes`, so one ranged read fetches it); -1 for a plain file
+
+In the tar layout `path` is the member's name inside the shard (the same name the files layout
+would give the file), so `path` stays a unique, content-addressed key in both layouts; read an
+image with `imgclf.storage.read_row(data_dir, ref)` (refs from `row_refs(frame)`), which handles both. DATA_DIR may
+be a local folder or an object-store URL (`s3://bucket/prefix`, see imgclf.storage).
 
 Rows with status "duplicate" still have a valid `path` (the shared file), so a
 consumer may choose to use them; training uses only status "ok". Local files that get no
 row (hidden, outside class folders, not regular files, unsafe archive members) are listed
-under `skipped` in download_report.json. Manifests written before local sources read as before.
+under `skipped` in download_report.json. Manifests written before local sources, or before
+`shard`/`offset` existed, read as before (missing columns take the defaults above).
 """
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -75,7 +87,10 @@ COLUMNS: dict[str, str] = {
     "height": "int64",
     "bytes": "int64",
     "duplicate_of": "int64",
+    "shard": "string",
+    "offset": "int64",
 }
+_DEFAULTS = {"duplicate_of": -1, "offset": -1}
 
 
 def normalize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -85,8 +100,7 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
         if name in frame:
             col = frame[name]
         else:
-            col = pd.Series(-1 if name == "duplicate_of" else ("" if dtype == "string" else 0),
-                            index=frame.index)
+            col = pd.Series(_DEFAULTS.get(name, "" if dtype == "string" else 0), index=frame.index)
         out[name] = col.fillna("" if dtype == "string" else 0).astype(dtype)
     return out
 
@@ -130,6 +144,11 @@ def make_data_dir_hint(data_dir: Path) -> str:
 
 
 def read_manifest(data_dir: str | Path) -> pd.DataFrame:
+    """The manifest of a local DATA_DIR or of one on object storage (`s3://bucket/prefix`)."""
+    from imgclf import storage  # imports this module (RowRef): imported here, not at the top
+
+    if storage.is_url(data_dir):
+        return _read_remote_manifest(str(data_dir))
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         hint = make_data_dir_hint(Path(data_dir))
@@ -138,10 +157,51 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
         raise DataError(f"{path}: unreadable manifest ({err.__class__.__name__})") from None
+    return _checked(frame, path)
+
+
+def _read_remote_manifest(data_dir: str) -> pd.DataFrame:
+    from imgclf import storage
+
+    url = storage.join(data_dir, MANIFEST_NAME)
+    try:
+        data = storage.read_bytes(data_dir, MANIFEST_NAME)
+    except FileNotFoundError:
+        raise DataError(f"{url}: no manifest here; run `imgclf download ... --out {data_dir}` first") from None
+    except OSError as err:
+        raise DataError(f"{url}: cannot read the manifest ({str(err)[:200]})") from None
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{url}: unreadable manifest ({err.__class__.__name__})") from None
+    return _checked(frame, url)
+
+
+def _checked(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     missing = [c for c in ("url", "label", "split", "status", "path") if c not in frame]
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
     return normalize(frame)
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where one row's image is: the path, shard, offset and bytes columns (imgclf.storage.read_row)."""
+
+    path: str
+    shard: str = ""  # tar layout: the tar, relative to DATA_DIR ("" for a plain file)
+    offset: int = -1  # tar layout: byte offset of the member's data in the tar
+    size: int = 0  # the `bytes` column: the member's size (a ranged read needs it)
+
+
+def row_refs(frame: pd.DataFrame) -> list[RowRef]:
+    """Where each row's image is (for imgclf.storage.read_row); frames without shard columns are files."""
+    n = len(frame)
+    shards = frame["shard"].tolist() if "shard" in frame else [""] * n
+    offsets = frame["offset"].tolist() if "offset" in frame else [-1] * n
+    sizes = frame["bytes"].tolist() if "bytes" in frame else [0] * n
+    return [RowRef(str(p), "" if pd.isna(s) else str(s), -1 if pd.isna(o) else int(o), 0 if pd.isna(b) else int(b))
+            for p, s, o, b in zip(frame["path"].tolist(), shards, offsets, sizes, strict=True)]
 
 
 def usable_rows(frame: pd.DataFrame, split: str | None = None) -> pd.DataFrame:

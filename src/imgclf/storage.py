@@ -20,23 +20,16 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ConfigError, DataError
+from imgclf.manifest import RowRef
+
+__all__ = ["RowRef", "confined", "display", "exists", "filesystem", "is_url", "join", "location", "read_bytes",
+           "read_row", "upload"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """Where one row's image is: the manifest's path, shard, offset and bytes columns."""
-
-    path: str
-    shard: str = ""  # tar layout: the tar, relative to DATA_DIR ("" for a plain file)
-    offset: int = -1  # tar layout: byte offset of the member's data in the tar
-    size: int = 0  # the manifest's `bytes`: the member's size (needed for a ranged read)
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:

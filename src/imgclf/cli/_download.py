@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from imgclf.storage import location
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="image folders, archives or URL lists -> validated images + manifest",
@@ -16,7 +18,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", type=Path,
                    help="folders, archives, CSV/TSV/Parquet tables, mixed freely; a source named "
                         "train/val/test names the split when nothing else does")
-    p.add_argument("--out", required=True, type=Path, help="data directory to write images and manifest into")
+    p.add_argument("--out", required=True, type=location,
+                   help="data directory to write images and manifest into: a folder or an object-store URL "
+                        "(s3://bucket/prefix; credentials and endpoint from AWS_* environment variables)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight in total (default 64)")
     p.add_argument("--per-host", type=int, default=16, help="requests in flight per host (default 16)")
     p.add_argument("--processes", type=int, default=None,
@@ -42,6 +46,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--layout", choices=("files", "tar"), default="files",
+                   help="files: one file per image under images/; tar: images packed into tar shards "
+                        "under shards/ (WebDataset-compatible; for object storage and large data)")
+    p.add_argument("--shard-size", type=int, default=1000, help="--layout tar: images per tar shard")
+    p.add_argument("--state-dir", default=None,
+                   help="object-storage --out: local folder for the resume state "
+                        "(by default ~/.cache/imgclf/state/<hash of --out>)")
     for name, default in (("url", "url"), ("label", "label"), ("split", "split"), ("path", "path")):
         p.add_argument(f"--{name}-col", default=None, metavar="NAME",
                        help=f"table column holding the {name} (default: {default})")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
+from imgclf.storage import location
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a run (or shipped weights) on a split of a data directory.")
     p.add_argument("run_dir", nargs="?", type=Path, help="run directory written by `imgclf train`")
     p.add_argument("--weights", type=Path, default=None, help="evaluate a checkpoint file instead of a run")
-    p.add_argument("--data", type=Path, default=None, help="data directory (default: the run's)")
+    p.add_argument("--data", type=location, default=None,
+                   help="data directory, a folder or an s3://... URL (default: the run's)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write (default: the run directory; with --weights: "

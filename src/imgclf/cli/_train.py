@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from imgclf.storage import location
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier from a config into a run directory",
                        description="Train from a YAML config on a downloaded data directory. "
                                    "Extra key=value arguments override config keys (trainer.epochs=3).")
     p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--data", required=True, type=Path, help="data directory written by `imgclf download`")
+    p.add_argument("--data", required=True, type=location,
+                   help="data directory written by `imgclf download` (a folder or an s3://... URL)")
     p.add_argument("--out", required=True, type=Path, help="run directory to create (or resume)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt "

@@ -39,10 +39,12 @@ from imgclf.download._local import check_out_dir
 from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs
+from imgclf.download._sink import Target, TarSink, next_shard_number
 from imgclf.download._state import STATE_NAME, Outcome, State
 from imgclf.download._store import IMAGES_DIR, TMP_DIR, Stored, die_with_parent
 from imgclf.errors import DataError, ImgclfError
 from imgclf.images import Rejected
+from imgclf.manifest import MANIFEST_NAME, REPORT_NAME
 from imgclf.net.http import check_url
 
 __all__ = ["DownloadOptions", "DownloadResult", "run", "check_url", "STATE_NAME"]
@@ -62,18 +64,21 @@ class DownloadResult:
     elapsed_s: float
 
 
-def run(sources: list[Path], out_dir: Path, options: DownloadOptions | None = None) -> DownloadResult:
-    """Download every row of `sources` into `out_dir`; resumes whatever an earlier run left."""
+def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | None = None) -> DownloadResult:
+    """Download every row of `sources` into `out_dir` (a folder or an object-store URL, see _sink);
+    resumes whatever an earlier run left."""
     options = options or DownloadOptions()
     paths = [Path(p) for p in sources]
     if not paths:
         raise DataError("download: give at least one source (a table, a folder or an archive)")
     for path in paths:
         _sources.source_kind(path)  # a one-line error for a missing or unsupported source
-    data_dir = Path(out_dir)
+    target = Target.resolve(out_dir, options.state_dir)
+    data_dir = target.work_dir  # the local --out itself, or the local state folder of a URL --out
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: --out exists and is not a directory")
-    check_out_dir(paths, data_dir)
+    if not target.remote:
+        check_out_dir(paths, data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     state = State(data_dir)
@@ -87,19 +92,20 @@ def run(sources: list[Path], out_dir: Path, options: DownloadOptions | None = No
         fetched, ok, interrupted = 0, 0, False
         fetch_started = time.monotonic()
         try:
-            fetched, ok = _fetch_pending(state, options.store_settings(str(data_dir)), options)
+            fetched, ok = _fetch_pending(state, options.store_settings(target.out), options, target)
         except KeyboardInterrupt:
             interrupted = True  # committed results stay; the manifest below marks the rest pending
         fetch_s = time.monotonic() - fetch_started
         if not interrupted:
             if crashed:
-                _remove_orphans(state, data_dir)
+                _remove_orphans(state, target)
             state.end_run()
         extra = {"fetched_this_run": fetched, "ok_this_run": ok, "fetch_s": round(fetch_s, 3),
                  "images_per_s": round(ok / fetch_s, 2) if fetched and fetch_s > 0 else 0.0,
                  "interrupted": interrupted, "options": options.storage_key(),
                  "skipped": state.skipped_report()}
         manifest, report_path, report = write_outputs(state, data_dir, extra)
+        target.publish(MANIFEST_NAME, REPORT_NAME)  # a URL --out: upload them (local: already there)
     finally:
         state.close()
     elapsed = time.monotonic() - started
@@ -123,7 +129,8 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
-def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptions) -> tuple[int, int]:
+def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptions,
+                   target: Target) -> tuple[int, int]:
     """Fetch every unfinished URL; return (URLs finished, of which ok)."""
     pending = state.pending_count()
     if pending == 0:
@@ -132,7 +139,7 @@ def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptio
     progress = Progress(pending, options.show_progress)
     try:
         with progress:
-            return asyncio.run(_download(state, settings, options, pool, progress))
+            return asyncio.run(_download(state, settings, options, pool, progress, target))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -143,11 +150,21 @@ class _Recorder:
     def __init__(self, state: State) -> None:
         self.state, self.buffer, self.done, self.ok = state, [], 0, 0
         self.last = time.monotonic()
+        self.sink: TarSink | None = None  # --layout tar: ok rows are committed with their shard
 
     def add(self, outcome: Outcome) -> None:
+        if outcome.data is not None and self.sink is not None:
+            self.sink.add(outcome)
+            return
         self.buffer.append(outcome)
         if len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.last >= _FLUSH_EVERY_S:
             self.flush()
+
+    def commit(self, outcomes: list[Outcome]) -> None:
+        """A published shard's rows, in one transaction."""
+        self.flush()
+        self.buffer = outcomes
+        self.flush()
 
     def flush(self) -> None:
         if self.buffer:
@@ -159,9 +176,12 @@ class _Recorder:
 
 
 async def _download(state: State, settings: StoreSettings, options: DownloadOptions,
-                    pool: concurrent.futures.ProcessPoolExecutor, progress: Progress) -> tuple[int, int]:
+                    pool: concurrent.futures.ProcessPoolExecutor, progress: Progress,
+                    target: Target) -> tuple[int, int]:
     fetcher = Fetcher(options)
     recorder = _Recorder(state)
+    if settings.layout == "tar":
+        recorder.sink = TarSink(target, next_shard_number(state.shards()), options.shard_size, recorder.commit)
     batcher = Batcher(pool, settings)
     # Bounded: the input is paged from SQLite only as fast as slots free up.
     queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(maxsize=options.concurrency * 2)
@@ -217,6 +237,8 @@ async def _download(state: State, settings: StoreSettings, options: DownloadOpti
     finally:
         tick.cancel()
         await asyncio.gather(tick, return_exceptions=True)
+        if recorder.sink is not None:
+            await recorder.sink.aclose()
         recorder.flush()
         await fetcher.close()
     return recorder.done, recorder.ok
@@ -228,7 +250,7 @@ def _outcome(url_id: int, result: Stored | Rejected, http_status: int, attempts:
             raise DataError(result.reason)
         return Outcome(url_id, result.status, result.reason, http_status, attempts)
     return Outcome(url_id, "ok", "", http_status, attempts, result.sha256, result.path, result.width,
-                   result.height, result.bytes)
+                   result.height, result.bytes, data=result.data)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -244,8 +266,14 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     return next((e for e in leaves if isinstance(e, ImgclfError)), leaves[0])
 
 
-def _remove_orphans(state: State, data_dir: Path) -> None:
-    """After a killed run: drop stored files whose result was never committed (they are refetched)."""
+def _remove_orphans(state: State, target: Target) -> None:
+    """After a killed run: drop stored files and shards whose result was never committed (they are
+    refetched). Not for image files on object storage: listing every object costs more than an
+    unreferenced object (content-addressed: a refetch rewrites the same name)."""
+    target.remove_orphan_shards(state.shards())
+    if target.remote:
+        return
+    data_dir = target.work_dir
     images = data_dir / IMAGES_DIR
     if not images.is_dir():
         return

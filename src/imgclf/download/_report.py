@@ -25,7 +25,7 @@ _EXAMPLES = 20
 def _resolve(rec: tuple) -> tuple:
     """One manifest row from a state row: expands same-URL and same-content duplicates."""
     (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
-     size, url_first, sha_first) = rec
+     size, url_first, sha_first, shard, offset) = rec
     duplicate_of = -1
     if not label:  # never fetched for this row: no URL outcome applies
         status, error, http_status, attempts = "missing_label", "the row has no label", 0, 0
@@ -40,9 +40,9 @@ def _resolve(rec: tuple) -> tuple:
     elif status == "ok" and sha_first is not None and sha_first != row:
         status, duplicate_of, error = "duplicate", sha_first, f"same image as row {sha_first}"
     if status not in ("ok", "duplicate"):
-        sha, path, width, height, size = "", "", 0, 0, 0
+        sha, path, width, height, size, shard, offset = "", "", 0, 0, 0, "", -1
     return (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
-            size, duplicate_of)
+            size, duplicate_of, shard, offset)
 
 
 def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:

@@ -17,7 +17,7 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS skipped(source TEXT NOT NULL, path TEXT NOT NULL, kin
 # Columns of local items, added to `urls` (also to a state written before local sources existed).
 _LOCAL_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'url'"), ("file", "TEXT NOT NULL DEFAULT ''"),
                   ("member", "TEXT NOT NULL DEFAULT ''"), ("pos", "INTEGER NOT NULL DEFAULT -1"),
-                  ("size", "INTEGER NOT NULL DEFAULT -1"), ("stamp", "INTEGER NOT NULL DEFAULT -1"))
+                  ("size", "INTEGER NOT NULL DEFAULT -1"), ("stamp", "INTEGER NOT NULL DEFAULT -1"),
+                  # --layout tar: the shard holding the stored image and its data's byte offset
+                  ("shard", "TEXT NOT NULL DEFAULT ''"), ("shard_offset", "INTEGER NOT NULL DEFAULT -1"))
 
 _UPSERT_URL = """
 INSERT INTO urls(url, first_row, status, error) VALUES (?, ?, ?, ?)
@@ -75,7 +77,7 @@ WITH first_by_sha AS (
     SELECT sha256, MIN(first_row) AS first FROM urls
     WHERE status = 'ok' AND first_row IS NOT NULL GROUP BY sha256)
 SELECT r.row, r.source, r.url, r.label, r.split, u.status, u.error, u.http_status, u.attempts,
-       u.sha256, u.path, u.width, u.height, u.bytes, u.first_row, f.first
+       u.sha256, u.path, u.width, u.height, u.bytes, u.first_row, f.first, u.shard, u.shard_offset
 FROM rows r LEFT JOIN urls u ON u.url = r.url AND r.label <> ''
 LEFT JOIN first_by_sha f ON u.status = 'ok' AND f.sha256 = u.sha256
 ORDER BY r.row
@@ -103,6 +105,9 @@ class Outcome:
     width: int = 0
     height: int = 0
     bytes: int = 0
+    shard: str = ""  # --layout tar: the tar holding the image ("" for a plain file)
+    offset: int = -1  # --layout tar: byte offset of the image's data in the shard
+    data: bytes | None = field(default=None, repr=False, compare=False)  # tar: the image, until its shard is written
 
 
 def _fingerprint(paths: list[Path], how: object) -> str:
@@ -321,9 +326,9 @@ class State:
         self.db.execute("BEGIN")
         self.db.executemany(
             "UPDATE urls SET status = ?, error = ?, http_status = ?, attempts = attempts + ?, sha256 = ?, "
-            "path = ?, width = ?, height = ?, bytes = ? WHERE id = ?",
+            "path = ?, width = ?, height = ?, bytes = ?, shard = ?, shard_offset = ? WHERE id = ?",
             [(o.status, o.error, o.http_status, o.attempts, o.sha256, o.path, o.width, o.height, o.bytes,
-              o.url_id) for o in outcomes])
+              o.shard, o.offset, o.url_id) for o in outcomes])
         self.db.execute("COMMIT")
 
     def manifest_rows(self, batch: int = 20_000) -> Iterator[list[tuple]]:
@@ -341,6 +346,10 @@ class State:
         files = [{"source": s, "path": p, "kind": k, "reason": r} for s, p, k, r in self.db.execute(
             "SELECT source, path, kind, reason FROM skipped ORDER BY rowid LIMIT ?", (listed,))]
         return {"total": sum(counts.values()), "by_kind": dict(sorted(counts.items())), "files": files}
+
+    def shards(self) -> set[str]:
+        """Tar shards holding committed images (--layout tar): any other tar is an orphan."""
+        return {s for (s,) in self.db.execute("SELECT DISTINCT shard FROM urls WHERE shard <> ''")}
 
     def is_referenced(self, rel_path: str) -> bool:
         sha = Path(rel_path).stem

@@ -33,7 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import __version__, checkpoint, data, models, presets, rundir
+from imgclf import __version__, checkpoint, data, models, presets, rundir, storage
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
@@ -54,16 +54,17 @@ class TrainResult:
     seconds: float
 
 
-def run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -> TrainResult:
+def run(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool = False) -> TrainResult:
     """Train `config` on DATA_DIR into RUN_DIR; with resume, continue from checkpoints/last.ckpt."""
     started = time.perf_counter()
-    data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
+    # DATA_DIR may be on object storage (s3://...): kept as the URL, read through imgclf.storage.
+    data_dir, run_dir = storage.location(storage.display(data_dir)), Path(run_dir)
     last = rundir.RunDir(run_dir).last
     if resume and not last.is_file():
         raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
     if not resume and last.is_file():
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
-    if not (data_dir / MANIFEST_NAME).is_file():
+    if not storage.exists(data_dir, MANIFEST_NAME):
         read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
     pl.seed_everything(config.seed, workers=True, verbose=False)
     threads_before = torch.get_num_threads()
