@@ -39,10 +39,11 @@ class StoreSettings:
 class DownloadOptions:
     # Network
     concurrency: int = 64
-    per_host: int = 16
+    per_host: int | None = None  # None: adapts per host (see _politeness); N: a fixed cap per host
     timeout: float = 30.0  # total deadline per attempt: connect + headers + redirects + body
     connect_timeout: float = 10.0
     read_timeout: float = 15.0  # longest silence between two reads
+    adaptive_timeout: bool = True  # wait for headers a few times the host's usual latency (see _politeness)
     retries: int = 3
     backoff: float = 0.5  # first retry waits about this long; doubles each time, with jitter
     max_backoff: float = 30.0
@@ -74,8 +75,10 @@ class DownloadOptions:
     state_dir: str | None = None  # URL --out: local folder for the resume state (None: ~/.cache/imgclf/state/...)
 
     def __post_init__(self) -> None:
-        positive = ("concurrency", "per_host", "timeout", "connect_timeout", "read_timeout", "max_bytes",
-                    "max_pixels", "size", "chunk_rows")
+        if self.per_host is not None and self.per_host < 1:
+            raise ConfigError(f"download: --per-host must be > 0 (got {self.per_host})")
+        positive = ("concurrency", "timeout", "connect_timeout", "read_timeout", "max_bytes",
+                    "max_pixels", "size", "chunk_rows", "shard_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"download: {_flag(name)} must be > 0 (got {getattr(self, name)})")
