@@ -30,9 +30,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: bytes | str, encoding: str = "utf-8") -> Path:
-    """Replace `path` with `data` (text is encoded with `encoding`)."""
+def write_atomic(path: str | Path, data: bytes | str, encoding: str = "utf-8", errors: str = "strict") -> Path:
+    """Replace `path` with `data` (text is encoded with `encoding` and the `errors` handler)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode(encoding) if isinstance(data, str) else data)
+        tmp.write_bytes(data.encode(encoding, errors) if isinstance(data, str) else data)
     return path

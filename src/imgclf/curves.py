@@ -7,8 +7,11 @@ global figure list, so nothing leaks across many calls.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -16,11 +19,21 @@ from matplotlib.ticker import MaxNLocator
 DPI = 100
 
 
+@contextlib.contextmanager
+def literal_text() -> Iterator[None]:
+    """Every Text made inside (tick labels are made when the figure is drawn, so wrap the save too)
+    shows its string as written. Labels are data, not markup: matplotlib would parse a class named
+    `$\\frac{$` as mathtext (and raise), and with usetex hand it to LaTeX. Also a decorator."""
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        yield
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
     return path
 
 
+@literal_text()
 def training_curves(history: pd.DataFrame, path: Path, baseline_f1: float | None = None) -> Path | None:
     """Loss and validation scores per epoch from the run's metrics.csv; None when it has neither."""
     losses = [c for c in ("train_loss", "val_loss") if c in history]

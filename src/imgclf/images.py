@@ -1,31 +1,67 @@
-"""Decode and validate image bytes with Pillow: the one place that decides "is this an image".
+"""Decode and validate image bytes with Pillow: the one place that decides "is this an image",
+and how much work one image may cost.
 
-Used by download (to validate and store), predict and serve (to read user input).
-Validation never trusts Content-Type or extensions: a body is an image when Pillow
-decodes it fully. Results are values (`Decoded` or `Rejected`), not exceptions, so the
-downloader's hot loop never stops on one bad body.
+Used by download (to validate and store), predict, serve, evaluate, train's decoder and the
+report's thumbnails. Validation never trusts Content-Type or extensions: a body is an image
+when Pillow decodes it fully. Results are values (`Decoded` or `Rejected`), not exceptions, so
+the downloader's hot loop never stops on one bad body.
+
+Work per image is bounded before a single pixel is decoded, from the header alone
+(`check_size`): the decoded pixel count, each side, and, when the caller resizes afterwards
+(`ImageLimits.resize_to`, the eval preprocessing's shorter side), the pixels that resize will
+allocate: a valid 467-byte PNG of 1 x 200,000 pixels passes a pixel-count check but would be
+upscaled to 73 x 14,600,000. Formats are an allow-list of raster formats, animations are never
+counted frame by frame, progressive JPEGs have a scan budget and PNG text chunks a memory cap,
+and local files are read only when they are regular files, up to a size cap (`read_file`).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Pillow raises DecompressionBombError only above 2x this; we check the pixel count ourselves.
 Image.MAX_IMAGE_PIXELS = None
+# zTXt/iTXt/iCCP chunks: each is already capped at 1 MiB decompressed; all of one image at 4 MiB
+# (Pillow's default, 64 MiB, is more than the image itself may use).
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * PngImagePlugin.MAX_TEXT_CHUNK
 # Pillow warns about things we already handle (corrupt EXIF, palette transparency, bombs).
 # One process-wide filter, set at import: warnings.catch_warnings() is not thread-safe and
 # decode_image runs in predict's and serve's thread pools.
 warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
+# Raster formats we decode (MPO, phones' multi-picture JPEG, opens as JPEG). Not EPS (Pillow runs
+# Ghostscript on it), nor the scientific and identify-only ones; any other body is "not a format
+# Pillow reads".
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "CUR", "PPM", "TGA", "PCX", "PSD", "QOI",
+           "SGI", "AVIF", "JPEG2000")
+MAX_FILE_BYTES = 64 * 1024 * 1024  # local files (predict, stored images): read at most this much
+
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int = 64_000_000
+    """What one image may cost. Checked from the header, before decoding (see `check_size`)."""
+
+    max_pixels: int = 64_000_000  # decoded width x height
     min_side: int = 8
+    max_side: int = 65_535  # decoded width or height (JPEG's own maximum)
+    # Pixels the resize after decoding may allocate (uint8 RGB: 48 MB at 16M pixels).
+    max_resized_pixels: int = 16_000_000
+    # Shorter side of the resize that follows decoding (eval preprocessing's resize_size); None
+    # when the caller never enlarges (download and the decode cache only shrink).
+    resize_to: int | None = None
+    # Progressive JPEG scans: each one is a pass over every pixel (libjpeg has no limit of its own).
+    max_jpeg_scans: int = 100
+
+    def for_resize(self, short_side: int) -> ImageLimits:
+        """These limits for a caller that resizes the shorter side to `short_side` after decoding."""
+        return replace(self, resize_to=int(short_side))
 
 
 @dataclass(frozen=True)
@@ -35,13 +71,43 @@ class Decoded:
     # How the bytes differ from `image`: lets the downloader keep original bytes when nothing changed.
     source_mode: str = ""
     rotated: bool = False  # an EXIF orientation other than 1 was applied
+    # 1 for a still image, 2 for "more than one": frames are never counted (a GIF's count costs a
+    # pass over the whole file, and a hostile one holds hundreds of thousands).
     frames: int = 1
 
 
 @dataclass(frozen=True)
 class Rejected:
-    status: str  # a manifest status: not_image, too_small, too_large, empty
+    status: str  # a manifest status: not_image, too_small, too_large, empty, unreadable
     reason: str
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The size torchvision's `Resize(short_side)` gives: shorter side = short_side, ratio kept."""
+    if width <= height:
+        return short_side, int(short_side * height / max(width, 1))
+    return int(short_side * width / max(height, 1)), short_side
+
+
+def check_resize(width: int, height: int, short_side: int, limits: ImageLimits = ImageLimits()) -> Rejected | None:
+    """too_large when resizing (width, height) to `short_side` would allocate over the limit."""
+    out_w, out_h = resized_size(width, height, short_side)
+    if out_w * out_h > limits.max_resized_pixels:
+        ratio = max(width, height) / max(min(width, height), 1)
+        return Rejected("too_large", f"{width}x{height} (aspect ratio {ratio:.0f}:1) would be resized to "
+                                     f"{out_w}x{out_h}, over the {limits.max_resized_pixels}-pixel limit")
+    return None
+
+
+def check_size(width: int, height: int, limits: ImageLimits = ImageLimits()) -> Rejected | None:
+    """The one bound on the work per image, from its header size alone (nothing decoded yet)."""
+    if width * height > limits.max_pixels:
+        return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels")
+    if max(width, height) > limits.max_side:
+        return Rejected("too_large", f"{width}x{height} has a side over {limits.max_side} pixels")
+    if limits.resize_to is not None:
+        return check_resize(width, height, limits.resize_to, limits)
+    return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -50,9 +116,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
         img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
+    elif img.mode == "F":
+        # Float images (TIFF): values in [0, 1] are the common convention; clip the rest.
+        img = img.point(lambda v: v * 255.0).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -61,18 +130,47 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _jpeg_scans(data: bytes) -> int:
+    # SOS markers (0xFFDA): entropy-coded data stuffs every 0xFF as 0xFF00, so each is a real
+    # scan (of the image or of an embedded thumbnail): an upper bound, counted without decoding.
+    return data.count(b"\xff\xda")
+
+
+def _precheck(img: Image.Image, data: bytes, limits: ImageLimits) -> Rejected | None:
+    too_big = check_size(*img.size, limits)
+    if too_big is not None:
+        return too_big
+    if img.format in ("JPEG", "MPO") and _jpeg_scans(data) > limits.max_jpeg_scans:
+        return Rejected("too_large", f"a JPEG of more than {limits.max_jpeg_scans} scans "
+                                     f"({_jpeg_scans(data)}; each one is a pass over every pixel)")
+    return None
+
+
+def _describe_failure(data: bytes, err: Exception) -> str:
+    head = data[:200].lstrip().lower()
+    kind = "html" if head.startswith((b"<!doctype html", b"<html")) else ("svg" if b"<svg" in head else "")
+    if kind:
+        return f"{kind} document"
+    if isinstance(err, UnidentifiedImageError):  # its text only names our in-memory buffer
+        return f"not a format Pillow reads (starts with {data[:8]!r})"
+    return f"{err.__class__.__name__}: {str(err)[:120]}"
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | Rejected:
     """Decode `data` fully; return an RGB image or the reason it is not a usable image."""
     if not data:
         return Rejected("empty", "empty body")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt = img.format or "unknown"
-        width, height = img.size
-        if width * height > limits.max_pixels:
-            return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels")
-        frames = int(getattr(img, "n_frames", 1) or 1)
+        refused = _precheck(img, data, limits)
+        if refused is not None:
+            return refused
+        frames = 2 if getattr(img, "is_animated", False) else 1
         img.seek(0)  # animated images: first frame
+        refused = check_size(*img.size, limits)  # a GIF frame may enlarge the canvas
+        if refused is not None:
+            return refused
         img.load()
         mode = img.mode
         rotated = img.getexif().get(0x0112, 1) not in (0, 1)
@@ -80,27 +178,62 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
         img = _to_rgb(img)
     except Image.DecompressionBombError as err:
         return Rejected("too_large", str(err).splitlines()[0])
+    except MemoryError:
+        return Rejected("too_large", "decoding it ran out of memory")
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "not an image"
-        head = data[:200].lstrip().lower()
-        kind = "html" if head.startswith((b"<!doctype html", b"<html")) else (
-            "svg" if b"<svg" in head else "")
-        if kind:
-            detail = f"{kind} document"
-        elif isinstance(err, UnidentifiedImageError):  # its text only names our in-memory buffer
-            detail = f"not a format Pillow reads (starts with {data[:8]!r})"
-        else:
-            detail = f"{err.__class__.__name__}: {str(err)[:120]}"
-        return Rejected("not_image", detail)
+        return Rejected("not_image", _describe_failure(data, err))
     if min(img.size) < limits.min_side:
         return Rejected("too_small",
                         f"{img.size[0]}x{img.size[1]} is under the {limits.min_side}px minimum side")
     return Decoded(img, fmt, source_mode=mode, rotated=rotated, frames=frames)
 
 
-def open_image_file(path: str, limits: ImageLimits = ImageLimits(min_side=1)) -> Image.Image:
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes | Rejected:
+    """The bytes of a regular file, at most `max_bytes`; a Rejected ("unreadable", "too_large") else.
+
+    Opened with O_NONBLOCK and checked with fstat before any read: a FIFO neither blocks the
+    open nor the read, and a device (/dev/zero), a socket or a directory is never read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        return Rejected("unreadable", err.strerror or err.__class__.__name__)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return Rejected("unreadable", f"{_kind(info.st_mode)}, not a regular file")
+        if info.st_size > max_bytes:
+            return Rejected("too_large", f"file of {info.st_size} bytes exceeds {max_bytes} bytes")
+        chunks, size = [], 0
+        while size <= max_bytes:  # a file that grows while we read stops at the cap too
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            return Rejected("too_large", f"file exceeds {max_bytes} bytes")
+        return b"".join(chunks)
+    except OSError as err:
+        return Rejected("unreadable", err.strerror or err.__class__.__name__)
+    finally:
+        os.close(fd)
+
+
+def open_image_file(path: str | os.PathLike[str], limits: ImageLimits = ImageLimits(min_side=1),
+                    max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
     """Read a local image file as RGB; raise ValueError with the reason when it is not one."""
-    with open(path, "rb") as fh:
-        result = decode_image(fh.read(), limits)
+    data = read_file(path, max_bytes)
+    result = data if isinstance(data, Rejected) else decode_image(data, limits)
     if isinstance(result, Rejected):
-        raise ValueError(f"{path}: {result.status}: {result.reason}")
+        raise ValueError(f"{Path(path)}: {result.status}: {result.reason}")
     return result.image

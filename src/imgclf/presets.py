@@ -64,11 +64,34 @@ def _to_float_normalized(pre: Preprocessing) -> list[Any]:
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
 
 
+class ImageTooLarge(ValueError):
+    """Resizing this image would allocate more than images.ImageLimits allows."""
+
+
+class ResizeGuard:
+    """First step of the eval resize: refuse, before any allocation, an image whose resize to
+    `short_side` would be huge (a 1 x 200,000 strip becomes 73 x 14,600,000). The same rule as
+    `images.check_resize`, so a caller that skipped the decode-time check is still bounded."""
+
+    def __init__(self, short_side: int) -> None:
+        self.short_side = short_side
+
+    def __call__(self, image: Any) -> Any:
+        from imgclf.images import check_resize
+
+        width, height = image.size if hasattr(image, "getbands") else (image.shape[-1], image.shape[-2])
+        refused = check_resize(int(width), int(height), self.short_side)
+        if refused is not None:
+            raise ImageTooLarge(f"{refused.status}: {refused.reason}")
+        return image
+
+
 def eval_resize(pre: Preprocessing) -> T.Compose:
     """PIL/uint8 -> uint8 tensor of shape (3, image_size, image_size): resize, centre crop."""
     from torchvision.transforms import v2 as T
 
     return T.Compose([
+        ResizeGuard(pre.resize_size),
         T.ToImage(),
         T.Resize(pre.resize_size, interpolation=_interp(pre), antialias=True),
         T.CenterCrop(pre.image_size),

@@ -4,7 +4,8 @@ Training curves are drawn by `imgclf.curves` (shared with train). Figures are bu
 `matplotlib.figure.Figure` directly rather than pyplot, so nothing
 depends on a GUI backend or on pyplot's global figure list (no leaks across many calls).
 Sizes, fonts and label rotation grow with the number of classes so that a 50+ class
-confusion matrix still has one readable label per row.
+confusion matrix still has one readable label per row. Class names are data: every figure is
+drawn inside `curves.literal_text`, so `$...$` in a name is shown as written, never parsed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from imgclf.curves import save_figure
+from imgclf.curves import literal_text, save_figure
 
 MAX_LABEL = 28  # characters; longer class names are cut with an ellipsis
 
@@ -44,6 +45,7 @@ def short(name: str) -> str:
     return name if len(name) <= MAX_LABEL else name[: MAX_LABEL - 1] + "…"
 
 
+@literal_text()
 def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, normalize: bool) -> Path:
     """Counts, or rows normalised to recall (a row with no images stays 0)."""
     k = len(class_names)
@@ -76,6 +78,7 @@ def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, normali
     return save_figure(fig, path)
 
 
+@literal_text()
 def per_class_f1(table: pd.DataFrame, path: Path, baseline_f1: float | None = None) -> Path:
     """Horizontal bars of F1 per class, worst at the top; `table` has columns class, f1, support."""
     table = table.sort_values("f1", ascending=False)
@@ -95,6 +98,7 @@ def per_class_f1(table: pd.DataFrame, path: Path, baseline_f1: float | None = No
     return save_figure(fig, path)
 
 
+@literal_text()
 def most_confused(pairs: list[tuple[str, str, int]], path: Path) -> Path:
     """Bars for (true, predicted, count), largest at the top."""
     fig = Figure(figsize=(8, max(2.5, 0.35 * len(pairs) + 1.2)))

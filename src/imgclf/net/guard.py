@@ -76,6 +76,10 @@ def refusal(ip_text: str) -> str | None:
     return None
 
 
+def _article(kind: str) -> str:
+    return "an" if kind[:1] in "aeiou" else "a"  # "an unspecified address", "a loopback address"
+
+
 _NUMERIC_HOST = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+))*")
 
 
@@ -111,7 +115,7 @@ class GuardedResolver(AbstractResolver):
         for answer in answers:
             kind = refusal(answer["host"])
             if kind:
-                raise AddressRefused(f"{host} resolves to {answer['host']}, a {kind} address")
+                raise AddressRefused(f"{host} resolves to {answer['host']}, {_article(kind)} {kind} address")
         return answers
 
     async def close(self) -> None:
@@ -157,7 +161,7 @@ class GuardedFetcher:
             return FetchFailed("invalid_url", f"{hostname!r} is not a valid IPv4 address")
         kind = refusal(host)
         if kind:
-            return FetchFailed("refused", f"{hostname} is a {kind} address; such URLs are refused")
+            return FetchFailed("refused", f"{hostname} is {_article(kind)} {kind} address; such URLs are refused")
         return None
 
     async def fetch(self, url: str) -> FetchedBody | FetchFailed:
