@@ -7,12 +7,14 @@ value raises `ConfigError` with one line that names the key, and the CLI exits w
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from imgclf import _yaml
 from imgclf.errors import ConfigError
 
 
@@ -66,6 +68,8 @@ class DataConfig(_Section):
     cache: bool | Literal["auto"] = "auto"
     cache_max_gb: float = Field(4.0, ge=0.0)
     balanced_sampler: bool = False
+    # Share of stored images that may be unreadable (skipped with a warning) before a run stops.
+    max_unreadable: float = Field(0.05, ge=0.0, le=1.0)
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("std")
@@ -146,8 +150,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {pair!r}: expected dotted key=value, e.g. trainer.epochs=3")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = _yaml.load(raw, f"override {key[:120]!r}") if raw != "" else ""
+        except _yaml.NotYaml:
             value = raw
         node = nested
         parts = key.split(".")
@@ -171,13 +175,19 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])[:120] or "<root>"
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}'"
     got = first.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_text = "" if isinstance(got, dict) else f" (got {_GOT.repr(got)})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{origin}: bad value for '{key}': {first['msg']}{got_text}{more}"
+    return f"{origin}: bad value for '{key}': {str(first['msg'])[:200]}{got_text}{more}"
+
+
+# Values in error lines are user data of any size: at most a few elements, levels and characters.
+_GOT = reprlib.Repr()
+_GOT.maxlevel, _GOT.maxlist, _GOT.maxtuple, _GOT.maxdict, _GOT.maxset = 2, 4, 4, 4, 4
+_GOT.maxstring, _GOT.maxother, _GOT.maxlong = 60, 60, 40
 
 
 def build_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:
@@ -195,13 +205,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         origin = str(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: " + ("not a regular file" if path.exists() else "config file not found"))
+        if path.stat().st_size > _yaml.MAX_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file is at most {_yaml.MAX_BYTES}")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} not valid YAML") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        loaded = _yaml.load(text, str(path))  # bounded: alias bombs and huge files are one-line errors
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = loaded or {}

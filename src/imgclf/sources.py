@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgclf.errors import DataError
+from imgclf.untrusted import check_labels, check_table_header
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -116,6 +117,18 @@ def _resolve_columns(path: Path, found: list[str], columns: Columns) -> dict[str
     return wanted
 
 
+def _used_names(columns: Columns) -> set[str]:
+    given = (columns.url, columns.label, columns.split, columns.path)
+    return {"url", "label", "split", "path"} | {_norm(c) for c in given if c}
+
+
+def _refuse_duplicates(path: Path, names: list[str], columns: Columns) -> None:
+    used = _used_names(columns)
+    twice = sorted({n for n in names if n in used and names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears more than once; rename one")
+
+
 def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.DataFrame]:
     """Chunks with our column names (url, label, and split/path when the table has them)."""
     suffix = path.suffix.lower()
@@ -123,13 +136,17 @@ def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.Da
         pfile = pq.ParquetFile(path)
         # Same normalisation as CSV headers, so `URL,Label` works in both; read by original name.
         by_name = {_norm(c): c for c in reversed(pfile.schema_arrow.names)}
+        _refuse_duplicates(path, [_norm(c) for c in pfile.schema_arrow.names], columns)
         wanted = _resolve_columns(path, list(by_name), columns)
         rename = {by_name[theirs]: ours for ours, theirs in wanted.items()}
         for batch in pfile.iter_batches(batch_size=chunk_rows, columns=list(rename)):
             yield batch.to_pandas().rename(columns=rename)
         return
     sep = "\t" if suffix in (".tsv", ".tab") else ","
-    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=chunk_rows)
+    # A column named twice, or a first row longer than the header (pandas would shift it: the URL
+    # becomes an index), is refused naming the line; index_col=False makes longer rows errors too.
+    check_table_header(path, sep, _used_names(columns))
+    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=chunk_rows, index_col=False)
     wanted: dict[str, str] | None = None
     for chunk in reader:
         chunk.columns = [_norm(c) for c in chunk.columns]
@@ -159,6 +176,7 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise DataError(f"{path}: unsupported source type (use .csv, .tsv or .parquet)")
         default_split = split_from_stem(path)
+        first = row
         try:
             for chunk in _raw_chunks(path, chunk_rows, columns):
                 n = len(chunk)
@@ -174,6 +192,8 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
                 else:
                     out["split"] = default_split
                 out["path"] = _text(chunk, "path")
+                # Labels are data: one with a control character is refused, never cut (imgclf.untrusted).
+                check_labels(out["label"], lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}")
                 row += n
                 yield out
         except DataError:
