@@ -7,22 +7,25 @@
 #
 # The host folder IMGCLF_OUT (default ./imgclf_output) is /work in the container, so
 # outputs land there, owned by you. IMGCLF_GPUS=all passes GPUs (needs a --cuda image and
-# the NVIDIA container toolkit); IMGCLF_IMAGE picks the image (default imgclf:latest).
+# the NVIDIA container toolkit); IMGCLF_IMAGE picks the image (default imgclf:latest);
+# IMGCLF_ENGINE picks docker, podman or buildah (docker/_engine.sh).
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=_engine.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_engine.sh"
 image="${IMGCLF_IMAGE:-imgclf:latest}"
 out_dir="${IMGCLF_OUT:-${PWD}/imgclf_output}"
 mkdir -p "${out_dir}"
 out_dir="$(cd "${out_dir}" && pwd)"
 
 # --shm-size: PyTorch DataLoader workers share batches through /dev/shm (64 MB by default).
-docker_args=(--rm --shm-size 2g --user "$(id -u):$(id -g)" --env HOME=/tmp
-             --volume "${out_dir}:/work")
+run_args=(--rm --shm-size 2g --user "$(id -u):$(id -g)" --env HOME=/tmp
+          --volume "${out_dir}:/work")
 if [[ -t 0 && -t 1 ]]; then
-    docker_args+=(--interactive --tty)
+    run_args+=(--interactive --tty)
 fi
 if [[ -n "${IMGCLF_GPUS:-}" ]]; then
-    docker_args+=(--gpus "${IMGCLF_GPUS}")
+    run_args+=(--gpus "${IMGCLF_GPUS}")
 fi
 
-exec docker run "${docker_args[@]}" "${image}" "$@"
+engine_run "${image}" "${run_args[@]}" -- "$@"

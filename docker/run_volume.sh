@@ -7,14 +7,16 @@
 #
 # DATA_DIR is any host folder (created if missing); it is mounted read-write so `download`
 # can write into it. Outputs go to IMGCLF_OUT (default ./imgclf_output), mounted at /work.
-# IMGCLF_GPUS and IMGCLF_IMAGE work as in run.sh.
+# IMGCLF_GPUS, IMGCLF_IMAGE and IMGCLF_ENGINE work as in run.sh.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,11p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,10p' "${BASH_SOURCE[0]}" >&2
     exit 2
 fi
 
+# shellcheck source-path=SCRIPTDIR source=_engine.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_engine.sh"
 image="${IMGCLF_IMAGE:-imgclf:latest}"
 mkdir -p "$1"
 data_dir="$(cd "$1" && pwd)"
@@ -27,13 +29,13 @@ if [[ $# -eq 0 ]]; then
     set -- train --data /data --out /work/runs/docker
 fi
 
-docker_args=(--rm --shm-size 2g --user "$(id -u):$(id -g)" --env HOME=/tmp
-             --volume "${data_dir}:/data" --volume "${out_dir}:/work")
+run_args=(--rm --shm-size 2g --user "$(id -u):$(id -g)" --env HOME=/tmp
+          --volume "${data_dir}:/data" --volume "${out_dir}:/work")
 if [[ -t 0 && -t 1 ]]; then
-    docker_args+=(--interactive --tty)
+    run_args+=(--interactive --tty)
 fi
 if [[ -n "${IMGCLF_GPUS:-}" ]]; then
-    docker_args+=(--gpus "${IMGCLF_GPUS}")
+    run_args+=(--gpus "${IMGCLF_GPUS}")
 fi
 
-exec docker run "${docker_args[@]}" "${image}" "$@"
+engine_run "${image}" "${run_args[@]}" -- "$@"
