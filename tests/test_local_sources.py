@@ -302,6 +302,23 @@ def test_archives_read_like_the_folder(tmp_path: Path, name: str) -> None:
     assert again.fetched == 0 and again.counts == result.counts
 
 
+def test_the_first_bytes_decide_how_an_archive_is_read(tmp_path: Path) -> None:
+    """A .tgz that is a plain tar and a .tar that is gzipped are read all the same."""
+    members = {"cls/a.png": _pngs(1)[0].read_bytes()}
+    plain = _write_archive(tmp_path / "x.tar", members).rename(tmp_path / "plain.tgz")
+    gzipped = _write_archive(tmp_path / "y.tar.gz", members).rename(tmp_path / "gzipped.tar")
+    for archive in (plain, gzipped):
+        result = download.run([archive], tmp_path / archive.stem, _opts())
+        assert result.counts == {"ok": 1}, archive
+
+
+def test_a_data_dir_is_not_an_image_folder(tmp_path: Path) -> None:
+    tree = split_tree(tmp_path / "tree", n=1)
+    download.run([tree], tmp_path / "data", _opts())
+    with pytest.raises(DataError, match="is a data directory .* use it as --data"):
+        download.run([tmp_path / "data"], tmp_path / "again", _opts())
+
+
 def test_a_corrupt_archive_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "bad.zip").write_bytes(b"PK\3\4 definitely not a zip")
     with pytest.raises(DataError, match=r"bad\.zip: not a readable zip archive"):
@@ -547,6 +564,11 @@ def test_train_on_images_without_a_manifest_prints_the_command(tmp_path: Path, k
     stem = "my photos" if kind == "folder" else "pics"
     assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in str(err.value) or \
         f"imgclf download {data} --out {tmp_path / stem}_data" in str(err.value)
+    if kind == "folder":  # and through the CLI: one line, exit 2, before any RUN_DIR exists
+        proc = _cli("train", "--data", str(data), "--out", str(tmp_path / "run"))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in proc.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_is_a_documented_status() -> None:

@@ -46,6 +46,9 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
                 NotImplementedError, RuntimeError, ValueError)
 _TAR_MODES = {"tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
+# The first bytes decide how an archive is read (a .tgz that is a plain tar, a .tar that is gzipped).
+_MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "tar.gz"), (b"BZh", "tar.bz2"),
+          (b"\xfd7zXZ\x00", "tar.xz"), (b"\x28\xb5\x2f\xfd", "tar.zst"))
 
 
 class Entry(NamedTuple):
@@ -60,6 +63,17 @@ class Entry(NamedTuple):
     stamp: int
     status: str | None = None
     error: str = ""
+
+
+def sniff(path: Path | str) -> str:
+    """The archive's real format from its first bytes; the name's format when they say nothing."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    found = next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+    return found or ("tar" if sources.archive_format(Path(path)) != "zip" else "zip")
 
 
 def total_cap(path: Path | str) -> int:
@@ -84,7 +98,7 @@ def safe_parts(name: str) -> tuple[tuple[str, ...], str]:
 # -- listing ----------------------------------------------------------------------------------------
 def list_archive(path: Path, max_bytes: int) -> Iterator[Item | Skipped]:
     """Every member of the archive at `path` as Item or Skipped, in archive order."""
-    fmt = sources.archive_format(path) or "zip"
+    fmt = sniff(path)
     kind = {"zip": "zip", "tar": "tar"}.get(fmt, "tarstream")
     entries = list(_zip_entries(path, max_bytes) if fmt == "zip" else _tar_entries(path, fmt, max_bytes))
     shown, absolute = str(path), os.path.abspath(path)
@@ -276,7 +290,7 @@ def _first_line(err: BaseException) -> str:
 def stream_members(path: str, wanted: dict[str, tuple[int, str]],
                    max_bytes: int) -> Iterator[tuple[int, str, bytes | Rejected]]:
     """Read a compressed tar front to back; yield (id, url, bytes or why not) for each wanted member."""
-    fmt = sources.archive_format(Path(path)) or "tar.gz"
+    fmt = sniff(path)
     reason = "not found in the archive any more"
     try:
         with open_tar(path, fmt) as tar:

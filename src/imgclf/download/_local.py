@@ -295,10 +295,14 @@ def _chunked(items: Iterator[Item | Skipped], size: int) -> Iterator[Chunk]:
 
 
 def check_out_dir(paths: list[Path], data_dir: Path) -> None:
-    """Nothing is written into a source: refuse --out inside a source folder (and the reverse)."""
+    """Nothing is written into a source: refuse --out inside a source folder (and the reverse);
+    a data directory is not an image folder."""
     out = data_dir.resolve()
     for path in paths:
         if path.is_dir():
+            if (path / "manifest.parquet").is_file():
+                raise DataError(f"{path} is a data directory written by `imgclf download`, not an image folder; "
+                                f"use it as --data")
             src = path.resolve()
             if out == src or out.is_relative_to(src):
                 raise DataError(f"--out {data_dir} is inside the source folder {path}; nothing is written "

@@ -133,7 +133,12 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     conflicts = report["label_conflicts"]
     if conflicts["images"]:
         console.print(f"[yellow]label conflicts:[/] {conflicts['images']} image(s) carry more than one label")
+    skipped = report.get("skipped") or {}
+    if skipped.get("total"):
+        kinds = ", ".join(f"{n} {kind}" for kind, n in skipped["by_kind"].items())
+        console.print(f"[yellow]skipped:[/] {skipped['total']} local file(s) with no row ({kinds}); "
+                      "see skipped in download_report.json")
     if "images_per_s" in report:
-        console.print(f"fetched {report.get('fetched_this_run', 0)} URL(s) "
+        console.print(f"processed {report.get('fetched_this_run', 0)} URL(s) or file(s) "
                       f"in {report.get('fetch_s', 0):.1f}s "
                       f"({report['images_per_s']:.1f} ok images/s)")
