@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned where this machine serves them from disk (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv dev-deps system-deps lint bench-download bench-train bench-predict
+.PHONY: demo test venv dev-deps system-deps lint bench-download bench-train bench-predict docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,3 +37,11 @@ test: $(VENV)/.installed-dev system-deps
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
+
+# Builds the CPU image for real and runs it (docker/smoke.sh; about 10-15 minutes, 20 GB of disk
+# while it runs). Not part of `make test`. No Docker engine needed: Debian's podman, buildah and
+# mmdebstrap. SMOKE_ARGS=--keep keeps the image and the build cache.
+docker-smoke:
+	@command -v podman >/dev/null && command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah mmdebstrap; }
+	docker/smoke.sh $(SMOKE_ARGS)
