@@ -68,7 +68,9 @@ def handle(args: argparse.Namespace) -> int:
     result = download.run(args.sources, args.out, options)
     if result.counts.get("ok", 0) == 0:  # nothing to train on: say so in one line, exit non-zero
         counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
-        print(f"imgclf download: no row ended ok ({result.total} rows{': ' + counts if counts else ''}); "
+        skipped = (result.report.get("skipped") or {}).get("by_kind") or {}
+        extra = "; skipped: " + ", ".join(f"{n} {kind}" for kind, n in skipped.items()) if skipped else ""
+        print(f"imgclf download: no row ended ok ({result.total} rows{': ' + counts if counts else ''}{extra}); "
               f"see {result.report_path}", file=sys.stderr)
         return 1
     return 0

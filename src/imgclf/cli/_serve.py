@@ -23,9 +23,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fetch-timeout", dest="timeout", type=float, help=argparse.SUPPRESS)  # before 0.2
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests that arrive together are classified in one batch of at most this size")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds allowed for a whole request body; slower uploads get HTTP 408")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds allowed for a request's line and headers, from connecting or from the "
+                        "previous response; idle and slow clients are disconnected after it")
     p.add_argument("--max-concurrency", type=int, default=64,
-                   help="connections served at once; more get HTTP 503 (bounds memory: each holds "
-                        "up to --max-upload-mb)")
+                   help="POST /predict requests handled at once; more get HTTP 503 (bounds memory: each "
+                        "holds up to --max-upload-mb); /health and /labels are never limited")
     p.set_defaults(handler=handle)
 
 
@@ -35,5 +40,7 @@ def handle(args: argparse.Namespace) -> int:
 
     max_bytes = int(args.max_upload_mb * 1024 * 1024)
     fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.timeout, max_bytes=max_bytes)
-    options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch)
-    return serve.run(args.model, args.backend, args.host, args.port, options, args.max_concurrency)
+    options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch,
+                                 max_concurrency=args.max_concurrency, body_timeout=args.body_timeout,
+                                 head_timeout=args.head_timeout)
+    return serve.run(args.model, args.backend, args.host, args.port, options)

@@ -11,9 +11,12 @@ The model is whatever `predict.load_classifier` opens (run, checkpoint, ONNX, To
 the service preprocesses exactly as training evaluated. Requests that arrive while the model is
 busy are classified together in one batch (no added wait), which keeps throughput up under load.
 
-Every client mistake is a 4xx JSON body {"error": code, "detail": message} and the service keeps
-running: bodies over --max-upload-mb (413), content types it cannot read (415), bodies that are
-not images or URLs it cannot use (400/422). URL fetches have timeouts and a size cap, and refuse
+Every error reply, 4xx and 5xx alike, is a JSON body {"error": code, "detail": message} and the
+service keeps running: bodies over --max-upload-mb (413), images whose decoding or eval resize
+would cost too much (413), content types it cannot read (415), bodies that are not images or URLs
+it cannot use (400/422), a body not received within --body-timeout (408), more than
+--max-concurrency predictions at once (503). Slow and idle clients are cut by deadlines and never
+block /health (see serve._connections). URL fetches have timeouts and a size cap, and refuse
 private, loopback and link-local addresses unless --allow-private-urls (see imgclf.net.guard).
 """
 
@@ -23,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -42,6 +45,13 @@ from imgclf.images import ImageLimits, Rejected, decode_image
 from imgclf.inference import Classifier, load_classifier, preprocess_pool
 from imgclf.net.guard import FetchFailed, FetchOptions, GuardedFetcher
 from imgclf.serve._batching import MicroBatcher
+from imgclf.serve._connections import (
+    MAX_HEAD_BYTES,
+    AsciiJSONResponse,
+    RouteLimit,
+    error_response,
+    guarded_protocol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,11 @@ class ServeOptions:
     max_batch: int = 16
     prep_threads: int = 4  # decoding and preprocessing, alongside the model's thread
     limits: ImageLimits = ImageLimits(max_pixels=40_000_000, min_side=1)
+    max_concurrency: int = 64  # POST /predict requests at once; more get 503 (others are never limited)
+    head_timeout: float = 10.0  # seconds for a request line + headers, from connect or the last response
+    body_timeout: float = 60.0  # seconds for a whole request body
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open between requests
+    max_connections: int = 1024  # open connections; past it the one idle longest is closed
 
 
 class ApiError(Exception):
@@ -94,6 +109,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
 
 
+async def _within(seconds: float, reading: Any) -> Any:
+    """The body read, cut after `seconds` in all (a client sending a byte a second is not idle)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await reading
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"request body not received within {seconds:g} s") from None
+
+
 def _check_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -123,6 +147,7 @@ def _url_from_json(body: bytes) -> str:
 
 
 _FETCH_STATUS = {"invalid_url": 422, "refused": 403, "too_large": 413}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 
 
 def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -> FastAPI:
@@ -142,32 +167,37 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     # FastAPIOffline: Swagger UI (/docs) and ReDoc (/redoc) from files in the package, not a CDN,
     # so the API pages work on an air-gapped server.
     app = FastAPIOffline(title="imgclf", version=__version__, lifespan=lifespan,
+                         default_response_class=AsciiJSONResponse,
                          description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
+    # Only the routes that do real work are limited: /health must answer while /predict is full.
+    app.add_middleware(RouteLimit, limit=options.max_concurrency, paths=("/predict",))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse({"error": err.code, "detail": err.detail}, status_code=err.status)
+        # close: the body may be unread (413, 408); the client reconnects for its next request.
+        return error_response(err.status, err.code, err.detail, {"connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"error": "invalid_request", "detail": f"{where}: {first.get('msg', 'invalid')}"},
-                            status_code=422)
+        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}"[:300])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": "http_error", "detail": str(err.detail)}, status_code=err.status_code)
+        return error_response(err.status_code, _HTTP_CODES.get(err.status_code, "http_error"), str(err.detail),
+                              dict(err.headers or {}))
 
     async def _image_bytes(request: Request) -> tuple[bytes, str]:
         _check_length(request, options.max_upload_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        deadline = options.body_timeout
         if ctype == "multipart/form-data":
-            return await _upload_bytes(request, options.max_upload_bytes), "upload"
+            return await _within(deadline, _upload_bytes(request, options.max_upload_bytes)), "upload"
         if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return await _read_body(request, options.max_upload_bytes), "upload"
+            return await _within(deadline, _read_body(request, options.max_upload_bytes)), "upload"
         if ctype == "application/json":
-            url = _url_from_json(await _read_body(request, JSON_BODY_LIMIT))
+            url = _url_from_json(await _within(deadline, _read_body(request, JSON_BODY_LIMIT)))
             fetched = await fetcher.fetch(url)
             if isinstance(fetched, FetchFailed):
                 raise ApiError(_FETCH_STATUS.get(fetched.code, 422), f"url_{fetched.code}", fetched.reason)
@@ -176,7 +206,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
                        "send multipart/form-data (field 'file'), an image/* body, or JSON {\"url\": ...}")
 
     def _decode_and_transform(data: bytes) -> torch.Tensor:
-        decoded = decode_image(data, options.limits)
+        decoded = decode_image(data, options.limits.for_resize(classifier.preprocessing.resize_size))
         if isinstance(decoded, Rejected):
             raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
         return classifier.prepare(decoded.image)
@@ -217,9 +247,12 @@ _BINARY = {"type": "string", "format": "binary"}
 _ERROR_EXAMPLES = (
     ("400", "not an image", "not_image", "html document"),
     ("403", "URL refused (SSRF protection)", "url_refused", "127.0.0.1 is a loopback address"),
+    ("408", "request body not received in time", "body_timeout", "request body not received within 60 s"),
     ("413", "body or image too large", "too_large", "request body exceeds the 10485760 byte limit"),
     ("415", "unsupported content type", "unsupported_media_type", "send multipart/form-data ..."),
     ("422", "bad request, or a URL that cannot be fetched", "url_http_error", "HTTP 404 from ..."),
+    ("500", "the server failed on this request", "internal_error", "the server failed on this request; ..."),
+    ("503", "too many predictions at once; retry", "busy", "the service is handling its limit of 64 ..."),
 )
 _PREDICT_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -238,17 +271,28 @@ _PREDICT_BODY_DOC: dict[str, Any] = {
 }
 
 
+def where_to_open(host: str, port: int) -> str:
+    """The log line's address: a wildcard host is where it listens, not an address to open."""
+    if host in ("0.0.0.0", "::", ""):
+        return f"on all addresses (port {port}); open http://127.0.0.1:{port}/ here, or this machine's address"
+    shown = f"[{host}]" if ":" in host else host
+    return f"on http://{shown}:{port}/"
+
+
 def run(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
-        options: ServeOptions = ServeOptions(), max_concurrency: int = 64) -> int:
+        options: ServeOptions = ServeOptions(), max_concurrency: int | None = None) -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
+    if max_concurrency is not None:
+        options = replace(options, max_concurrency=max_concurrency)
     classifier = load_classifier(model, backend)
     app = create_app(classifier, options)
-    log.info("serving %s (%s, %d classes) on http://%s:%d", classifier.source, classifier.backend.name,
-             len(classifier.class_names), host, port)
-    # Without a limit every connection reads its whole body (up to --max-upload-mb) and queues it,
-    # so memory grows with load; uvicorn answers connections over the limit with 503 instead.
+    log.info("serving %s (%s, %d classes) %s", classifier.source, classifier.backend.name,
+             len(classifier.class_names), where_to_open(host, port))
+    # No uvicorn limit_concurrency: it counts idle connections and then refuses /health too. Each
+    # /predict holds its body (up to --max-upload-mb) while it waits, so RouteLimit caps those.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                limit_concurrency=max_concurrency)
+                http=guarded_protocol(options.head_timeout, options.max_connections),
+                timeout_keep_alive=options.keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     return 0
