@@ -66,3 +66,43 @@ def test_column_names_are_normalised_in_csv_and_parquet(tmp_path: Path) -> None:
     assert frame["url"].tolist() == ["http://x/1.png", "http://x/2.png"]
     assert frame["label"].tolist() == ["cat", "dog"]
     assert frame["split"].tolist() == ["test", "val"]
+
+
+@pytest.mark.parametrize(("name", "kind", "stem", "split"), [
+    ("test.tar.gz", "archive", "test", "test"), ("Val.ZIP", "archive", "Val", "val"),
+    ("x.tgz", "archive", "x", "train"), ("train.tar.zst", "archive", "train", "train"),
+    ("a.tar", "archive", "a", "train"),
+    ("test.csv", "table", "test", "test"), ("dev.parquet", "table", "dev", "val")])
+def test_source_kinds_and_their_split(tmp_path: Path, name: str, kind: str, stem: str, split: str) -> None:
+    from imgclf.sources import source_kind, source_stem, split_from_stem
+
+    (tmp_path / name).write_bytes(b"x")
+    assert (source_kind(tmp_path / name), source_stem(tmp_path / name), split_from_stem(tmp_path / name)) == \
+        (kind, stem, split)
+
+
+def test_folders_are_sources_and_other_files_are_not(tmp_path: Path) -> None:
+    from imgclf.sources import source_kind
+
+    (tmp_path / "testing").mkdir()
+    assert source_kind(tmp_path / "testing") == "folder"
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"photo\.jpg: unsupported source type \(use a folder"):
+        source_kind(tmp_path / "photo.jpg")
+    with pytest.raises(DataError, match="source not found"):
+        source_kind(tmp_path / "nope")
+
+
+def test_columns_are_mapped_and_a_missing_one_names_those_there_are(tmp_path: Path) -> None:
+    from imgclf.sources import Columns
+
+    (tmp_path / "t.csv").write_text("Image URL,Category,Fold,File\nhttp://x/1.png,cat,test,a.png\n")
+    frame = read_sources_with(tmp_path / "t.csv", Columns(url="image url", label="CATEGORY", split="fold",
+                                                          path="file"))
+    assert frame[["url", "label", "split", "path"]].values.tolist() == [["http://x/1.png", "cat", "test", "a.png"]]
+    with pytest.raises(DataError, match=r"no column 'caption' \(--label-col\); columns: image url, category, fold"):
+        read_sources_with(tmp_path / "t.csv", Columns(label="caption"))
+
+
+def read_sources_with(path: Path, columns) -> pd.DataFrame:  # noqa: ANN001 - a sources.Columns
+    return pd.concat(list(iter_sources([path], columns=columns)), ignore_index=True)
