@@ -537,26 +537,34 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
 
 
 # -- CLI: exit status and the hint of train --------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "imgclf", *args], capture_output=True, text=True, timeout=120)
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`imgclf ARGS` in this process (what `python -m imgclf` exits with), and its stderr."""
+    from imgclf.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
-def test_exit_status_is_non_zero_when_no_row_is_ok(tmp_path: Path) -> None:
+def test_exit_status_is_non_zero_when_no_row_is_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad" / "cls").mkdir(parents=True)
     (tmp_path / "bad" / "cls" / "a.txt").write_text("text")
     (tmp_path / "bad" / "cls" / "b.png").write_bytes(b"")
-    proc = _cli("download", str(tmp_path / "bad"), "--out", str(tmp_path / "d"), "--no-progress")
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
+    (tmp_path / "bad" / "loose.png").write_bytes(_pngs(1)[0].read_bytes())
+    code, err = _cli(capsys, "download", str(tmp_path / "bad"), "--out", str(tmp_path / "d"), "--no-progress")
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert "no row ended ok" in last and "1 not_image" in last and "1 empty" in last
+    assert "skipped: 1 outside_class_folders" in last
     good = split_tree(tmp_path / "good", n=1)
-    assert _cli("download", str(good), "--out", str(tmp_path / "d2"), "--no-progress").returncode == 0
-    missing = _cli("download", str(tmp_path / "nope"), "--out", str(tmp_path / "d3"))
-    assert missing.returncode == 2 and "source not found" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    assert _cli(capsys, "download", str(good), "--out", str(tmp_path / "d2"), "--no-progress")[0] == 0
+    code, err = _cli(capsys, "download", str(tmp_path / "nope"), "--out", str(tmp_path / "d3"))
+    assert code == 2 and "source not found" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind", ["folder", "archive"])
-def test_train_on_images_without_a_manifest_prints_the_command(tmp_path: Path, kind: str) -> None:
+def test_train_on_images_without_a_manifest_prints_the_command(tmp_path: Path, kind: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     tree = split_tree(tmp_path / "my photos", n=1)
     data = tree if kind == "folder" else _write_archive(tmp_path / "pics.zip", {"a/1.png": _pngs(1)[0].read_bytes()})
     with pytest.raises(DataError) as err:
@@ -565,9 +573,9 @@ def test_train_on_images_without_a_manifest_prints_the_command(tmp_path: Path, k
     assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in str(err.value) or \
         f"imgclf download {data} --out {tmp_path / stem}_data" in str(err.value)
     if kind == "folder":  # and through the CLI: one line, exit 2, before any RUN_DIR exists
-        proc = _cli("train", "--data", str(data), "--out", str(tmp_path / "run"))
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-        assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in proc.stderr
+        code, err = _cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"))
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in err
         assert not (tmp_path / "run").exists()
 
 
