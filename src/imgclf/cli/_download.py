@@ -22,10 +22,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="data directory to write images and manifest into: a folder or an object-store URL "
                         "(s3://bucket/prefix; credentials and endpoint from AWS_* environment variables)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight in total (default 64)")
-    p.add_argument("--per-host", type=int, default=16, help="requests in flight per host (default 16)")
+    p.add_argument("--per-host", type=int, default=None,
+                   help="a fixed cap of requests in flight per host (default: each host's limit adapts: "
+                        "grows while it answers cleanly, halves on 429/503/timeouts)")
+    p.add_argument("--no-adaptive-timeout", dest="adaptive_timeout", action="store_false",
+                   help="always wait --read-timeout for response headers (default: a few times the host's "
+                        "usual latency, at least 2 s, once it has answered 16 times)")
     p.add_argument("--processes", type=int, default=None,
                    help="processes decoding/validating images (default: number of cores)")
-    p.add_argument("--timeout", type=float, default=30.0, help="total deadline per request in seconds")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per URL fetch (one attempt)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="connect timeout in seconds")
     p.add_argument("--read-timeout", type=float, default=15.0, help="max seconds between two reads")
     p.add_argument("--retries", type=int, default=3, help="retries for timeouts, resets, 408, 429, 5xx")
@@ -33,7 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="first retry waits up to this many seconds, doubling each time (with jitter)")
     p.add_argument("--max-retry-after", type=float, default=30.0,
                    help="honour a server's Retry-After up to this many seconds")
-    p.add_argument("--max-redirects", type=int, default=5)
+    p.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
     p.add_argument("--max-bytes", type=int, default=20_000_000,
                    help="cut bodies larger than this (too_large)")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (bombs)")
@@ -41,15 +46,32 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", choices=("none", "shorter", "longer"), default="longer",
                    help="resize so that this side is at most --size (default: longer)")
     p.add_argument("--size", type=int, default=512, help="target side for --resize (default 512)")
-    p.add_argument("--format", dest="image_format", choices=("keep", "jpeg", "png", "webp"), default="keep",
-                   help="re-encode format (keep: store the original bytes when no resize was needed)")
+    p.add_argument("--image-format", choices=("keep", "jpeg", "png", "webp"), default="keep",
+                   help="format images are stored in (keep: the original bytes when no resize was needed)")
+    p.add_argument("--format", dest="image_format", choices=("keep", "jpeg", "png", "webp"),
+                   help=argparse.SUPPRESS)  # before 0.2; --format now always means an output file's format
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--layout", choices=("files", "tar"), default="files",
                    help="files: one file per image under images/; tar: images packed into tar shards "
                         "under shards/ (WebDataset-compatible; for object storage and large data)")
-    p.add_argument("--shard-size", type=int, default=1000, help="--layout tar: images per tar shard")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="--layout tar: images per tar shard; --engine ray: URLs per shard (default 1000)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this machine (default); ray: Ray workers (pip install 'imgclf[ray]'), "
+                        "see docs/scale.md")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: address of an existing Ray cluster (default: a private local Ray)")
+    p.add_argument("--workers", dest="ray_workers", type=int, default=None,
+                   help="--engine ray: download workers (default: 1 locally, a cluster's CPUs / --processes)")
+    p.add_argument("--shard-retries", type=int, default=2,
+                   help="--engine ray: times a failing shard is sent again before the command fails (default 2)")
+    p.add_argument("--shard", dest="job_shard", default=None, metavar="I/N",
+                   help="download only the rows of job I of N (by URL hash) into --out; join the jobs' "
+                        "directories with --merge")
+    p.add_argument("--merge", action="store_true",
+                   help="the sources are data directories of --shard jobs: merge them into --out")
     p.add_argument("--state-dir", default=None,
                    help="object-storage --out: local folder for the resume state "
                         "(by default ~/.cache/imgclf/state/<hash of --out>)")
@@ -65,7 +87,10 @@ def handle(args: argparse.Namespace) -> int:
     from imgclf import download
 
     options = download.DownloadOptions.from_namespace(args)
-    result = download.run(args.sources, args.out, options)
+    if args.merge:
+        result = download.merge(args.sources, args.out, options)
+    else:
+        result = download.run(args.sources, args.out, options)
     if result.counts.get("ok", 0) == 0:  # nothing to train on: say so in one line, exit non-zero
         counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
         skipped = (result.report.get("skipped") or {}).get("by_kind") or {}

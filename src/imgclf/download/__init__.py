@@ -36,6 +36,7 @@ from imgclf.download._batch import Batcher
 from imgclf.download._feed import feed, local_pages, stream_pages, worker_death
 from imgclf.download._fetch import Fetcher
 from imgclf.download._local import check_out_dir
+from imgclf.download._merge import merge
 from imgclf.download._options import DownloadOptions, StoreSettings
 from imgclf.download._progress import Progress
 from imgclf.download._report import print_summary, write_outputs
@@ -47,7 +48,7 @@ from imgclf.images import Rejected
 from imgclf.manifest import MANIFEST_NAME, REPORT_NAME
 from imgclf.net.http import check_url
 
-__all__ = ["DownloadOptions", "DownloadResult", "run", "check_url", "STATE_NAME"]
+__all__ = ["DownloadOptions", "DownloadResult", "run", "merge", "check_url", "STATE_NAME"]
 
 _FLUSH_EVERY_S = 0.25
 _FLUSH_ROWS = 512
@@ -84,7 +85,8 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
     state = State(data_dir)
     try:
         state.check_storage(options.storage_key(), data_dir)
-        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes)
+        job = options.job()  # --shard i/n: this job's rows only
+        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes, job.owns if job else None)
         if options.retry_failed:
             state.reopen_retryable()
         crashed = state.begin_run()
@@ -92,7 +94,7 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
         fetched, ok, interrupted = 0, 0, False
         fetch_started = time.monotonic()
         try:
-            fetched, ok = _fetch_pending(state, options.store_settings(target.out), options, target)
+            fetched, ok = _fetch_all(state, options.store_settings(target.out), options, target)
         except KeyboardInterrupt:
             interrupted = True  # committed results stay; the manifest below marks the rest pending
         fetch_s = time.monotonic() - fetch_started
@@ -127,6 +129,17 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
                                                   initializer=die_with_parent, initargs=(os.getpid(),))
     pool.submit(int).result()
     return pool
+
+
+def _fetch_all(state: State, settings: StoreSettings, options: DownloadOptions, target: Target) -> tuple[int, int]:
+    """--engine ray: the URLs go to Ray workers first (see _engine_ray); the rest (local files) is read here."""
+    fetched = ok = 0
+    if options.engine == "ray":
+        from imgclf.download import _engine_ray
+
+        fetched, ok = _engine_ray.fetch_pending(state, settings, options, target)
+    more, more_ok = _fetch_pending(state, settings, options, target)
+    return fetched + more, ok + more_ok
 
 
 def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptions,
@@ -280,3 +293,4 @@ def _remove_orphans(state: State, target: Target) -> None:
     for path in images.glob("*/*"):
         if path.is_file() and not state.is_referenced(path.relative_to(data_dir).as_posix()):
             path.unlink(missing_ok=True)
+

@@ -6,9 +6,12 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from imgclf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgclf.download._shards import JobShard
 from imgclf.images import ImageLimits
 from imgclf.sources import Columns
 
@@ -73,6 +76,12 @@ class DownloadOptions:
     layout: Literal["files", "tar"] = "files"
     shard_size: int = 1000  # --layout tar: images per tar shard (a kill loses at most one open shard)
     state_dir: str | None = None  # URL --out: local folder for the resume state (None: ~/.cache/imgclf/state/...)
+    # Scale-out (see _engine_ray, _shards, _merge); shard_size above is also the URLs per Ray shard
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None  # --engine ray: an existing cluster (None: a private local one)
+    ray_workers: int | None = None  # --engine ray --workers: None = 1 locally, all CPUs of a cluster
+    shard_retries: int = 2  # --engine ray: a failing shard is sent again this many times
+    job_shard: str | None = None  # --shard i/n: only the rows whose URL hashes to i (SLURM/Kubernetes jobs)
 
     def __post_init__(self) -> None:
         if self.per_host is not None and self.per_host < 1:
@@ -94,6 +103,13 @@ class DownloadOptions:
             raise ConfigError(f"download: --quality must be within 1..100 (got {self.quality})")
         if self.processes is not None and self.processes < 1:
             raise ConfigError(f"download: --processes must be >= 1 (got {self.processes})")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"download: --engine must be local or ray (got {self.engine!r})")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ConfigError(f"download: --workers must be >= 1 (got {self.ray_workers})")
+        if self.shard_retries < 0:
+            raise ConfigError(f"download: --shard-retries must be >= 0 (got {self.shard_retries})")
+        self.job()  # --shard i/n: a one-line error now
         if self.layout not in ("files", "tar"):
             raise ConfigError(f"download: --layout must be files or tar (got {self.layout!r})")
 
@@ -122,4 +138,11 @@ class DownloadOptions:
     def storage_key(self) -> str:
         """Options that change the stored files: a resumed run must use the same ones."""
         key = f"resize={self.resize} size={self.size} format={self.image_format} quality={self.quality}"
-        return key if self.layout == "files" else f"{key} layout={self.layout}"  # old states: files
+        key = key if self.layout == "files" else f"{key} layout={self.layout}"  # old states: files
+        return key if self.job_shard is None else f"{key} shard={self.job()}"  # one job's rows only
+
+    def job(self) -> JobShard | None:
+        """--shard i/n, parsed (None: every row)."""
+        from imgclf.download._shards import JobShard
+
+        return JobShard.parse(self.job_shard) if self.job_shard is not None else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -192,14 +192,15 @@ class State:
         self._set_meta("storage", key)
 
     def ingest(self, paths: list[Path], chunk_rows: int, columns: sources.Columns | None = None,
-               max_bytes: int = 20_000_000) -> int:
+               max_bytes: int = 20_000_000, keep: Callable[[str], bool] | None = None) -> int:
         """Load the input rows unless this exact input was already loaded; return the row count.
 
         Tables and archives are identified by their size and mtime; folders and tables naming
         local files are read again every run (a file may have been added or changed).
+        `keep(url)` (--shard i/n): only those rows are loaded; they keep their input row numbers.
         """
         columns = columns or sources.Columns()
-        fingerprint = _fingerprint(paths, (columns, max_bytes))
+        fingerprint = _fingerprint(paths, (columns, max_bytes, keep))
         if self._meta("ingested") == fingerprint:
             return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
         self.db.execute("BEGIN")
@@ -211,10 +212,10 @@ class State:
         total, rereads = 0, False
         for chunk in iter_items(paths, chunk_rows, columns, max_bytes):
             if isinstance(chunk, pd.DataFrame):
-                self._ingest_chunk(chunk, total)
+                self._ingest_chunk(chunk, total, keep)
                 total += len(chunk)
             else:
-                total, files = self._ingest_items(chunk, total)
+                total, files = self._ingest_items(chunk, total, keep)
                 rereads = rereads or files
         if not rereads:
             self.db.execute("BEGIN")
@@ -222,13 +223,17 @@ class State:
             self.db.execute("COMMIT")
         return total
 
-    def _ingest_items(self, items: list[Item | Skipped], row: int) -> tuple[int, bool]:
+    def _ingest_items(self, items: list[Item | Skipped], row: int,
+                      keep: Callable[[str], bool] | None = None) -> tuple[int, bool]:
         """Store a chunk of items (URLs and local files) from row number `row`; return the next row
         number and whether it held local files (which must be listed again next run)."""
         rows, url_rows, local_rows, skipped, files = [], [], [], [], False
         for item in items:
             if isinstance(item, Skipped):
                 skipped.append(item)
+                continue
+            if keep is not None and not keep(item.url):
+                row += 1  # another job's row: its number stays taken
                 continue
             rows.append((row, item.source, item.url, item.label, item.split))
             if item.kind == "url":
@@ -249,9 +254,11 @@ class State:
         self.db.execute("COMMIT")
         return row, files
 
-    def _ingest_chunk(self, chunk: pd.DataFrame, first: int) -> None:
+    def _ingest_chunk(self, chunk: pd.DataFrame, first: int, keep: Callable[[str], bool] | None = None) -> None:
         """A table chunk of URLs only (the fast path), numbered from row `first`."""
         chunk = chunk.assign(row=range(first, first + len(chunk)))
+        if keep is not None:
+            chunk = chunk[[keep(url) for url in chunk["url"].tolist()]]
         problems: dict[str, str] = {}
         url_rows = []
         for row, url, label in zip(chunk["row"].tolist(), chunk["url"].tolist(), chunk["label"].tolist(),

@@ -1,0 +1,243 @@
+"""`imgclf download ... --engine ray`: the URLs fetched by Ray workers, committed by this process.
+
+    imgclf download urls.csv --out DATA_DIR --engine ray --workers 4          # private local Ray
+    imgclf download urls.csv --out DATA_DIR --engine ray --address HOST:6379  # an existing cluster
+
+Flow: the driver (this process) keeps DATA_DIR/.state.sqlite exactly as the single-machine run
+does and is its only writer. Pending URLs are cut into shards by URL id (`_shards`); each shard
+goes to a worker actor (`_Worker`: one event loop, one aiohttp session, one process pool for its
+lifetime, running `_worker.ShardRunner`, i.e. the single-machine fetch/validate/store code). At
+most `OPEN_PER_WORKER` shards per worker are in flight: the next one is sent when one comes back,
+never the whole list at once. A shard's outcomes come back together and are committed in one
+transaction: that is the commit point. A worker killed mid-shard (its node lost, OOM) costs its
+open shards' uncommitted rows, nothing committed; Ray restarts it and the driver sends those
+shards again. A shard that fails `--shard-retries` + 1 times is left pending; the command then
+ends non-zero naming it (every other shard committed; the same command again retries it). The
+driver killed (even SIGKILL): the same command resumes from the state, like the laptop path.
+
+Politeness holds across workers: one `_Leases` actor owns each host's adaptive limit
+(`_politeness.LeaseBook`) and leases each worker a slice; workers sync every 0.2 s, not per request.
+Workers write images into DATA_DIR themselves: on a cluster it must be a path every node sees
+(a shared file system).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+from imgclf._ray import connect, import_ray
+from imgclf.download._options import DownloadOptions, StoreSettings
+from imgclf.download._politeness import SYNC_S, LeaseBook, LeasedLimiter
+from imgclf.download._progress import Progress
+from imgclf.download._shards import Shard, iter_shards
+from imgclf.download._sink import Target, next_shard_number
+from imgclf.download._state import Outcome, State
+from imgclf.download._store import TMP_DIR, die_with_parent
+from imgclf.download._worker import ShardRunner
+from imgclf.download._writers import shard_name
+from imgclf.errors import ImgclfError, first_line
+
+ray = import_ray()
+
+OPEN_PER_WORKER = 3
+_WAIT_S = 0.25
+
+
+@ray.remote(num_cpus=0)
+class _Leases:
+    """The cluster's per-host limits (see _politeness.LeaseBook); a few calls per second per worker."""
+
+    def __init__(self, ceiling: int, fixed: int | None) -> None:
+        self.book = LeaseBook(ceiling, fixed)
+
+    def sync(self, worker: str, report: dict) -> dict[str, int]:
+        return self.book.sync(worker, report)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=OPEN_PER_WORKER + 2)
+class _Worker:
+    """One download worker: shards in (several at once, fed in order), outcomes out."""
+
+    def __init__(self, options: DownloadOptions, settings: StoreSettings, leases: str) -> None:
+        self.name = uuid.uuid4().hex  # a restarted actor is a new lease holder
+        # By name, not by handle: a handle argument would make restarts depend on the object store.
+        self.leases = ray.get_actor(leases)
+        # spawn, not fork: a Ray worker already runs threads (gRPC) when the pool starts.
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=options.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent, initargs=(os.getpid(),))
+        self.pool.submit(int).result()
+        self.limiter = LeasedLimiter()
+        self.runner = ShardRunner(options, settings, self.limiter, self.pool)
+        self.syncing: asyncio.Task[None] | None = None
+
+    async def run(self, items: list[tuple[int, str]], tar_name: str | None) -> list[Outcome]:
+        if self.syncing is None:
+            self.syncing = asyncio.create_task(self._sync_forever())
+        return await self.runner.run(items, tar_name)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.limiter.wanted.wait(), SYNC_S)
+            except TimeoutError:
+                pass
+            self.limiter.wanted.clear()
+            self.limiter.apply(await self.leases.sync.remote(self.name, self.limiter.report()))
+
+
+def fetch_pending(state: State, settings: StoreSettings, options: DownloadOptions,
+                  target: Target) -> tuple[int, int]:
+    """Fetch every pending URL on Ray; return (URLs finished, of which ok). Local files are left."""
+    size = options.shard_size
+    pending = _pending_urls(state)
+    if pending == 0:
+        return 0, 0
+    workers, processes = _layout(options)
+    with connect(options.address, workers * processes) as ray_:
+        if options.address and options.ray_workers is None:
+            workers = max(1, int(ray_.cluster_resources().get("CPU", 1)) // processes)
+        driver = _Driver(state, settings, dataclasses.replace(options, processes=processes), size, workers,
+                         Progress(pending, options.show_progress), target)
+        return driver.run()
+
+
+def _layout(options: DownloadOptions) -> tuple[int, int]:
+    """(workers, processes per worker): locally the cores are split among the workers."""
+    workers = options.ray_workers or 1
+    if options.processes:
+        return workers, options.processes
+    if options.address:
+        return workers, 4
+    return workers, max(1, DownloadOptions().workers // workers)
+
+
+def _pending_urls(state: State) -> int:
+    return state.db.execute("SELECT COUNT(*) FROM urls WHERE status IS NULL AND first_row IS NOT NULL "
+                            "AND kind = 'url'").fetchone()[0]
+
+
+class _Driver:
+    def __init__(self, state: State, settings: StoreSettings, options: DownloadOptions, size: int, workers: int,
+                 progress: Progress, target: Target) -> None:
+        self.state, self.settings, self.options, self.size, self.progress = state, settings, options, size, progress
+        self.target = target
+        self.next_tar = next_shard_number(state.shards())  # --layout tar: a new tar name per shard attempt
+        ceiling = options.concurrency * workers  # every worker's in-flight cap, on one host
+        leases = f"imgclf-leases-{uuid.uuid4().hex}"
+        self.leases = _Leases.options(name=leases).remote(ceiling, options.per_host)
+        self.workers = [_Worker.options(num_cpus=options.workers).remote(options, settings, leases)
+                        for _ in range(workers)]
+        self.shards = iter_shards(state.iter_pending(), size)
+        self.retry: deque[Shard] = deque()
+        self.attempts: Counter[int] = Counter()
+        self.inflight: dict[Any, tuple[int, Shard]] = {}
+        self.open = [0] * workers
+        self.failed: list[tuple[Shard, str]] = []
+        self.down: dict[int, Any] = {}  # worker -> its ping, while it restarts
+        self.worker_lost = False
+        self.done = self.ok = 0
+
+    def run(self) -> tuple[int, int]:
+        try:
+            with self.progress:
+                while True:
+                    self._fill()
+                    if not self.inflight and not self.down:
+                        break
+                    waiting = [*self.inflight, *self.down.values()]
+                    finished, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)
+                    for ref in finished:
+                        self._finish(ref) if ref in self.inflight else self._pinged(ref)
+                    self.progress.tick()
+        finally:
+            for ref in self.inflight:
+                ray.cancel(ref, force=True)
+            for actor in [*self.workers, self.leases]:
+                ray.kill(actor, no_restart=True)
+        if self.worker_lost:
+            self._clean_up_after_lost_workers()
+        if self.failed:
+            shard, reason = self.failed[0]
+            raise ImgclfError(
+                f"download: {len(self.failed)} shard(s) failed {self.options.shard_retries + 1} times; first "
+                f"{shard.describe(self.size)}: {reason}. Every other shard is committed; run the same "
+                "command again to retry")
+        return self.done, self.ok
+
+    def _fill(self) -> None:
+        """Give each live worker shards until it has OPEN_PER_WORKER (retries first)."""
+        for index, worker in enumerate(self.workers):
+            while index not in self.down and self.open[index] < OPEN_PER_WORKER:
+                shard = self.retry.popleft() if self.retry else next(self.shards, None)
+                if shard is None:
+                    return
+                tar_name = None
+                if self.settings.layout == "tar":
+                    tar_name, self.next_tar = shard_name(self.next_tar), self.next_tar + 1
+                self.inflight[worker.run.remote(shard.items, tar_name)] = (index, shard)
+                self.open[index] += 1
+
+    def _finish(self, ref: Any) -> None:
+        index, shard = self.inflight.pop(ref)
+        self.open[index] -= 1
+        try:
+            outcomes = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            self._failed(index, shard, err)
+            return
+        self.state.record(outcomes)  # one transaction per shard: the commit point
+        self.done += len(outcomes)
+        for outcome in outcomes:
+            self.ok += outcome.status == "ok"
+            self.progress.advance(outcome.status)
+
+    def _failed(self, index: int, shard: Shard, err: BaseException) -> None:
+        if isinstance(err, ray.exceptions.RayActorError):
+            # Died (killed, OOM, node lost): Ray restarts it; no shard goes to it before it answers.
+            self.worker_lost = True  # it may have left partial files behind
+            self.down.setdefault(index, self.workers[index].pid.remote())
+            if isinstance(err, ray.exceptions.ActorUnavailableError):
+                self.retry.append(shard)  # sent while it was restarting: never ran, not an attempt
+                return
+        self.attempts[shard.index] += 1
+        if self.attempts[shard.index] <= self.options.shard_retries:
+            self.retry.append(shard)
+        else:
+            cause = getattr(err, "cause", None) or err
+            self.failed.append((shard, first_line(cause)))
+
+    def _pinged(self, ref: Any) -> None:
+        """A restarted worker answered (back in service), or not yet (ask again)."""
+        index = next(i for i, r in self.down.items() if r == ref)
+        try:
+            ray.get(ref)
+            del self.down[index]
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.1)
+            self.down[index] = self.workers[index].pid.remote()
+        except ray.exceptions.RayActorError as err:  # gone for good: it cannot start (or restart)
+            reason = first_line(getattr(err, "cause", None) or err)
+            raise ImgclfError(f"download: a Ray worker cannot start ({reason}); committed shards are kept, "
+                              "run the same command again to resume") from None
+
+    def _clean_up_after_lost_workers(self) -> None:
+        """A killed worker may have left partial files, stored files and tars never committed: drop them."""
+        from imgclf.download import _remove_orphans
+
+        if not self.target.remote:
+            shutil.rmtree(Path(self.target.out) / TMP_DIR, ignore_errors=True)
+        _remove_orphans(self.state, self.target)
