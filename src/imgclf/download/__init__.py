@@ -95,8 +95,9 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
         fetch_started = time.monotonic()
         try:
             fetched, ok = _fetch_all(state, options.store_settings(target.out), options, target)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             interrupted = True  # committed results stay; the manifest below marks the rest pending
+            fetched, ok = getattr(err, "done", fetched), getattr(err, "ok", ok)  # the summary counts them
         fetch_s = time.monotonic() - fetch_started
         if not interrupted:
             if crashed:
@@ -153,8 +154,18 @@ def _fetch_pending(state: State, settings: StoreSettings, options: DownloadOptio
     try:
         with progress:
             return asyncio.run(_download(state, settings, options, pool, progress, target))
+    except KeyboardInterrupt:
+        raise _Interrupted(progress.ok + progress.failed, progress.ok) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the fetch, carrying what this run finished (and committed) before it."""
+
+    def __init__(self, done: int, ok: int) -> None:
+        super().__init__()
+        self.done, self.ok = done, ok
 
 
 class _Recorder:
