@@ -25,6 +25,14 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "else torch)")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds allowed per URL fetch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ray = p.add_argument_group("many inputs on Ray (pip install 'imgclf[ray]'; inputs may also be data "
+                                "directories, local or s3://, whose ok rows are predicted)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="ray: shards of inputs as Ray tasks, parts in OUTPUT.parts/ merged into -o OUTPUT")
+    ray.add_argument("--address", default=None, help="--engine ray: an existing Ray cluster (default: a private "
+                                                     "local one on 127.0.0.1, stopped at the end)")
+    ray.add_argument("--workers", type=int, default=2, help="--engine ray: worker processes of a private Ray")
+    ray.add_argument("--shard-size", type=int, default=1000, help="--engine ray: inputs per task and part file")
     p.set_defaults(handler=handle)
 
 
@@ -38,7 +46,13 @@ def handle(args: argparse.Namespace) -> int:
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
                                      fetch=FetchOptions(allow_private=True, total_timeout=args.timeout))
     try:
-        ok, failed = predict.run(args.inputs, args.model, args.output, args.backend, options, args.format)
+        if args.engine == "ray":
+            from imgclf.predict import _ray
+
+            ok, failed = _ray.run(args.inputs, args.model, args.output, args.backend, options, args.format,
+                                  _ray.RayOptions(args.address, args.workers, args.shard_size))
+        else:
+            ok, failed = predict.run(args.inputs, args.model, args.output, args.backend, options, args.format)
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0

@@ -1,0 +1,257 @@
+"""Batch predict on Ray: `imgclf predict --engine ray`, for inputs too many for one process.
+
+    imgclf predict --engine ray --model RUN_DIR DATA_DIR -o preds.csv             # a private local Ray
+    imgclf predict --engine ray --address HOST:6379 --model m.onnx s3://b/data list.csv -o preds.jsonl
+
+Inputs are what `imgclf predict` takes (files, folders, globs, URLs, CSV of them) and also data
+directories (a folder or an s3:// URL holding manifest.parquet): their rows with status ok, read
+with `imgclf.storage.read_row` from either layout, named by their `url` column. The inputs are cut
+into shards of `shard_size` in input order; each shard is one Ray task that opens the model once
+per worker process (kept for the next shard), predicts with the single-process code, and hands
+its rows back as text; the driver writes `<output>.parts/part-00000.<fmt>` (atomically) as shards
+finish, and when every shard is there, the merged file `<output>` in input order, then removes
+the parts folder. A killed run leaves finished parts: the same command again skips them (the
+parts folder records which inputs, model and options they belong to). At most two shards per
+worker are in flight; a task whose worker dies is retried by Ray, one that fails is sent again
+`shard_retries` times, then the command stops naming the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from imgclf import storage
+from imgclf._files import write_atomic
+from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
+from imgclf.images import Rejected, decode_image
+from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier
+from imgclf.manifest import MANIFEST_NAME, read_manifest, row_refs, usable_rows
+from imgclf.predict import Prediction, PredictOptions, predict, write_predictions
+from imgclf.predict._inputs import Input, expand_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # an existing cluster; None: a private local one, stopped at the end
+    workers: int = 1  # Ray worker processes (CPUs) for a private cluster; tasks in flight: 2 per worker
+    shard_size: int = 1000  # inputs per task (and per part file)
+    shard_retries: int = 2  # a shard whose task raised is sent again this many times
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """A manifest row: its name in the output (the row's url) and where its stored image is."""
+
+    source: str
+    data_dir: str
+    ref: storage.RowRef
+
+
+Unit = Input | RowInput
+
+
+def is_data_dir(arg: str) -> bool:
+    return storage.exists(storage.location(arg), MANIFEST_NAME) if storage.is_url(arg) else (
+        Path(arg).is_dir() and (Path(arg) / MANIFEST_NAME).is_file())
+
+
+def expand_units(arguments: list[str]) -> list[Unit]:
+    """The inputs in order: a data directory becomes its ok rows, anything else what predict expands it to.
+
+    Local paths are made absolute (Ray workers need not share the driver's working directory);
+    the output keeps the names the user gave."""
+    units: list[Unit] = []
+    for arg in arguments:
+        if is_data_dir(arg):
+            data_dir = storage.display(arg)
+            rows = usable_rows(read_manifest(data_dir))
+            units += [RowInput(str(url), data_dir, ref) for url, ref in zip(rows["url"], row_refs(rows), strict=True)]
+        else:
+            units += expand_inputs([arg])
+    return units
+
+
+# ---- inside a Ray worker -------------------------------------------------------------------------
+_CLASSIFIERS: dict[tuple[str, str], Classifier] = {}  # one per worker process, reused by its next shards
+
+
+def _classifier(model: str, backend: str, options: PredictOptions) -> Classifier:
+    key = (model, backend)
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS.clear()
+        _CLASSIFIERS[key] = load_classifier(model, backend)
+    classifier = _CLASSIFIERS[key]
+    if getattr(options, "tta", "none") != "none":  # test-time augmentation, as the single-process predict
+        classifier.tta = options.tta
+    return classifier
+
+
+def _readable(unit: Input, cwd: str) -> Input:
+    """The same input with an absolute path (the output row still shows `unit.source`)."""
+    if unit.kind != "file" or os.path.isabs(unit.source):
+        return unit
+    return replace(unit, source=os.path.join(cwd, unit.source))
+
+
+def _predict_rows(rows: list[RowInput], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:
+    limits = PREDICT_LIMITS.for_resize(classifier.preprocessing.resize_size)
+    for start in range(0, len(rows), options.batch_size):
+        batch = rows[start:start + options.batch_size]
+        prepared: list[Any] = []
+        for row in batch:
+            try:
+                decoded = decode_image(storage.read_row(row.data_dir, row.ref), limits)
+                prepared.append(f"{decoded.status}: {decoded.reason}" if isinstance(decoded, Rejected)
+                                else classifier.prepare(decoded.image))
+            except (OSError, ValueError, DataError) as err:  # removed or cut since download: its row says so
+                prepared.append(f"unreadable: {first_line(err)}")
+        good = [p for p in prepared if not isinstance(p, str)]
+        probs = iter(classifier.probabilities(good) if good else [])
+        for row, value in zip(batch, prepared, strict=True):
+            yield (Prediction(row.source, [], value) if isinstance(value, str)
+                   else Prediction(row.source, classifier.top_k(next(probs), options.top_k)))
+
+
+def predict_shard(model: str, backend: str, units: list[Unit], options: PredictOptions, fmt: str,
+                  cwd: str) -> tuple[str, int, int]:
+    """One shard's predictions as the text of a part file (header included), with (ok, failed)."""
+    classifier = _classifier(model, backend, options)
+    found: dict[int, Prediction] = {}
+    files = [(i, u) for i, u in enumerate(units) if isinstance(u, Input)]
+    rows = [(i, u) for i, u in enumerate(units) if isinstance(u, RowInput)]
+    readable = [_readable(u, cwd) for _, u in files]
+    for (i, unit), pred in zip(files, predict(readable, classifier, options), strict=True):
+        found[i] = replace(pred, input=unit.source)
+    for (i, _), pred in zip(rows, _predict_rows([u for _, u in rows], classifier, options), strict=True):
+        found[i] = pred
+    text = io.StringIO()
+    ok, failed = write_predictions((found[i] for i in range(len(units))), text, fmt, options.top_k)
+    return text.getvalue(), ok, failed
+
+
+# ---- the driver --------------------------------------------------------------------------------
+def run(inputs: list[str], model: str | Path, output: Path, backend: str = "auto",
+        options: PredictOptions | None = None, fmt: str | None = None,
+        ray_options: RayOptions | None = None) -> tuple[int, int]:
+    """Predict every input on Ray into `output` (merged, input order); returns (ok, failed) counts."""
+    from imgclf import _ray
+
+    options, ray_options = options or PredictOptions(), ray_options or RayOptions()
+    if output is None:
+        raise ConfigError("predict --engine ray: give -o/--output FILE (parts are written next to it)")
+    if ray_options.shard_size < 1 or ray_options.workers < 1 or options.top_k < 1 or options.batch_size < 1:
+        raise ConfigError("predict --engine ray: --shard-size, --workers, --top-k and --batch-size must be >= 1")
+    fmt = fmt or ("jsonl" if output.suffix.lower() in (".jsonl", ".ndjson") else "csv")
+    model_path = str(Path(model).resolve())
+    load_classifier(model_path, backend)  # a bad model is one line now, before Ray starts
+    units = expand_units(inputs)
+    shards = [units[i:i + ray_options.shard_size] for i in range(0, len(units), ray_options.shard_size)]
+    parts = _Parts(output, fmt, _plan_key(model_path, backend, units, options, fmt, ray_options.shard_size))
+    todo = [n for n in range(len(shards)) if not parts.done(n)]
+    if len(todo) < len(shards):
+        log.info("%d of %d shards already done (%s): resuming", len(shards) - len(todo), len(shards), parts.dir)
+    started = time.perf_counter()
+    with _ray.connect(ray_options.address, ray_options.workers) as ray:
+        task = ray.remote(num_cpus=1, max_retries=2)(predict_shard)
+        _run_shards(ray, task, shards, todo, parts, (model_path, backend, options, fmt, os.getcwd()),
+                    ray_options, options.progress)
+    ok, failed = parts.merge(len(shards))
+    log.info("predicted %d inputs in %d shards in %.1fs", len(units), len(shards), time.perf_counter() - started)
+    return ok, failed
+
+
+def _run_shards(ray: Any, task: Any, shards: list[list[Unit]], todo: list[int], parts: _Parts,
+                args: tuple, ray_options: RayOptions, progress: bool) -> None:
+    """Submit shards with a bounded window (never all at once), retry failed ones, write parts."""
+    model, backend, options, fmt, cwd = args
+    window = 2 * max(1, ray_options.workers)
+    queue, running, tries = list(todo), {}, dict.fromkeys(todo, 0)
+    bar = tqdm(total=sum(len(shards[n]) for n in todo), unit="img", disable=not progress, file=sys.stderr)
+    try:
+        while queue or running:
+            while queue and len(running) < window:
+                n = queue.pop(0)
+                running[task.remote(model, backend, shards[n], options, fmt, cwd)] = n
+            ready, _ = ray.wait(list(running), num_returns=1)
+            n = running.pop(ready[0])
+            try:
+                text, ok, failed = ray.get(ready[0])
+            except ray.exceptions.RayError as raised:
+                err = getattr(raised, "cause", None) or raised  # the task's own exception, when it raised one
+                if isinstance(err, ImgclfError):
+                    raise err from None  # the model or the config: retrying cannot help
+                tries[n] += 1
+                if tries[n] > ray_options.shard_retries:
+                    raise ImgclfError(f"predict --engine ray: shard {n} (inputs {shards[n][0].source} .. "
+                                      f"{shards[n][-1].source}) failed {tries[n]} times: {first_line(err)}") from None
+                log.warning("shard %d failed (%s); sending it again", n, first_line(err))
+                queue.append(n)
+                continue
+            parts.write(n, text, ok, failed)
+            bar.update(len(shards[n]))
+    finally:
+        bar.close()
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+def _plan_key(model: str, backend: str, units: list[Unit], options: PredictOptions, fmt: str, size: int) -> str:
+    """What the parts depend on: the model, the options, the inputs in order and the shard size."""
+    h = hashlib.sha256(json.dumps([model, backend, options.top_k, fmt, size]).encode())
+    for unit in units:
+        h.update(repr(unit).encode(errors="surrogateescape"))
+    return h.hexdigest()
+
+
+class _Parts:
+    """`<output>.parts/`: one file per finished shard, and plan.json naming what they belong to."""
+
+    def __init__(self, output: Path, fmt: str, key: str) -> None:
+        self.output, self.fmt = Path(output), fmt
+        self.dir = self.output.with_name(self.output.name + ".parts")
+        plan = self.dir / "plan.json"
+        if self.dir.is_dir() and (not plan.is_file() or json.loads(plan.read_text()).get("key") != key):
+            shutil.rmtree(self.dir)  # parts of other inputs, model or options: start over
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(plan, json.dumps({"key": key}))
+
+    def path(self, n: int, suffix: str | None = None) -> Path:
+        return self.dir / f"part-{n:05d}.{suffix or self.fmt}"
+
+    def done(self, n: int) -> bool:
+        return self.path(n, "json").is_file()  # written last: the part before it is complete
+
+    def write(self, n: int, text: str, ok: int, failed: int) -> None:
+        write_atomic(self.path(n), text.encode("utf-8", errors="surrogateescape"))
+        write_atomic(self.path(n, "json"), json.dumps({"ok": ok, "failed": failed}))
+
+    def merge(self, count: int) -> tuple[int, int]:
+        """Concatenate the parts in order (one CSV header) into the output; sum their counts."""
+        ok = failed = 0
+        tmp = self.output.with_name(f".{self.output.name}.tmp")
+        with open(tmp, "wb") as out:
+            for n in range(count):
+                data = self.path(n).read_bytes()
+                if self.fmt == "csv" and n > 0:
+                    data = data.split(b"\n", 1)[1] if b"\n" in data else b""  # the header is one line
+                out.write(data)
+                counts = json.loads(self.path(n, "json").read_text())
+                ok, failed = ok + counts["ok"], failed + counts["failed"]
+        os.replace(tmp, self.output)
+        shutil.rmtree(self.dir)
+        return ok, failed
