@@ -187,6 +187,7 @@ def test_each_bad_file_kind_gets_a_status_or_is_listed(tmp_path: Path) -> None:
     (bag / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     (bag / "loop").symlink_to(tree / "train")  # a symlink loop
     (bag / "zero.png").symlink_to("/dev/zero")  # a device: never opened
+    _copy(_pngs(1, 9), tree / "train" / "esc\x1b[2Jape")  # a label never holds a control character
     started = time.monotonic()
     result, manifest = _run([tree], tmp_path / "data")
     assert time.monotonic() - started < 60
@@ -198,7 +199,8 @@ def test_each_bad_file_kind_gets_a_status_or_is_listed(tmp_path: Path) -> None:
     assert skipped == {(".hidden.png", "hidden"), (".cache", "hidden"), ("__MACOSX", "hidden"),
                        ("at_root.png", "outside_class_folders"), ("in_split.png", "outside_class_folders"),
                        ("fifo.png", "not_regular_file"), ("dangling.png", "not_regular_file"),
-                       ("loop", "symlink_loop"), ("zero.png", "not_regular_file")}
+                       ("loop", "symlink_loop"), ("zero.png", "not_regular_file"),
+                       ("esc\x1b[2Jape", "bad_name")}
     assert result.report["skipped"]["total"] == len(skipped)
     assert all(manifest.loc[manifest["status"] != "ok", "error"].str.len() > 0)
 
