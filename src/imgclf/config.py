@@ -70,7 +70,17 @@ class DataConfig(_Section):
     balanced_sampler: bool = False
     # Share of stored images that may be unreadable (skipped with a warning) before a run stops.
     max_unreadable: float = Field(0.05, ge=0.0, le=1.0)
+    # Rows left out of training: an `imgclf audit` audit.csv (its drop/relabel rows) or any CSV with a
+    # `row` column. Read when the split is made (data.make_split); checked against the manifest there.
+    exclude: str | None = None
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_csv(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or not v.lower().endswith(".csv")):
+            raise ValueError("must be the path of a CSV file (an audit's audit.csv) or null")
+        return v
 
     @field_validator("std")
     @classmethod

@@ -45,10 +45,19 @@ def stratified_split(labels: pd.Series, val_fraction: float, seed: int) -> np.nd
     return is_val
 
 
-def make_split(data_dir: str | Path, val_fraction: float, seed: int) -> pd.DataFrame:
-    """Train pool = manifest rows with status ok and split train (val rows, if given, are used as val)."""
+def make_split(data_dir: str | Path, val_fraction: float, seed: int, exclude: str | Path | None = None) -> pd.DataFrame:
+    """Train pool = manifest rows with status ok and split train (val rows, if given, are used as val).
+
+    `exclude` (config data.exclude): a CSV whose rows are left out first (auditdir.excluded_rows).
+    """
     manifest = read_manifest(data_dir)
     ok = usable_rows(manifest)
+    if exclude is not None:
+        from imgclf.auditdir import excluded_rows
+
+        dropped = excluded_rows(exclude, manifest)
+        log.info("data.exclude: leaving out %d row(s) listed in %s", int(ok["row"].isin(dropped).sum()), exclude)
+        ok = ok[~ok["row"].isin(dropped)].reset_index(drop=True)
     pool = ok[ok["split"] == "train"].reset_index(drop=True)
     given_val = ok[ok["split"] == "val"].reset_index(drop=True)
     if pool.empty:

@@ -68,6 +68,7 @@ STATUSES: dict[str, str] = {
     "unreadable": "a local file or archive member that cannot be read (missing, permission, not a regular file, "
                   "corrupt or encrypted member)",
     "duplicate": "same URL or same content as an earlier row (see duplicate_of)",
+    "excluded": "set aside by `imgclf audit --apply` (error names the finding; see the audit's audit.csv)",
     "pending": "not attempted yet (only seen in an interrupted run's manifest)",
 }
 

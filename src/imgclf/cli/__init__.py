@@ -12,23 +12,23 @@ import logging
 import sys
 
 from imgclf import __version__
-from imgclf.cli import _config, _demo, _download, _evaluate, _export, _predict, _serve, _train
+from imgclf.cli import _audit, _config, _demo, _download, _evaluate, _export, _predict, _serve, _train
 from imgclf.cli._common import Parser, add_verbosity
 from imgclf.errors import ImgclfError
 
-STAGES = ("download", "train", "evaluate", "predict", "export", "serve", "demo")
+STAGES = ("download", "audit", "train", "evaluate", "predict", "export", "serve", "demo")
 # Commands that are not pipeline stages: helpers around them.
 TOOLS = ("config",)
 
 
-COMMANDS = (_download, _train, _evaluate, _predict, _export, _serve, _demo, _config)
+COMMANDS = (_download, _audit, _train, _evaluate, _predict, _export, _serve, _demo, _config)
 
 
 def build_parser() -> Parser:
     parser = Parser(
         prog="imgclf",
         description="From a list of labelled image URLs to an evaluated, deployable image classifier. "
-                    "Stages: download -> train -> evaluate -> predict / export / serve; demo runs them all.")
+                    "Stages: download -> (audit) -> train -> evaluate -> predict / export / serve; demo runs them all.")
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(STAGES + TOOLS) + "}")

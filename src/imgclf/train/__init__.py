@@ -176,7 +176,7 @@ def _split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> 
     """
     split = data.read_split(run_dir) if resume else None
     if split is None:
-        split = data.make_split(data_dir, config.data.val_fraction, config.seed)
+        split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude)
     if not (split["subset"] == "val").any():
         raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
     return split

@@ -1,0 +1,210 @@
+"""Audit stage: a data directory -> likely label errors, near-duplicates, leakage and outliers.
+
+    imgclf audit DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
+
+Embeds every ok image of the manifest (a given model's penultimate layer, or a model trained
+briefly on the data itself into AUDIT_DIR/embedder), then:
+- label issues: out-of-sample probabilities from a cross-validated linear head, ranked by cleanlab;
+- near-duplicates, train/test leakage and label conflicts: 256-bit perceptual hashes, grouped;
+- outliers: images far from their nearest neighbours.
+Hands on (see imgclf.auditdir and docs/audit.md): audit.csv (one row per finding, with the action
+it proposes), audit.json (summary) and audit.html (gallery). Train reads the findings through
+`data.exclude: AUDIT_DIR/audit.csv`; `--apply` writes them into DATA_DIR's manifest instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from imgclf import __version__, auditdir
+from imgclf._files import write_atomic
+from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
+from imgclf.errors import DataError
+from imgclf.manifest import read_manifest, row_refs, usable_rows
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
+           "low_normalized_margin", "low_self_confidence")
+
+
+@dataclass
+class AuditOptions:
+    data: Path
+    out: Path
+    model: Path | None = None  # None: train an embedding model on the data (AUDIT_DIR/embedder)
+    config: Path | None = None  # train config for that model (defaults: _selftrain.EMBEDDER_OVERRIDES)
+    overrides: list[str] = field(default_factory=list)  # key=value for that model
+    folds: int = 5
+    filter_by: str = "low_self_confidence"
+    seed: int = 0
+    batch_size: int = 128
+    num_workers: int = 0
+    relabel: bool = False  # label issues get action relabel instead of drop
+    apply: bool = False  # write the actions into DATA_DIR's manifest
+    duplicates: _duplicates.DuplicateSettings = field(default_factory=_duplicates.DuplicateSettings)
+    outlier_z: float = _outliers.MODIFIED_Z
+    gallery_size: int = 60
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; --out must be a folder (AUDIT_DIR)")
+
+
+def _audited_rows(data: Path) -> tuple[pd.DataFrame, list[str]]:
+    ok = usable_rows(read_manifest(data))
+    if ok.empty:
+        raise DataError(f"{data}: no images with status ok in the manifest; nothing to audit")
+    names = sorted(ok["label"].unique().tolist())
+    if len(names) < 2:
+        raise DataError(f"{data}: one class only ({names[0]!r}); label issues need at least 2 classes")
+    return ok, names
+
+
+def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
+    if opts.model is None:
+        config = _selftrain.embedder_config(opts.config, opts.overrides)
+        return _embed.load_embedder(_selftrain.train_embedder(opts.data, opts.out, config, names))
+    embedder = _embed.load_embedder(opts.model)
+    unknown = sorted(set(names) - set(embedder.class_names))
+    if unknown:
+        raise DataError(f"{opts.model}: the model's classes differ from the data's: the data has "
+                        f"{len(unknown)} class(es) the model lacks ({', '.join(map(repr, unknown[:5]))}); "
+                        "audit with a model trained on these classes, or without --model")
+    return embedder
+
+
+def run(opts: AuditOptions) -> dict[str, Any]:
+    """Audit DATA_DIR into AUDIT_DIR; returns the audit.json content."""
+    started = time.perf_counter()
+    out = Path(opts.out)
+    _check_out(out)
+    if opts.filter_by not in FILTERS:
+        raise DataError(f"--filter-by {opts.filter_by!r}: choose from {', '.join(FILTERS)}")
+    ok, names = _audited_rows(opts.data)
+    embedder = _embedder(opts, names)
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {"model": time.perf_counter() - started}
+
+    t0 = time.perf_counter()
+    embedded = _embed.embed(ok, opts.data, embedder, out / auditdir.CACHE, opts.batch_size, opts.num_workers)
+    timing["embed"] = time.perf_counter() - t0
+    # One BLAS/OpenMP thread: on a shared machine more threads spin-wait on each other (docs/train.md).
+    with threadpool_limits(1):
+        findings, summary = _analyse(ok, names, embedded, opts, timing)
+    audit_csv = out / auditdir.CSV
+    write_atomic(audit_csv, findings.to_csv(index=False))
+    result = {
+        "schema_version": SCHEMA_VERSION, "imgclf_version": __version__,
+        "data_dir": str(Path(opts.data).resolve()), "out_dir": str(out.resolve()),
+        "images": int(len(ok)), "classes": names,
+        "model": {"source": embedder.source, "embedding": embedder.kind, "trained_for_audit": opts.model is None,
+                  "dimensions": int(embedded.features.shape[1]), "cache_key": embedder.key},
+        "counts": {kind: int((findings["kind"] == kind).sum()) for kind in auditdir.KINDS},
+        "actions": {a: int((findings["action"] == a).sum()) for a in auditdir.ACTIONS},
+        **summary,
+        "settings": {"folds": opts.folds, "filter_by": opts.filter_by, "seed": opts.seed,
+                     "duplicates": vars(opts.duplicates), "outlier_modified_z": opts.outlier_z},
+        "cache": {"reused_images": embedded.reused},
+        "files": {"csv": auditdir.CSV, "json": auditdir.JSON, "html": auditdir.HTML},
+    }
+    thumbs = _html.Thumbnails(opts.data, dict(zip(ok["row"].tolist(), row_refs(ok), strict=True)))
+    _html.write(out / auditdir.HTML, result, findings, thumbs, opts.gallery_size)
+    if opts.apply:
+        result["applied"] = _apply.apply(Path(opts.data), findings, audit_csv)
+    timing["total"] = time.perf_counter() - started
+    result["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    write_atomic(out / auditdir.JSON, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts: AuditOptions,
+             timing: dict[str, float]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    readable = embedded.readable
+    t0 = time.perf_counter()
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.where(readable, ok["label"].map(index).to_numpy(), -1)
+    labels, folds = _labels.scorable_labels(labels, opts.folds)
+    probs = np.zeros((len(ok), len(names)))
+    scored = labels >= 0
+    if scored.any():
+        probs[scored] = _labels.out_of_sample_probs(embedded.features[scored], labels[scored], len(names),
+                                                    folds, opts.seed)
+    found = _labels.find_issues(probs, labels, names, opts.filter_by)
+    timing["labels"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pairs, similarity = _duplicates.duplicate_pairs(embedded.phash, readable, opts.duplicates)
+    groups = _duplicates.group(len(ok), pairs)
+    best = _duplicates.best_similarity(len(ok), pairs, similarity)
+    timing["duplicates"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids = np.flatnonzero(readable)
+    neighbours = _duplicates.nearest_neighbours(embedded.features[ids], opts.duplicates.neighbours)
+    local = _outliers.find_outliers(neighbours, np.ones(len(ids), dtype=bool), opts.outlier_z)
+    distance, zscore = np.zeros(len(ok)), np.zeros(len(ok))
+    distance[ids], zscore[ids] = local.distance, local.zscore
+    outliers = ids[local.flagged]
+    timing["outliers"] = time.perf_counter() - t0
+
+    confidence = probs.max(axis=1)
+    parts = [
+        _findings.label_issue_rows(ok, found.issues, probs, found.quality, names, opts.relabel),
+        _findings.group_rows(ok, groups, best),
+        _findings.outlier_rows(ok, outliers, distance, zscore, confidence, probs, names),
+        _findings.unreadable_rows(ok, np.flatnonzero(~readable)),
+    ]
+    findings = _findings.assemble(parts)
+    summary = {
+        "label_issues_by_class": found.class_summary,
+        "suggested_pairs": _suggested_pairs(findings),
+        "overlapping_classes": found.overlapping,
+        "out_of_sample_accuracy": float((probs[scored].argmax(axis=1) == labels[scored]).mean()) if scored.any()
+        else None,
+        "unscored_classes": sorted({names[i] for i in set(ok["label"].map(index)[~scored & readable])}),
+        "duplicate_groups": int(groups.max() + 1) if len(groups) else 0,
+    }
+    return findings, summary
+
+
+def _suggested_pairs(findings: pd.DataFrame, top: int = 15) -> list[dict[str, Any]]:
+    """Given -> suggested label among the label issues, most frequent first."""
+    issues = findings[findings["kind"] == "label_issue"]
+    counts = issues.groupby(["label", "suggested"]).size().sort_values(ascending=False, kind="stable")
+    return [{"given": g, "suggested": s, "count": int(n)} for (g, s), n in counts.head(top).items()]
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    counts = result["counts"]
+    acc = result.get("out_of_sample_accuracy")
+    lines = [
+        f"audited {result['images']} images ({len(result['classes'])} classes) with the {result['model']['embedding']}"
+        f" of {result['model']['source']}" + (f"; out-of-sample accuracy {acc:.3f}" if acc is not None else ""),
+        "findings: " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items()),
+        "actions:  " + ", ".join(f"{n} {a}" for a, n in result["actions"].items() if n),
+    ]
+    top = result.get("suggested_pairs", [])[:3]
+    if top:
+        lines.append("most frequent suspected errors: " + "; ".join(
+            f"{p['given']} -> {p['suggested']} ({p['count']})" for p in top))
+    if "applied" in result:
+        a = result["applied"]
+        lines.append(f"applied to the manifest: {a['excluded']} row(s) excluded, {a['relabelled']} relabelled "
+                     f"(previous manifest kept as {a['backup']})")
+    out = Path(result["out_dir"])
+    lines += [f"report:   {out / auditdir.HTML}", f"findings: {out / auditdir.CSV}",
+              f"train without the flagged rows: imgclf train ... data.exclude={out / auditdir.CSV}"]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The embedding model when no --model is given: a short training run on the audited data itself.
+
+No ImageNet backbone can be fetched offline, so the audit trains one with the train stage
+(`train.run`, into AUDIT_DIR/embedder) on the data's train/val rows, for a short budget. Why a
+short one: networks fit the clean majority of labels in their first epochs and memorise the
+noisy ones only later (Arpit et al. 2017, "A closer look at memorization"), so an early model's
+features place a mislabelled image near its true class; the cross-validated head then
+contradicts the given label. A finished run in AUDIT_DIR/embedder is reused by a rerun.
+
+Defaults (EMBEDDER_OVERRIDES) on top of the train defaults; any key=value the user passes wins,
+e.g. `model.weights=resnet18.pth model.arch=resnet18` to start from local pretrained weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from imgclf import rundir
+from imgclf.auditdir import EMBEDDER
+from imgclf.config import TrainConfig, load_config
+from imgclf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+EMBEDDER_OVERRIDES = [
+    "trainer.epochs=8",
+    "trainer.max_time_minutes=10",  # tens of thousands of images stay within minutes; the LR anneals by time
+    "trainer.progress_bar=false",
+    "loss.label_smoothing=0.1",  # softer targets: slower to memorise the flipped labels
+]
+
+
+def embedder_config(config_path: Path | None, overrides: list[str]) -> TrainConfig:
+    return load_config(config_path, EMBEDDER_OVERRIDES + list(overrides))
+
+
+def train_embedder(data_dir: Path, audit_dir: Path, config: TrainConfig, class_names: list[str]) -> Path:
+    """AUDIT_DIR/embedder, trained now or reused from an earlier audit of the same classes."""
+    run_dir = Path(audit_dir) / EMBEDDER
+    info = rundir.RunDir(run_dir).read_info()
+    if info is not None and info.status == "done":
+        if list(info.class_names) != list(class_names):
+            raise DataError(f"{run_dir}: trained on classes {', '.join(info.class_names)}, the data now has "
+                            f"{', '.join(class_names)}; delete {run_dir} to train a new one")
+        log.info("reusing the embedding model in %s", run_dir)
+        return run_dir
+    from imgclf import train
+
+    resume = rundir.RunDir(run_dir).last.is_file()
+    log.info("training an embedding model on %s into %s (%s)", data_dir, run_dir,
+             "resuming" if resume else f"{config.model.arch}, {config.trainer.epochs} epochs at most")
+    train.run(config, data_dir, run_dir, resume=resume)
+    return run_dir

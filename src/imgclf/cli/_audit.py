@@ -1,0 +1,62 @@
+"""`imgclf audit`: arguments and the call into the audit stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from imgclf.errors import ConfigError
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="find likely label errors, near-duplicates, leakage and outliers",
+                       description="Audit a data directory: label issues (cleanlab on out-of-sample probabilities), "
+                                   "near-duplicates and train/test leakage (perceptual hashes), outliers. Writes "
+                                   "audit.csv, audit.json and audit.html into AUDIT_DIR. Without --model, a model is "
+                                   "trained briefly on the data (AUDIT_DIR/embedder); extra key=value arguments "
+                                   "override its config. Train without the flagged rows with "
+                                   "data.exclude=AUDIT_DIR/audit.csv, or write them into the manifest with --apply.")
+    p.add_argument("data", type=Path, metavar="DATA_DIR", help="data directory written by `imgclf download`")
+    p.add_argument("--out", required=True, type=Path, metavar="AUDIT_DIR", help="folder to write the audit into")
+    p.add_argument("--model", type=Path, default=None,
+                   help="embed with this model (run directory, checkpoint, .onnx or TorchScript) instead of "
+                        "training one on the data")
+    p.add_argument("--config", type=Path, default=None, help="train config for the model trained on the data")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear head")
+    p.add_argument("--filter-by", default="low_self_confidence",
+                   help="cleanlab find_label_issues method (prune_by_noise_rate, both, confident_learning, ...)")
+    p.add_argument("--hash-distance", type=int, default=24,
+                   help="near-duplicates: perceptual-hash bits (of 256) two copies may differ by")
+    p.add_argument("--relabel", action="store_true",
+                   help="label issues in train/val get action relabel (to the suggested label) instead of drop")
+    p.add_argument("--apply", action="store_true",
+                   help="write the actions into DATA_DIR/manifest.parquet (drop: status excluded; relabel: the "
+                        "suggested label); the previous manifest is kept as manifest.before-audit.parquet")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the model trained "
+                                                                      "on the data (e.g. trainer.epochs=4)")
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    missing = [m for m in ("cleanlab", "imagehash") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"audit needs {' and '.join(missing)}: pip install 'imgclf[audit]'")
+    if args.folds < 2:
+        raise ConfigError(f"--folds {args.folds}: need at least 2")
+    if args.model is not None and (args.config is not None or args.overrides):
+        raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
+                          "trained")
+    from imgclf import audit
+    from imgclf.audit._duplicates import DuplicateSettings
+
+    opts = audit.AuditOptions(
+        data=args.data, out=args.out, model=args.model, config=args.config, overrides=list(args.overrides),
+        folds=args.folds, filter_by=args.filter_by, seed=args.seed, batch_size=args.batch_size,
+        num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
+        duplicates=DuplicateSettings(max_distance=args.hash_distance))
+    print(audit.format_summary(audit.run(opts)))
+    return 0
