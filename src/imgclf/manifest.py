@@ -48,6 +48,7 @@ import pandas as pd
 
 from imgclf._files import atomic_path
 from imgclf.errors import DataError
+from imgclf.untrusted import check_labels
 
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "download_report.json"
@@ -182,7 +183,9 @@ def _checked(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     missing = [c for c in ("url", "label", "split", "status", "path") if c not in frame]
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
-    return normalize(frame)
+    frame = normalize(frame)
+    check_labels(frame["label"], lambda i: f"{path}: row {frame['row'].iloc[i]}")
+    return frame
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = ["RowRef", "confined", "display", "exists", "filesystem", "is_url", "j
            "read_row", "upload"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+MAX_READ_BYTES = 64 * 1024 * 1024  # one stored image read whole from a local DATA_DIR (images.MAX_FILE_BYTES)
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -90,8 +92,32 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ConfigError(f"{url}: not a storage URL fsspec knows ({err})") from None
 
 
-def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int | None = None) -> bytes:
-    """The bytes of `base/rel`, or `size` bytes from `start` (a ranged read). OSError when absent."""
+def _open_local(base: str | os.PathLike[str], target: str) -> int:
+    """A descriptor of the regular file `target` inside `base`: a symlink that leads out of `base`
+    is refused (DataError), and a FIFO or a device is never read (opened non-blocking, then fstat)."""
+    root, real = os.path.realpath(base), os.path.realpath(target)
+    if os.path.commonpath([root, real]) != root:
+        raise DataError(f"{target}: leads out of the data directory (a link to {real})")
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{target}: not a regular file")
+    return fd
+
+
+def _whole(fd: int, target: str, max_bytes: int) -> int:
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        raise OSError(f"{target}: {size} bytes, over the {max_bytes}-byte limit for one image")
+    return size
+
+
+def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int | None = None,
+               max_bytes: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of `base/rel`, or `size` bytes from `start` (a ranged read). OSError when absent.
+
+    Local reads stay inside `base` (symlinks followed, then checked), read regular files only,
+    and a whole-file read is capped at `max_bytes`."""
     target = join(base, rel)
     if is_url(target):
         fs, path = filesystem(target)
@@ -103,12 +129,11 @@ def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int
         except Exception as err:  # botocore/aiohttp raise their own types; the caller wants OSError
             raise OSError(f"{target}: {err.__class__.__name__}: {str(err)[:200]}") from None
     else:
-        with open(target, "rb") as fh:
-            if size is None:
-                fh.seek(start)
-                data = fh.read()
-            else:
-                data = os.pread(fh.fileno(), size, start)
+        fd = _open_local(base, target)
+        try:
+            data = os.pread(fd, size if size is not None else _whole(fd, target, max_bytes), start)
+        finally:
+            os.close(fd)
     if size is not None and len(data) != size:
         raise OSError(f"{target}: short read at {start} ({len(data)} of {size} bytes): shard cut or changed")
     return data
