@@ -94,7 +94,8 @@ def load_model(path: str | Path) -> LoadedModel:
         config = TrainConfig.model_validate(meta["config"])
         class_names = [str(name) for name in meta["class_names"]]
         preprocessing = Preprocessing.from_plain(meta["preprocessing"])
-        model = create_model(meta["arch"], len(class_names))
+        # Structural options (a small-input stem) shape the layers the state dict fills.
+        model = create_model(meta["arch"], len(class_names), small_input=config.model.small_input)
     except Exception as err:  # pydantic ValidationError, ConfigError, KeyError/TypeError from bad metadata
         raise DataError(f"{resolved}: imgclf metadata is invalid ({first_line(err)})") from None
     try:

@@ -32,6 +32,8 @@ class ModelConfig(_Section):
     # "auto" sizes BatchNorm momentum to the number of steps per epoch (see models.py).
     bn_momentum: float | Literal["auto", "library"] = "auto"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    # Stem downsamples 2x less (models._small_input_stem): for images of about 64 px and smaller.
+    small_input: bool = False
 
     @field_validator("bn_momentum")
     @classmethod
@@ -46,6 +48,11 @@ class AugmentConfig(_Section):
     crop_scale: tuple[float, float] = (0.35, 1.0)
     policy: Literal["none", "randaugment", "trivialaugment"] = "none"
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    # Batch mixing (torchvision.transforms.v2 MixUp / CutMix): the Beta(alpha, alpha) parameter, 0 = off.
+    # With both on, each mixed batch gets one of the two at random.
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)  # share of training batches that are mixed
 
     @field_validator("crop_scale")
     @classmethod
@@ -92,12 +99,23 @@ class DataConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-3, gt=0.0)
+    # "find": run the learning-rate finder first (train/_lr_find.py) and train with its suggestion.
+    lr: float | Literal["find"] = 2e-3
+    # Learning rate of the backbone (every layer but the head) relative to lr: < 1 for fine-tuning.
+    backbone_lr_mult: float = Field(1.0, gt=0.0, le=10.0)
+    lr_find_steps: int = Field(100, ge=10, le=10_000)  # batches the finder tries (one LR each)
     weight_decay: float = Field(0.05, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 100.0:
+            raise ValueError("must be a number in (0, 100) or 'find'")
+        return v
 
 
 class LossConfig(_Section):

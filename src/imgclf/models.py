@@ -6,6 +6,8 @@ torchvision architectures by name (see ARCHITECTURES), any timm model as
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,14 @@ ARCHITECTURES = (
     "convnext_tiny",
 )
 
+# Measured once, not at run time (`imgclf models` prints it): architecture -> (parameters with a
+# 10-class head, training images/s, inference images/s) on CPU at 64 px, channels_last, 2 torch
+# threads, training batch 64 (AdamW step), inference batch 128. Machine: the project's 2-core
+# x86_64 (AVX-512, no GPU). Command: .venv/bin/python benchmarks/models.py --rounds 3
+# MEASURED_ON says when, and under what load (see docs/benchmarks.md#models-benchmarksmodelspy).
+MEASURED_ON = "not measured yet"
+MEASURED: dict[str, tuple[int, float, float]] = {}
+
 
 def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float | None) -> nn.Module:
     if arch.startswith("resnet"):
@@ -38,18 +48,58 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float 
     return model
 
 
-def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
+@contextlib.contextmanager
+def _hub_dir(cache_dir: str | None) -> Iterator[Path]:
+    """torch hub's folder for the duration of a load: CACHE_DIR/hub, as TORCH_HOME=CACHE_DIR would make it.
+
+    The default (cache_dir None) is torch's own, TORCH_HOME/hub (~/.cache/torch/hub), so a
+    cache_dir equal to the documented default finds the same files. set_dir is process-wide:
+    the previous folder is put back afterwards.
+    """
+    before = torch.hub.get_dir()
     if cache_dir:
-        torch.hub.set_dir(cache_dir)
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
+        torch.hub.set_dir(str(Path(cache_dir).expanduser() / "hub"))
     try:
-        return torchvision.models.get_model(arch, weights=weights)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise ConfigError(
-            f"model.pretrained: cannot fetch ImageNet weights for {arch} ({err.__class__.__name__}); "
-            f"offline, download {weights.url} elsewhere and set model.weights=PATH "
-            f"(or put it in {Path(torch.hub.get_dir()) / 'checkpoints'})"
-        ) from None
+        yield Path(torch.hub.get_dir())
+    finally:
+        torch.hub.set_dir(before)
+
+
+def _small_input_stem(model: nn.Module, arch: str) -> None:
+    """Make the stem downsample 2x less, for images of about 64 px and smaller.
+
+    ImageNet stems shrink a 224 px image 2x (mobilenet, efficientnet), 4x (resnet: a stride-2
+    7x7 conv, then max-pooling) or 4x (convnext's patchify) before the first block; on a 28 px
+    image that leaves a few pixels for the later blocks. Here: stride 1 for the mobilenet and
+    efficientnet stem conv (its pretrained weights still fit), a 3x3 stride-1 conv before resnet's
+    max-pool (as CIFAR ResNets have), a 2x2 stride-2 patchify for convnext. Every later layer then
+    sees a 2x larger map: the compute of a 2x larger image_size, without upscaling the input.
+    """
+    if arch.startswith("resnet"):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    elif arch.startswith("convnext"):
+        old = model.features[0][0]
+        model.features[0][0] = nn.Conv2d(3, old.out_channels, 2, 2)
+        nn.init.trunc_normal_(model.features[0][0].weight, std=0.02)  # torchvision's convnext init
+        nn.init.zeros_(model.features[0][0].bias)
+    else:  # mobilenet_v3_*, efficientnet_*: features[0][0] is the stride-2 3x3 stem conv
+        model.features[0][0].stride = (1, 1)
+
+
+def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    with _hub_dir(cache_dir) as hub:
+        # torch.hub checks a file's hash prefix only when it downloads it: a file already in
+        # HUB/checkpoints/ under the URL's name is loaded as it is (weights_only, no network).
+        try:
+            return torchvision.models.get_model(arch, weights=weights)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError
+            raise ConfigError(
+                f"model.pretrained: cannot fetch ImageNet weights for {arch} ({err.__class__.__name__}); "
+                f"offline, download {weights.url} elsewhere and set model.weights=PATH "
+                f"(or put it in {hub / 'checkpoints'})"
+            ) from None
 
 
 def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
@@ -99,15 +149,21 @@ def create_model(
     weights: str | None = None,
     cache_dir: str | None = None,
     dropout: float | None = None,
+    small_input: bool = False,
 ) -> nn.Module:
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
     if arch.startswith("timm/"):
+        if small_input:
+            raise ConfigError("model.small_input: only for the torchvision architectures "
+                              f"({', '.join(ARCHITECTURES)}), not {arch}")
         model = _timm_model(arch.removeprefix("timm/"), num_classes, pretrained and weights is None)
     elif arch in ARCHITECTURES:
         model = (_pretrained_torchvision(arch, cache_dir) if pretrained and weights is None
                  else torchvision.models.get_model(arch, weights=None))
         model = _replace_head(model, arch, num_classes, dropout)
+        if small_input:
+            _small_input_stem(model, arch)
     else:
         raise ConfigError(f"model.arch: unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)}, "
                           "or timm/<name>)")

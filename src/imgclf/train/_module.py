@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from imgclf import models, presets
 from imgclf.checkpoint import make_meta
 from imgclf.config import TrainConfig
+from imgclf.train import _mix
 
 log = logging.getLogger("imgclf.train")
 
@@ -40,6 +41,8 @@ class ImageClassifier(pl.LightningModule):
         n = len(class_names)
         self.criterion = nn.CrossEntropyLoss(weight=class_weights,
                                              label_smoothing=config.loss.label_smoothing)
+        # MixUp / CutMix on the normalised batch (None when off); validation never mixes.
+        self.mixer = _mix.make_mixer(config.data.augment, n)
         self.train_loss = torchmetrics.MeanMetric()
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
@@ -62,7 +65,9 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- forward and steps ------------------------------------------------------------------
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images)
+        return self._layout(self.normalize(images))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.trainer.channels_last is True:
             return x.contiguous(memory_format=torch.channels_last)
         return models.fast_layout(x) if self.config.trainer.channels_last == "auto" else x
@@ -72,7 +77,12 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        loss = self.criterion(self(images), targets)
+        x = self.normalize(images)
+        if self.mixer is not None:
+            x, targets = self.mixer(x, targets)  # soft (N, K) targets when this batch was mixed
+        # The criterion's weight and smoothing, for hard and soft targets alike.
+        loss = _mix.cross_entropy(self.model(self._layout(x)), targets, self.criterion.weight,
+                                  self.criterion.label_smoothing)
         self.train_loss.update(loss.detach(), weight=len(targets))
         self.images_seen += len(targets)
         return loss
@@ -141,7 +151,7 @@ class ImageClassifier(pl.LightningModule):
         persists = epoch - 1 in self.collapsed_epochs
         self.collapsed_epochs.append(epoch)
         log.log(logging.WARNING if persists else logging.INFO,
-                "epoch %d: %.0f%% of validation predictions are class %r%s", epoch, 100 * share,
+                "epoch %d: %.0f%% of validation predictions are class %r%s", epoch + 1, 100 * share,
                 self.class_names[top],
                 ": the model has collapsed to one class (in eval mode; check BatchNorm running statistics: "
                 "model.bn_momentum, more data per class, a lower optim.lr)" if persists else
@@ -156,17 +166,14 @@ class ImageClassifier(pl.LightningModule):
     # ---- optimizer and schedule -------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.config.optim
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            # Weight decay on BatchNorm/LayerNorm scales and biases only hurts: the usual exclusion.
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        groups = [{"params": decay, "weight_decay": opt.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        # "find" is replaced by the finder's suggestion before training; the finder sets its own LRs.
+        lr = opt.lr if isinstance(opt.lr, float) else 1e-3
+        groups = _param_groups(self.model, lr, opt.weight_decay, opt.backbone_lr_mult)
         if opt.name == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum,
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=opt.momentum,
                                                                nesterov=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=opt.lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total // max(1, self.config.trainer.epochs))
         warmup = min(total - 1, int(opt.warmup_epochs * steps_per_epoch))
@@ -195,6 +202,23 @@ class ImageClassifier(pl.LightningModule):
         if self.ema is not None:
             _rename_prefix(checkpoint["state_dict"], "model.", "ema.module.")
             _rename_prefix(checkpoint["state_dict"], "raw.", "model.")
+
+
+def _param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_mult: float) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay or not, and with backbone_lr_mult != 1, head vs backbone LR.
+
+    The head's groups come first, so param_groups[0]["lr"] (metrics.csv's lr) is optim.lr's.
+    With a multiplier of 1 the layout is the two groups of earlier runs, which --resume expects.
+    """
+    head = {id(p) for p in models.head_parameters(model)} if backbone_mult != 1.0 else set()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (True, False) for d in (True, False)}
+    for name, param in model.named_parameters():
+        # Weight decay on BatchNorm/LayerNorm scales and biases only hurts: the usual exclusion.
+        decays = not (param.ndim <= 1 or name.endswith(".bias"))
+        buckets[(id(param) in head or backbone_mult == 1.0, decays)].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr if is_head else lr * backbone_mult}
+            for (is_head, decays), params in buckets.items() if params]
 
 
 def _rename_prefix(state: dict[str, Any], old: str, new: str) -> None:
