@@ -140,9 +140,10 @@ def _precheck(img: Image.Image, data: bytes, limits: ImageLimits) -> Rejected | 
     too_big = check_size(*img.size, limits)
     if too_big is not None:
         return too_big
-    if img.format in ("JPEG", "MPO") and _jpeg_scans(data) > limits.max_jpeg_scans:
-        return Rejected("too_large", f"a JPEG of more than {limits.max_jpeg_scans} scans "
-                                     f"({_jpeg_scans(data)}; each one is a pass over every pixel)")
+    scans = _jpeg_scans(data) if img.format in ("JPEG", "MPO") else 0
+    if scans > limits.max_jpeg_scans:
+        return Rejected("too_large", f"a JPEG of {scans} scans, more than {limits.max_jpeg_scans} "
+                                     "(each one is a pass over every pixel)")
     return None
 
 
