@@ -37,7 +37,6 @@ from imgclf import sources
 from imgclf.download._local import Item, Layout, LocalRef, Skipped, is_hidden, utf8_ok, wrapper_of
 from imgclf.errors import DataError
 from imgclf.images import Rejected
-from imgclf.untrusted import label_problem
 
 RATIO_LIMIT = 100
 RATIO_FLOOR = 1 << 20
@@ -120,8 +119,6 @@ def list_archive(path: Path, max_bytes: int) -> Iterator[Item | Skipped]:
                 yield Skipped(shown, f"{shown}!{'/'.join(top)}", "hidden", "hidden or system entry (not read)")
         elif (place := layout.place(e.parts)) is None:
             yield Skipped(shown, where, "outside_class_folders", "not inside a class folder")
-        elif problem := label_problem(place[0]):
-            yield Skipped(shown, where, "bad_name", f"the class folder's name {problem}")
         else:
             yield Item(shown, where, place[0], place[1], kind, absolute, e.name, e.offset, e.size, e.stamp,
                        e.status, e.error)

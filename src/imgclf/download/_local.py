@@ -18,8 +18,9 @@ Folder layout (ImageFolder, as torchvision, fastai and Ultralytics read it):
   - not rows, but listed: hidden entries (a name starting with "."; `__MACOSX`, `Thumbs.db`,
     `desktop.ini`, `@eaDir`), files outside class folders, non-regular files (FIFO, socket,
     device, broken symlink: never opened), folders reached twice (a symlink loop), names that
-    are not valid UTF-8, class folders whose name holds a control character (a label never
-    holds one: imgclf.untrusted), unreadable folders.
+    are not valid UTF-8, unreadable folders. A class folder whose name holds a control
+    character is refused with one line when the rows are stored (imgclf.untrusted: a label is
+    refused, never cut), as a table's label is.
 Symlinks to files are read (their target is validated like any file); symlinks to folders are
 followed once per real folder ((device, inode) pairs already visited are not entered again),
 so a loop ends. Archives found inside a folder are files like any other (`not_image`).
@@ -39,7 +40,6 @@ import pandas as pd
 from imgclf import sources
 from imgclf.errors import DataError
 from imgclf.images import Rejected
-from imgclf.untrusted import label_problem
 
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN",
                           "System Volume Information"})
@@ -224,16 +224,13 @@ def walk_folder(root: Path) -> Iterator[Item | Skipped]:
         else:
             visited.add((st.st_dev, st.st_ino))
             parts = (*folder.parts, name)
-            place = layout.place((*parts, ""))
-            if place is not None and (problem := label_problem(place[0])):
-                yield Skipped(shown, where, "bad_name", f"the class folder's name {problem}; rename it")
-                continue
             try:
                 entries = _sorted_entries(entry.path)
             except OSError as err:
                 yield Skipped(shown, where, "unreadable_folder", f"cannot list: {err.strerror}")
                 continue
-            stack.append(_Dir(parts, where, os.path.join(folder.absolute, name), place, entries))
+            stack.append(_Dir(parts, where, os.path.join(folder.absolute, name), layout.place((*parts, "")),
+                              entries))
 
 
 def _sorted_entries(path: str) -> Iterator[os.DirEntry[str]]:

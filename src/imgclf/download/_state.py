@@ -28,7 +28,7 @@ from imgclf.download._fetch import RETRY_STATUSES
 from imgclf.download._local import Item, LocalRef, Skipped, iter_items
 from imgclf.errors import ConfigError, DataError
 from imgclf.net.http import check_url
-from imgclf.untrusted import check_label
+from imgclf.untrusted import check_label, shown
 
 STATE_NAME = ".state.sqlite"
 
@@ -236,7 +236,8 @@ class State:
             if keep is not None and not keep(item.url):
                 row += 1  # another job's row: its number stays taken
                 continue
-            check_label(item.label, item.url)  # a class folder named with a control character: one line
+            # a class folder named with a control character: one line (the locator holds it too: repr)
+            check_label(item.label, shown(item.url, 160))
             rows.append((row, item.source, item.url, item.label, item.split))
             if item.kind == "url":
                 if item.label:
