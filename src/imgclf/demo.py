@@ -91,7 +91,8 @@ def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: in
     timings["train"] = time.perf_counter() - t0
 
     t0 = _stage("evaluate: test split")
-    metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test", seed=seed))
+    metrics = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test", seed=seed,
+                                                    progress=show_progress))
     timings["evaluate"] = time.perf_counter() - t0
 
     print("\n== demo summary")

@@ -12,16 +12,16 @@ import logging
 import sys
 
 from imgclf import __version__
-from imgclf.cli import _audit, _config, _demo, _download, _evaluate, _export, _predict, _serve, _train
+from imgclf.cli import _audit, _config, _demo, _download, _evaluate, _export, _models, _predict, _serve, _train
 from imgclf.cli._common import Parser, add_verbosity
 from imgclf.errors import ImgclfError
 
 STAGES = ("download", "audit", "train", "evaluate", "predict", "export", "serve", "demo")
 # Commands that are not pipeline stages: helpers around them.
-TOOLS = ("config",)
+TOOLS = ("config", "models")
 
 
-COMMANDS = (_download, _audit, _train, _evaluate, _predict, _export, _serve, _demo, _config)
+COMMANDS = (_download, _audit, _train, _evaluate, _predict, _export, _serve, _demo, _config, _models)
 
 
 def build_parser() -> Parser:
@@ -40,8 +40,28 @@ def build_parser() -> Parser:
     return parser
 
 
+def _unknown_option_first(parser: Parser, argv: list[str]) -> None:
+    """Report a mistyped option before argparse complains about the required one it was meant to be.
+
+    `predict --modle x` would otherwise fail with "--model is required" and no hint.
+    """
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((tok for tok in argv if tok in subparsers.choices), None)
+    if command is None:
+        return
+    sub = subparsers.choices[command]
+    known = [s for action in sub._actions + parser._actions for s in action.option_strings]
+    for tok in argv[argv.index(command) + 1:]:
+        if tok == "--":
+            return
+        flag = tok.split("=", 1)[0]
+        if flag.startswith("--") and not any(k == flag or k.startswith(flag) for k in known):
+            sub.error(f"unrecognized arguments: {tok}")
+
+
 def _parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
     """Parse; an unknown option is reported by the subcommand that was meant, with a suggestion."""
+    _unknown_option_first(parser, list(sys.argv[1:] if argv is None else argv))
     args, extras = parser.parse_known_args(argv)
     if extras:
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -1,4 +1,8 @@
-"""Live progress bar (rich) on stderr: URLs done, rate, ok and failed; a no-op when disabled."""
+"""Download progress on stderr: URLs done, rate, ok and failed; a no-op when disabled.
+
+A live rich bar in a terminal; elsewhere (CI, a file) a plain line every few seconds
+(imgclf.progress.LineProgress), since a bar's redraws would flood a log.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from imgclf.progress import LineProgress, interactive
+
 
 class Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.ok, self.failed = total, 0, 0
         self._started = time.monotonic()
         self._bar: RichProgress | None = None
-        if enabled:
+        self._lines: LineProgress | None = None
+        if enabled and not interactive():
+            self._lines = LineProgress("download", total, "rows")
+        elif enabled:
             self._bar = RichProgress(
                 TextColumn("download"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:>7.1f} URL/s"),
@@ -35,12 +44,16 @@ class Progress:
         if self._bar is not None:
             self.tick()
             self._bar.stop()
+        if self._lines is not None:
+            self._lines.close()
 
     def advance(self, status: str) -> None:
         if status == "ok":
             self.ok += 1
         else:
             self.failed += 1
+        if self._lines is not None:
+            self._lines.advance()
         if self._bar is not None:
             self._bar.advance(self._task)
 

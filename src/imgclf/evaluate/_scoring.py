@@ -22,6 +22,7 @@ from imgclf.errors import ConfigError, DataError, first_line
 from imgclf.modelfile import ModelKind, identify
 from imgclf.models import fast_layout
 from imgclf.presets import Preprocessing, eval_transform
+from imgclf.progress import track
 
 
 @dataclass
@@ -79,7 +80,9 @@ def _exported_model(path: Path, kind: ModelKind, device_name: str) -> EvalModel:
     backend = load_classifier(path).backend
 
     def probabilities(batch: torch.Tensor) -> np.ndarray:
-        return np.asarray(backend.probabilities(batch), dtype=np.float64)
+        # float32 softmax from the exported graph, renormalised in float64 so rows sum to 1 for log loss.
+        proba = np.asarray(backend.probabilities(batch), dtype=np.float64)
+        return proba / proba.sum(axis=1, keepdims=True)
 
     return EvalModel(path, meta.class_names, meta.preprocessing, meta.arch, {}, 0, probabilities)
 
@@ -92,8 +95,9 @@ def open_model(path: Path, device: str) -> EvalModel:
 
 
 def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batch_size: int,
-                  num_workers: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) float64 probabilities and (N,) true class indices, in frame order."""
+                  num_workers: int | None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float64 probabilities and (N,) true class indices, in frame order; the rows of images
+    that could not be read (warned about, see data.ImageFolderFrame.read) are NaN."""
     dataset = ImageFolderFrame(frame, images_root, model.class_names, eval_transform(model.preprocessing))
     workers = model.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -101,8 +105,10 @@ def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batc
     chunks = []
     try:
         with torch.inference_mode():
-            for images, _ in loader:
+            for images, _ in track(loader, "evaluate", len(dataset), enabled=progress, size=lambda b: len(b[1])):
                 chunks.append(model.probabilities(images))
     except (ValueError, OSError) as err:  # a file removed or corrupted since download
         raise DataError(f"cannot read an evaluation image: {first_line(err)}") from None
-    return np.concatenate(chunks), dataset.targets.numpy()
+    proba = np.concatenate(chunks)
+    proba[dataset.failures.mask()] = np.nan
+    return proba, dataset.targets.numpy()
