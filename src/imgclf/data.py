@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from imgclf import rundir
+from imgclf import rundir, storage
 from imgclf._files import atomic_path
 from imgclf.errors import DataError
-from imgclf.images import open_image_file
-from imgclf.manifest import read_manifest, usable_rows
+from imgclf.images import ImageLimits, Rejected, decode_image
+from imgclf.manifest import read_manifest, row_refs, usable_rows
 
 log = logging.getLogger(__name__)
 SPLIT_NAME = rundir.SPLIT
@@ -92,13 +93,41 @@ def write_split(split: pd.DataFrame, run_dir: Path) -> Path:
     return path
 
 
+def image_refs(frame: pd.DataFrame, data_dir: str | Path) -> list[storage.RowRef]:
+    """Where each row's image is. Frames without the manifest's shard columns (split.csv, a few
+    chosen columns) take them from DATA_DIR's manifest by `row`; a files-layout manifest has none."""
+    if "shard" in frame or "row" not in frame:
+        return row_refs(frame)
+    located = read_manifest(data_dir)[["row", "shard", "offset", "bytes"]]
+    if not (located["shard"] != "").any():
+        return row_refs(frame)
+    return row_refs(frame[["row", "path"]].merge(located, on="row", how="left", validate="many_to_one"))
+
+
+_STORED = ImageLimits(min_side=1)  # stored images were validated at download; any size is fine here
+
+
+def read_image(data_dir: str | Path, ref: storage.RowRef, limits: ImageLimits = _STORED) -> Image.Image:
+    """A row's stored image as RGB (a file, or a member of a tar shard; local or object storage);
+    ValueError or OSError naming it when it cannot be read."""
+    result = decode_image(storage.read_row(data_dir, ref), limits)
+    if isinstance(result, Rejected):
+        raise ValueError(f"{storage.join(data_dir, ref.shard or ref.path)}: {result.status}: {result.reason}")
+    return result.image
+
+
 class ImageFolderFrame(Dataset):
-    """(image tensor, class index) for each row of a frame with `path` and `label` columns."""
+    """(image tensor, class index) for each row of a frame with `path` and `label` columns.
+
+    Map-style on purpose: under DDP, Lightning's DistributedSampler gives each rank a disjoint
+    share of the indices with equal batch counts, and DataLoader workers split a rank's batches.
+    """
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
                  transform: Callable) -> None:
-        self.data_dir = Path(data_dir)
-        self.paths = frame["path"].tolist()
+        self.data_dir = storage.location(data_dir)
+        self.refs = image_refs(frame, self.data_dir)
+        self.paths = [ref.path for ref in self.refs]
         index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:
@@ -110,7 +139,7 @@ class ImageFolderFrame(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = open_image_file(str(self.data_dir / self.paths[i]))
+        image = read_image(self.data_dir, self.refs[i])
         return self.transform(image), self.targets[i]
 
 
@@ -118,14 +147,17 @@ def _identity(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def decode_resized(path: str | Path, resize_size: int) -> torch.Tensor:
-    """Decode a file to a uint8 tensor (3, H, W), shrunk so its shorter side is at most resize_size.
+def decode_resized(image: str | Path | Image.Image, resize_size: int) -> torch.Tensor:
+    """Decode a file (or take an image) to a uint8 tensor (3, H, W), shrunk so its shorter side is at
+    most resize_size.
 
     Never enlarges: eval preprocessing resizes to exactly resize_size afterwards, so caching
     the shrunk image gives the same pixels as resizing the original (Resize is a no-op at the
     target size), and small images (28px Fashion-MNIST) stay small in RAM.
     """
-    image = pil_to_tensor(open_image_file(str(path)))
+    if not isinstance(image, Image.Image):
+        image = read_image(Path(image).parent, storage.RowRef(Path(image).name))
+    image = pil_to_tensor(image)
     if min(image.shape[-2:]) > resize_size:
         image = resize(image, [resize_size], antialias=True)
     return image
@@ -152,7 +184,7 @@ class DecodedImages(Dataset):
     def decoded(self, i: int) -> torch.Tensor:
         if self.cache is not None:
             return self.cache[i]
-        return decode_resized(self.files.data_dir / self.files.paths[i], self.resize_size)
+        return decode_resized(read_image(self.files.data_dir, self.files.refs[i]), self.resize_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.decoded(i)

@@ -149,10 +149,15 @@ def read_row(data_dir: str | os.PathLike[str], ref: RowRef) -> bytes:
 
 
 def exists(base: str | os.PathLike[str], rel: str) -> bool:
+    """Whether base/rel is there; False also when object storage cannot be asked (a reader then
+    says why in one line)."""
     target = join(base, rel)
     if is_url(target):
         fs, path = filesystem(target)
-        return bool(fs.exists(path))
+        try:
+            return bool(fs.exists(path))
+        except Exception:  # endpoint down, denied: botocore/aiohttp types
+            return False
     return os.path.isfile(target)
 
 

@@ -35,7 +35,7 @@ import torch
 from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader
 
-from imgclf import __version__
+from imgclf import __version__, storage
 from imgclf._files import write_atomic
 from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.curves import training_curves
@@ -82,7 +82,7 @@ class Plan:
     """Where everything comes from and goes to, resolved once from the options."""
 
     model_source: Path
-    data_dir: Path
+    data_dir: Path | str  # a folder, or an object-store URL (see imgclf.storage)
     out_dir: Path
     run_dir: Path | None
     run_info: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +91,7 @@ class Plan:
 @dataclass
 class EvalSet:
     frame: pd.DataFrame  # row, path, label
-    images_root: Path
+    images_root: Path | str
     split: str  # what was evaluated: the requested split, or "val" after the fallback
     source: str  # "manifest" or "run split.csv (val subset)"
     note: str = ""
@@ -113,14 +113,16 @@ def resolve(opts: EvaluateOptions) -> Plan:
         if not run_dir.is_dir():
             raise DataError(f"{run_dir}: no such run directory")
         info = _read_run_info(run_dir)
-        data = opts.data or (Path(info["data_dir"]) if info.get("data_dir") else None)
+        data = opts.data or info.get("data_dir") or None
         if data is None:
             raise ConfigError(f"{run_dir}: run.json names no data_dir; pass --data DATA_DIR")
-        return Plan(Path(opts.weights or run_dir), Path(data), Path(opts.out or run_dir), run_dir, info)
+        return Plan(Path(opts.weights or run_dir), storage.location(data), Path(opts.out or run_dir), run_dir, info)
     if opts.data is None:
         raise ConfigError("evaluate --weights FILE needs --data DATA_DIR")
-    weights, data = Path(opts.weights), Path(opts.data)
-    out = opts.out or data / "evaluations" / f"{weights.stem}-{opts.split}"
+    weights, data = Path(opts.weights), storage.location(opts.data)
+    if opts.out is None and storage.is_url(data):
+        raise ConfigError(f"evaluate {weights}: --data {data} is object storage; pass --out DIR (a local folder)")
+    out = opts.out or Path(data) / "evaluations" / f"{weights.stem}-{opts.split}"
     return Plan(weights, data, Path(out), None)
 
 
@@ -140,7 +142,7 @@ def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
         note = (f"no '{split}' images in {plan.data_dir}: evaluating on the run's validation subset "
                 f"({len(val)} images, the ones that chose the best checkpoint, so expect optimistic figures)")
         log.warning(note)
-        root = Path(plan.run_info.get("data_dir") or plan.data_dir)
+        root = storage.location(plan.run_info.get("data_dir") or plan.data_dir)
         return EvalSet(val[["row", "path", "label"]], root, "val", f"run {SPLIT_NAME} (val subset)", note)
     have = sorted(set(usable_rows(manifest)["split"]))
     fallback = ", and no run validation subset to fall back on" if split in ("test", "val") else ""
@@ -203,10 +205,9 @@ def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
 # ---------------------------------------------------------------- data summary
 
 
-def _read_download_report(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / REPORT_NAME
+def _read_download_report(data_dir: Path | str) -> dict[str, Any] | None:
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(storage.read_bytes(data_dir, REPORT_NAME))
     except (OSError, json.JSONDecodeError):
         return None
     return report if isinstance(report, dict) else None
@@ -359,7 +360,7 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
         "train_shares_source": shares_source,
         "model": {"checkpoint": str(loaded.path.resolve()), "arch": loaded.config.model.arch,
                   "image_size": loaded.preprocessing.image_size},
-        "data_dir": str(plan.data_dir.resolve()),
+        "data_dir": storage.display(plan.data_dir),
         "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None,
         "out_dir": str(plan.out_dir.resolve()),
         "data": data_summary(manifest),
