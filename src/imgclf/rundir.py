@@ -119,4 +119,6 @@ class RunDir:
             raise DataError(f"{self.info_path}: unreadable run.json ({err.__class__.__name__})") from None
 
     def write_info(self, info: RunInfo) -> Path:
-        return write_atomic(self.info_path, info.model_dump_json(indent=2) + "\n")
+        # json.dumps, not model_dump_json: a data_dir whose name is not UTF-8 (surrogate escapes)
+        # is written as JSON escapes and reads back the same, instead of failing after training.
+        return write_atomic(self.info_path, json.dumps(info.model_dump(mode="python"), indent=2) + "\n")
