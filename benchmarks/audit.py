@@ -189,6 +189,9 @@ def main() -> int:
     with_copies, pairs = inject_copies(copies, clean, args.copies, args.seed)
     write_manifest(with_copies, copies)
     embedder = args.model or work / "audit-noisy" / auditdir.EMBEDDER
+    # Same model, same untouched images: the noisy audit's cache spares their decoding (only copies are new).
+    shutil.rmtree(work / "audit-copies", ignore_errors=True)
+    shutil.copytree(work / "audit-noisy" / auditdir.CACHE, work / "audit-copies" / auditdir.CACHE)
     result = audit.run(audit.AuditOptions(data=copies, out=work / "audit-copies", model=embedder, seed=args.seed))
     report["leakage"] = leakage_scores(auditdir.read_findings(work / "audit-copies" / auditdir.CSV), pairs)
     report["leakage"]["seconds"] = result["timing"]

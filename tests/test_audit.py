@@ -168,7 +168,7 @@ def test_apply_writes_the_manifest_and_keeps_the_original(noisy, audited, tmp_pa
     assert code == 0, capsys.readouterr().err
     assert "applied to the manifest" in capsys.readouterr().out
     after = read_manifest(copy).set_index("row")
-    before = read_manifest(copy / "manifest.before-audit.parquet").set_index("row")
+    before = pd.read_parquet(copy / "manifest.before-audit.parquet").set_index("row")
     findings = auditdir.read_findings(tmp_path / "a" / auditdir.CSV)
     relabelled = findings[findings["action"] == "relabel"]
     assert len(relabelled) and (after.loc[relabelled["row"], "label"].to_numpy()
