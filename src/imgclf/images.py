@@ -200,11 +200,15 @@ def _kind(mode: int) -> str:
 def read_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes | Rejected:
     """The bytes of a regular file, at most `max_bytes`; a Rejected ("unreadable", "too_large") else.
 
-    Opened with O_NONBLOCK and checked with fstat before any read: a FIFO neither blocks the
-    open nor the read, and a device (/dev/zero), a socket or a directory is never read.
+    Checked with stat before the open, then opened with O_NONBLOCK and checked again with fstat
+    (the file may change in between): a FIFO neither blocks the open nor the read, and a device
+    (/dev/zero), a socket or a directory is never read.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
+        kind = os.stat(path).st_mode  # a socket cannot even be opened: say what it is
+        if not stat.S_ISREG(kind):
+            return Rejected("unreadable", f"{_kind(kind)}, not a regular file")
         fd = os.open(path, flags)
     except OSError as err:
         return Rejected("unreadable", err.strerror or err.__class__.__name__)
