@@ -166,6 +166,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-minutes", type=float, default=0.0, help="train noisy vs cleaned (0: skip)")
+    ap.add_argument("--filter-by", default="low_self_confidence", help="cleanlab find_label_issues method")
     ap.add_argument("overrides", nargs="*", help="key=value for the model trained for the audit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -179,7 +180,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     result = audit.run(audit.AuditOptions(data=noisy, out=work / "audit-noisy", model=args.model, seed=args.seed,
-                                          overrides=args.overrides))
+                                          overrides=args.overrides, filter_by=args.filter_by))
     findings = auditdir.read_findings(work / "audit-noisy" / auditdir.CSV)
     report = {"label_errors": label_scores(findings, flips, result), "audit_seconds": time.perf_counter() - t0,
               "model": result["model"]["source"]}
