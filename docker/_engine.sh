@@ -48,9 +48,8 @@ engine_run() {
         shift
     done
     [[ $# -gt 0 ]] && shift
-    if [[ "${imgclf_engine}" != buildah ]]; then
-        "${imgclf_engine}" run "${options[@]}" "${image}" "$@"
-        return
+    if [[ "${imgclf_engine}" != buildah ]]; then  # exec: signals reach docker's client, which passes them on
+        exec "${imgclf_engine}" run "${options[@]}" "${image}" "$@"
     fi
     _buildah_run "${image}" "${options[@]}" -- "$@"
 }
