@@ -193,7 +193,9 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
                     out["split"] = default_split
                 out["path"] = _text(chunk, "path")
                 # Labels are data: one with a control character is refused, never cut (imgclf.untrusted).
-                check_labels(out["label"], lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}")
+                # Checked before stripping: str.strip() would silently drop a trailing \x1f or \x85.
+                raw = chunk["label"].fillna("").astype(str) if "label" in chunk else out["label"]
+                check_labels(raw, lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}")
                 row += n
                 yield out
         except DataError:
