@@ -1,0 +1,236 @@
+"""Hostile clients and bodies against a real `imgclf serve` process on 127.0.0.1 (issue 10, classes 1, 2, 7).
+
+The server runs with small limits (2 concurrent predictions, 2 s for a request head, 3 s for a
+body) so the deadlines are exercised in seconds. Time bounds are generous (the machine is shared);
+the figures that matter are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import demo_images
+from hostile import (
+    extreme_aspect_png,
+    huge_header_jpeg,
+    many_frames_gif,
+    many_scans_jpeg,
+    png_text_bomb,
+)
+
+HEAD_TIMEOUT, BODY_TIMEOUT, CONCURRENCY = 2.0, 3.0, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = _free_port()
+    command = [sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port", str(port),
+               "--max-upload-mb", "1", "--max-concurrency", str(CONCURRENCY),
+               "--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300  # torch and the model load slowly on a busy 2-core machine
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read() if proc.stderr else "server exited")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{base} never became healthy") from None
+            time.sleep(0.3)
+    try:
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def _connect(base: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", _port(base)), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    return sock
+
+
+def _reply(sock: socket.socket, seconds: float) -> tuple[int, dict]:
+    """(status, JSON body) of the reply on a raw socket; (0, {}) when it closed without one."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    if not data:
+        return 0, {}
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body else {}
+
+
+_CLIENT = httpx.Client(timeout=5)  # one client: time the server, not the client's set-up
+
+
+def _health_seconds(base: str) -> float:
+    started = time.monotonic()
+    response = _CLIENT.get(f"{base}/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    return time.monotonic() - started
+
+
+def _median_health_seconds(base: str, calls: int = 5) -> float:
+    return sorted(_health_seconds(base) for _ in range(calls))[calls // 2]
+
+
+def _health_bound(base: str) -> float:
+    """1 s, or 3x the quiet service's median on a machine too busy to answer anything in 1 s."""
+    return max(1.0, 3 * _median_health_seconds(base))
+
+
+def _vm_hwm_mib(proc: subprocess.Popen) -> float:
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _post_image(base: str, data: bytes, ctype: str = "image/png") -> httpx.Response:
+    return httpx.post(f"{base}/predict", content=data, headers={"content-type": ctype}, timeout=30)
+
+
+# ---------------------------------------------------------------- class 2: slow and idle clients
+
+
+def test_idle_sockets_never_block_health_and_are_closed_after_the_head_deadline(served) -> None:
+    base, _ = served
+    bound = _health_bound(base)
+    idle = [_connect(base) for _ in range(150)]  # far more than --max-concurrency, none sends a byte
+    try:
+        assert _median_health_seconds(base) < bound
+        good = demo_images("test", "Bag", 1)[0].read_bytes()
+        assert _post_image(base, good).status_code == 200  # real work still gets through
+        time.sleep(HEAD_TIMEOUT + 1.5)
+        closed = sum(_reply(sock, 0.5) == (0, {}) for sock in idle[:20])
+        assert closed == 20  # the server hung up on them: no head within the deadline
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_slow_bodies_fill_the_predict_limit_get_408_and_health_stays_up(served) -> None:
+    base, _ = served
+    bound = _health_bound(base)
+    slow = []
+    for _ in range(CONCURRENCY):
+        sock = _connect(base)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n")
+        slow.append(sock)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        while time.monotonic() - started < BODY_TIMEOUT - 1:  # a byte a second: never idle, never done
+            for sock in slow:
+                sock.send(b"x")
+            assert _median_health_seconds(base, 3) < bound
+            time.sleep(0.5)
+        busy = _post_image(base, b"\x89PNG")
+        if busy.status_code == 503:  # still held by the trickles: refused at once, as JSON
+            assert busy.json()["error"] == "busy" and busy.headers["retry-after"] == "1"
+        for sock in slow:
+            status, body = _reply(sock, BODY_TIMEOUT + 5)
+            assert status == 408 and body["error"] == "body_timeout"
+        assert time.monotonic() - started < BODY_TIMEOUT + 8
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_request_head_sent_one_byte_at_a_time_is_cut_with_408(served) -> None:
+    base, _ = served
+    sock = _connect(base)
+    try:
+        started = time.monotonic()
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        for i in range(int(HEAD_TIMEOUT * 4)):
+            try:
+                sock.send(head[i:i + 1])
+            except OSError:
+                break
+            time.sleep(0.5)
+        status, body = _reply(sock, 5)
+        assert status == 408 and body["error"] == "head_timeout"
+        assert time.monotonic() - started < HEAD_TIMEOUT * 4 + 5
+    finally:
+        sock.close()
+
+
+def test_every_error_reply_is_json(served) -> None:
+    base, _ = served
+    assert httpx.get(f"{base}/nope").json()["error"] == "not_found"
+    wrong = httpx.get(f"{base}/predict")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed" and "allow" in wrong.headers
+    big = _post_image(base, b"\x00" * (2 << 20))
+    assert big.status_code == 413 and big.json()["error"] == "too_large"
+    # A malformed request line; a request head that keeps growing (past the 16 KiB head limit).
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000):
+        sock = _connect(base)
+        sock.sendall(raw)
+        status, body = _reply(sock, 5)
+        sock.close()
+        assert status == 400 and body["error"] == "bad_request"
+    # A URL with a lone surrogate: refused as JSON (never a plain-text 500 from an encoding error).
+    weird = httpx.post(f"{base}/predict", content=b'{"url": "http://\\udcff.invalid/a.png"}',
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert weird.status_code == 422 and weird.json()["error"] in ("invalid_json", "url_invalid_url")
+
+
+# ---------------------------------------------------------------- class 1: work per image
+
+
+@pytest.mark.parametrize("name, body, status", [
+    ("1x200,000 strip", extreme_aspect_png(1, 200_000), 413),
+    ("1x60,000 strip (huge eval resize)", extreme_aspect_png(1, 60_000), 413),
+    ("header claims 65,000 x 65,000", huge_header_jpeg(), 413),
+    ("2,000-scan progressive JPEG", many_scans_jpeg(), 413),
+    ("200 zTXt chunks of 1 MB", png_text_bomb(), 400),
+    ("40,000-frame GIF (under the 1 MB upload cap)", many_frames_gif(40_000), 200),
+])
+def test_costly_images_are_refused_in_bounded_time_and_memory(served, name: str, body: bytes, status: int) -> None:
+    base, proc = served
+    before = _vm_hwm_mib(proc)
+    started = time.monotonic()
+    response = _post_image(base, body, "application/octet-stream")
+    assert time.monotonic() - started < 10, name
+    assert response.status_code == status, (name, response.text)
+    if status != 200:
+        assert set(response.json()) == {"error", "detail"} and response.json()["error"] in ("too_large", "not_image")
+    assert _vm_hwm_mib(proc) - before < 300, name  # the 1 x 200,000 strip alone took ~3 GB before
+
+
+def test_the_start_line_names_an_address_to_open(served) -> None:
+    from imgclf.serve import where_to_open
+
+    assert where_to_open("127.0.0.1", 8000) == "on http://127.0.0.1:8000/"
+    assert "open http://127.0.0.1:8000/" in where_to_open("0.0.0.0", 8000)
+    assert where_to_open("::1", 9) == "on http://[::1]:9/"
