@@ -1,0 +1,74 @@
+"""The Python API: the README's example runs as written, and the API's own rules."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import demo_images
+from PIL import Image
+
+import imgclf
+from imgclf.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"<!-- api-example -->\s*```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    examples = readme_examples()
+    assert examples, "README.md lost its <!-- api-example --> block"
+    for name in ("src", "configs"):  # the example's paths are relative to the repository root
+        (tmp_path / name).symlink_to(ROOT / name)
+    script = tmp_path / "example.py"
+    script.write_text("\n".join(examples))
+    env = {**os.environ, "IMGCLF_NO_BARS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("F1-macro ") and "weighted random" in lines[0]
+    assert lines[1].split()[0] in imgclf.load(tmp_path / "nb_runs" / "r1").class_names
+    assert lines[2].endswith(", None]")  # the bytes that are not an image: no label, no exception
+    assert (tmp_path / "nb_runs" / "r1" / "model.onnx").is_file()
+    assert (tmp_path / "nb_runs" / "r1" / "metrics.json").is_file()
+
+
+def test_run_and_model(tiny_run: Path) -> None:
+    run = imgclf.Run.open(tiny_run)
+    assert run.best_checkpoint.is_file() and len(run.metrics) == run.epochs_run == 2
+    model = run.load()
+    assert model.class_names == run.class_names
+    image = demo_images("test", run.class_names[0], 1)[0]
+    from_path = model.predict(image)
+    from_pil = model.predict(Image.open(image))
+    from_array = model.predict(np.asarray(Image.open(image).convert("RGB")))
+    from_bytes = model.predict(image.read_bytes())
+    labels = {p.label for p in (from_path, from_pil, from_array, from_bytes)}
+    assert len(labels) == 1 and labels <= set(run.class_names)
+    assert from_path.probability == pytest.approx(from_bytes.probability, abs=1e-6)
+    batch = model.predict([image, str(image), "missing.png", np.zeros((2, 2), np.float32)])
+    assert [p.label is None for p in batch] == [False, False, True, True]
+    assert "No such file" in batch[2].error or "not" in batch[2].error
+
+
+def test_train_keywords_map_to_config_keys(tiny_data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'name' is one of optim.name, loss.name"):
+        imgclf.train(tiny_data_dir, tmp_path / "r", name="sgd")
+    with pytest.raises(ConfigError, match="no config key"):
+        imgclf.train(tiny_data_dir, tmp_path / "r", epochz=1)
+    assert not (tmp_path / "r").exists()
+
+
+def test_stage_packages_are_callable_and_keep_their_entry_points() -> None:
+    assert callable(imgclf.train) and callable(imgclf.download) and callable(imgclf.evaluate)
+    assert callable(imgclf.train.run) and callable(imgclf.download.run)
