@@ -24,9 +24,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imgclf import rundir, storage
 from imgclf._files import atomic_path
-from imgclf.errors import DataError
+from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
 from imgclf.manifest import read_manifest, row_refs, usable_rows
+from imgclf.presets import ImageTooLarge
+from imgclf.untrusted import check_labels, csv_raw_frame, csv_safe_frame
 
 log = logging.getLogger(__name__)
 SPLIT_NAME = rundir.SPLIT
@@ -83,13 +85,17 @@ def read_split(run_dir: Path) -> pd.DataFrame | None:
     path = Path(run_dir) / SPLIT_NAME
     if not path.is_file():
         return None
-    return pd.read_csv(path, dtype={"path": str, "label": str, "subset": str}, keep_default_na=False)
+    frame = pd.read_csv(path, dtype={"path": str, "label": str, "subset": str}, keep_default_na=False)
+    frame = csv_raw_frame(frame, ("path", "label", "subset"))
+    check_labels(frame["label"], lambda i: f"{path}: line {i + 2}")
+    return frame
 
 
 def write_split(split: pd.DataFrame, run_dir: Path) -> Path:
+    """split.csv, its text cells spreadsheet-safe (`untrusted.csv_cell`; read_split undoes it)."""
     path = Path(run_dir) / SPLIT_NAME
     with atomic_path(path) as tmp:
-        split.to_csv(tmp, index=False)
+        csv_safe_frame(split).to_csv(tmp, index=False)
     return path
 
 
@@ -107,13 +113,38 @@ def image_refs(frame: pd.DataFrame, data_dir: str | Path) -> list[storage.RowRef
 _STORED = ImageLimits(min_side=1)  # stored images were validated at download; any size is fine here
 
 
-def read_image(data_dir: str | Path, ref: storage.RowRef, limits: ImageLimits = _STORED) -> Image.Image:
-    """A row's stored image as RGB (a file, or a member of a tar shard; local or object storage);
-    ValueError or OSError naming it when it cannot be read."""
-    result = decode_image(storage.read_row(data_dir, ref), limits)
+def read_image(data_dir: str | Path, ref: storage.RowRef, limits: ImageLimits = _STORED,
+               shard_cache: str | None = None) -> Image.Image:
+    """A row's stored image as RGB (a file, or a member of a tar shard; local or object storage;
+    `shard_cache`: see storage.read_row); ValueError or OSError naming it when it cannot be read."""
+    result = decode_image(storage.read_row(data_dir, ref, shard_cache), limits)
     if isinstance(result, Rejected):
         raise ValueError(f"{storage.join(data_dir, ref.shard or ref.path)}: {result.status}: {result.reason}")
     return result.image
+
+
+class ReadFailures:
+    """Rows whose stored image could not be read: one flag per row in shared memory, so DataLoader
+    worker processes mark them and the main process counts them, with no channel of their own."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.flags = torch.zeros(max(n, 1), dtype=torch.bool).share_memory_()
+
+    def mark(self, i: int) -> bool:
+        """Flag row i; True the first time (each file is warned about once)."""
+        first = not bool(self.flags[i])
+        self.flags[i] = True
+        return first
+
+    def __contains__(self, i: int) -> bool:
+        return bool(self.flags[i])
+
+    def count(self) -> int:
+        return int(self.flags[: self.n].sum())
+
+    def mask(self) -> np.ndarray:
+        return self.flags[: self.n].numpy().copy()
 
 
 class ImageFolderFrame(Dataset):
@@ -124,8 +155,9 @@ class ImageFolderFrame(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
-                 transform: Callable) -> None:
+                 transform: Callable, skip_unreadable: bool = False, shard_cache: str | None = None) -> None:
         self.data_dir = storage.location(data_dir)
+        self.shard_cache = shard_cache  # data.shard_cache: remote tar shards are read from local copies
         self.refs = image_refs(frame, self.data_dir)
         self.paths = [ref.path for ref in self.refs]
         index = {name: i for i, name in enumerate(class_names)}
@@ -134,13 +166,38 @@ class ImageFolderFrame(Dataset):
             raise DataError(f"labels not known to the model: {', '.join(map(str, unknown[:5]))}")
         self.targets = torch.tensor([index[label] for label in frame["label"]], dtype=torch.long)
         self.transform = transform
+        self.failures = ReadFailures(len(self.paths))
+        self.skip_unreadable = skip_unreadable  # else an unreadable image raises (ValueError, OSError)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, i: int, limits: ImageLimits = _STORED) -> Image.Image | None:
+        """Row i's stored image, or None when it cannot be read: truncated, missing, a path that
+        leaves DATA_DIR, too large for the resize that follows. Flagged and warned about once."""
+        try:
+            return read_image(self.data_dir, self.refs[i], limits, self.shard_cache)
+        except (OSError, ValueError, DataError) as err:
+            self._failed(i, err)
+            return None
+
+    def _failed(self, i: int, err: BaseException) -> None:
+        if self.failures.mark(i):
+            log.warning("skipping unreadable stored image %s: %s", self.paths[i], first_line(err, 300))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = read_image(self.data_dir, self.refs[i])
-        return self.transform(image), self.targets[i]
+        if not self.skip_unreadable:
+            return self.transform(read_image(self.data_dir, self.refs[i], shard_cache=self.shard_cache)), \
+                self.targets[i]
+        # An unreadable image gets a blank stand-in so the batch keeps its shape; `failures` says
+        # which rows those are, and the caller drops them (evaluate's NaN rows).
+        image = self.read(i)
+        if image is not None:
+            try:
+                return self.transform(image), self.targets[i]
+            except ImageTooLarge as err:  # the eval resize would be huge (presets.ResizeGuard)
+                self._failed(i, err)
+        return self.transform(Image.new("RGB", (1, 1))), self.targets[i]
 
 
 def _identity(image: torch.Tensor) -> torch.Tensor:
@@ -156,11 +213,14 @@ def decode_resized(image: str | Path | Image.Image, resize_size: int) -> torch.T
     target size), and small images (28px Fashion-MNIST) stay small in RAM.
     """
     if not isinstance(image, Image.Image):
-        image = read_image(Path(image).parent, storage.RowRef(Path(image).name))
+        image = read_image(Path(image).parent, storage.RowRef(Path(image).name), _STORED.for_resize(resize_size))
     image = pil_to_tensor(image)
     if min(image.shape[-2:]) > resize_size:
         image = resize(image, [resize_size], antialias=True)
     return image
+
+
+MAX_STAND_INS = 64  # unreadable neighbours skipped for one item before giving up
 
 
 class DecodedImages(Dataset):
@@ -168,27 +228,45 @@ class DecodedImages(Dataset):
 
     `transform` maps a uint8 tensor to a uint8 tensor of the final size (train augmentation or
     eval resize + crop); normalisation happens on the batch, on the training device.
+
+    An image that cannot be read (truncated, removed, a path leaving DATA_DIR, an aspect ratio whose
+    eval resize would be huge) is flagged in `failures` and the next readable row stands in for it,
+    with its own label, so batches keep their shape; `check_unreadable` stops a run when too many are.
     """
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
-                 resize_size: int, transform: Callable | None = None) -> None:
-        self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity)
+                 resize_size: int, transform: Callable | None = None, shard_cache: str | None = None) -> None:
+        self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity, shard_cache=shard_cache)
         self.targets = self.files.targets
         self.resize_size = resize_size
         self.transform = transform
-        self.cache: list[torch.Tensor] | None = None
+        self.cache: list[torch.Tensor | None] | None = None
+        # Eval resizes the shorter side to resize_size: refuse what that would blow up, before decoding.
+        self.limits = _STORED.for_resize(resize_size)
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def decoded(self, i: int) -> torch.Tensor:
+    @property
+    def failures(self) -> ReadFailures:
+        return self.files.failures
+
+    def decoded(self, i: int) -> torch.Tensor | None:
+        """Row i as a shrunk uint8 tensor, or None when its image cannot be read."""
         if self.cache is not None:
             return self.cache[i]
-        return decode_resized(read_image(self.files.data_dir, self.files.refs[i]), self.resize_size)
+        if i in self.failures:
+            return None
+        image = self.files.read(i, self.limits)
+        return None if image is None else decode_resized(image, self.resize_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.decoded(i)
-        return (self.transform(image) if self.transform else image), self.targets[i]
+        for j in (i + step for step in range(min(len(self), MAX_STAND_INS))):
+            image = self.decoded(j % len(self))
+            if image is not None:
+                return (self.transform(image) if self.transform else image), self.targets[j % len(self)]
+        raise DataError(f"{self.files.data_dir}: {MAX_STAND_INS} stored images in a row are unreadable "
+                        f"(from {self.files.paths[i]}); see the warnings above")
 
     def with_transform(self, transform: Callable) -> DecodedImages:
         """A view sharing files and cache, with another transform (train vs eval)."""
@@ -198,11 +276,36 @@ class DecodedImages(Dataset):
 
     def fill_cache(self, num_workers: int) -> None:
         """Decode every image once (in parallel workers) and keep the uint8 tensors in RAM."""
-        plain = self.with_transform(_identity)
-        loader = DataLoader(plain, batch_size=64, shuffle=False, num_workers=num_workers, collate_fn=list)
+        loader = DataLoader(_Decoder(self), batch_size=64, shuffle=False, num_workers=num_workers,
+                            collate_fn=list)
         # clone(): tensors from workers live in shared memory, one file handle each; 60k of them
-        # would exhaust the process's descriptors.
-        self.cache = [image.clone() for batch in loader for image, _ in batch]
+        # would exhaust the process's descriptors. None: unreadable (flagged in `failures`).
+        self.cache = [None if image is None else image.clone() for batch in loader for image in batch]
+
+
+class _Decoder(Dataset):
+    """Row i's decoded image or None, no stand-in: what the cache holds for row i."""
+
+    def __init__(self, images: DecodedImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        return self.images.decoded(i)
+
+
+def check_unreadable(datasets: list[DecodedImages], max_share: float) -> int:
+    """How many stored images could not be read so far; a one-line DataError once that is more than
+    `max_share` of all images (data.max_unreadable): the data directory needs repair, not a model."""
+    bad = sum(d.failures.count() for d in datasets)
+    total = sum(len(d) for d in datasets)
+    if total and bad / total > max_share:
+        raise DataError(f"{bad} of {total} stored images are unreadable ({bad / total:.1%}, more than "
+                        f"data.max_unreadable={max_share}); see the warnings above, then repair or "
+                        "re-download the data directory")
+    return bad
 
 
 def cache_bytes(data_dir: str | Path, frame: pd.DataFrame, resize_size: int) -> int:

@@ -19,7 +19,9 @@ import pandas as pd
 import yaml
 
 from imgclf._files import write_atomic
-from imgclf.images import open_image_file
+from imgclf.data import image_refs, read_image
+from imgclf.errors import DataError
+from imgclf.storage import RowRef
 
 THUMB_SIDE = 128
 
@@ -39,11 +41,14 @@ def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def thumbnail_uri(path: Path) -> str | None:
-    """A PNG thumbnail of an image file, or None when it cannot be read (the gallery says so)."""
+def thumbnail_uri(data_dir: Path, ref: RowRef) -> str | None:
+    """A PNG thumbnail of a stored image, or None when it cannot be read (the gallery says so).
+
+    Read like training reads it (`data.read_image`: confined to DATA_DIR, regular files only,
+    the same size limits), so a hostile manifest or split.csv cannot put another file in the page."""
     try:
-        image = open_image_file(str(path))
-    except (OSError, ValueError):
+        image = read_image(data_dir, ref)
+    except (OSError, ValueError, DataError):
         return None
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buf = io.BytesIO()
@@ -54,9 +59,10 @@ def thumbnail_uri(path: Path) -> str | None:
 def gallery(inputs: ReportInputs) -> list[dict[str, Any]]:
     """The highest-loss misclassified images, worst first."""
     wrong = inputs.predictions[~inputs.predictions["correct"]].nlargest(inputs.gallery_size, "loss")
-    return [{"uri": thumbnail_uri(inputs.images_root / r.path), "path": r.path, "true": r.true,
+    refs = image_refs(wrong, inputs.images_root)
+    return [{"uri": thumbnail_uri(inputs.images_root, ref), "path": r.path, "true": r.true,
              "predicted": r.predicted, "confidence": r.confidence, "loss": r.loss}
-            for r in wrong.itertuples()]
+            for r, ref in zip(wrong.itertuples(), refs, strict=True)]
 
 
 def _plot_uris(metrics: dict[str, Any], inputs: ReportInputs) -> dict[str, str]:
@@ -99,6 +105,7 @@ def render(metrics: dict[str, Any], inputs: ReportInputs) -> str:
 
 
 def write_report(path: Path, metrics: dict[str, Any], inputs: ReportInputs) -> Path:
-    write_atomic(path, render(metrics, inputs))
+    # surrogateescape: a data directory whose name is not UTF-8 is written back as its own bytes.
+    write_atomic(path, render(metrics, inputs), errors="surrogateescape")
     return path
 

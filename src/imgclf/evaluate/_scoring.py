@@ -98,7 +98,8 @@ def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batc
                   num_workers: int | None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) float64 probabilities and (N,) true class indices, in frame order; the rows of images
     that could not be read (warned about, see data.ImageFolderFrame.read) are NaN."""
-    dataset = ImageFolderFrame(frame, images_root, model.class_names, eval_transform(model.preprocessing))
+    dataset = ImageFolderFrame(frame, images_root, model.class_names, eval_transform(model.preprocessing),
+                               skip_unreadable=True)
     workers = model.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available())

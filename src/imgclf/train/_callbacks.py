@@ -1,4 +1,5 @@
-"""Lightning callbacks of `train`: RUN_DIR/metrics.csv and RUN_DIR/curves.png, one row per epoch."""
+"""Lightning callbacks of `train`: RUN_DIR/metrics.csv and RUN_DIR/curves.png, one row per epoch, and
+the guard that stops a run whose stored images turned out unreadable."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 
+from imgclf import data
 from imgclf._files import atomic_path
 from imgclf.curves import training_curves
 from imgclf.rundir import CURVES, METRICS_CSV
@@ -56,3 +58,26 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
         return
     with atomic_path(path) as tmp:
         training_curves(frame, tmp)
+
+
+class UnreadableGuard(pl.Callback):
+    """Stops a run with one line (DataError) once the share of unreadable stored images passes
+    data.max_unreadable. Without the RAM cache images are read batch by batch, so the count grows
+    as training goes; the datasets' shared flags hold what the loader workers found."""
+
+    def __init__(self, max_share: float) -> None:
+        self.max_share = max_share
+        self.datasets: list[data.DecodedImages] = []
+
+    @property
+    def unreadable(self) -> int:
+        return sum(d.failures.count() for d in self.datasets)
+
+    def check(self) -> int:
+        return data.check_unreadable(self.datasets, self.max_share)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.check()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check()
