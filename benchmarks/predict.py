@@ -1,50 +1,46 @@
-"""Benchmark: predict throughput on CPU, PyTorch eager vs ONNX Runtime, same images, same run.
+"""Benchmark: predict throughput on CPU, PyTorch eager vs ONNX Runtime, and one-image start-up.
 
-    .venv/bin/python benchmarks/predict.py                       # shipped weights if present
+    .venv/bin/python benchmarks/predict.py                         # shipped weights if present
+    .venv/bin/python benchmarks/predict.py --baseline-src /tmp/old/src   # also the code in that tree
     .venv/bin/python benchmarks/predict.py --model RUN_DIR --images 1000 --batch-size 64
 
-Two figures per backend:
-  model only   a preprocessed batch through the network (what the exporter changes)
-  end to end   `predict.predict` over image files: read, decode, eval preprocessing, model
-Each is the median of --repeats timed passes after one warm-up pass. The ONNX file is
-exported from the same checkpoint in this run, into a temporary folder.
+Throughput, per backend, on the same images in the same run:
+  model only   a preprocessed batch through the network (what the backend costs)
+  end to end   `predict.predict` over the image files: read, decode, preprocess, model, top-k
+  ratio        end to end / model only: 1.0 would mean reading and preprocessing cost nothing
+Each is the median of --repeats timed passes after one warm-up pass. The ONNX file is exported
+from the same checkpoint in this run, into a temporary folder.
+
+Start-up: `imgclf predict --model model.onnx one.png` (and the checkpoint, for comparison) in a
+fresh process, wall time and peak RSS, median of --starts runs.
+
+With --baseline-src (e.g. `git archive <commit> src | tar -x -C /tmp/old`), every figure is also
+measured with that source tree, in child processes of this run, so before/after come from the
+same machine state. The machine may be shared: compare ratios within a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from imgclf import export, predict
-from imgclf.inference import load_classifier
-from imgclf.predict._inputs import expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEST = ROOT / "src" / "imgclf" / "demo_data" / "fashion_mnist" / "test"
 SHIPPED = ROOT / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
-
-
-def _fresh_checkpoint(folder: Path) -> Path:
-    """Untrained mobilenet_v3_small at 64 px with the demo's classes: same cost as trained weights."""
-    from imgclf.checkpoint import make_meta, save_slim
-    from imgclf.config import load_config
-    from imgclf.models import create_model
-    from imgclf.presets import Preprocessing
-
-    config = load_config(None, ["model.arch=mobilenet_v3_small", "data.image_size=64"])
-    classes = sorted(p.name for p in DEMO_TEST.iterdir())
-    model = create_model(config.model.arch, len(classes))
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    meta = make_meta(config, classes, Preprocessing.from_config(config.data))
-    return save_slim(folder / "fresh.pt", state, meta)
+BACKENDS = (("torch eager", "torch"), ("onnxruntime", "onnx"))
+_PEAK = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+         "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -57,56 +53,107 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def throughput(models: dict[str, str], n_images: int, batch_size: int, repeats: int) -> dict:
+    """Model-only and end-to-end images/s per backend, with APIs that old and new trees share."""
+    from imgclf import predict
+    from imgclf.images import open_image_file
+    from imgclf.inference import load_classifier
+    from imgclf.predict._inputs import expand_inputs
+
+    files = sorted(DEMO_TEST.rglob("*.png"))[:n_images]
+    items = list(expand_inputs([str(f) for f in files]))
+    options = predict.PredictOptions(batch_size=batch_size, progress=False)
+    out: dict = {"rows": {}}
+    top1 = {}
+    for name, backend in BACKENDS:
+        classifier = load_classifier(models[backend], backend)
+        # Real preprocessed images, not random numbers: random inputs can drive untrained weights into
+        # denormal floats, which are many times slower on CPU and would measure the wrong thing.
+        batch = [classifier.prepare(open_image_file(str(f))) for f in files[:batch_size]]
+        n_batches = max(1, len(files) // batch_size)
+        model_s = _median_seconds(lambda c=classifier, b=batch, n=n_batches: [c.probabilities(b) for _ in range(n)],
+                                  repeats)
+        e2e_s = _median_seconds(lambda c=classifier: list(predict.predict(items, c, options)), repeats)
+        out["rows"][name] = (n_batches * batch_size / model_s, len(files) / e2e_s)
+        top1[name] = [p.top[0][0] for p in predict.predict(items, classifier, options)]
+    # Same images, both backends: the answers must agree for the comparison to mean anything.
+    out["agree"] = float(np.mean([a == b for a, b in zip(*top1.values(), strict=True)]))
+    out["size"] = classifier.preprocessing.image_size
+    import torch
+
+    out["torch"] = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return out
+
+
+def _child(src: str | None, args: list[str]) -> dict:
+    """This script's --measure in a fresh process, optionally with another source tree first on the path."""
+    env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def start_up(model: str, image: str, src: str | None, starts: int) -> tuple[float, float]:
+    """Median wall seconds and max peak RSS (MiB) of `imgclf predict --model MODEL IMAGE` in a fresh process."""
+    env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
+    command = [sys.executable, "-m", "imgclf", "predict", "--model", model, image, "--no-progress"]
+    runs = []
+    for _ in range(starts):
+        done = subprocess.run([sys.executable, "-c", _PEAK, *command], env=env, capture_output=True, text=True,
+                              check=True)
+        seconds, kb = done.stdout.split()
+        runs.append((float(seconds), int(kb) / 1024))
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def _print_throughput(label: str, result: dict) -> None:
+    print(f"\n{label}: {result['torch']}, top-1 agreement torch vs onnx {result['agree']:.1%}\n")
+    print("| backend | model only (images/s) | end to end (images/s) | end to end / model only |")
+    print("|---|---:|---:|---:|")
+    for name, (model_ips, e2e_ips) in result["rows"].items():
+        print(f"| {name} | {model_ips:,.0f} | {e2e_ips:,.0f} | {e2e_ips / model_ips:.2f} |")
+    (tm, te), (om, oe) = result["rows"]["torch eager"], result["rows"]["onnxruntime"]
+    print(f"| ratio onnxruntime / torch | {om / tm:.2f}x | {oe / te:.2f}x | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None,
-                        help="run dir or checkpoint (default: shipped weights)")
+    parser.add_argument("--model", type=Path, default=None, help="run dir or checkpoint (default: shipped weights)")
     parser.add_argument("--images", type=int, default=1000, help="bundled test images to classify (max 1000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--starts", type=int, default=5, help="one-image start-up runs per figure")
+    parser.add_argument("--baseline-src", default=None, help="also measure the source tree in this folder")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # JSON {torch, onnx}: child mode
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(throughput(json.loads(args.measure), args.images, args.batch_size, args.repeats)))
+        return
 
+    from imgclf import export
+
+    model = args.model or SHIPPED
+    trees = ([("before", str(Path(args.baseline_src).resolve()))] if args.baseline_src else []) + [("now", None)]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = args.model or (SHIPPED if SHIPPED.is_file() else _fresh_checkpoint(Path(tmp)))
-        onnx_path = export.run(model_path, "onnx", Path(tmp) / "model.onnx").path
-        backends = {"torch eager": load_classifier(model_path, "torch"),
-                    "onnxruntime": load_classifier(onnx_path, "onnx")}
-        files = sorted(DEMO_TEST.rglob("*.png"))[: args.images]
-        items = expand_inputs([str(f) for f in files])
-        pre = backends["torch eager"].preprocessing
-        options = predict.PredictOptions(batch_size=args.batch_size, progress=False)
-        # Real preprocessed images, not random numbers: random inputs can drive untrained weights into
-        # denormal floats, which are many times slower on CPU and would measure the wrong thing.
-        from imgclf.images import open_image_file
+        onnx_path = export.run(model, "onnx", Path(tmp) / "model.onnx").path
+        models = {"torch": str(model), "onnx": str(onnx_path)}
+        image = str(sorted(DEMO_TEST.rglob("*.png"))[0])
+        measure = ["--measure", json.dumps(models), "--images", str(args.images), "--batch-size",
+                   str(args.batch_size), "--repeats", str(args.repeats)]
+        results = {label: _child(src, measure) for label, src in trees}
+        starts = {(label, kind): start_up(models[kind], image, src, args.starts)
+                  for label, src in trees for kind in ("onnx", "torch")}
 
-        first = backends["torch eager"]
-        batch = [first.prepare(open_image_file(str(f))) for f in files[: args.batch_size]]
-        n_batches = max(1, len(files) // args.batch_size)
-
-        rows = []
-        for name, classifier in backends.items():
-            model_s = _median_seconds(lambda c=classifier: [c.probabilities(batch) for _ in range(n_batches)],
-                                      args.repeats)
-            e2e_s = _median_seconds(lambda c=classifier: list(predict.predict(items, c, options)),
-                                    args.repeats)
-            rows.append((name, n_batches * args.batch_size / model_s, len(files) / e2e_s))
-
-        # Same images, both backends: the answers must agree for the comparison to mean anything.
-        top = [[p.top[0][0] for p in predict.predict(items, c, options)] for c in backends.values()]
-        agree = float(np.mean([a == b for a, b in zip(*top, strict=True)]))
-
-    shown = model_path.relative_to(ROOT) if model_path == SHIPPED else (args.model or "untrained, same arch")
-    print(f"model: {shown}, input {pre.image_size}px, batch {args.batch_size}, {len(files)} images")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)")
-    print(f"top-1 agreement torch vs onnx: {agree:.1%}\n")
-    print("| backend | model only (images/s) | end to end (images/s) |")
-    print("|---|---:|---:|")
-    for name, model_ips, e2e_ips in rows:
-        print(f"| {name} | {model_ips:,.0f} | {e2e_ips:,.0f} |")
-    base_model, base_e2e = rows[0][1], rows[0][2]
-    print(f"| ratio onnxruntime / torch | {rows[1][1] / base_model:.2f}x | {rows[1][2] / base_e2e:.2f}x |")
+    print(f"model: {model}, input {results['now']['size']}px, batch {args.batch_size}, {args.images} images; "
+          f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {load_before[0]:.1f} before and "
+          f"{os.getloadavg()[0]:.1f} after (other processes share the cores)")
+    for label, result in results.items():
+        _print_throughput(f"code: {label}", result)
+    print("\n`imgclf predict --model MODEL one.png`, fresh process each run:\n")
+    print("| code | model | wall time (median) | peak RSS (max) |")
+    print("|---|---|---:|---:|")
+    for (label, kind), (seconds, mib) in starts.items():
+        print(f"| {label} | {'model.onnx' if kind == 'onnx' else 'checkpoint'} | {seconds:.2f} s | {mib:.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -40,3 +42,49 @@ def make_data_dir(dest: Path, classes: list[str], n_train: int, n_test: int) -> 
                              "bytes": len(data), "duplicate_of": -1})
     write_manifest(pd.DataFrame(rows), dest)
     return dest
+
+
+def encode_image(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _colour(index: int, size: tuple[int, int]) -> Image.Image:
+    """Real picture content in colour: three bundled photos as R, G and B, upscaled, with grain."""
+    paths = [demo_images("test", CLASSES[(index + k) % len(CLASSES)], index + 1)[-1] for k in range(3)]
+    rgb = Image.merge("RGB", [Image.open(p).convert("L") for p in paths]).resize(size, Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(index).normal(128, 24, (size[1], size[0], 3))  # seeded: same bytes every call
+    grain = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
+    return Image.blend(rgb, grain, 0.15)
+
+
+def real_images() -> dict[str, bytes]:
+    """Every kind of image predict and serve receive, encoded by Pillow from bundled photos."""
+    photo = _colour(0, (333, 500))
+    grey = Image.open(demo_images("test", "Coat", 1)[0])
+    alpha = photo.resize((120, 90)).convert("RGBA")
+    alpha.putalpha(Image.linear_gradient("L").resize((120, 90)))
+    levels = np.asarray(grey.resize((50, 41)), np.uint32) * 257 + np.arange(41 * 50).reshape(41, 50) * 7
+    deep = Image.fromarray((levels % 65536).astype(np.uint16))  # 16-bit greyscale, mode I;16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    frames = [_colour(i, (48, 40)).convert("P") for i in range(2)]
+    return {
+        "photo.jpg": encode_image(photo, "JPEG", quality=88),
+        "large.jpg": encode_image(_colour(1, (1024, 683)), "JPEG", quality=80),
+        "wide.png": encode_image(_colour(2, (300, 61)), "PNG"),
+        "grey.png": encode_image(grey, "PNG"),
+        "grey.jpg": encode_image(grey.resize((97, 130), Image.Resampling.BICUBIC), "JPEG", quality=90),
+        "rgba.png": encode_image(alpha, "PNG"),
+        "la.png": encode_image(alpha.convert("LA"), "PNG"),
+        "palette.png": encode_image(photo.resize((81, 67)).convert("P"), "PNG"),
+        "palette_transparent.png": encode_image(photo.resize((81, 67)).convert("P"), "PNG", transparency=3),
+        "sixteen.png": encode_image(deep, "PNG"),
+        "rotated.jpg": encode_image(_colour(3, (160, 90)), "JPEG", quality=92, exif=exif.tobytes()),
+        "cmyk.jpg": encode_image(_colour(4, (70, 77)).convert("CMYK"), "JPEG", quality=90),
+        "animated.gif": encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50),
+        "photo.webp": encode_image(_colour(5, (257, 199)), "WEBP", quality=85),
+        "exact.png": encode_image(_colour(6, (64, 64)), "PNG"),  # already the crop size: no resize at all
+        "tiny.png": encode_image(_colour(7, (3, 5)), "PNG"),
+    }

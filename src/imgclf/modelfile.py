@@ -7,7 +7,8 @@ suffix, and refuses anything else with one line that says what the file is.
 
 Exported files carry their metadata (class names, preprocessing) inside: ONNX
 `metadata_props["imgclf"]` (JSON) or a TorchScript extra file `imgclf.json`. Reading an ONNX
-file's metadata needs only `onnx`, never torch, so `predict --model model.onnx` starts fast.
+file's metadata needs `onnx` or onnxruntime (`onnx_metadata`), never torch, so
+`predict --model model.onnx` starts fast.
 """
 
 from __future__ import annotations
@@ -129,7 +130,13 @@ def read_onnx_metadata(path: str | Path) -> ExportedMeta:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises assorted types for a file that is not ONNX
         raise DataError(f"{path}: not a readable ONNX file ({err.__class__.__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
+    return onnx_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def onnx_metadata(props: dict[str, str], path: str | Path) -> ExportedMeta:
+    """ExportedMeta from an ONNX file's metadata_props, read by `onnx` or by onnxruntime's
+    `get_modelmeta().custom_metadata_map` (so an ONNX model can run without importing onnx)."""
+    path = Path(path)
     if METADATA_KEY not in props:
         raise DataError(f"{path}: an ONNX file without '{METADATA_KEY}' metadata; export it with `imgclf export`")
     try:

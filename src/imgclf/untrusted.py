@@ -25,11 +25,12 @@ import csv
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from imgclf.errors import DataError
+
+if TYPE_CHECKING:  # pandas is imported where frames are handled: predict's CSV cells must not load it
+    import pandas as pd
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FORMULA_START = frozenset("=+-@\t\r\n")
@@ -87,9 +88,11 @@ def csv_uncell(value: Any) -> Any:
 
 def csv_safe_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy of `frame` whose text cells (and text index) went through `csv_cell`."""
+    from pandas.api.types import is_string_dtype
+
     out = frame.copy()
     for column in out.columns:
-        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column].dtype):
+        if out[column].dtype == object or is_string_dtype(out[column].dtype):
             out[column] = out[column].map(csv_cell)
     if out.index.dtype == object:
         out.index = out.index.map(csv_cell)

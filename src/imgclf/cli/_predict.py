@@ -25,6 +25,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "else torch)")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds allowed per URL fetch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--tta", choices=("none", "flip", "crops"), default="none",
+                   help="test-time augmentation: average the probabilities of the image and its mirror image "
+                        "(flip, 2 passes) or also of 4 shifted crops (crops, 10 passes)")
     ray = p.add_argument_group("many inputs on Ray (pip install 'imgclf[ray]'; inputs may also be data "
                                 "directories, local or s3://, whose ok rows are predicted)")
     ray.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -41,10 +44,9 @@ def handle(args: argparse.Namespace) -> int:
     import sys
 
     from imgclf import predict
-    from imgclf.net.guard import FetchOptions
 
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
-                                     fetch=FetchOptions(allow_private=True, total_timeout=args.timeout))
+                                     timeout=args.timeout, tta=args.tta)
     try:
         if args.engine == "ray":
             from imgclf.predict import _ray

@@ -3,26 +3,35 @@
 `load_classifier(path)` opens a run directory or checkpoint (PyTorch), or a file written by
 `imgclf export` (ONNX through onnxruntime, or TorchScript); `modelfile.identify` decides which
 by content. A `Classifier` is a backend plus the class names and eval preprocessing stored
-with the model, applied with `presets.eval_transform`, never re-implemented. predict, serve,
-evaluate and the Python API (`imgclf.load`) all classify through it.
+with the model. predict, serve and the Python API classify through it:
+
+    batch = classifier.prepare_batch(images)    # RGB images -> float32 (N, 3, S, S)
+    probs = classifier.probabilities(batch)     # -> (N, C), what TTA or ensembles can wrap
+
+`prepare_batch` is `presets.eval_transform` applied to a whole batch (inference/_preprocess.py):
+bitwise equal for the torch backends; for ONNX it runs without torch (Pillow's resampler, at
+most 1 level in 255 from torchvision's). torch is imported only by the torch backends, so an
+ONNX model starts and runs without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from imgclf.errors import ConfigError
 from imgclf.images import ImageLimits
+from imgclf.inference import _tta
 from imgclf.inference._backends import Backend, OnnxBackend, TorchBackend, TorchScriptBackend
+from imgclf.inference._preprocess import PillowResize, Preprocessor, TorchResize, torch_free
 from imgclf.modelfile import ModelKind, identify
-from imgclf.presets import Preprocessing, eval_transform
+from imgclf.presets import Preprocessing
 
 __all__ = ["BACKENDS", "PREDICT_LIMITS", "Backend", "Classifier", "load_classifier", "preprocess_pool"]
 
@@ -41,16 +50,34 @@ class Classifier:
     class_names: list[str]
     preprocessing: Preprocessing
     source: str  # the model path, for logs and /health
-    transform: Any = field(init=False, repr=False)
+    tta: str = "none"  # test-time augmentation, averaged over views (inference/_tta.py): none, flip, crops
+    preprocessor: Preprocessor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.transform = eval_transform(self.preprocessing)
+        # ONNX runs without torch, so its inputs are resized by Pillow; the torch backends have
+        # torch at hand and use torchvision's own kernel, exactly as evaluation did.
+        pillow = self.backend.name == "onnx" and torch_free(self.preprocessing)
+        resize = PillowResize(self.preprocessing) if pillow else TorchResize(self.preprocessing)
+        self.preprocessor = Preprocessor(self.preprocessing, resize)
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    @property
+    def uses_torch(self) -> bool:
+        """Whether preprocessing or the model runs torch ops (their threads want set_num_threads)."""
+        return isinstance(self.preprocessor.resize, TorchResize) or self.backend.name != "onnx"
 
-    def probabilities(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        return self.backend.probabilities(torch.stack(tensors))
+    def prepare_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images (any sizes) -> the model's input, float32 (N, 3, image_size, image_size)."""
+        return self.preprocessor(images)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> float32 (3, image_size, image_size)."""
+        return self.preprocessor([image])[0]
+
+    def probabilities(self, batch: Any) -> np.ndarray:
+        """(N, 3, H, W) normalised float batch (array, tensor, or a list of per-image ones) -> (N, C)."""
+        if isinstance(batch, list | tuple):
+            batch = np.stack([np.asarray(item, dtype=np.float32) for item in batch])
+        return _tta.probabilities(self.backend.probabilities, batch, self.tta)
 
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(self.class_names)))]
@@ -73,10 +100,12 @@ def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier
     kind = identify(path)
     chosen = _chosen_backend(path, kind, backend)
     if chosen == "onnx":
-        from imgclf.modelfile import read_onnx_metadata
+        from imgclf.modelfile import onnx_metadata
 
-        meta = read_onnx_metadata(path)
-        return Classifier(OnnxBackend(path), meta.class_names, meta.preprocessing, str(path))
+        # The session holds the metadata too: no second parse of the file, no `onnx` import.
+        session = OnnxBackend(path)
+        meta = onnx_metadata(session.metadata(), path)
+        return Classifier(session, meta.class_names, meta.preprocessing, str(path))
     if chosen == "torchscript":
         from imgclf.modelfile import load_torchscript
 
@@ -89,11 +118,19 @@ def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier
 
 
 def _single_threaded_torch() -> None:
+    import torch
+
     # Per thread (OpenMP semantics): preprocessing threads run torch ops on small images, where
     # intra-op threads only fight the model's own threads for the cores (measured: 5-10x slower).
     torch.set_num_threads(1)
 
 
-def preprocess_pool(threads: int) -> ThreadPoolExecutor:
-    """Threads for reading, decoding and preprocessing, each with single-threaded torch ops."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="imgclf-prep", initializer=_single_threaded_torch)
+def preprocess_pool(threads: int, classifier: Classifier | None = None) -> ThreadPoolExecutor:
+    """Threads for reading, decoding and preprocessing; torch ops in them run single-threaded.
+
+    Without a classifier, or with one that runs no torch op (ONNX), the threads leave torch alone
+    (and unimported).
+    """
+    torch_ops = classifier is None or classifier.uses_torch
+    return ThreadPoolExecutor(threads, thread_name_prefix="imgclf-prep",
+                              initializer=_single_threaded_torch if torch_ops else None)

@@ -1,38 +1,38 @@
 """Predict stage: classify files, folders, globs, URLs or a CSV of them, in batches.
 
-    imgclf predict --model RUN_DIR photos/ 'more/**/*.jpg' https://host/a.jpg --out preds.csv
-    imgclf predict --model model.onnx --backend onnx list.csv --out preds.jsonl
+    imgclf predict --model RUN_DIR photos/ 'more/**/*.jpg' https://host/a.jpg -o preds.csv
+    imgclf predict --model model.onnx list.csv -o preds.jsonl
 
 A model is a run directory or checkpoint (PyTorch), or a file written by `imgclf export`
 (ONNX via onnxruntime, or TorchScript); each carries its class names and its eval
-preprocessing, which is applied with `presets.eval_transform`, never re-implemented.
-Output: one row per input (CSV or JSONL) with the top-k labels and probabilities; an input
-that cannot be read or decoded gets its error in its row and the batch goes on.
-The model is opened by `imgclf.inference.load_classifier`, as serve and evaluate do.
+preprocessing, applied to each batch by `Classifier.prepare_batch` (bitwise
+`presets.eval_transform` for PyTorch; without torch for ONNX, see imgclf.inference).
+Output: one row per input (CSV or JSONL) with the top-k labels and probabilities, written as
+batches finish; an input that cannot be read or decoded gets its error in its row and the
+batch goes on. Inputs stream (predict._inputs is lazy, predict._loader reads ahead in
+threads): memory stays flat however many images there are. With an ONNX model, torch is
+never imported. The model is opened by `imgclf.inference.load_classifier`, as serve does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-from tqdm import tqdm
-
 from imgclf.errors import ConfigError
-from imgclf.images import Rejected, decode_image
-from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier, preprocess_pool
-from imgclf.net.guard import FetchedBody, FetchOptions, fetch_all
+from imgclf.inference import Classifier, load_classifier
+from imgclf.inference._tta import check_mode as check_tta
 from imgclf.predict._inputs import Input, expand_inputs
+from imgclf.predict._loader import LoadPlan, load_batches
+from imgclf.progress import track
+from imgclf.untrusted import csv_cell
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ class PredictOptions:
     top_k: int = 5
     batch_size: int = 64
     progress: bool = True
-    fetch: FetchOptions = FetchOptions(allow_private=True)  # the user's own command may read their LAN
-    read_threads: int = min(4, os.cpu_count() or 1)
+    timeout: float = 15.0  # seconds per URL fetch (private addresses allowed: the user's own command)
+    read_threads: int = min(4, os.cpu_count() or 1)  # batches read, decoded and preprocessed ahead
+    tta: str = "none"  # test-time augmentation: none, flip or crops (imgclf.inference._tta)
 
 
 @dataclass(frozen=True)
@@ -59,68 +60,24 @@ class Prediction:
         return "error" if self.error else "ok"
 
 
-def _read_file(path: str) -> bytes | str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError as err:
-        return f"{err.strerror or err.__class__.__name__}"
+def predict(items: Iterable[Input], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:
+    """Yield one Prediction per input, in input order, as batches come (inputs are consumed lazily).
 
-
-def _load_batch(items: list[Input], classifier: Classifier, options: PredictOptions,
-                pool: ThreadPoolExecutor) -> list[torch.Tensor | str]:
-    """Each input as a preprocessed tensor, or the reason it is unusable (a value, not an exception)."""
-    urls = [item.source for item in items if item.kind == "url"]
-    fetched = iter(asyncio.run(fetch_all(urls, options.fetch)) if urls else [])
-
-    def one(item: Input, body: Any) -> torch.Tensor | str:
-        if item.kind == "missing":
-            return item.error
-        if item.kind == "url":
-            if not isinstance(body, FetchedBody):
-                return f"{body.code}: {body.reason}"
-            body = body.data
-        else:
-            body = _read_file(item.source)
-            if isinstance(body, str):
-                return body
-        decoded = decode_image(body, PREDICT_LIMITS)
-        if isinstance(decoded, Rejected):
-            return f"{decoded.status}: {decoded.reason}"
-        return classifier.prepare(decoded.image)
-
-    bodies = [next(fetched) if item.kind == "url" else None for item in items]
-    return list(pool.map(one, items, bodies))
-
-
-def _chunks(items: list[Input], size: int) -> Iterator[list[Input]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def predict(items: list[Input], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:
-    """Yield one Prediction per input, in input order; reading of batch i+1 overlaps inference on batch i."""
-    with preprocess_pool(options.read_threads) as pool, ThreadPoolExecutor(1) as reader:
-        chunks = _chunks(items, options.batch_size)
-        pending: Future | None = None
-        current = next(chunks, None)
-        while current is not None:
-            loaded = (pending.result() if pending else _load_batch(current, classifier, options, pool))
-            following = next(chunks, None)
-            pending = (reader.submit(_load_batch, following, classifier, options, pool)
-                       if following is not None else None)
-            good = [t for t in loaded if isinstance(t, torch.Tensor)]
-            probs = iter(classifier.probabilities(good) if good else [])
-            for item, value in zip(current, loaded, strict=True):
-                if isinstance(value, str):
-                    yield Prediction(item.source, [], value)
-                else:
-                    yield Prediction(item.source, classifier.top_k(next(probs), options.top_k))
-            current = following
+    Reading, decoding and preprocessing run in `read_threads` threads ahead of the model
+    (predict._loader), so memory stays bounded however many inputs there are.
+    """
+    plan = LoadPlan(options.batch_size, options.read_threads, options.timeout)
+    for batch in load_batches(items, classifier, plan):
+        probs = iter(classifier.probabilities(batch.inputs) if batch.inputs is not None else ())
+        for item, error in zip(batch.items, batch.errors, strict=True):
+            if error:
+                yield Prediction(item.source, [], error)
+            else:
+                yield Prediction(item.source, classifier.top_k(next(probs), options.top_k))
 
 
 class CsvWriter:
-    """input,status,error,label_1,probability_1,...: one row per input, spreadsheet-friendly."""
+    """input,status,error,label_1,probability_1,...: one row per input, spreadsheet-safe."""
 
     def __init__(self, stream: IO[str], k: int) -> None:
         self._writer = csv.writer(stream)
@@ -134,7 +91,9 @@ class CsvWriter:
         row: list[Any] = [pred.input, pred.status, pred.error]
         for i in range(self._k):
             row += [pred.top[i][0], f"{pred.top[i][1]:.6f}"] if i < len(pred.top) else ["", ""]
-        self._writer.writerow(row)
+        # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
+        # leading apostrophe (imgclf.untrusted.csv_cell); JSONL keeps the raw text.
+        self._writer.writerow([csv_cell(cell) for cell in row])
 
 
 class JsonlWriter:
@@ -145,8 +104,9 @@ class JsonlWriter:
 
     def write(self, pred: Prediction) -> None:
         top = [{"label": label, "probability": round(p, 6)} for label, p in pred.top]
+        # ensure_ascii: a file name that is not UTF-8 (surrogate escapes) stays a valid JSON escape.
         self._stream.write(json.dumps({"input": pred.input, "status": pred.status, "error": pred.error,
-                                       "top": top}) + "\n")
+                                       "top": top}, ensure_ascii=True) + "\n")
 
 
 def write_predictions(preds: Iterable[Prediction], stream: IO[str], fmt: str, k: int) -> tuple[int, int]:
@@ -173,12 +133,17 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
     if options.top_k < 1 or options.batch_size < 1:
         raise ConfigError("predict: --top-k and --batch-size must be at least 1")
     classifier = load_classifier(model, backend)
-    items = expand_inputs(inputs)
+    classifier.tta = check_tta(options.tta)
+    items = expand_inputs(inputs)  # lazy: a folder or table is read as the predictions go
     fmt = _output_format(out, fmt)
-    preds = predict(items, classifier, options)
-    preds = tqdm(preds, total=len(items), unit="img", disable=not options.progress, file=sys.stderr)
+    # The count is unknown until the inputs are consumed: the progress shows images done and images/s.
+    preds = track(predict(items, classifier, options), "predict", unit="images", enabled=options.progress)
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes (it
+    # round-trips when read with the same handler), in a file and on stdout, instead of failing.
     if out is None:
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="surrogateescape")
         return write_predictions(preds, sys.stdout, fmt, options.top_k)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as stream:
+    with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
         return write_predictions(preds, stream, fmt, options.top_k)

@@ -1,4 +1,4 @@
-"""Expand what a user types after `imgclf predict` into a flat list of inputs.
+"""Expand what a user types after `imgclf predict` into a flat stream of inputs.
 
 An argument is, in this order: an http(s) URL; a CSV/TSV file with a `url` or `path` column
 (relative paths are relative to the CSV's folder); a folder (searched recursively for image
@@ -9,18 +9,23 @@ Listing is bounded and never loops: folder walks and `**` follow symlinks to fol
 each real folder (device, inode) once, so `x -> .` and `y -> .` end. Nothing is read here; files
 are read later by `images.read_file` (regular files only, up to a size cap), so a FIFO, a socket,
 /dev/zero or a folder named in a CSV becomes an error row, never a hang or an unbounded read.
+
+The stream is lazy: a table is read row by row (the csv module, never a whole frame) and a folder
+is listed when predict reaches it, so a list of ten million URLs costs no more memory than one
+batch. What can be refused up front is refused before the first prediction: a table's header
+(no url/path column, a duplicate column, a first row longer than the header).
 """
 
 from __future__ import annotations
 
+import csv
 import fnmatch
+import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
 
 from imgclf.errors import DataError
 from imgclf.untrusted import check_table_header
@@ -41,27 +46,41 @@ def is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
-def _from_table(path: Path) -> Iterator[Input]:
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    check_table_header(path, sep, used=("url", "path"))
-    try:
-        # index_col=False: a row longer than the header is an error, never a shifted index column.
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot parse ({str(err).strip().splitlines()[0][:200]})") from None
-    frame.columns = [c.strip().lower() for c in frame.columns]
-    column = next((c for c in ("url", "path") if c in frame.columns), None)
+def _table_column(path: Path, sep: str) -> str:
+    """The column a table's inputs are in; refused now (one line) rather than mid-run."""
+    names = check_table_header(path, sep, used=("url", "path"))
+    column = next((c for c in ("url", "path") if c in names), None)
     if column is None:
-        found = ", ".join(frame.columns)[:200] or "none"
+        found = ", ".join(names)[:200] or "none"
         raise DataError(f"{path}: needs a 'url' or 'path' column (found: {found})")
-    for line, value in enumerate(frame[column].str.strip(), start=2):
-        if not value:
-            yield Input("", "missing", f"{path}: line {line}: empty {column}")
-        elif is_url(value):
-            yield Input(value, "url")
-        else:
-            local = Path(value) if Path(value).is_absolute() else path.parent / value
-            yield Input(str(local), "file")
+    return column
+
+
+def _table_rows(path: Path, sep: str, column: str) -> Iterator[Input]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, delimiter=sep)
+            header = next(reader, [])
+            index = [c.strip().lower() for c in header].index(column)
+            for row in reader:
+                if not row:
+                    continue  # a blank line is no input (as pandas skipped it)
+                if len(row) > len(header):  # an unquoted separator: the columns may be shifted
+                    raise DataError(f"{path}: line {reader.line_num}: {len(row)} fields but the header has "
+                                    f"{len(header)}; quote values that hold '{sep}'")
+                yield _table_input(path, row[index].strip() if index < len(row) else "", column,
+                                   reader.line_num)
+    except (csv.Error, UnicodeDecodeError, OSError) as err:
+        raise DataError(f"{path}: cannot parse ({str(err).strip()[:200]})") from None
+
+
+def _table_input(path: Path, value: str, column: str, line: int) -> Input:
+    if not value:
+        return Input("", "missing", f"{path}: line {line}: empty {column}")
+    if is_url(value):
+        return Input(value, "url")
+    local = Path(value) if Path(value).is_absolute() else path.parent / value
+    return Input(str(local), "file")
 
 
 def _real_key(path: str) -> tuple[int, int] | None:
@@ -146,24 +165,31 @@ def expand_glob(pattern: str) -> list[str]:
                   if not os.path.isdir(p))
 
 
-def expand_inputs(arguments: list[str]) -> list[Input]:
-    """Every input in the order given; folders and globs sorted so output order is stable."""
-    out: list[Input] = []
-    for arg in arguments:
-        path = Path(arg)
-        if is_url(arg):
-            out.append(Input(arg, "url"))
-        elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-            out.extend(_from_table(path))
-        elif path.is_dir():
-            found = list(_from_folder(path))
-            out.extend(found or [Input(arg, "missing", f"{arg}: folder holds no image files")])
-        elif os.path.lexists(arg):  # a file, or a FIFO, device or broken link: reading says which
-            out.append(Input(arg, "file"))
-        else:
-            matches = expand_glob(arg)
-            if matches:
-                out.extend(Input(m, "file") for m in matches)
-            else:
-                out.append(Input(arg, "missing", f"{arg}: no such file, folder or matching glob"))
-    return out
+def _from_argument(arg: str) -> Iterable[Input]:
+    """The inputs one argument names, lazily; a table's header is checked now."""
+    path = Path(arg)
+    if is_url(arg):
+        return [Input(arg, "url")]
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+        return _table_rows(path, sep, _table_column(path, sep))
+    if path.is_dir():
+        return _or_missing(_from_folder(path), arg, "folder holds no image files")
+    if os.path.lexists(arg):  # a file, or a FIFO, device or broken link: reading says which
+        return [Input(arg, "file")]
+    return _or_missing((Input(m, "file") for m in expand_glob(arg)), arg, "no such file, folder or matching glob")
+
+
+def _or_missing(found: Iterator[Input], arg: str, reason: str) -> Iterator[Input]:
+    first = next(found, None)
+    if first is None:
+        yield Input(arg, "missing", f"{arg}: {reason}")
+        return
+    yield first
+    yield from found
+
+
+def expand_inputs(arguments: list[str]) -> Iterator[Input]:
+    """Every input in the order given, as a lazy stream (consume it once); folders and globs are
+    sorted so output order is stable. A bad table header raises DataError here, before any input."""
+    return itertools.chain.from_iterable([_from_argument(arg) for arg in arguments])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-import torch
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -154,7 +154,9 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     """The ASGI app; tests and embedders can serve it with any ASGI server."""
     batcher = MicroBatcher(classifier, options.max_batch)
     fetcher = GuardedFetcher(options.fetch)
-    prep = preprocess_pool(options.prep_threads)
+    prep = preprocess_pool(options.prep_threads, classifier)
+    # Refuse, from the header, what the eval resize would blow up (images.ImageLimits.for_resize).
+    limits = options.limits.for_resize(classifier.preprocessing.resize_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -205,8 +207,8 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (field 'file'), an image/* body, or JSON {\"url\": ...}")
 
-    def _decode_and_transform(data: bytes) -> torch.Tensor:
-        decoded = decode_image(data, options.limits.for_resize(classifier.preprocessing.resize_size))
+    def _decode_and_transform(data: bytes) -> np.ndarray:
+        decoded = decode_image(data, limits)
         if isinstance(decoded, Rejected):
             raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
         return classifier.prepare(decoded.image)
@@ -218,8 +220,8 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
             data, source = await _image_bytes(request)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
-        tensor = await asyncio.get_running_loop().run_in_executor(prep, _decode_and_transform, data)
-        probs = await batcher.probabilities(tensor)
+        image = await asyncio.get_running_loop().run_in_executor(prep, _decode_and_transform, data)
+        probs = await batcher.probabilities(image)
         top = classifier.top_k(probs, top_k)
         return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
                                source=source, model=classifier.source)

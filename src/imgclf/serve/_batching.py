@@ -1,4 +1,8 @@
-"""Micro-batching for serve: requests that arrive while the model is busy share one batch."""
+"""Micro-batching for serve: requests that arrive while the model is busy share one batch.
+
+Each request is decoded and preprocessed in serve's thread pool (`Classifier.prepare`: one
+image -> float32 (3, S, S)); the batcher stacks what is queued and runs the model once.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from imgclf.inference import Classifier
 
@@ -27,7 +30,7 @@ class MicroBatcher:
         self.max_batch = max(1, max_batch)
         # One thread owns the model: batches run one at a time with all of torch's intra-op threads.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-model")
-        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -40,10 +43,14 @@ class MicroBatcher:
                 await self._task
         self._executor.shutdown(wait=False)
 
-    async def probabilities(self, tensor: torch.Tensor) -> np.ndarray:
+    async def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """One preprocessed image (3, S, S) -> its class probabilities, computed in a shared batch."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((tensor, future))
+        await self._queue.put((image, future))
         return await future
+
+    def _run(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.classifier.probabilities(np.stack(images))
 
     async def _loop(self) -> None:
         while True:
@@ -52,7 +59,7 @@ class MicroBatcher:
                 items.append(self._queue.get_nowait())
             try:
                 probs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.classifier.probabilities, [t for t, _ in items])
+                    self._executor, self._run, [image for image, _ in items])
             except Exception as err:  # a model failure fails these requests, never the loop
                 log.exception("inference failed for a batch of %d", len(items))
                 for _, future in items:
