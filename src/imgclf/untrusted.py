@@ -94,7 +94,7 @@ def csv_safe_frame(frame: pd.DataFrame) -> pd.DataFrame:
     for column in out.columns:
         if out[column].dtype == object or is_string_dtype(out[column].dtype):
             out[column] = out[column].map(csv_cell)
-    if out.index.dtype == object:
+    if out.index.dtype == object or is_string_dtype(out.index.dtype):  # pandas 3 infers str for text
         out.index = out.index.map(csv_cell)
     return out
 
