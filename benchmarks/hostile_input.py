@@ -1,7 +1,7 @@
 """Hostile input, timed: what each bomb costs once refused, and what it cost without the guard (issue 10).
 
-    .venv/bin/python benchmarks/hostile.py                      # decode, resize, YAML figures
-    .venv/bin/python benchmarks/hostile.py --serve RUN_DIR      # + /health latency under idle and slow clients
+    .venv/bin/python benchmarks/hostile_input.py                      # decode, resize, YAML figures
+    .venv/bin/python benchmarks/hostile_input.py --serve RUN_DIR      # + /health latency under idle and slow clients
 
 "Unguarded" figures run the same code with the limits lifted, on scaled-down bombs where the full
 one would take minutes or gigabytes (the scale is printed); the guarded figure is the full bomb.
