@@ -38,9 +38,10 @@ test: $(VENV)/.installed-dev system-deps
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 
-# Builds the CPU image for real and runs it (docker/smoke.sh; about 10-15 minutes, 20 GB of disk
-# while it runs). Not part of `make test`. No Docker engine needed: Debian's podman, buildah and
-# mmdebstrap. SMOKE_ARGS=--keep keeps the image and the build cache.
+# Builds the CPU image for real and runs it (docker/smoke.sh; over an hour on a loaded 2-core
+# machine, figures in docs/benchmarks.md; up to ~40 GB of disk while it runs). Not part of
+# `make test`. No Docker engine needed: Debian's podman, buildah and mmdebstrap, installed here
+# when missing. SMOKE_ARGS=--keep keeps the image and the build cache.
 docker-smoke:
 	@command -v podman >/dev/null && command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah mmdebstrap; }

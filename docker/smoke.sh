@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CPU image for real and run it, without a Docker engine or a registry (make docker-smoke).
 #
-#   docker/smoke.sh            # about 10 minutes; removes what it made at the end
+#   docker/smoke.sh            # 20-70 minutes; removes what it made at the end
 #   docker/smoke.sh --keep     # keep the image, the base and the build cache for the next run
 #
 # Needs root, podman, buildah, mmdebstrap, python3 and curl (make docker-smoke installs the first
@@ -157,6 +157,7 @@ inspect_image() {  # non-root, health check, entrypoint; no compiler, no build l
         ! command -v gcc && ! command -v cc             # no compiler
         test ! -e /root/.cache && test ! -e /src        # no pip cache, no build folder
         test -s /app/weights/fashion_mnist_mobilenet_v3_small.pt
+        cd /opt/venv/lib/python3*/site-packages && du -sh /opt/venv torch nvidia triton   # where the size is
         echo "user $(id -u), /work writable, no compiler, no build leftovers, weights $(du -h /app/weights/*.pt | cut -f1)"'
     buildah rm "${container}" >/dev/null
 }

@@ -1,7 +1,7 @@
 """Docker files: linted, the scripts' engine calls checked, the helpers run for real.
 
 The image itself is built and run by `make docker-smoke` (docker/smoke.sh: podman, buildah and
-a local Debian base; about 10 minutes, so not part of this suite). Here: hadolint and
+a local Debian base; 15 minutes to over an hour, so not part of this suite). Here: hadolint and
 shellcheck; the Dockerfile's stages; every script run for real against stand-ins for `docker`,
 `podman` and `buildah` first on PATH that record their arguments (mounts, ports, build args,
 secrets, commands); the image's health check against real HTTP servers on 127.0.0.1; and
