@@ -36,11 +36,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen | None = None, seconds: float = 90) -> None:
+def _wait_healthy(base: str, proc: subprocess.Popen | None = None, seconds: float = 90,
+                  log_path: Path | None = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+            said = log_path.read_text() if log_path else (proc.stderr.read() if proc.stderr else "")
+            raise RuntimeError(f"server exited early: {said}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return
@@ -50,17 +52,25 @@ def _wait_healthy(base: str, proc: subprocess.Popen | None = None, seconds: floa
     raise TimeoutError(f"{base} never became healthy")
 
 
+SERVER_LOG: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
-def server(tiny_run: Path) -> Iterator[str]:
-    """`imgclf serve` as a user starts it: its own process, default SSRF policy, 1 MB upload cap."""
+def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`imgclf serve` as a user starts it: its own process, default SSRF policy, 1 MB upload cap.
+
+    Its log goes to a file (a pipe nobody reads would fill with access-log lines and block the server).
+    """
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port", str(port),
                "--max-upload-mb", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log_path = SERVER_LOG["server"] = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc)
+        _wait_healthy(base, proc, log_path=log_path)
         yield base
     finally:
         proc.terminate()
@@ -305,3 +315,27 @@ def test_swagger_ui_works_offline(server: str) -> None:
         finally:
             browser.close()
     assert outside == []
+
+
+def test_access_log_and_prometheus_metrics(server: str) -> None:
+    image = demo_images("test", "Bag", 1)[0]
+    assert _post_file(server, image).status_code == 200
+    assert httpx.post(f"{server}/predict", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    assert httpx.get(f"{server}/nowhere").status_code == 404
+    reply = httpx.get(f"{server}/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in reply.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['imgclf_requests_total{method="POST",path="/predict",status="200"}'] >= 1
+    assert samples['imgclf_errors_total{error="unsupported_media_type",status="415"}'] >= 1
+    assert samples['imgclf_errors_total{error="not_found",status="404"}'] >= 1
+    assert samples['imgclf_requests_total{method="GET",path="other",status="404"}'] >= 1  # never the raw URL
+    assert samples["imgclf_batch_size_count"] >= 1 and samples["imgclf_batch_size_sum"] >= 1
+    assert samples['imgclf_request_seconds_count{path="/predict"}'] >= 2
+    log = SERVER_LOG["server"].read_text()
+    access = [line for line in log.splitlines() if "imgclf.serve.access" in line]
+    assert any('"POST /predict" 200 ' in line and line.endswith("B") for line in access), log[-2000:]
+    assert any('"GET /nowhere" 404 ' in line for line in access)

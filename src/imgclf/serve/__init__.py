@@ -5,9 +5,12 @@
     POST /predict   an image as multipart field `file`, a raw image body (image/*), or JSON
                     {"url": "https://..."}; `?top_k=5`. Answers {"predictions": [{label, probability}]}.
     GET  /health    {"status": "ok", ...}        GET /labels   {"labels": [...]}
-    GET  /docs      Swagger UI (no CDN)          GET /         a page: drop an image, see the top-5
+    GET  /metrics   Prometheus text format       GET /docs     Swagger UI (no CDN)
+    GET  /          a page: drop an image, see the top-5
 
-The model is whatever `predict.load_classifier` opens (run, checkpoint, ONNX, TorchScript), so
+Every request is logged on one line (logger imgclf.serve.access) and counted in /metrics
+(requests, latency histogram, errors by code, batch sizes): serve._observability.
+The model is whatever `inference.load_classifier` opens (run, checkpoint, ONNX, TorchScript), so
 the service preprocesses exactly as training evaluated. Requests that arrive while the model is
 busy are classified together in one batch (no added wait), which keeps throughput up under load.
 
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +55,7 @@ from imgclf.serve._connections import (
     error_response,
     guarded_protocol,
 )
+from imgclf.serve._observability import AccessLog, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 41
 
 def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -> FastAPI:
     """The ASGI app; tests and embedders can serve it with any ASGI server."""
-    batcher = MicroBatcher(classifier, options.max_batch)
+    metrics = Metrics()
+    batcher = MicroBatcher(classifier, options.max_batch, on_batch=metrics.observe_batch)
     fetcher = GuardedFetcher(options.fetch)
     prep = preprocess_pool(options.prep_threads, classifier)
     # Refuse, from the header, what the eval resize would blow up (images.ImageLimits.for_resize).
@@ -173,6 +178,8 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
                          description=f"Image classifier ({len(classifier.class_names)} classes) served by imgclf.")
     # Only the routes that do real work are limited: /health must answer while /predict is full.
     app.add_middleware(RouteLimit, limit=options.max_concurrency, paths=("/predict",))
+    # Added last, so outermost: it times and logs every reply, the limit's 503s included.
+    app.add_middleware(AccessLog, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -225,6 +232,12 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
         top = classifier.top_k(probs, top_k)
         return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
                                source=source, model=classifier.source)
+
+    @app.get("/metrics", summary="Prometheus metrics: requests, latency, errors by code, batch sizes",
+             response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/health", summary="Liveness and what is loaded")
     async def health() -> dict[str, Any]:

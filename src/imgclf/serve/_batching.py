@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,9 +26,11 @@ class MicroBatcher:
     never waits for company, and a burst is classified in a few large batches.
     """
 
-    def __init__(self, classifier: Classifier, max_batch: int) -> None:
+    def __init__(self, classifier: Classifier, max_batch: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.classifier = classifier
         self.max_batch = max(1, max_batch)
+        self.on_batch = on_batch  # told each batch's size (serve's /metrics)
         # One thread owns the model: batches run one at a time with all of torch's intra-op threads.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-model")
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
@@ -50,6 +53,8 @@ class MicroBatcher:
         return await future
 
     def _run(self, images: list[np.ndarray]) -> np.ndarray:
+        if self.on_batch is not None:
+            self.on_batch(len(images))
         return self.classifier.probabilities(np.stack(images))
 
     async def _loop(self) -> None:

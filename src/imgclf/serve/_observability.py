@@ -14,6 +14,7 @@ metric set without bound. The registry is per app: two apps in one process (test
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,8 +31,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# The error code (ApiError.code) of a reply travels from the exception handler to the middleware here.
-ERROR_CODE_KEY = "imgclf_error_code"
 KNOWN_PATHS = ("/predict", "/health", "/labels", "/metrics", "/", "/docs", "/redoc", "/openapi.json")
 
 
@@ -58,6 +57,15 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _error_code(body: bytes) -> str:
+    """The `error` field of an error reply's JSON body (every error reply has one), bounded."""
+    try:
+        code = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        return "unparsed"
+    return code[:40] if isinstance(code, str) and code.replace("_", "").isalnum() else "unparsed"
+
+
 def _route(path: str) -> str:
     if path in KNOWN_PATHS or path.startswith("/docs") or path.startswith("/redoc"):
         return path
@@ -75,13 +83,16 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        reply = {"status": 500, "bytes": 0}
+        reply: dict[str, Any] = {"status": 500, "bytes": 0, "error": ""}
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 reply["status"] = int(message["status"])
             elif message["type"] == "http.response.body":
-                reply["bytes"] += len(message.get("body", b""))
+                body = message.get("body", b"")
+                if reply["status"] >= 400 and not reply["bytes"]:
+                    reply["error"] = _error_code(body)
+                reply["bytes"] += len(body)
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -89,16 +100,16 @@ class AccessLog:
             await self.app(scope, receive, recording_send)
         finally:
             self.metrics.in_flight.dec()
-            self._record(scope, reply["status"], reply["bytes"], time.perf_counter() - started)
+            self._record(scope, reply, time.perf_counter() - started)
 
-    def _record(self, scope: Scope, status: int, size: int, seconds: float) -> None:
+    def _record(self, scope: Scope, reply: dict[str, Any], seconds: float) -> None:
+        status, size = reply["status"], reply["bytes"]
         path = _route(scope.get("path", ""))
         method = scope.get("method", "")
         self.metrics.requests.labels(method, path, str(status)).inc()
         self.metrics.latency.labels(path).observe(seconds)
         if status >= 400:
-            code = (scope.get("state") or {}).get(ERROR_CODE_KEY, "")
-            self.metrics.errors.labels(str(status), code or str(status)).inc()
+            self.metrics.errors.labels(str(status), reply["error"] or "none").inc()
         client = scope.get("client") or ("-", 0)
         query = scope.get("query_string", b"").decode("latin-1")
         target = scope.get("path", "") + (f"?{query}" if query else "")
