@@ -9,9 +9,10 @@ server; S3 is moto's server on 127.0.0.1 (needs the dev extra), so S3 figures in
 round trip per request but no network latency.
 
 read      the training read path (data.DecodedImages: read_row + decode + resize, no augmentation)
-          over the same images stored four ways: files and tar, local and on S3. Rounds alternate
-          the layouts, so load from other processes hits each alike; the figure is images/s and
-          the ratio to local files.
+          over the same images stored four ways: files and tar, local and on S3, and S3 tar with
+          data.shard_cache (round 1 fetches each shard once, later rounds read the local copies).
+          Rounds alternate the layouts, so load from other processes hits each alike; the figure
+          is images/s and the ratio to local files. moto's server runs in its own process.
 roundtrip download to S3 (tar shards), train 1 epoch with 2 DDP processes (gloo) reading the shards
           from S3, evaluate from S3 and from local files: the metrics must be identical.
 predict   images/s of `imgclf predict` in one process vs `--engine ray` with 1 and 2 workers, over
@@ -45,7 +46,7 @@ def _download_all(tmp: Path, splits: dict[str, list[Path]], where: dict[str, tup
             t0 = time.perf_counter()
             result = download_demo(out, tables, layout=layout, shard_size=500, state_dir=None
                                    if not out.startswith("s3://") else str(tmp / f"state-{name}"))
-            print(f"download {name:10} {result.counts} in {time.perf_counter() - t0:.1f}s")
+            print(f"download {name:10} {result.counts} in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 def read(args: argparse.Namespace) -> None:
@@ -57,22 +58,27 @@ def read(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     pre = presets.Preprocessing.from_config(DataConfig(image_size=64))
-    with tempfile.TemporaryDirectory() as tmp_name, moto_s3("bench"):
+    with tempfile.TemporaryDirectory() as tmp_name, moto_s3("bench", own_process=True):
         tmp = Path(tmp_name)
         where = {"files": (str(tmp / "files"), "files"), "tar": (str(tmp / "tar"), "tar"),
                  "s3-files": ("s3://bench/files", "files"), "s3-tar": ("s3://bench/tar", "tar")}
         _download_all(tmp, {"train": demo_files("train", CLASSES, args.per_class)}, where)
+        where["s3-tar+cache"] = ("s3://bench/tar", "tar")  # data.shard_cache: one GET per shard, then local
         split = data.make_split(tmp / "files", 0.0001, seed=0)
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.rounds):
             for workers in args.workers:
                 for name, (out, _) in where.items():
-                    dataset = data.DecodedImages(split, out, CLASSES, pre.resize_size, presets.eval_resize(pre))
+                    cache = str(tmp / f"cache-{workers}") if name.endswith("+cache") else None  # cold in round 1
+                    dataset = data.DecodedImages(split, out, CLASSES, pre.resize_size, presets.eval_resize(pre),
+                                                 shard_cache=cache)
                     loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=True,
                                         generator=torch.Generator().manual_seed(0))
                     t0 = time.perf_counter()
                     n = sum(len(batch[0]) for batch in loader)
                     rates.setdefault((name, workers), []).append(n / (time.perf_counter() - t0))
+                    print(f"  pass: {name:9} workers {workers}: {rates[(name, workers)][-1]:7.1f} images/s",
+                          flush=True)
         print(f"\n{len(split)} images, {args.rounds} rounds, median images/s (ratio to local files)")
         for workers in args.workers:
             base = statistics.median(rates[("files", workers)])
@@ -84,7 +90,7 @@ def read(args: argparse.Namespace) -> None:
 def roundtrip(args: argparse.Namespace) -> None:
     from imgclf import evaluate
 
-    with tempfile.TemporaryDirectory() as tmp_name, moto_s3("bench"):
+    with tempfile.TemporaryDirectory() as tmp_name, moto_s3("bench", own_process=True):
         tmp = Path(tmp_name)
         splits = {"train": demo_files("train", CLASSES, args.per_class),
                   "test": demo_files("test", CLASSES, args.per_class // 4)}
@@ -100,17 +106,20 @@ def roundtrip(args: argparse.Namespace) -> None:
         if done.returncode:
             print(done.stderr[-3000:])
             return
-        results = {}
-        for name, data_dir in (("s3-tar", "s3://bench/data"), ("local files", tmp / "local")):
-            t0 = time.perf_counter()
-            results[name] = evaluate.run(evaluate.EvaluateOptions(model=tmp / "run", data=data_dir, num_workers=0,
-                                                                  out=tmp / f"eval-{len(results)}"))
-            m = results[name]
-            print(f"evaluate from {name:11}: {m['n_images']} images, f1_macro {m['f1_macro']:.4f}, "
-                  f"accuracy {m['accuracy']:.4f} in {time.perf_counter() - t0:.1f}s")
-        keys = ("n_images", "f1_macro", "accuracy", "log_loss", "confusion_matrix")
-        same = all(results["s3-tar"][k] == results["local files"][k] for k in keys)
-        print(f"identical metrics ({', '.join(keys)}): {same}")
+        shipped = REPO / "weights" / "fashion_mnist_mobilenet_v3_small.pt"  # a model that has learned
+        for label, model in (("the 1-epoch DDP run", tmp / "run"), ("the shipped weights", shipped)):
+            results = {}
+            for name, data_dir in (("s3-tar", "s3://bench/data"), ("local files", tmp / "local")):
+                t0 = time.perf_counter()
+                kind = {"run_dir": model} if model.is_dir() else {"weights": model}
+                results[name] = evaluate.run(evaluate.EvaluateOptions(
+                    **kind, data=data_dir, num_workers=0, out=tmp / f"eval-{label[-7:]}-{len(results)}"))
+                m = results[name]
+                print(f"{label}, evaluated from {name:11}: {m['n_images']} images, f1_macro {m['f1_macro']:.4f}, "
+                      f"accuracy {m['accuracy']:.4f} in {time.perf_counter() - t0:.1f}s")
+            keys = ("n_images", "f1_macro", "accuracy", "log_loss", "confusion_matrix")
+            same = all(results["s3-tar"][k] == results["local files"][k] for k in keys)
+            print(f"  identical metrics ({', '.join(keys)}): {same}")
 
 
 def predict(args: argparse.Namespace) -> None:

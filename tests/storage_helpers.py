@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,23 +48,55 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+_SERVE = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the parent closes it (or dies)
+server.stop()
+"""
+
+
+class _ChildServer:
+    """moto's server in a child process; stopped by closing its stdin."""
+
+    def __init__(self) -> None:
+        self.child = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.port = int(self.child.stdout.readline())
+
+    def stop(self) -> None:
+        self.child.stdin.close()
+        try:
+            self.child.wait(10)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+
 @contextmanager
-def moto_s3(bucket: str = "bkt") -> Iterator[str]:
+def moto_s3(bucket: str = "bkt", own_process: bool = False) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (a free port), AWS_* pointing at it; yields its endpoint URL.
 
     The environment variables are what a user sets for a real endpoint; child processes (DDP
     ranks, DataLoader workers, a CLI subprocess) inherit them. Restored, and the server stopped
-    (its port closed), on exit.
+    (its port closed), on exit. `own_process`: the server runs in a child process, so it does
+    not compete for this process's GIL (benchmarks); the tests keep it in a thread.
     """
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    import s3fs
-
     s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would keep an older endpoint
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    if own_process:
+        server = _ChildServer()
+        host, port = "127.0.0.1", server.port
+    else:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)

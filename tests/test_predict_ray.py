@@ -137,13 +137,13 @@ def test_sigkill_then_rerun_resumes_from_finished_parts_and_leaves_no_process(in
     watcher = threading.Thread(target=watch, args=(proc,))
     watcher.start()
     deadline = time.monotonic() + 600  # Ray's start and a worker's first torch import: minutes on a busy machine
-    while len(list(parts.glob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+    while len(list(parts.glob("part-*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     stop.set()
     watcher.join()
-    finished = len(list(parts.glob("*.json")))
+    finished = len(list(parts.glob("part-*.json")))
     assert 3 <= finished < 21, "the kill did not land mid-run"
     assert not _wait_gone(seen), "Ray processes outlived the killed predict"
 

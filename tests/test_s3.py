@@ -110,10 +110,40 @@ def test_ddp_epoch_from_tar_shards_on_s3_then_evaluate_gives_the_local_metrics(s
     assert ckpt["global_step"] == 1
 
     options = {"split": "test", "num_workers": 0, "bootstrap_resamples": 50, "baseline_simulations": 50}
-    remote = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=TAR, out=tmp_path / "e-s3", **options))
-    local = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=tmp / "local", out=tmp_path / "e-local",
+    remote = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=TAR, out=tmp_path / "e-s3", **options))
+    local = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=tmp / "local", out=tmp_path / "e-local",
                                                   **options))
     assert remote["n_images"] == local["n_images"] == 12
     for key in ("f1_macro", "accuracy", "log_loss", "confusion_matrix", "f1_macro_ci95"):
         assert remote[key] == local[key], key
     assert remote["data_dir"] == TAR and (tmp_path / "e-s3" / "report.html").is_file()
+
+
+def test_shard_cache_reads_remote_tar_shards_from_one_local_copy_each(s3_data, tmp_path: Path) -> None:
+    from imgclf import data, presets
+    from imgclf.config import DataConfig
+
+    originals = s3_data[4]
+    refs = row_refs(read_manifest(TAR))
+    cache = tmp_path / "cache"
+    assert [storage.read_row(TAR, ref, cache) for ref in refs] == [f.read_bytes() for f in originals]
+    assert len(list(cache.glob("*.tar"))) == 5 and not list(cache.glob(".*"))  # one copy per shard, no .part
+    # Training's dataset with data.shard_cache gives what the ranged reads give.
+    pre = presets.Preprocessing.from_config(DataConfig(image_size=32))
+    split = data.make_split(TAR, 0.2, seed=0)
+    cached = data.DecodedImages(split, TAR, CLASSES[:3], pre.resize_size, shard_cache=str(tmp_path / "c2"))
+    ranged = data.DecodedImages(split, TAR, CLASSES[:3], pre.resize_size)
+    assert all(torch.equal(cached[i][0], ranged[i][0]) for i in range(len(split)))
+
+
+def test_the_shipped_weights_score_the_same_from_s3_shards_as_from_local_files(s3_data, tmp_path: Path) -> None:
+    """A model that has learned (the metrics are not those of a constant prediction) sees the same images."""
+    tmp = s3_data[0]
+    weights = Path(__file__).resolve().parents[1] / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
+    options = {"weights": weights, "split": "test", "num_workers": 0, "bootstrap_resamples": 50,
+               "baseline_simulations": 50}
+    remote = evaluate.run(evaluate.EvaluateOptions(data=TAR, out=tmp_path / "s3", **options))
+    local = evaluate.run(evaluate.EvaluateOptions(data=tmp / "local", out=tmp_path / "local", **options))
+    assert remote["accuracy"] > 0.5  # far above the 1/3 of a constant answer on 3 balanced classes
+    for key in ("n_images", "f1_macro", "accuracy", "log_loss", "confusion_matrix"):
+        assert remote[key] == local[key], key

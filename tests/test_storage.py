@@ -281,3 +281,29 @@ def test_data_directory_arguments_keep_urls_and_state_dir_is_for_urls_only(tmp_p
     with pytest.raises(ConfigError, match="--state-dir"):
         Target.resolve(tmp_path / "d", state_dir=tmp_path / "s")
     assert Target.resolve(tmp_path / "d").work_dir == tmp_path / "d"
+
+
+
+def test_ctrl_c_publishes_the_open_shard_and_commits_its_rows(tmp_path: Path) -> None:
+    files = demo_files("train", CLASSES[:4], 10)
+    with FaultServer(latency=0.1) as srv:
+        urls = [srv.add(f"{i}.png", f.read_bytes(), "image/png") for i, f in enumerate(files)]
+        pd.DataFrame({"url": urls, "label": ["x"] * len(urls)}).to_csv(tmp_path / "train.csv", index=False)
+        cmd = [sys.executable, "-m", "imgclf", "download", str(tmp_path / "train.csv"), "--out",
+               str(tmp_path / "d"), "--no-progress", "--concurrency", "4", "--processes", "1",
+               "--layout", "tar", "--shard-size", "1000"]  # one shard, open all along
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        state = tmp_path / "d" / ".state.sqlite"
+        deadline = time.monotonic() + 300
+        while sum(srv.counts.values()) < 12 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        held = _committed(state)  # fetched and stored, but the shard is not written yet
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert held == set(), "rows were committed before their shard existed"
+    manifest = read_manifest(tmp_path / "d")
+    ok = manifest[manifest["status"] == "ok"]
+    assert len(ok) >= 4 and len(ok) == len(_committed(state))  # Ctrl-C wrote the open shard and committed it
+    assert set(ok["shard"]) == {"shards/00000.tar"} and (tmp_path / "d" / "shards" / "00000.tar").is_file()
+    assert set(manifest["status"]) == {"ok", "pending"}

@@ -74,6 +74,9 @@ class DataConfig(_Section):
     # Decoded, resized images kept in RAM after the first epoch: "auto" when they fit cache_max_gb.
     cache: bool | Literal["auto"] = "auto"
     cache_max_gb: float = Field(4.0, ge=0.0)
+    # Tar shards on object storage (s3://...) fetched whole into this local folder and read there:
+    # one GET per shard instead of one per image. Never evicted: needs disk for the shards read.
+    shard_cache: str | None = None
     balanced_sampler: bool = False
     # Share of stored images that may be unreadable (skipped with a warning) before a run stops.
     max_unreadable: float = Field(0.05, ge=0.0, le=1.0)

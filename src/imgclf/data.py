@@ -117,9 +117,7 @@ def read_image(data_dir: str | Path, ref: storage.RowRef, limits: ImageLimits = 
                shard_cache: str | None = None) -> Image.Image:
     """A row's stored image as RGB (a file, or a member of a tar shard; local or object storage;
     `shard_cache`: see storage.read_row); ValueError or OSError naming it when it cannot be read."""
-    # storage.read_row takes shard_cache once issue 15-B's shard cache is committed; until then never pass it.
-    body = storage.read_row(data_dir, ref, shard_cache) if shard_cache else storage.read_row(data_dir, ref)
-    result = decode_image(body, limits)
+    result = decode_image(storage.read_row(data_dir, ref, shard_cache), limits)
     if isinstance(result, Rejected):
         raise ValueError(f"{storage.join(data_dir, ref.shard or ref.path)}: {result.status}: {result.reason}")
     return result.image

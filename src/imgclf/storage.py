@@ -17,10 +17,12 @@ and backslashes are refused, so a hostile manifest cannot make a reader leave DA
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +141,55 @@ def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int
     return data
 
 
-def read_row(data_dir: str | os.PathLike[str], ref: RowRef) -> bytes:
-    """The stored image bytes of one manifest row, from a file or from its tar shard."""
+def read_row(data_dir: str | os.PathLike[str], ref: RowRef, shard_cache: str | os.PathLike[str] | None = None) -> bytes:
+    """The stored image bytes of one manifest row, from a file or from its tar shard.
+
+    `shard_cache`: a local folder; a tar shard on object storage is then fetched whole into it,
+    once, and read there (one GET per shard instead of one per image; see cached_shard)."""
     if ref.shard:
         if ref.offset < 0 or ref.size <= 0:
             raise DataError(f"manifest row {ref.path!r} in shard {ref.shard!r} lacks offset/bytes")
+        if shard_cache is not None and is_url(data_dir):
+            return read_bytes(shard_cache, cached_shard(data_dir, ref.shard, shard_cache), ref.offset, ref.size)
         return read_bytes(data_dir, ref.shard, ref.offset, ref.size)
     return read_bytes(data_dir, ref.path)
+
+
+_CACHED: dict[tuple[str, str], str] = {}  # (cache folder, shard URL) -> the copy's name (per process)
+
+
+def cached_shard(data_dir: str | os.PathLike[str], shard: str, cache_dir: str | os.PathLike[str]) -> str:
+    """The name, inside `cache_dir`, of a local copy of a remote tar shard, fetched whole on first use.
+
+    The copy is named by the shard's URL, size and ETag, so a shard rewritten under the same name
+    (after a killed download) is fetched again; it is written to a temporary name and renamed, so
+    concurrent DataLoader workers at worst fetch it twice. Nothing is ever evicted: the folder
+    grows to the size of the shards a run reads (the limit of this option)."""
+    url = join(data_dir, shard)
+    memo = (os.fspath(cache_dir), url)
+    if memo in _CACHED:
+        return _CACHED[memo]
+    fs, path = filesystem(url)
+    try:
+        info = fs.info(path)
+        key = f"{url} {info.get('size')} {info.get('ETag') or info.get('etag') or ''}"
+        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".tar"
+        local = Path(cache_dir) / name
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            part = local.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                fs.get_file(path, str(part))
+                os.replace(part, local)
+            finally:
+                part.unlink(missing_ok=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # botocore/aiohttp types, as in read_bytes
+        raise OSError(f"{url}: cannot fetch the shard into {cache_dir}: {err.__class__.__name__}: "
+                      f"{str(err)[:200]}") from None
+    _CACHED[memo] = name
+    return name
 
 
 def exists(base: str | os.PathLike[str], rel: str) -> bool:

@@ -187,8 +187,9 @@ def _loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_nam
     cfg = config.data
     train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
     train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
-                                   presets.train_augment(pre, cfg.augment))
-    val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre))
+                                   presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache)
+    val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre),
+                                 shard_cache=cfg.shard_cache)
     if _use_cache(cfg, data_dir, split, pre):
         t0 = time.perf_counter()
         for dataset in (train_set, val_set):
