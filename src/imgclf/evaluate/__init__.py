@@ -46,6 +46,7 @@ from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.models import fast_layout
 from imgclf.presets import eval_transform
 from imgclf.rundir import RunDir
+from imgclf.untrusted import csv_safe_frame
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +370,11 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     preds = predictions_frame(eval_set, y_true, proba, names)
-    preds.to_csv(out / "predictions.csv", index=False)
+    # Text cells spreadsheet-safe (a class named "=cmd..." is not a formula); raw values in metrics.json.
+    csv_safe_frame(preds).to_csv(out / "predictions.csv", index=False, errors="surrogateescape")
     report = classification_report(y_true, proba.argmax(axis=1), labels=np.arange(len(names)),
                                    target_names=names, output_dict=True, zero_division=0)
-    pd.DataFrame(report).T.to_csv(out / "classification_report.csv", index_label="class")
+    csv_safe_frame(pd.DataFrame(report).T).to_csv(out / "classification_report.csv", index_label="class")
     files = {"predictions": "predictions.csv", "classification_report": "classification_report.csv",
              **write_plots(out, metrics, names, plan.run_dir),
              "report": "report.html", "metrics": "metrics.json"}
