@@ -95,7 +95,8 @@ def load_model(path: str | Path) -> LoadedModel:
         class_names = [str(name) for name in meta["class_names"]]
         preprocessing = Preprocessing.from_plain(meta["preprocessing"])
         # Structural options (a small-input stem) shape the layers the state dict fills.
-        model = create_model(meta["arch"], len(class_names), small_input=config.model.small_input)
+        model = create_model(meta["arch"], len(class_names), small_input=config.model.small_input,
+                             timm_kwargs=config.model.timm_kwargs)
     except Exception as err:  # pydantic ValidationError, ConfigError, KeyError/TypeError from bad metadata
         raise DataError(f"{resolved}: imgclf metadata is invalid ({first_line(err)})") from None
     try:

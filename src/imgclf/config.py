@@ -34,6 +34,8 @@ class ModelConfig(_Section):
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     # Stem downsamples 2x less (models._small_input_stem): for images of about 64 px and smaller.
     small_input: bool = False
+    # Keyword arguments for timm.create_model (timm/<name> only), e.g. {"drop_path_rate": 0.1}.
+    timm_kwargs: dict[str, Any] = {}
 
     @field_validator("bn_momentum")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -102,13 +103,16 @@ def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
             ) from None
 
 
-def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _timm_model(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         import timm
     except ImportError:
         raise ConfigError(f"model.arch: {name!r} needs timm (pip install 'imgclf[timm]')") from None
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # an argument this model does not take
+        raise ConfigError(f"model.timm_kwargs: timm cannot build {name!r} with {kwargs}: "
+                          f"{str(err).splitlines()[0]}") from None
     except OSError as err:  # huggingface_hub's "not in cache and no network" errors are OSErrors
         raise ConfigError(
             f"model.pretrained: cannot fetch timm weights for {name!r} ({err.__class__.__name__}); offline, "
@@ -150,14 +154,18 @@ def create_model(
     cache_dir: str | None = None,
     dropout: float | None = None,
     small_input: bool = False,
+    timm_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
+    """A classifier for `num_classes`; small_input and timm_kwargs shape the layers (checkpoints record both)."""
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
+    if timm_kwargs and not arch.startswith("timm/"):
+        raise ConfigError(f"model.timm_kwargs: only for timm/<name> architectures, not {arch}")
     if arch.startswith("timm/"):
         if small_input:
             raise ConfigError("model.small_input: only for the torchvision architectures "
                               f"({', '.join(ARCHITECTURES)}), not {arch}")
-        model = _timm_model(arch.removeprefix("timm/"), num_classes, pretrained and weights is None)
+        model = _timm_model(arch.removeprefix("timm/"), num_classes, pretrained and weights is None, timm_kwargs or {})
     elif arch in ARCHITECTURES:
         model = (_pretrained_torchvision(arch, cache_dir) if pretrained and weights is None
                  else torchvision.models.get_model(arch, weights=None))
