@@ -37,7 +37,7 @@ from imgclf import __version__, checkpoint, data, models, presets, rundir, stora
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
-from imgclf.train._callbacks import MetricsLog, read_metrics
+from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
 from imgclf.train._module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,34 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
                                 config.model.weights, config.model.cache_dir, config.model.dropout)
+    guard = UnreadableGuard(config.data.max_unreadable)
     with _quiet_lightning():
-        trainer = _trainer(config, run_dir)
+        trainer = _trainer(config, run_dir, [guard])
+    pre = presets.Preprocessing.from_config(config.data)
+    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
+    guard.datasets = [train_loader.dataset, val_loader.dataset]
+    guard.check()  # with the RAM cache every image has been read once already
+    created = not run_dir.exists()
+    try:
+        return _fit(config, data_dir, run_dir, resume, started, split, class_names, model, trainer, guard,
+                    (train_loader, val_loader), pre)
+    except DataError:
+        if zero:  # e.g. too many unreadable images: leave no half-made run directory behind
+            _after_failure(run_dir, data_dir, class_names, config, not resume, created, guard.unreadable)
+        raise
+
+
+def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float, split: pd.DataFrame,
+         class_names: list[str], model: torch.nn.Module, trainer: pl.Trainer, guard: UnreadableGuard,
+         loaders: tuple[DataLoader, DataLoader], pre: presets.Preprocessing) -> TrainResult:
+    last = rundir.RunDir(run_dir).last
+    zero = rank_zero_only.rank == 0
+    train_loader, val_loader = loaders
     if zero:  # only now: unusable data or config must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, rundir.RunDir(run_dir).config)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
-    pre = presets.Preprocessing.from_config(config.data)
-    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
     _tune_batchnorm(model, config, len(train_loader))
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
@@ -123,7 +142,8 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         _write_run_info(run_dir, data_dir, class_names, config, extra={
             "status": "done", "best_score": best_score, "monitor": config.trainer.monitor,
             "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
-            "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1)})
+            "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1),
+            "unreadable_images": guard.unreadable})
         log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
                  f"{best_score:.4f}" if best_score is not None else "n/a", best)
         _warn_if_ended_collapsed(module.collapsed_epochs, epochs)
@@ -281,10 +301,11 @@ def _strategy(config: TrainConfig) -> str:
     return config.trainer.strategy
 
 
-def _trainer(config: TrainConfig, run_dir: Path) -> pl.Trainer:
+def _trainer(config: TrainConfig, run_dir: Path, extra: list[pl.Callback]) -> pl.Trainer:
     tcfg = config.trainer
     mode = "min" if tcfg.monitor == "val_loss" else "max"
     callbacks: list[pl.Callback] = [
+        *extra,
         pl.callbacks.ModelCheckpoint(dirpath=rundir.RunDir(run_dir).checkpoints, filename="best", monitor=tcfg.monitor,
                                      mode=mode, save_top_k=1, save_last=True, enable_version_counter=False,
                                      auto_insert_metric_name=False),
@@ -329,6 +350,24 @@ def _relative(path: Path, run_dir: Path) -> str:
         return str(path.resolve().relative_to(run_dir.resolve()))
     except ValueError:
         return str(path)
+
+
+def _after_failure(run_dir: Path, data_dir: Path, class_names: list[str], config: TrainConfig, fresh: bool,
+                   created: bool, unreadable: int) -> None:
+    """A run stopped by bad data: a fresh run that saved no checkpoint leaves nothing behind (the
+    folder too, when it made it); one that did keeps its checkpoints with run.json status "failed"."""
+    run = rundir.RunDir(run_dir)
+    if not run_dir.is_dir():
+        return
+    if fresh and not run.last.is_file():
+        for name in (rundir.CONFIG, rundir.SPLIT, rundir.RUN_INFO, rundir.METRICS_CSV, rundir.CURVES):
+            (run_dir / name).unlink(missing_ok=True)
+        for folder in (run.checkpoints, run_dir) if created else (run.checkpoints,):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: never files this run did not write
+        return
+    _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "failed",
+                                                                   "unreadable_images": unreadable})
 
 
 def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], config: TrainConfig,
