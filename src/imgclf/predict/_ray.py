@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from imgclf.images import Rejected, decode_image
 from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier
 from imgclf.manifest import MANIFEST_NAME, read_manifest, row_refs, usable_rows
 from imgclf.predict import Prediction, PredictOptions, predict, write_predictions
-from imgclf.predict._inputs import Input, expand_inputs
+from imgclf.predict._inputs import Input, expand_inputs, is_url
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,12 @@ Unit = Input | RowInput
 
 
 def is_data_dir(arg: str) -> bool:
-    return storage.exists(storage.location(arg), MANIFEST_NAME) if storage.is_url(arg) else (
-        Path(arg).is_dir() and (Path(arg) / MANIFEST_NAME).is_file())
+    """A folder or an object-store prefix holding manifest.parquet (never asked of an http(s) image URL)."""
+    if is_url(arg):
+        return False
+    if storage.is_url(arg):
+        return storage.exists(arg, MANIFEST_NAME)
+    return Path(arg).is_dir() and (Path(arg) / MANIFEST_NAME).is_file()
 
 
 def expand_units(arguments: list[str]) -> list[Unit]:
@@ -180,12 +185,12 @@ def _run_shards(ray: Any, task: Any, shards: list[list[Unit]], todo: list[int], 
     """Submit shards with a bounded window (never all at once), retry failed ones, write parts."""
     model, backend, options, fmt, cwd = args
     window = 2 * max(1, ray_options.workers)
-    queue, running, tries = list(todo), {}, dict.fromkeys(todo, 0)
+    queue, running, tries = deque(todo), {}, dict.fromkeys(todo, 0)
     bar = tqdm(total=sum(len(shards[n]) for n in todo), unit="img", disable=not progress, file=sys.stderr)
     try:
         while queue or running:
             while queue and len(running) < window:
-                n = queue.pop(0)
+                n = queue.popleft()
                 running[task.remote(model, backend, shards[n], options, fmt, cwd)] = n
             ready, _ = ray.wait(list(running), num_returns=1)
             n = running.pop(ready[0])
