@@ -129,7 +129,7 @@ def test_evaluate_draws_and_writes_markup_and_formula_labels_as_data(hostile_run
     from imgclf import evaluate
 
     metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=hostile_run, bootstrap_resamples=50,
-                                                    baseline_simulations=50, progress=False))
+                                                    baseline_simulations=50))
     # The truncated test image, and the strip whose eval resize would be huge, are left out and counted.
     assert metrics["unreadable_images"] == 2 and metrics["n_images"] == 42
     assert sorted(metrics["class_names"]) == sorted(LABELS.values())  # raw in JSON

@@ -92,6 +92,17 @@ def _reply(sock: socket.socket, seconds: float) -> tuple[int, dict]:
 _CLIENT = httpx.Client(timeout=5)  # one client: time the server, not the client's set-up
 
 
+def _closed(sock: socket.socket, seconds: float = 0.5) -> bool:
+    """Whether the server hung up on this socket (EOF or reset); False while it stays open and silent."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def _health_seconds(base: str) -> float:
     started = time.monotonic()
     response = _CLIENT.get(f"{base}/health")
@@ -131,8 +142,7 @@ def test_idle_sockets_never_block_health_and_are_closed_after_the_head_deadline(
         good = demo_images("test", "Bag", 1)[0].read_bytes()
         assert _post_image(base, good).status_code == 200  # real work still gets through
         time.sleep(HEAD_TIMEOUT + 1.5)
-        closed = sum(_reply(sock, 0.5) == (0, {}) for sock in idle[:20])
-        assert closed == 20  # the server hung up on them: no head within the deadline
+        assert all(_closed(sock) for sock in idle[:20])  # the server hung up: no head within the deadline
     finally:
         for sock in idle:
             sock.close()
@@ -234,3 +244,37 @@ def test_the_start_line_names_an_address_to_open(served) -> None:
     assert where_to_open("127.0.0.1", 8000) == "on http://127.0.0.1:8000/"
     assert "open http://127.0.0.1:8000/" in where_to_open("0.0.0.0", 8000)
     assert where_to_open("::1", 9) == "on http://[::1]:9/"
+
+
+def test_past_max_connections_the_longest_idle_connection_is_closed(tiny_run: Path) -> None:
+    """The cap on open connections (guarded_protocol's max_connections; 1,024 from the CLI) evicts idle ones,
+    so a crowd of idle sockets can neither exhaust descriptors nor keep a health check out."""
+    import threading
+
+    import uvicorn
+
+    from imgclf.inference import load_classifier
+    from imgclf.serve import ServeOptions, create_app
+    from imgclf.serve._connections import guarded_protocol
+
+    app = create_app(load_classifier(tiny_run), ServeOptions())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error",
+                                           http=guarded_protocol(head_timeout=60, max_connections=20)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    idle = []
+    try:
+        for _ in range(40):
+            idle.append(_connect(base))
+            time.sleep(0.01)  # in order: the first ones have waited longest
+        assert _health_seconds(base) < 5
+        closed = [_closed(sock, 0.2) for sock in idle]
+        assert all(closed[:15]) and not all(closed[-5:])  # the oldest went first; the newest are still open
+    finally:
+        for sock in idle:
+            sock.close()
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -25,7 +25,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class EvaluateOptions:
     bootstrap_resamples: int = _metrics.BOOTSTRAP_RESAMPLES
     baseline_simulations: int = _metrics.BASELINE_SIMULATIONS
     gallery_size: int = 24
+    max_unreadable: float = 0.05  # share of images that may be unreadable (skipped, counted) before it stops
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> EvaluateOptions:
@@ -131,6 +132,21 @@ def _read_split_csv(run_dir: Path | None) -> pd.DataFrame | None:
     return None if run_dir is None else read_split(run_dir)
 
 
+def drop_unreadable(proba: np.ndarray, y_true: np.ndarray, eval_set: EvalSet,
+                    max_share: float) -> tuple[np.ndarray, np.ndarray, EvalSet, int]:
+    """Leave out the images that could not be read (NaN rows; each was warned about); a one-line
+    DataError when they are more than `max_share` of the split: scores on the rest would mislead."""
+    bad = np.isnan(proba).any(axis=1)
+    n = int(bad.sum())
+    if n and n / len(bad) > max_share:
+        raise DataError(f"{n} of {len(bad)} images of split '{eval_set.split}' are unreadable "
+                        f"({n / len(bad):.1%}, more than {max_share:.0%}); see the warnings above")
+    if n:
+        log.warning("%d unreadable image(s) left out of the evaluation (unreadable_images in metrics.json)", n)
+        eval_set = replace(eval_set, frame=eval_set.frame[~bad].reset_index(drop=True))
+    return proba[~bad], y_true[~bad], eval_set, n
+
+
 def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
                     split_csv: pd.DataFrame | None) -> EvalSet:
     rows = usable_rows(manifest, split)
@@ -185,7 +201,7 @@ def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
                   opts: EvaluateOptions) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) float64 probabilities and (N,) true class indices, in frame order."""
     dataset = ImageFolderFrame(eval_set.frame, eval_set.images_root, loaded.class_names,
-                               eval_transform(loaded.preprocessing))
+                               eval_transform(loaded.preprocessing), skip_unreadable=True)
     workers = loaded.config.data.num_workers if opts.num_workers is None else opts.num_workers
     device = _device(opts.device)
     loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
@@ -200,7 +216,9 @@ def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
                 chunks.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     except (ValueError, OSError) as err:  # a file removed or corrupted since download
         raise DataError(f"cannot read an evaluation image: {str(err)[:200]}") from None
-    return np.concatenate(chunks), dataset.targets.numpy()
+    proba = np.concatenate(chunks)
+    proba[dataset.failures.mask()] = np.nan  # unreadable images: left out by drop_unreadable
+    return proba, dataset.targets.numpy()
 
 
 # ---------------------------------------------------------------- data summary
@@ -345,6 +363,7 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     proba, y_true = predict_proba(loaded, eval_set, opts)
+    proba, y_true, eval_set, unreadable = drop_unreadable(proba, y_true, eval_set, opts.max_unreadable)
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
@@ -355,6 +374,7 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
         "split_source": eval_set.source,
         "note": eval_set.note,
         "n_images": int(len(y_true)),
+        "unreadable_images": unreadable,
         "n_classes": len(names),
         "class_names": names,
         **compute_metrics(y_true, proba, names, shares, opts),
