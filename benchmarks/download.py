@@ -67,11 +67,17 @@ def serve(www: str, latency: float, port_queue: multiprocessing.Queue) -> None:
     from aiohttp import web
 
     files = {p.name: p.read_bytes() for p in Path(www).glob("*.jpg")}
+    seen: dict[str, int] = {}  # requests per image path: GET /_counts tells how many were fetched twice
+
+    async def counts(request: web.Request) -> web.Response:
+        return web.json_response({"requests": sum(seen.values()), "images": len(seen),
+                                  "refetched": sum(n - 1 for n in seen.values())})
 
     async def image(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency)
         kind, name = request.match_info["kind"], request.match_info["name"]
         if kind == "img":
+            seen[name] = seen.get(name, 0) + 1
             return web.Response(body=files[name], content_type="image/jpeg")
         if kind == "404":
             return web.Response(status=404, text="not found")
@@ -89,7 +95,7 @@ def serve(www: str, latency: float, port_queue: multiprocessing.Queue) -> None:
 
     async def main() -> None:
         app = web.Application()
-        app.add_routes([web.get("/{kind}/{name}", image)])
+        app.add_routes([web.get("/_counts", counts), web.get("/{kind}/{name}", image)])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)

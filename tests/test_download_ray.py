@@ -162,6 +162,23 @@ def test_a_failing_shard_is_retried_then_named(cluster, tmp_path: Path) -> None:
     assert len(finished) == len(urls) - len(urls[failing * 10:(failing + 1) * 10])  # every other shard committed
 
 
+def test_tar_layout_writes_one_tar_per_shard(cluster, tmp_path: Path) -> None:
+    from imgclf import storage
+
+    with FaultServer() as srv:
+        src = _write(tmp_path, _urls(srv, 40))
+        result = download.run([src], tmp_path / "d", download.DownloadOptions(
+            **FAST, engine="ray", ray_workers=2, shard_size=10, layout="tar"))
+    manifest = pd.read_parquet(result.manifest_path)
+    assert result.counts == {"ok": 40}
+    assert manifest.groupby("shard")["row"].apply(list).tolist() == [list(range(i, i + 10)) for i in range(0, 40, 10)]
+    for _, row in manifest.iterrows():
+        data = storage.read_row(str(tmp_path / "d"), storage.RowRef(row["path"], row["shard"], row["offset"],
+                                                                     row["bytes"]))
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    assert not any((tmp_path / "d" / ".tmp").glob("*")) if (tmp_path / "d" / ".tmp").exists() else True
+
+
 def _cli(tmp: Path, src: Path) -> list[str]:
     return [sys.executable, "-m", "imgclf", "download", str(src), "--out", str(tmp / "d"), "--no-progress",
             "--engine", "ray", "--workers", "2", "--shard-size", "15", "--concurrency", "2", "--processes", "1"]

@@ -8,7 +8,8 @@ A private cluster is this command's alone and is stopped when it ends:
   (a new local cluster otherwise listens on all interfaces);
 - token authentication with a random token that lives only in the environment of its processes
   (Ray 2.60's default would write ~/.ray/auth_token, outside DATA_DIR);
-- its own temporary directory, no dashboard, `num_cpus` = what the workers reserve;
+- its own temporary directory, no dashboard, `num_cpus` = what the workers reserve, workers at
+  nice 0 (Ray's default 15 starves them on a machine doing anything else);
 - a reaper process (`_reaper`) that SIGKILLs whatever is left of it once this process is gone,
   even after a SIGKILL (Ray's agents were seen outliving a killed driver by 30-80 s).
 A Ray already initialised in this process (a notebook, a test fixture) is used as it is.
@@ -29,10 +30,10 @@ from pathlib import Path
 from types import ModuleType
 
 from imgclf import _reaper
-from imgclf.errors import ConfigError, ImgclfError
+from imgclf.errors import ConfigError, ImgclfError, first_line
 
 INSTALL_HINT = "pip install 'imgclf[ray]'"
-_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_worker_niceness")  # set for a private cluster, restored after
 
 
 def import_ray() -> ModuleType:
@@ -71,18 +72,18 @@ def connect(address: str | None, cpus: int) -> Iterator[ModuleType]:
 @contextlib.contextmanager
 def _private(ray: ModuleType, cpus: int) -> Iterator[None]:
     temp = tempfile.mkdtemp(prefix="imgclf-ray-")  # short: Ray's unix socket paths must stay < 108 bytes
-    saved = {name: os.environ.get(name) for name in _AUTH}
+    saved = {name: os.environ.get(name) for name in _ENV}
     # With a token in the environment and no RAY_AUTH_MODE, ray.init turns token auth on without
     # writing ~/.ray/auth_token (RAY_AUTH_MODE itself is read when ray is imported: too early here).
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray starts its workers at nice 15: on a machine running anything else they starve (measured:
+    # 0.55x of the single process with 1 worker). The work is this command's own: run it at its priority.
+    os.environ["RAY_worker_niceness"] = "0"
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # "token auth is enabled"
     reaper = subprocess.Popen([sys.executable, str(Path(_reaper.__file__))], stdin=subprocess.PIPE,
                               start_new_session=True, close_fds=True)
-    before = set(_reaper.descendants(os.getpid()))
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-                 logging_level=logging.WARNING, object_store_memory=256 * 2**20)
-        _watch(reaper, [p for p in _reaper.descendants(os.getpid()) if p not in before and p != reaper.pid])
+        _start(ray, cpus, temp, reaper)
         yield
     finally:
         try:
@@ -95,6 +96,25 @@ def _private(ray: ModuleType, cpus: int) -> Iterator[None]:
                 else:
                     os.environ[name] = value
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _start(ray: ModuleType, cpus: int, temp: str, reaper: subprocess.Popen) -> None:
+    """ray.init, twice if need be: Ray's own start-up limits are fixed (30 s for the raylet to
+    register), and a machine busy with other work can miss them once."""
+    before = set(_reaper.descendants(os.getpid())) | {reaper.pid}
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+                     logging_level=logging.WARNING, object_store_memory=256 * 2**20)
+            _watch(reaper, [p for p in _reaper.descendants(os.getpid()) if p not in before])
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises plain Exception for a start-up timeout
+            ray.shutdown()
+            started = [p for p in _reaper.descendants(os.getpid()) if p not in before]
+            _reaper.reap([(p, t) for p in started if (t := _reaper.start_time(p)) is not None])
+            if attempt == 2:
+                raise ImgclfError(f"could not start a local Ray ({first_line(err)}); is the machine "
+                                  "overloaded? Run the same command again") from None
 
 
 def _watch(reaper: subprocess.Popen, pids: list[int]) -> None:

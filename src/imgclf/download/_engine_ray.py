@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from imgclf._ray import connect, import_ray
+from imgclf.download._leases import SYNC_S, LeaseBook, LeasedLimiter
 from imgclf.download._options import DownloadOptions, StoreSettings
-from imgclf.download._politeness import SYNC_S, LeaseBook, LeasedLimiter
 from imgclf.download._progress import Progress
 from imgclf.download._shards import Shard, iter_shards
 from imgclf.download._sink import Target, next_shard_number
@@ -179,17 +179,20 @@ class _Driver:
         return self.done, self.ok
 
     def _fill(self) -> None:
-        """Give each live worker shards until it has OPEN_PER_WORKER (retries first)."""
-        for index, worker in enumerate(self.workers):
-            while index not in self.down and self.open[index] < OPEN_PER_WORKER:
+        """Give live workers shards, one each per round (retries first), until each has OPEN_PER_WORKER."""
+        while True:
+            hungry = [i for i in range(len(self.workers)) if i not in self.down and self.open[i] < OPEN_PER_WORKER]
+            for index in sorted(hungry, key=lambda i: self.open[i]):  # the least busy first
                 shard = self.retry.popleft() if self.retry else next(self.shards, None)
                 if shard is None:
                     return
                 tar_name = None
                 if self.settings.layout == "tar":
                     tar_name, self.next_tar = shard_name(self.next_tar), self.next_tar + 1
-                self.inflight[worker.run.remote(shard.items, tar_name)] = (index, shard)
+                self.inflight[self.workers[index].run.remote(shard.items, tar_name)] = (index, shard)
                 self.open[index] += 1
+            if not hungry:
+                return
 
     def _finish(self, ref: Any) -> None:
         index, shard = self.inflight.pop(ref)

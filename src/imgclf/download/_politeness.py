@@ -30,9 +30,7 @@ The ceiling is the total concurrency (`--concurrency`, times the workers on Ray)
 replaces all of this by a fixed N. A redirect to another host is counted against the first one.
 
 `Aimd` is the pure arithmetic; `HostLimiter` is the asyncio gate of one process (the single-
-machine download); on Ray, `LeaseBook` (held by one small actor) owns one `Aimd` per host for the
-whole cluster and leases slices of each host's limit to the workers, whose `LeasedLimiter` then
-gates locally and reports what it saw every `SYNC_S` seconds: no remote call per request.
+machine download). On Ray the same limits hold for the whole cluster: see `_leases`.
 """
 
 from __future__ import annotations
@@ -53,8 +51,6 @@ LATENCY_SLACK_S = 0.01  # absolute slack: scheduling noise on a busy client is n
 SOFT_FAILURE_RATE = 0.1
 SOFT_ALPHA = 1 / 32  # EWMA weight of one attempt: about 4 soft failures in a row cross the rate
 BASELINE_WINDOW_S = 10.0  # the baseline is the lowest latency of the last one or two windows
-SYNC_S = 0.2  # Ray workers report and renew their leases this often
-LEASE_TTL_S = 3.0  # a worker silent this long (killed) loses its leases
 IDLE_FORGET_S = 120.0  # an idle host's state is dropped after this long (bounded memory)
 RTT_SAMPLES = 16  # answers before a host's header deadline adapts
 HEADER_TIMEOUT_FACTOR = 4.0
@@ -195,10 +191,11 @@ class Slot:
 
 
 class _Host:
-    __slots__ = ("aimd", "rtt", "in_flight", "waiters", "idle_since", "grant", "seen")
+    __slots__ = ("aimd", "rtt", "in_flight", "waiters", "idle_since", "grant", "seen", "peak")
 
     def __init__(self, aimd: Aimd | None) -> None:
         self.aimd, self.in_flight, self.idle_since = aimd, 0, 0.0
+        self.peak = 0  # most requests in flight or waiting since the last lease report (LeasedLimiter)
         self.rtt = Rtt()
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.grant = 0  # LeasedLimiter only
@@ -236,6 +233,7 @@ class HostLimiter:
         if host is None:
             host = self._hosts[key] = self._new_host()
             self._on_new_host(key)
+        host.peak = max(host.peak, host.in_flight + len(host.waiters) + 1)
         if host.waiters or host.in_flight >= self._capacity(host):
             waiter = asyncio.get_running_loop().create_future()
             host.waiters.append(waiter)
@@ -293,122 +291,3 @@ def _one(slot: Slot, saturated: bool) -> Signals:
     if slot.signal == "overloaded":
         return Signals(overloaded=1)
     return Signals(soft=1)
-
-
-class LeasedLimiter(HostLimiter):
-    """A Ray worker's gate: each host's capacity is the slice leased by the cluster's LeaseBook.
-
-    `report()` hands over what was seen since the last call and each host's demand (in flight +
-    waiting); `apply(grants)` installs the new leases and wakes whoever they let through.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(ceiling=1)
-        self.wanted = asyncio.Event()  # set when a host without a lease turns up: sync now
-
-    def _new_host(self) -> _Host:
-        return _Host(None)
-
-    def _capacity(self, host: _Host) -> int:
-        return host.grant
-
-    def _on_new_host(self, key: str) -> None:
-        self.wanted.set()
-
-    def _observe(self, host: _Host, slot: Slot, saturated: bool) -> None:
-        host.seen.add(_one(slot, saturated))
-
-    def report(self) -> dict[str, tuple[Signals, int]]:
-        out = {}
-        for key, host in self._hosts.items():
-            demand = host.in_flight + len(host.waiters)
-            if demand or host.seen or host.grant:
-                out[key] = (host.seen, demand)
-                host.seen = Signals()
-        return out
-
-    def apply(self, grants: dict[str, int]) -> None:
-        for key, grant in grants.items():
-            host = self._hosts.get(key)
-            if host is None:
-                continue
-            host.grant = grant
-            while host.waiters and host.in_flight < host.grant:
-                waiter = host.waiters.popleft()
-                if not waiter.done():
-                    host.in_flight += 1
-                    waiter.set_result(None)
-
-
-class LeaseBook:
-    """The cluster-wide per-host limits (one Aimd each), leased out to workers in slices.
-
-    A worker's slice of a host is its fair share of the host's limit by demand (water-filling),
-    never more than what the other workers' current leases leave free; so the leases of a host add
-    up to at most its limit, except for one sync interval after the limit drops (leases already
-    given are taken back at the holder's next sync; requests already in flight finish).
-    """
-
-    def __init__(self, ceiling: int, fixed: int | None = None) -> None:
-        self.ceiling, self.fixed = ceiling, fixed
-        self.limits: dict[str, Aimd] = {}
-        self.leases: dict[str, dict[str, tuple[int, int, float]]] = {}  # host -> worker -> (grant, demand, seen)
-
-    def limit(self, key: str) -> int:
-        if self.fixed:
-            return self.fixed
-        aimd = self.limits.get(key)
-        return aimd.capacity if aimd is not None else min(INITIAL, self.ceiling)
-
-    def sync(self, worker: str, report: dict[str, tuple[Signals, int]], now: float | None = None) -> dict[str, int]:
-        now = time.monotonic() if now is None else now
-        grants = {}
-        for key, (seen, demand) in report.items():
-            if not self.fixed:
-                self.limits.setdefault(key, Aimd(self.ceiling)).observe(seen, now)
-            held = self.leases.setdefault(key, {})
-            for other in [w for w, (_, _, at) in held.items() if now - at > LEASE_TTL_S]:
-                del held[other]  # a worker that stopped syncing (killed) gives its slice back
-            held[worker] = (held.get(worker, (0, 0, now))[0], demand, now)
-            grants[key] = self._grant(key, worker, held)
-            if demand:
-                held[worker] = (grants[key], demand, now)
-            else:
-                del held[worker]
-                if not held:
-                    del self.leases[key]
-                    self._maybe_forget(key, now)
-        return grants
-
-    def _grant(self, key: str, worker: str, held: dict[str, tuple[int, int, float]]) -> int:
-        limit = self.limit(key)
-        demands = {w: d for w, (_, d, _) in held.items() if d > 0}
-        if worker not in demands:
-            return 0
-        share = _water_fill(limit, demands)[worker]
-        free = limit - sum(g for w, (g, _, _) in held.items() if w != worker)
-        return max(0, min(share, free))
-
-    def _maybe_forget(self, key: str, now: float) -> None:
-        aimd = self.limits.get(key)
-        if aimd is not None and len(self.limits) > 100_000:  # bounded memory on huge host lists
-            del self.limits[key]
-
-
-def _water_fill(limit: int, demands: dict[str, int]) -> dict[str, int]:
-    """Split `limit` among demands: nobody gets more than it asks, the rest is shared evenly."""
-    shares, left = {}, limit
-    pending = sorted(demands, key=lambda w: (demands[w], w))
-    while pending:
-        even = left // len(pending)
-        worker = pending[0]
-        if demands[worker] <= even:
-            shares[worker] = demands[worker]
-            left -= demands[worker]
-            pending.pop(0)
-            continue
-        extra = left - even * len(pending)  # the remainder goes to the hungriest, one each
-        for i, w in enumerate(sorted(pending, key=lambda w: -demands[w])):
-            shares[w] = even + (1 if i < extra else 0)
-        break
-    return shares
