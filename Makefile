@@ -6,6 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision pinned where this machine serves them from disk (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Every other package at the version the suite last passed with: without it pip's resolver gives
+# up on a clean clone (resolution-too-deep, backtracking through boto/aiobotocore releases).
+CONSTRAINTS ?= requirements/constraints.txt
 
 .PHONY: demo test venv dev-deps system-deps lint bench-download bench-train bench-predict docker-smoke
 
@@ -13,13 +16,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH_PINS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
