@@ -10,6 +10,8 @@
 4. prints wall time per stage, test F1-macro and accuracy, and writes WORK/summary.json.
 
 --ship PATH writes the best checkpoint as a slim file (no optimizer state) for weights/.
+--tta flip|crops also evaluates the test split with test-time augmentation (same weights; the
+plain single-pass figures are printed too).
 --limit N keeps N images per class and split (a smoke test of the pipeline in a minute).
 Nothing is written into the source tree unless --ship names a path there.
 """
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-data", action="store_true",
                         help="skip writing and downloading when WORK/data already has a manifest "
                              "(the served URLs change port on every run, so a rerun would fetch anew)")
+    parser.add_argument("--tta", choices=("none", "flip", "crops"), default="none",
+                        help="also evaluate with this test-time augmentation (into RUN_DIR/tta-MODE/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,23 +148,36 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test"))
     timings["evaluate"] = time.perf_counter() - t0
+    tta = None
+    if args.tta != "none":
+        t0 = time.perf_counter()
+        tta = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test", tta=args.tta,
+                                                    out=run_dir / f"tta-{args.tta}"))
+        timings[f"evaluate_tta_{args.tta}"] = time.perf_counter() - t0
 
     summary = {
         "config": str(args.config), "overrides": args.overrides, "cpu_cores": os.cpu_count(),
         "torch_threads": __import__("torch").get_num_threads(), "limit": args.limit,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "epochs_run": trained.epochs_run, "best_val": trained.best_score,
-        "test_f1_macro": metrics["f1_macro"], "test_accuracy": metrics["accuracy"],
+        "test_f1_macro": metrics["f1_macro"], "test_f1_macro_ci95": metrics["f1_macro_ci95"],
+        "test_accuracy": metrics["accuracy"],
         "test_images": metrics["n_images"], "run_dir": str(run_dir), "python": sys.version.split()[0],
     }
+    if tta is not None:
+        summary[f"tta_{args.tta}"] = {"test_f1_macro": tta["f1_macro"], "test_f1_macro_ci95": tta["f1_macro_ci95"],
+                                      "test_accuracy": tta["accuracy"]}
     if args.ship:
         summary["shipped"] = str(ship(trained.best_checkpoint, args.ship))
         summary["shipped_bytes"] = args.ship.stat().st_size
     (work / f"summary-{args.run_name}.json").write_text(json.dumps(summary, indent=2))
     print("== summary")
     print(json.dumps(summary, indent=2))
-    print(f"test F1-macro {metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f}; time per stage: "
-          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    lo, hi = metrics["f1_macro_ci95"]
+    print(f"test F1-macro {metrics['f1_macro']:.4f} [95% CI {lo:.4f}, {hi:.4f}], accuracy {metrics['accuracy']:.4f}"
+          + (f"; with --tta {args.tta}: F1-macro {tta['f1_macro']:.4f} [{tta['f1_macro_ci95'][0]:.4f}, "
+             f"{tta['f1_macro_ci95'][1]:.4f}], accuracy {tta['accuracy']:.4f}" if tta else "")
+          + "; time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0
 
 

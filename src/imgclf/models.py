@@ -30,10 +30,18 @@ ARCHITECTURES = (
 # Measured once, not at run time (`imgclf models` prints it): architecture -> (parameters with a
 # 10-class head, training images/s, inference images/s) on CPU at 64 px, channels_last, 2 torch
 # threads, training batch 64 (AdamW step), inference batch 128. Machine: the project's 2-core
-# x86_64 (AVX-512, no GPU). Command: .venv/bin/python benchmarks/models.py --rounds 3
+# x86_64 (AVX-512, no GPU). Command: .venv/bin/python benchmarks/models.py (best of 2 rounds)
 # MEASURED_ON says when, and under what load (see docs/benchmarks.md#models-benchmarksmodelspy).
-MEASURED_ON = "not measured yet"
-MEASURED: dict[str, tuple[int, float, float]] = {}
+MEASURED_ON = "measured 2026-11-29 on the 2-core x86_64 machine, nothing else running"
+MEASURED: dict[str, tuple[int, float, float]] = {
+    "mobilenet_v3_small": (1528106, 552, 3917),
+    "mobilenet_v3_large": (4214842, 243, 1444),
+    "resnet18": (11181642, 147, 539),
+    "resnet34": (21289802, 75, 298),
+    "resnet50": (23528522, 59, 242),
+    "efficientnet_b0": (4020358, 158, 970),
+    "convnext_tiny": (27827818, 61, 255),
+}
 
 
 def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float | None) -> nn.Module:

@@ -37,7 +37,12 @@ from imgclf import __version__, checkpoint, data, models, presets, rundir, stora
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
+from imgclf.progress import interactive
+from imgclf.train import _lr_find
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
+from imgclf.train._loggers import make_loggers
+from imgclf.train._lr_find import LrFindResult
+from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
 from imgclf.train._module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -56,13 +61,28 @@ class TrainResult:
 
 def run(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool = False) -> TrainResult:
     """Train `config` on DATA_DIR into RUN_DIR; with resume, continue from checkpoints/last.ckpt."""
+    result = _start(config, data_dir, run_dir, resume, lr_find_only=False)
+    assert isinstance(result, TrainResult)
+    return result
+
+
+def find_lr(config: TrainConfig, data_dir: Path | str, run_dir: Path) -> LrFindResult:
+    """The learning-rate finder alone (`train --lr-find`): RUN_DIR/lr_find.png and lr_find.json, no training."""
+    result = _start(config, data_dir, run_dir, False, lr_find_only=True)
+    assert isinstance(result, LrFindResult)
+    return result
+
+
+def _start(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool,
+           lr_find_only: bool) -> TrainResult | LrFindResult:
     started = time.perf_counter()
+    config = _lr_find.checked(config, lr_find_only)
     # DATA_DIR may be on object storage (s3://...): kept as the URL, read through imgclf.storage.
     data_dir, run_dir = storage.location(storage.display(data_dir)), Path(run_dir)
     last = rundir.RunDir(run_dir).last
     if resume and not last.is_file():
         raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
-    if not resume and last.is_file():
+    if not resume and not lr_find_only and last.is_file():
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
     if not storage.exists(data_dir, MANIFEST_NAME):
         read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
@@ -70,12 +90,13 @@ def run(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool =
     threads_before = torch.get_num_threads()
     try:
         _set_cpu_threads(config)
-        return _run(config, data_dir, run_dir, resume, started)
+        return _run(config, data_dir, run_dir, resume, started, lr_find_only)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
-def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float) -> TrainResult:
+def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, started: float,
+         lr_find_only: bool) -> TrainResult | LrFindResult:
     last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
     split = _split(config, data_dir, run_dir, resume)
@@ -84,7 +105,8 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         _check_resumable(config, last, class_names)
     # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
-                                config.model.weights, config.model.cache_dir, config.model.dropout)
+                                config.model.weights, config.model.cache_dir, config.model.dropout,
+                                config.model.small_input, config.model.timm_kwargs)
     guard = UnreadableGuard(config.data.max_unreadable)
     with _quiet_lightning():
         trainer = _trainer(config, run_dir, [guard])
@@ -92,6 +114,9 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
     guard.datasets = [train_loader.dataset, val_loader.dataset]
     guard.check()  # with the RAM cache every image has been read once already
+    if lr_find_only:  # writes lr_find.png/json only: never a config or split over a trained run's
+        module = _make_module(config, model, split, class_names, pre, len(train_loader))
+        return _lr_find.find_lr(module, train_loader, config, run_dir, _precision(config))
     created = not run_dir.exists()
     try:
         return _fit(config, data_dir, run_dir, resume, started, split, class_names, model, trainer, guard,
@@ -113,10 +138,11 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         save_config(config, rundir.RunDir(run_dir).config)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
-    _tune_batchnorm(model, config, len(train_loader))
-    if config.trainer.compile:
-        model.compile()  # in place: state_dict keys stay those of the plain model
-    module = ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
+    module = _make_module(config, model, split, class_names, pre, len(train_loader))
+    if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
+        config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
+        if zero:
+            save_config(config, rundir.RunDir(run_dir).config)
     if zero:
         _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training"})
     with warnings.catch_warnings(), _quiet_lightning():
@@ -150,6 +176,14 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     return TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds)
 
 
+def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFrame, class_names: list[str],
+            pre: presets.Preprocessing, steps_per_epoch: int) -> ImageClassifier:
+    _tune_batchnorm(model, config, steps_per_epoch)
+    if config.trainer.compile:
+        model.compile()  # in place: state_dict keys stay those of the plain model
+    return ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
+
+
 def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
     """A run whose last epoch predicts one class must not end on an info line only.
 
@@ -159,7 +193,7 @@ def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
     last = epochs - 1
     if collapsed and collapsed[-1] == last and last - 1 not in collapsed:
         log.warning("the last epoch (%d) predicted one class for 90%% or more of the validation images: "
-                    "train longer, or check model.bn_momentum and optim.lr", last)
+                    "train longer, or check model.bn_momentum and optim.lr", last + 1)
 
 
 @contextlib.contextmanager
@@ -176,14 +210,14 @@ def _quiet_lightning() -> Iterator[None]:
 
 def _check_resumable(config: TrainConfig, last: Path, class_names: list[str]) -> None:
     """Refuse a resume whose config or data would not fit the saved weights (before touching RUN_DIR)."""
-    meta = checkpoint.read_checkpoint(last)["imgclf"]
-    saved = {"model.arch": meta["arch"], "data.image_size": meta["preprocessing"]["image_size"]}
+    saved = checkpoint.describe(checkpoint.read_checkpoint(last)["imgclf"], last)
+    before = {"model.arch": saved.arch, "data.image_size": saved.preprocessing.image_size}
     given = {"model.arch": config.model.arch, "data.image_size": config.data.image_size}
-    for key, value in saved.items():
+    for key, value in before.items():
         if given[key] != value:
             raise ConfigError(f"{last}: trained with {key}={value}, resumed with {given[key]}; "
                               "resume without --config to reuse the run's config.yaml")
-    if list(meta["class_names"]) != class_names:
+    if saved.class_names != class_names:
         raise DataError(f"{last}: the run's classes differ from those in its split.csv; start a new run")
 
 
@@ -207,9 +241,10 @@ def _loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_nam
     cfg = config.data
     train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
     train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
-                                   presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache)
+                                   presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache,
+                                   interpolation=pre.interpolation)
     val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre),
-                                 shard_cache=cfg.shard_cache)
+                                 shard_cache=cfg.shard_cache, interpolation=pre.interpolation)
     if _use_cache(cfg, data_dir, split, pre):
         t0 = time.perf_counter()
         for dataset in (train_set, val_set):
@@ -307,14 +342,20 @@ def _trainer(config: TrainConfig, run_dir: Path, extra: list[pl.Callback]) -> pl
     callbacks: list[pl.Callback] = [
         *extra,
         pl.callbacks.ModelCheckpoint(dirpath=rundir.RunDir(run_dir).checkpoints, filename="best", monitor=tcfg.monitor,
-                                     mode=mode, save_top_k=1, save_last=True, enable_version_counter=False,
+                                     mode=mode, save_top_k=1, save_last=False, enable_version_counter=False,
                                      auto_insert_metric_name=False),
+        # last.ckpt by a checkpoint of its own, every epoch: Lightning 2.6's save_last writes it only
+        # in epochs where `best` was saved, so a run whose monitor stopped improving would resume
+        # from its last improvement, epochs behind.
+        pl.callbacks.ModelCheckpoint(dirpath=rundir.RunDir(run_dir).checkpoints, filename="last", monitor=None,
+                                     save_top_k=1, enable_version_counter=False),
         MetricsLog(run_dir),
     ]
     if tcfg.early_stopping_patience:
         callbacks.append(pl.callbacks.EarlyStopping(monitor=tcfg.monitor, mode=mode,
                                                     patience=tcfg.early_stopping_patience))
-    if tcfg.progress_bar:
+    bars = tcfg.progress_bar and interactive()  # in a log, the per-epoch line (MetricsLog) is the progress
+    if bars:
         callbacks.append(pl.callbacks.TQDMProgressBar())
     try:
         return pl.Trainer(
@@ -323,8 +364,8 @@ def _trainer(config: TrainConfig, run_dir: Path, extra: list[pl.Callback]) -> pl
             accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
             strategy=_strategy(config), precision=_precision(config),
             gradient_clip_val=config.optim.grad_clip,
-            callbacks=callbacks, logger=_logger(config, run_dir),
-            enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
+            callbacks=callbacks, logger=make_loggers(config, run_dir),
+            enable_progress_bar=bars, enable_model_summary=False,
             num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run_dir,
         )
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
@@ -332,16 +373,6 @@ def _trainer(config: TrainConfig, run_dir: Path, extra: list[pl.Callback]) -> pl
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"trainer.accelerator={tcfg.accelerator} devices={tcfg.devices} "
                           f"strategy={tcfg.strategy}: {first}") from None
-
-
-def _logger(config: TrainConfig, run_dir: Path) -> Any:
-    if not config.trainer.tensorboard:
-        return False
-    try:
-        return pl.loggers.TensorBoardLogger(run_dir, name="tensorboard")
-    except ModuleNotFoundError:
-        raise ConfigError("trainer.tensorboard: needs the tensorboard package "
-                          "(pip install tensorboard)") from None
 
 
 # ---- run directory ------------------------------------------------------------------------------
@@ -377,3 +408,9 @@ def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], confi
               "world_size": int(os.environ.get("WORLD_SIZE", 1))}
     fields.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
     rundir.RunDir(run_dir).write_info(rundir.RunInfo(**fields))
+
+
+# `imgclf.train(...)` calls imgclf.api.train (see imgclf._stage).
+from imgclf._stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

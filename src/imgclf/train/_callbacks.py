@@ -3,6 +3,7 @@ the guard that stops a run whose stored images turned out unreadable."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from imgclf.curves import training_curves
 from imgclf.rundir import CURVES, METRICS_CSV
 from imgclf.train._module import ImageClassifier
 
+log = logging.getLogger("imgclf.train")
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1_macro", "lr",
                   "epoch_seconds", "images_per_s"]
 
@@ -47,6 +49,15 @@ class MetricsLog(pl.Callback):
         frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)[METRIC_COLUMNS]
         frame.to_csv(self.run_dir / METRICS_CSV, index=False)
         plot_curves(frame, self.run_dir / CURVES)
+        log.info(epoch_line(row, trainer.max_epochs))
+
+
+def epoch_line(row: dict[str, Any], max_epochs: int | None) -> str:
+    """One readable line per epoch, printed with or without a progress bar (logs, CI, notebooks)."""
+    of = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    return (f"epoch {int(row['epoch']) + 1}{of}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+            f"val accuracy {row['val_accuracy']:.4f}, val F1-macro {row['val_f1_macro']:.4f}, lr {row['lr']:.3g}, "
+            f"{row['epoch_seconds']:.1f}s, {row['images_per_s']:.0f} images/s")
 
 
 def plot_curves(frame: pd.DataFrame, path: Path) -> None:
