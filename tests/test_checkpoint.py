@@ -61,8 +61,11 @@ def test_weights_that_do_not_fit_the_architecture_are_a_data_error(tiny_run: Pat
 
 
 def test_incomplete_or_newer_metadata_is_a_data_error(tiny_run: Path, tmp_path: Path) -> None:
-    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].pop("preprocessing"))
-    with pytest.raises(DataError, match=r"tampered\.ckpt: imgclf metadata lacks preprocessing"):
+    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].pop("config"))
+    with pytest.raises(DataError, match=r"tampered\.ckpt: imgclf metadata lacks config"):
+        checkpoint.load_model(path)
+    path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].update(format=1))  # format 1 also held these
+    with pytest.raises(DataError, match=r"tampered\.ckpt: imgclf metadata lacks arch, preprocessing"):
         checkpoint.load_model(path)
     path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"].update(format=checkpoint.FORMAT_VERSION + 1))
     with pytest.raises(DataError, match="upgrade imgclf"):
@@ -70,3 +73,36 @@ def test_incomplete_or_newer_metadata_is_a_data_error(tiny_run: Path, tmp_path: 
     path = _tampered(tiny_run, tmp_path, lambda c: c["imgclf"]["config"].update(seed="not a number"))
     with pytest.raises(DataError, match="metadata is invalid"):
         checkpoint.load_model(path)
+
+
+def test_each_fact_is_held_once_and_format_1_still_loads(tiny_run: Path, tmp_path: Path) -> None:
+    meta = checkpoint.read_checkpoint(tiny_run)["imgclf"]
+    assert set(meta) == {"format", "class_names", "config"} and meta["format"] == 2
+    desc = checkpoint.describe(meta)
+    assert desc.arch == "resnet18" and desc.preprocessing.image_size == 32
+    # A format-1 file (the weights shipped before) names arch and preprocessing itself.
+    old = dict(meta, format=1, arch=desc.arch, preprocessing=desc.preprocessing.to_plain())
+    path = _tampered(tiny_run, tmp_path, lambda c: c.update(imgclf=old))
+    loaded = checkpoint.load_model(path)
+    assert loaded.preprocessing == desc.preprocessing and loaded.class_names == desc.class_names
+
+
+def test_preprocessing_follows_the_config_everywhere(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """data.interpolation reaches the checkpoint, training's decoder and the eval transform alike."""
+    from imgclf import data, presets
+
+    config = tiny_config("data.interpolation=bicubic")
+    pre = presets.Preprocessing.from_config(config.data)
+    assert pre.interpolation == "bicubic"
+    meta = checkpoint.make_meta(config, ["a", "b"], pre)
+    assert checkpoint.describe(meta).preprocessing == pre
+    big = tmp_path / "big.png"
+    from PIL import Image
+
+    Image.effect_noise((90, 70), 60).convert("RGB").save(big)
+    decoded = {mode: data.decode_resized(Image.open(big).convert("RGB"), 40, mode) for mode in ("bilinear", "bicubic")}
+    assert decoded["bilinear"].shape == decoded["bicubic"].shape == (3, 40, 51)  # 90x70 -> short side 40
+    assert not torch.equal(decoded["bilinear"], decoded["bicubic"])
+    want = presets.eval_resize(pre)(Image.open(big).convert("RGB"))
+    got = presets.eval_resize(pre)(decoded["bicubic"])
+    assert got.shape == want.shape

@@ -67,8 +67,9 @@ def test_checkpoints_follow_the_checkpoint_contract(tiny_run: Path) -> None:
     for name in ("best.ckpt", "last.ckpt"):
         ckpt = torch.load(tiny_run / "checkpoints" / name, map_location="cpu", weights_only=True)
         meta = ckpt["imgclf"]
-        assert meta["class_names"] == ["Ankle_boot", "Bag", "Coat"] and meta["arch"] == "resnet18"
-        assert meta["preprocessing"]["image_size"] == 32
+        desc = checkpoint.describe(meta)
+        assert desc.class_names == ["Ankle_boot", "Bag", "Coat"] and desc.arch == "resnet18"
+        assert desc.preprocessing.image_size == 32
         assert all(k.startswith("model.") for k in ckpt["state_dict"])
     loaded = checkpoint.load_model(tiny_run)
     assert loaded.path.name == "best.ckpt"
@@ -83,6 +84,17 @@ def test_best_checkpoint_is_the_best_val_f1_epoch(tiny_run: Path) -> None:
     assert best["epoch"] == int(metrics["val_f1_macro"].idxmax())
     info = json.loads((tiny_run / "run.json").read_text())
     assert info["best_score"] == pytest.approx(metrics["val_f1_macro"].max(), abs=1e-6)
+
+
+def test_last_checkpoint_is_the_last_epoch_when_the_monitor_stops_improving(tiny_data_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    # A learning rate of ~0 and frozen BatchNorm statistics: epoch 1 predicts what epoch 0 did, so
+    # `best` stays at epoch 0. Lightning's own save_last would then leave last.ckpt at epoch 0 too.
+    config = tiny_config("optim.lr=1e-12", "model.bn_momentum=1e-6", "trainer.monitor=val_accuracy")
+    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    assert torch.load(result.best_checkpoint, weights_only=True)["epoch"] == 0
+    last = torch.load(result.last_checkpoint, weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 6)  # 2 epochs of 3 batches
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_run: Path, tiny_data_dir: Path,

@@ -3,8 +3,11 @@
 A checkpoint is a dict loadable with `torch.load(path, weights_only=True)`:
 
     state_dict   model tensors, keys prefixed "model." (Lightning's layout)
-    imgclf       {"format": 1, "arch": str, "class_names": [str], "preprocessing": {...},
-                  "config": {...}}    # config is TrainConfig.to_plain()
+    imgclf       {"format": 2, "class_names": [str], "config": {...}}   # config is TrainConfig.to_plain()
+
+Each fact is held once: the architecture is config.model.arch and the eval preprocessing is
+derived from config.data by `Preprocessing.from_config` (`describe` gives both). Format 1
+checkpoints (the weights shipped before 0.2) also held `arch` and `preprocessing`; they still load.
 
 Lightning checkpoints written by `train` (RUN_DIR/checkpoints/{best,last}.ckpt) carry the
 extra keys Lightning needs to resume (optimizer states, loops, callbacks); the slim files
@@ -27,7 +30,8 @@ from imgclf.models import create_model
 from imgclf.presets import Preprocessing
 from imgclf.rundir import RunDir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
 
 
 @dataclass
@@ -39,14 +43,43 @@ class LoadedModel:
     path: Path
 
 
-def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "arch": config.model.arch,
-        "class_names": list(class_names),
-        "preprocessing": pre.to_plain(),
-        "config": config.to_plain(),
-    }
+def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing | None = None) -> dict[str, Any]:
+    if pre is not None and pre != Preprocessing.from_config(config.data):
+        raise ValueError(f"preprocessing {pre} is not the one config.data defines")  # a bug, not a user error
+    return {"format": FORMAT_VERSION, "class_names": list(class_names), "config": config.to_plain()}
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a checkpoint's metadata says, whatever its format."""
+
+    arch: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    config: TrainConfig
+
+
+def describe(meta: Any, where: str | Path = "checkpoint") -> Description:
+    """Validate `ckpt["imgclf"]` and derive what it implies; DataError (one line) when it is unusable."""
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: 'imgclf' metadata is not a mapping")
+    version = meta.get("format")
+    if version not in READS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise DataError(f"{where}: checkpoint format {version!r}, this imgclf reads formats "
+                        f"{', '.join(map(str, READS))}" + ("; upgrade imgclf to load it" if newer else ""))
+    needed = ("class_names", "config") + (("arch", "preprocessing") if version == 1 else ())
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise DataError(f"{where}: imgclf metadata lacks {', '.join(missing)}")
+    try:
+        config = TrainConfig.model_validate(meta["config"])
+        class_names = [str(name) for name in meta["class_names"]]
+        if version == 1:
+            return Description(str(meta["arch"]), class_names, Preprocessing.from_plain(meta["preprocessing"]), config)
+        return Description(config.model.arch, class_names, Preprocessing.from_config(config.data), config)
+    except Exception as err:  # pydantic ValidationError, KeyError/TypeError/ValueError from bad metadata
+        raise DataError(f"{where}: imgclf metadata is invalid ({first_line(err)})") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -80,33 +113,21 @@ def load_model(path: str | Path) -> LoadedModel:
     """Rebuild the model from a run directory or checkpoint; DataError (exit 2) for anything unusable."""
     resolved = resolve_checkpoint(path)
     ckpt = _read_resolved(resolved)
-    meta = ckpt["imgclf"]
-    if not isinstance(meta, dict):
-        raise DataError(f"{resolved}: 'imgclf' metadata is not a mapping")
-    missing = [k for k in ("format", "arch", "class_names", "preprocessing", "config") if k not in meta]
-    if missing:
-        raise DataError(f"{resolved}: imgclf metadata lacks {', '.join(missing)}")
-    if meta["format"] != FORMAT_VERSION:
-        newer = isinstance(meta["format"], int) and meta["format"] > FORMAT_VERSION
-        raise DataError(f"{resolved}: checkpoint format {meta['format']!r}, this imgclf reads format "
-                        f"{FORMAT_VERSION}" + ("; upgrade imgclf to load it" if newer else ""))
+    desc = describe(ckpt["imgclf"], resolved)
     try:
-        config = TrainConfig.model_validate(meta["config"])
-        class_names = [str(name) for name in meta["class_names"]]
-        preprocessing = Preprocessing.from_plain(meta["preprocessing"])
         # Structural options (a small-input stem) shape the layers the state dict fills.
-        model = create_model(meta["arch"], len(class_names), small_input=config.model.small_input,
-                             timm_kwargs=config.model.timm_kwargs)
-    except Exception as err:  # pydantic ValidationError, ConfigError, KeyError/TypeError from bad metadata
+        model = create_model(desc.arch, len(desc.class_names), small_input=desc.config.model.small_input,
+                             timm_kwargs=desc.config.model.timm_kwargs)
+    except Exception as err:  # ConfigError for an unknown arch, anything timm raises
         raise DataError(f"{resolved}: imgclf metadata is invalid ({first_line(err)})") from None
     try:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
-    except Exception as err:  # shapes or keys that do not fit meta["arch"] with len(class_names) outputs
-        raise DataError(f"{resolved}: weights do not match {meta['arch']} with {len(class_names)} classes "
+    except Exception as err:  # shapes or keys that do not fit the arch with len(class_names) outputs
+        raise DataError(f"{resolved}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
                         f"({first_line(err)})") from None
     model.eval()
-    return LoadedModel(model, class_names, preprocessing, config, resolved)
+    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved)
 
 
 def save_slim(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

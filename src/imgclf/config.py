@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgclf import _yaml
 from imgclf.errors import ConfigError
 
+# Every key with its default and a comment; tests/test_config.py checks it equals TrainConfig().
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 
 class _Section(BaseModel):
     # extra="forbid" is what turns a typo in the YAML into an error instead of a silent default.
@@ -71,6 +74,8 @@ class DataConfig(_Section):
     crop_ratio: float = Field(0.875, gt=0.0, le=1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Resampling of every resize: eval, training's decoder, augmentation, predict, serve, export.
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     num_workers: int = Field(2, ge=0)
     # Decoded, resized images kept in RAM after the first epoch: "auto" when they fit cache_max_gb.
@@ -145,7 +150,11 @@ class TrainerConfig(_Section):
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     max_time_minutes: float | None = Field(None, gt=0.0)
-    tensorboard: bool = False
+    tensorboard: bool = False  # kept for old configs: the same as logger: tensorboard
+    # Experiment trackers (Lightning loggers) besides metrics.csv: none, tensorboard, mlflow, or a list.
+    logger: Literal["none", "tensorboard", "mlflow"] | list[Literal["tensorboard", "mlflow"]] = "none"
+    mlflow_tracking_uri: str | None = None  # default: RUN_DIR/mlruns, a local file store (no server)
+    mlflow_experiment: str = "imgclf"
     progress_bar: bool = True
     # CPU only. "auto": cores minus DataLoader workers (at least 1); oversubscribed OpenMP threads
     # spin-wait on each other and can train 10x slower than one thread.
@@ -206,11 +215,37 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (`trainer.epochs`, `data.augment.hflip`, ...)."""
+    model = model or TrainConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(config_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _nearest_key(key: str) -> str:
+    """` (did you mean 'trainer.epochs'?)` for a mistyped key: full-path match first, then the last part."""
+    import difflib
+
+    keys = config_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if not close:
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+        close = [by_leaf[leaf[0]]] if leaf else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])[:120] or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{key}'"
+        return f"{origin}: unknown key '{key}'{_nearest_key(key)}"
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {_GOT.repr(got)})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -253,6 +288,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = _deep_merge(data, parse_overrides(overrides))
         origin = f"{origin} + overrides"
     return build_config(data, origin)
+
+
+def with_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A copy of `config` with dotted `key=value` overrides applied and validated."""
+    if not overrides:
+        return config
+    return build_config(_deep_merge(config.to_plain(), parse_overrides(overrides)), "config + overrides")
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

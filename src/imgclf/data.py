@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imgclf import rundir, storage
@@ -204,7 +205,7 @@ def _identity(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def decode_resized(image: str | Path | Image.Image, resize_size: int) -> torch.Tensor:
+def decode_resized(image: str | Path | Image.Image, resize_size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Decode a file (or take an image) to a uint8 tensor (3, H, W), shrunk so its shorter side is at
     most resize_size.
 
@@ -216,7 +217,8 @@ def decode_resized(image: str | Path | Image.Image, resize_size: int) -> torch.T
         image = read_image(Path(image).parent, storage.RowRef(Path(image).name), _STORED.for_resize(resize_size))
     image = pil_to_tensor(image)
     if min(image.shape[-2:]) > resize_size:
-        image = resize(image, [resize_size], antialias=True)
+        # The checkpoint's interpolation (Preprocessing.interpolation), as eval_resize uses it.
+        image = resize(image, [resize_size], interpolation=InterpolationMode(interpolation), antialias=True)
     return image
 
 
@@ -235,10 +237,12 @@ class DecodedImages(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
-                 resize_size: int, transform: Callable | None = None, shard_cache: str | None = None) -> None:
+                 resize_size: int, transform: Callable | None = None, shard_cache: str | None = None,
+                 interpolation: str = "bilinear") -> None:
         self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity, shard_cache=shard_cache)
         self.targets = self.files.targets
         self.resize_size = resize_size
+        self.interpolation = interpolation
         self.transform = transform
         self.cache: list[torch.Tensor | None] | None = None
         # Eval resizes the shorter side to resize_size: refuse what that would blow up, before decoding.
@@ -258,7 +262,7 @@ class DecodedImages(Dataset):
         if i in self.failures:
             return None
         image = self.files.read(i, self.limits)
-        return None if image is None else decode_resized(image, self.resize_size)
+        return None if image is None else decode_resized(image, self.resize_size, self.interpolation)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         for j in (i + step for step in range(min(len(self), MAX_STAND_INS))):

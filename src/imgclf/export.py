@@ -36,7 +36,7 @@ from imgclf._files import atomic_path
 from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify, load_torchscript
-from imgclf.presets import Preprocessing
+from imgclf.presets import Preprocessing, normalize
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,11 @@ def metadata(loaded: LoadedModel, exporter: str) -> dict[str, Any]:
 
 
 def _probe(pre: Preprocessing, n: int = 3) -> torch.Tensor:
-    # Random pixels pushed through the real normalisation: inputs in the range the model expects.
+    # Random uint8 pixels through the checkpoint's own normalisation (presets.normalize, as every
+    # consumer uses it): inputs in exactly the range the model sees.
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand((n, 3, pre.image_size, pre.image_size), generator=gen)
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    pixels = torch.randint(0, 256, (n, 3, pre.image_size, pre.image_size), dtype=torch.uint8, generator=gen)
+    return normalize(pre)(pixels)
 
 
 @contextlib.contextmanager
@@ -223,3 +222,9 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
             raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
                               f"(> {PARITY_TOLERANCE:g}); file not written")
     return ExportResult(out_path, result.format, result.exporter, result.max_abs_diff)
+
+
+# `imgclf.export(...)` calls imgclf.api.export (see imgclf._stage).
+from imgclf._stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

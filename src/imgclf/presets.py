@@ -33,6 +33,7 @@ class Preprocessing:
             resize_size=max(data.image_size, round(data.image_size / data.crop_ratio)),
             mean=tuple(data.mean),
             std=tuple(data.std),
+            interpolation=data.interpolation,
         )
 
     def to_plain(self) -> dict[str, Any]:
