@@ -188,15 +188,14 @@ def test_data_summary_counts_leakage_and_duplicates(tmp_path: Path) -> None:
     assert summary["class_counts"]["Bag"] == {"test": 3, "train": 3}
 
 
-def test_options_from_the_cli_namespace() -> None:
+def test_the_model_has_one_name_in_every_spelling() -> None:
     from imgclf.cli import build_parser
+    from imgclf.cli._common import one_model
 
-    args = build_parser().parse_args(["evaluate", "runs/x", "--split", "val", "--batch-size", "8",
-                                      "--device", "cpu"])
-    opts = evaluate.EvaluateOptions.from_namespace(args)
-    assert (opts.run_dir, opts.split, opts.batch_size, opts.device, opts.seed) == (Path("runs/x"), "val", 8,
-                                                                                   "cpu", 0)
-    assert opts.num_workers is None and opts.weights is None
+    for argv in (["evaluate", "runs/x"], ["evaluate", "--model", "runs/x"], ["evaluate", "--weights", "runs/x"]):
+        assert one_model(build_parser().parse_args(argv)) == Path("runs/x")
+    with pytest.raises(ConfigError, match="two models"):
+        one_model(build_parser().parse_args(["evaluate", "runs/x", "--model", "runs/y"]))
 
 
 def test_errors_are_one_line(tmp_path: Path, tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,10 +207,11 @@ def test_errors_are_one_line(tmp_path: Path, tiny_run: Path, capsys: pytest.Capt
         evaluate.run(evaluate.EvaluateOptions(weights=tiny_run / "checkpoints" / "best.ckpt",
                                               data=make_data_dir(tmp_path / "d", ["Bag", "Coat"], 2, 1),
                                               split="holdout"))
-    assert main(["evaluate"]) == 1
+    assert main(["evaluate"]) == 2  # no model: a usage error, like every command
     assert main(["evaluate", "--weights", str(tmp_path / "w.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "imgclf evaluate: error: evaluate --weights FILE needs --data DATA_DIR"
+    assert err[-1].startswith("imgclf evaluate: error: evaluate ") and err[-1].endswith(
+        "w.pt: a model file needs --data DATA_DIR (a run directory knows its data)")
 
 
 @pytest.mark.parametrize("device, said", [("foo", "not a device"), ("cuda:7", "no such CUDA device"),

@@ -34,7 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="write the actions into DATA_DIR/manifest.parquet (drop: status excluded; relabel: the "
                         "suggested label); the previous manifest is kept as manifest.before-audit.parquet")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch when computing embeddings")
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the model trained "
                                                                       "on the data (e.g. trainer.epochs=4)")

@@ -305,3 +305,8 @@ def _remove_orphans(state: State, target: Target) -> None:
         if path.is_file() and not state.is_referenced(path.relative_to(data_dir).as_posix()):
             path.unlink(missing_ok=True)
 
+
+# `imgclf.download(...)` calls imgclf.api.download (see imgclf._stage).
+from imgclf._stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

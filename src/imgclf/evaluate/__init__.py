@@ -21,7 +21,6 @@ except these files; predict/export/serve load the checkpoint themselves.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -31,20 +30,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import classification_report
-from torch.utils.data import DataLoader
 
 from imgclf import __version__, storage
 from imgclf._files import write_atomic
-from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.curves import training_curves
-from imgclf.data import SPLIT_NAME, ImageFolderFrame, read_split
+from imgclf.data import SPLIT_NAME, read_split
 from imgclf.errors import ConfigError, DataError
 from imgclf.evaluate import _html, _metrics, _plots
+from imgclf.evaluate._scoring import open_model, predict_proba
+from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
-from imgclf.models import fast_layout
-from imgclf.presets import eval_transform
 from imgclf.rundir import RunDir
 from imgclf.untrusted import csv_safe_frame
 
@@ -59,8 +55,9 @@ CLEAR_MARGIN_STD = 2.0
 
 @dataclass
 class EvaluateOptions:
-    run_dir: Path | None = None
-    weights: Path | None = None
+    model: Path | None = None  # a run directory, checkpoint, .onnx or TorchScript file
+    run_dir: Path | None = None  # older spellings of `model`: a run directory ...
+    weights: Path | None = None  # ... or a model file
     data: Path | None = None
     split: str = "test"
     out: Path | None = None
@@ -72,11 +69,8 @@ class EvaluateOptions:
     baseline_simulations: int = _metrics.BASELINE_SIMULATIONS
     gallery_size: int = 24
     max_unreadable: float = 0.05  # share of images that may be unreadable (skipped, counted) before it stops
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> EvaluateOptions:
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in vars(args).items() if k in known and v is not None})
+    progress: bool = True  # a bar in a terminal, throttled lines in a log
+    tta: str = "none"  # test-time augmentation (imgclf.inference._tta): none, flip, crops
 
 
 @dataclass
@@ -108,8 +102,12 @@ def _read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def resolve(opts: EvaluateOptions) -> Plan:
+    if opts.model is not None:
+        model = Path(opts.model)
+        opts = replace(opts, model=None, run_dir=model if model.is_dir() else None,
+                       weights=None if model.is_dir() else model)
     if opts.run_dir is None and opts.weights is None:
-        raise ConfigError("evaluate: give a RUN_DIR or --weights FILE")
+        raise ConfigError("evaluate: give a model: a run directory, checkpoint, .onnx or TorchScript file")
     if opts.run_dir is not None:
         run_dir = Path(opts.run_dir)
         if not run_dir.is_dir():
@@ -120,7 +118,8 @@ def resolve(opts: EvaluateOptions) -> Plan:
             raise ConfigError(f"{run_dir}: run.json names no data_dir; pass --data DATA_DIR")
         return Plan(Path(opts.weights or run_dir), storage.location(data), Path(opts.out or run_dir), run_dir, info)
     if opts.data is None:
-        raise ConfigError("evaluate --weights FILE needs --data DATA_DIR")
+        raise ConfigError(f"evaluate {opts.weights}: a model file needs --data DATA_DIR "
+                          "(a run directory knows its data)")
     weights, data = Path(opts.weights), storage.location(opts.data)
     if opts.out is None and storage.is_url(data):
         raise ConfigError(f"evaluate {weights}: --data {data} is object storage; pass --out DIR (a local folder)")
@@ -177,48 +176,6 @@ def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,
         return train["label"], "manifest split 'train'"
     log.warning("no training data found: the weighted-random baseline uses the evaluated split's own shares")
     return eval_set.frame["label"], f"evaluated split '{eval_set.split}' (no training data found)"
-
-
-# ---------------------------------------------------------------- prediction
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: no such CUDA device here "
-                          f"({torch.cuda.device_count()} visible); use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
-
-
-def predict_proba(loaded: LoadedModel, eval_set: EvalSet,
-                  opts: EvaluateOptions) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) float64 probabilities and (N,) true class indices, in frame order."""
-    dataset = ImageFolderFrame(eval_set.frame, eval_set.images_root, loaded.class_names,
-                               eval_transform(loaded.preprocessing), skip_unreadable=True)
-    workers = loaded.config.data.num_workers if opts.num_workers is None else opts.num_workers
-    device = _device(opts.device)
-    loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    model = loaded.model.to(device).eval()
-    chunks = []
-    try:
-        with torch.inference_mode():
-            for images, _ in loader:
-                logits = model(fast_layout(images.to(device, non_blocking=True)))
-                # float64 softmax: probabilities sum to 1 closely enough for log loss.
-                chunks.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-    except (ValueError, OSError) as err:  # a file removed or corrupted since download
-        raise DataError(f"cannot read an evaluation image: {str(err)[:200]}") from None
-    proba = np.concatenate(chunks)
-    proba[dataset.failures.mask()] = np.nan  # unreadable images: left out by drop_unreadable
-    return proba, dataset.targets.numpy()
 
 
 # ---------------------------------------------------------------- data summary
@@ -351,7 +308,9 @@ def write_plots(out: Path, metrics: dict[str, Any], class_names: list[str],
 def run(opts: EvaluateOptions) -> dict[str, Any]:
     """Evaluate, write every file into the output folder, and return the metrics.json content."""
     plan = resolve(opts)
-    loaded = load_model(plan.model_source)
+    tta.check_mode(opts.tta)
+    loaded = open_model(plan.model_source, opts.device)
+    loaded = replace(loaded, probabilities=tta.wrap(loaded.probabilities, opts.tta))
     manifest = read_manifest(plan.data_dir)
     split_csv = _read_split_csv(plan.run_dir)
     eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
@@ -362,9 +321,10 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
     shares = _metrics.class_shares(known, len(names))
 
     t0 = time.perf_counter()
-    proba, y_true = predict_proba(loaded, eval_set, opts)
-    proba, y_true, eval_set, unreadable = drop_unreadable(proba, y_true, eval_set, opts.max_unreadable)
+    proba, y_true = predict_proba(loaded, eval_set.frame, eval_set.images_root, opts.batch_size, opts.num_workers,
+                                  opts.progress)
     seconds = time.perf_counter() - t0
+    proba, y_true, eval_set, unreadable = drop_unreadable(proba, y_true, eval_set, opts.max_unreadable)
 
     metrics: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -377,9 +337,10 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
         "unreadable_images": unreadable,
         "n_classes": len(names),
         "class_names": names,
+        "tta": opts.tta,
         **compute_metrics(y_true, proba, names, shares, opts),
         "train_shares_source": shares_source,
-        "model": {"checkpoint": str(loaded.path.resolve()), "arch": loaded.config.model.arch,
+        "model": {"checkpoint": str(loaded.path.resolve()), "arch": loaded.arch,
                   "image_size": loaded.preprocessing.image_size},
         "data_dir": storage.display(plan.data_dir),
         "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None,
@@ -400,7 +361,7 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
              "report": "report.html", "metrics": "metrics.json"}
     metrics["files"] = files
     _html.write_report(out / "report.html", metrics, _html.ReportInputs(
-        predictions=preds, images_root=eval_set.images_root, out_dir=out, config=loaded.config.to_plain(),
+        predictions=preds, images_root=eval_set.images_root, out_dir=out, config=loaded.config,
         download_report=_read_download_report(plan.data_dir), gallery_size=opts.gallery_size,
         run_curves=RunDir(plan.run_dir).curves if plan.run_dir else None))
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -444,3 +405,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if key in metrics.get("files", {}):
             lines.append(f"{key + ':':18} {out / metrics['files'][key]}")
     return "\n".join(lines)
+
+
+# `imgclf.evaluate(...)` calls imgclf.api.evaluate (see imgclf._stage).
+from imgclf._stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)
