@@ -88,7 +88,9 @@ def throughput(models: dict[str, str], n_images: int, batch_size: int, repeats: 
 def _child(src: str | None, args: list[str]) -> dict:
     """This script's --measure in a fresh process, optionally with another source tree first on the path."""
     env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"measuring {src or 'this tree'} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -98,21 +100,23 @@ def start_up(model: str, image: str, src: str | None, starts: int) -> tuple[floa
     command = [sys.executable, "-m", "imgclf", "predict", "--model", model, image, "--no-progress"]
     runs = []
     for _ in range(starts):
-        done = subprocess.run([sys.executable, "-c", _PEAK, *command], env=env, capture_output=True, text=True,
-                              check=True)
+        done = subprocess.run([sys.executable, "-c", _PEAK, *command], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         seconds, kb = done.stdout.split()
         runs.append((float(seconds), int(kb) / 1024))
     return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
 def _print_throughput(label: str, result: dict) -> None:
-    print(f"\n{label}: {result['torch']}, top-1 agreement torch vs onnx {result['agree']:.1%}\n")
+    print(f"\n{label}: input {result['size']}px, {result['torch']}, top-1 agreement torch vs onnx "
+          f"{result['agree']:.1%}, load average {os.getloadavg()[0]:.1f}\n")
     print("| backend | model only (images/s) | end to end (images/s) | end to end / model only |")
     print("|---|---:|---:|---:|")
     for name, (model_ips, e2e_ips) in result["rows"].items():
         print(f"| {name} | {model_ips:,.0f} | {e2e_ips:,.0f} | {e2e_ips / model_ips:.2f} |")
     (tm, te), (om, oe) = result["rows"]["torch eager"], result["rows"]["onnxruntime"]
-    print(f"| ratio onnxruntime / torch | {om / tm:.2f}x | {oe / te:.2f}x | |")
+    print(f"| ratio onnxruntime / torch | {om / tm:.2f}x | {oe / te:.2f}x | |", flush=True)
 
 
 def main() -> None:
@@ -140,16 +144,16 @@ def main() -> None:
         image = str(sorted(DEMO_TEST.rglob("*.png"))[0])
         measure = ["--measure", json.dumps(models), "--images", str(args.images), "--batch-size",
                    str(args.batch_size), "--repeats", str(args.repeats)]
-        results = {label: _child(src, measure) for label, src in trees}
+        print(f"model: {model}, batch {args.batch_size}, {args.images} images; {platform.machine()}, "
+              f"{os.cpu_count()} CPU cores, load average {load_before[0]:.1f} at the start "
+              "(other processes share the cores)", flush=True)
+        for label, src in trees:
+            _print_throughput(f"code: {label}", _child(src, measure))
         starts = {(label, kind): start_up(models[kind], image, src, args.starts)
                   for label, src in trees for kind in ("onnx", "torch")}
 
-    print(f"model: {model}, input {results['now']['size']}px, batch {args.batch_size}, {args.images} images; "
-          f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {load_before[0]:.1f} before and "
-          f"{os.getloadavg()[0]:.1f} after (other processes share the cores)")
-    for label, result in results.items():
-        _print_throughput(f"code: {label}", result)
-    print("\n`imgclf predict --model MODEL one.png`, fresh process each run:\n")
+    print(f"\n`imgclf predict --model MODEL one.png`, fresh process each run "
+          f"(load average {os.getloadavg()[0]:.1f}):\n")
     print("| code | model | wall time (median) | peak RSS (max) |")
     print("|---|---|---:|---:|")
     for (label, kind), (seconds, mib) in starts.items():

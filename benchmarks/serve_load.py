@@ -55,7 +55,10 @@ def _start(model: Path, src: Path | None) -> tuple[subprocess.Popen, str]:
         env["PYTHONPATH"] = str(src)
     command = [sys.executable, "-m", "imgclf", "serve", "--model", str(model), "--port", str(port),
                "--max-concurrency", "1024"]  # measure throughput, not admission control (503s)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server logs a line per request: to a file, since an unread pipe would fill and block it.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log  # type: ignore[attr-defined]
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -64,7 +67,8 @@ async def _wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 120)
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+                proc.log.seek(0)  # type: ignore[attr-defined]
+                raise RuntimeError(f"server exited: {proc.log.read()[-3000:]}")  # type: ignore[attr-defined]
             try:
                 async with session.get(f"{base}/health") as resp:
                     if resp.status == 200:
@@ -108,7 +112,8 @@ async def _measure(model: Path, src: Path | None, bodies: list[bytes], total: in
         return {n: await _hammer(base, bodies, total, n) for n in clients}
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+        proc.log.close()  # type: ignore[attr-defined]
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ transform machinery, about 0.4 ms an image). This module applies the same steps 
   `PillowResize` runs Pillow's resampler, for ONNX inference without torch: it differs from
   torchvision's kernel by at most 1 level in 255 on a few values in ten thousand
   (tests/test_inference.py measures it; docs/ship.md states the tolerance).
-- scale + normalise: a lookup table of 256 float32 values per channel, computed with the
-  very float32 operations eval_transform performs, so normalising is one gather per channel
-  and bitwise equal.
+- scale + normalise: eval_transform's own float32 operations in the same order, in place on
+  the whole batch. Normalising is elementwise, so checking all 256 levels of each channel
+  (`normalize_table`, tests/test_inference.py) proves it bitwise equal for every image.
 
 Both take RGB PIL images (as `images.decode_image` returns them) and return a contiguous
 float32 array (N, 3, image_size, image_size). torch is imported by `TorchResize` only.
@@ -30,8 +30,8 @@ from PIL import Image
 from imgclf.images import check_resize
 from imgclf.presets import ImageTooLarge, Preprocessing
 
-__all__ = ["PillowResize", "Preprocessor", "Resizer", "TorchResize", "normalize_table", "resized_size",
-           "torch_free"]
+__all__ = ["PillowResize", "Preprocessor", "Resizer", "TorchResize", "normalize", "normalize_table",
+           "resized_size", "torch_free"]
 
 
 class Resizer(Protocol):
@@ -109,17 +109,25 @@ class TorchResize:
         return out
 
 
-def normalize_table(pre: Preprocessing) -> np.ndarray:
-    """(3, 256) float32: every uint8 level of every channel as eval_transform normalises it.
+def normalize(crops: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), as eval_transform's ToDtype(scale=True) + Normalize.
 
-    The same float32 operations in the same order as torchvision's ToDtype(scale=True)
-    (x * float32(1/255)) and Normalize ((x - mean) / std), so the table is bitwise what
-    eval_transform computes for each level (tests/test_inference.py checks it).
+    The same float32 operations in the same order: x * float32(1/255), then - mean, then / std
+    (torchvision multiplies by the scalar 1/255 in float32 and subtracts/divides by float32
+    tensors), so the result is bitwise eval_transform's.
     """
-    levels = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255)
-    mean = np.asarray(pre.mean, np.float32)[:, None]
-    std = np.asarray(pre.std, np.float32)[:, None]
-    return ((levels[None, :] - mean) / std).astype(np.float32)
+    out = np.empty((crops.shape[0], 3, crops.shape[1], crops.shape[2]), np.float32)
+    out[...] = crops.transpose(0, 3, 1, 2)
+    np.multiply(out, np.float32(1.0 / 255), out=out)
+    np.subtract(out, np.asarray(pre.mean, np.float32)[:, None, None], out=out)
+    np.divide(out, np.asarray(pre.std, np.float32)[:, None, None], out=out)
+    return out
+
+
+def normalize_table(pre: Preprocessing) -> np.ndarray:
+    """(3, 256) float32: every uint8 level of every channel through `normalize` (what the test checks)."""
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None], (1, 1, 256, 3))
+    return normalize(np.ascontiguousarray(levels), pre)[0, :, 0, :]
 
 
 def _check(image: Image.Image, pre: Preprocessing) -> None:
@@ -133,17 +141,12 @@ def _check(image: Image.Image, pre: Preprocessing) -> None:
 
 
 class Preprocessor:
-    """Decoded RGB images -> float32 (N, 3, S, S): a Resizer, then the normalisation table."""
+    """Decoded RGB images -> float32 (N, 3, S, S): a Resizer, then `normalize`."""
 
     def __init__(self, pre: Preprocessing, resize: Resizer) -> None:
         self.pre, self.resize = pre, resize
-        self._table = normalize_table(pre)
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         for image in images:
             _check(image, self.pre)
-        crops = self.resize(images)
-        out = np.empty((crops.shape[0], 3, crops.shape[1], crops.shape[2]), np.float32)
-        for channel in range(3):
-            np.take(self._table[channel], crops[..., channel], out=out[:, channel])
-        return out
+        return normalize(self.resize(images), self.pre)
