@@ -164,7 +164,10 @@ inspect_image() {  # non-root, health check, entrypoint; no compiler, no build l
 
 run_help() {
     "${repo_root}/docker/run.sh" --help | tee "${out}/help.txt"
-    grep -q '{download,train,evaluate,predict,export,serve,demo}' "${out}/help.txt"
+    local command  # every stage listed, whatever else the help lists beside them
+    for command in download audit train evaluate predict export serve demo; do
+        grep -q "^    ${command} " "${out}/help.txt" || { echo "imgclf --help does not list ${command}" >&2; return 1; }
+    done
     echo "imgclf --help: $(wc -l <"${out}/help.txt") lines"
 }
 

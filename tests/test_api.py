@@ -58,7 +58,8 @@ def test_run_and_model(tiny_run: Path) -> None:
     assert from_path.probability == pytest.approx(from_bytes.probability, abs=1e-6)
     batch = model.predict([image, str(image), "missing.png", np.zeros((2, 2), np.float32)])
     assert [p.label is None for p in batch] == [False, False, True, True]
-    assert "No such file" in batch[2].error or "not" in batch[2].error
+    assert [p.status for p in batch] == ["ok", "ok", "unreadable", "not_image"]
+    assert "no such file" in batch[2].error.lower() and "uint8" in batch[3].error
 
 
 def test_train_keywords_map_to_config_keys(tiny_data_dir: Path, tmp_path: Path) -> None:

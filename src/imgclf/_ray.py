@@ -59,7 +59,7 @@ def connect(address: str | None, cpus: int) -> Iterator[ModuleType]:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ImgclfError(f"cannot connect to the Ray cluster at {address}: "
-                              f"{str(err).splitlines()[0] if str(err) else err}") from None
+                              f"{first_line(err, with_type=False)}") from None
         try:
             yield ray
         finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgclf.errors import ConfigError
+from imgclf.prediction import Prediction
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,26 +174,6 @@ def export(model: PathLike | Run, output: PathLike | None = None, format: str | 
 # ---------------------------------------------------------------- load and predict
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """The classification of one image: `label`, its `probability`, and the `top` (label, probability) list.
-
-    An input that could not be read has `label` None and its reason in `error`.
-    """
-
-    input: str
-    top: list[tuple[str, float]]
-    error: str = ""
-
-    @property
-    def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
-
-    @property
-    def probability(self) -> float | None:
-        return self.top[0][1] if self.top else None
-
-
 ImageLike = Any  # a path or URL (str/Path), a PIL image, an HxWxC uint8 array, or encoded bytes
 
 
@@ -228,7 +209,7 @@ class Model:
         named = [Input(str(i), "url" if is_url(str(i)) else "file") for i in items if isinstance(i, str | Path)]
         options = stage.PredictOptions(top_k=top_k, progress=False)
         from_files = iter(stage.predict(named, self.classifier, options) if named else [])
-        in_memory = [_prepare(i, self.classifier) for i in items if not isinstance(i, str | Path)]
+        in_memory = [_prepare_in_memory(i, self.classifier) for i in items if not isinstance(i, str | Path)]
         tensors = [t for t in in_memory if not isinstance(t, str)]
         probs = iter(self.classifier.probabilities(tensors) if tensors else [])
         prepared = iter(in_memory)
@@ -236,7 +217,7 @@ class Model:
         for item in items:
             if isinstance(item, str | Path):
                 pred = next(from_files)
-                out.append(Prediction(pred.input, pred.top, pred.error))
+                out.append(pred)
                 continue
             value = next(prepared)
             out.append(Prediction(_describe(item), [], value) if isinstance(value, str)
@@ -244,7 +225,7 @@ class Model:
         return out
 
 
-def _prepare(item: Any, classifier: Classifier) -> Any:
+def _prepare_in_memory(item: Any, classifier: Classifier) -> Any:
     """A preprocessed input tensor, or the reason the item is not a usable image."""
     import numpy as np
     from PIL import Image

@@ -125,8 +125,7 @@ def export_onnx(loaded: LoadedModel, out: Path) -> ExportResult:
         _onnx_export(wrapped, probe, out, dynamo=True)
         exporter = "torch.onnx dynamo"
     except Exception as err:  # the dynamo exporter fails on some graphs; the legacy one often copes
-        log.warning("dynamo ONNX exporter failed (%s: %s); using the legacy exporter",
-                    err.__class__.__name__, str(err).splitlines()[0][:120] if str(err) else "")
+        log.warning("dynamo ONNX exporter failed (%s); using the legacy exporter", first_line(err, 160))
         _onnx_export(wrapped, probe, out, dynamo=False)
         exporter = "torch.onnx legacy (TorchScript-based)"
     model = onnx.load(str(out))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from imgclf.errors import first_line
+
 # Pillow raises DecompressionBombError only above 2x this; we check the pixel count ourselves.
 Image.MAX_IMAGE_PIXELS = None
 # zTXt/iTXt/iCCP chunks: each is already capped at 1 MiB decompressed; all of one image at 4 MiB
@@ -178,7 +180,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
         img = ImageOps.exif_transpose(img) or img
         img = _to_rgb(img)
     except Image.DecompressionBombError as err:
-        return Rejected("too_large", str(err).splitlines()[0])
+        return Rejected("too_large", first_line(err, with_type=False))
     except MemoryError:
         return Rejected("too_large", "decoding it ran out of memory")
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "not an image"

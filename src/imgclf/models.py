@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, first_line
 
 ARCHITECTURES = (
     "mobilenet_v3_small",
@@ -120,13 +120,13 @@ def _timm_model(name: str, num_classes: int, pretrained: bool, kwargs: dict[str,
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as err:  # an argument this model does not take
         raise ConfigError(f"model.timm_kwargs: timm cannot build {name!r} with {kwargs}: "
-                          f"{str(err).splitlines()[0]}") from None
+                          f"{first_line(err, with_type=False)}") from None
     except OSError as err:  # huggingface_hub's "not in cache and no network" errors are OSErrors
         raise ConfigError(
             f"model.pretrained: cannot fetch timm weights for {name!r} ({err.__class__.__name__}); offline, "
             "download them elsewhere and set model.weights=PATH (or pre-fill HF_HOME's cache)") from None
     except RuntimeError as err:
-        raise ConfigError(f"model.arch: timm cannot build {name!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"model.arch: timm cannot build {name!r}: {first_line(err, with_type=False)}") from None
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from typing import IO, NamedTuple
 
 from imgclf import sources
 from imgclf.download._local import Item, Layout, LocalRef, Skipped, is_hidden, utf8_ok, wrapper_of
-from imgclf.errors import DataError
+from imgclf.errors import DataError, first_line
 from imgclf.images import Rejected
 
 RATIO_LIMIT = 100
@@ -174,7 +174,7 @@ def _zip_entries(path: Path, max_bytes: int) -> Iterator[Entry]:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except _READ_ERRORS as err:
-        raise DataError(f"{path}: not a readable zip archive ({_first_line(err)})") from None
+        raise DataError(f"{path}: not a readable zip archive ({first_line(err)})") from None
     overlapping, cap, total = _overlapping(infos), total_cap(path), 0
     for index, info in enumerate(infos):
         name = zip_name(info)
@@ -249,7 +249,7 @@ def iter_tar(tar: tarfile.TarFile, cap: int) -> Iterator[tarfile.TarInfo | str]:
         try:
             member = tar.next()
         except _READ_ERRORS as err:
-            yield f"the archive is corrupt or cut after {count} member(s): {_first_line(err)}"
+            yield f"the archive is corrupt or cut after {count} member(s): {first_line(err)}"
             return
         if member is None:
             return
@@ -278,12 +278,7 @@ def _tar_entries(path: Path, fmt: str, max_bytes: int) -> Iterator[Entry]:
                 yield Entry(member.name, parts, problem, member.isreg(), member.offset_data, member.size,
                             int(member.mtime), status, error)
     except _READ_ERRORS as err:  # cannot even open it
-        raise DataError(f"{path}: not a readable {fmt} archive ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else ""
-    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
+        raise DataError(f"{path}: not a readable {fmt} archive ({first_line(err)})") from None
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def stream_members(path: str, wanted: dict[str, tuple[int, str]],
                     if not wanted:
                         return
     except (*_READ_ERRORS, DataError) as err:
-        reason = f"cannot read the archive: {_first_line(err)}"
+        reason = f"cannot read the archive: {first_line(err)}"
     for target in wanted.values():
         yield (*target, Rejected("unreadable", reason))
 
@@ -318,7 +313,7 @@ def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: i
         fh = tar.extractfile(member)
         data = fh.read(member.size) if fh is not None else b""
     except _READ_ERRORS as err:
-        return Rejected("unreadable", f"cannot extract: {_first_line(err)}")
+        return Rejected("unreadable", f"cannot extract: {first_line(err)}")
     if len(data) != member.size:
         return Rejected("unreadable", "the archive ends inside this member")
     return data
@@ -365,7 +360,7 @@ def read_member(ref: LocalRef, max_bytes: int) -> bytes | Rejected:
             return Rejected("too_large", f"{ref.size} bytes, over --max-bytes {max_bytes}")
         data = os.pread(_OPEN.fd(ref.file), ref.size, ref.offset)
     except _READ_ERRORS as err:
-        return Rejected("unreadable", f"cannot extract: {_first_line(err)}")
+        return Rejected("unreadable", f"cannot extract: {first_line(err)}")
     if len(data) != ref.size:
         return Rejected("unreadable", "the archive is shorter than when it was listed")
     return data

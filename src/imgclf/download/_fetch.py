@@ -21,6 +21,7 @@ import aiohttp
 
 from imgclf.download._options import DownloadOptions
 from imgclf.download._politeness import HostLimiter, Slot
+from imgclf.errors import first_line
 from imgclf.net import http as _http
 
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
@@ -94,14 +95,14 @@ class Fetcher:
                     last, wait = Fetched("timeout", str(err), 0, attempts), None
                     slot.failed()
                 except aiohttp.ServerTimeoutError as err:  # connect or read timeout (a TimeoutError too)
-                    last, wait = Fetched("timeout", _describe(err), 0, attempts), None
+                    last, wait = Fetched("timeout", first_line(err), 0, attempts), None
                     slot.failed()
                 except TimeoutError:
                     last, wait = Fetched("timeout", f"no complete answer within the {opts.timeout:g}s deadline",
                                          0, attempts), None
                     slot.failed()
                 except (aiohttp.ClientError, OSError) as err:
-                    last, wait = Fetched("connection_error", _describe(err), 0, attempts), None
+                    last, wait = Fetched("connection_error", first_line(err), 0, attempts), None
                     slot.failed()
             if attempts > opts.retries:
                 if attempts > 1:
@@ -146,6 +147,3 @@ class _NoHeaders(Exception):
     """The host's adaptive header deadline passed (see _politeness.Rtt)."""
 
 
-def _describe(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else ""
-    return f"{err.__class__.__name__}: {text[:160]}" if text else err.__class__.__name__

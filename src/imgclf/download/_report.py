@@ -1,13 +1,12 @@
 """Write manifest.parquet and download_report.json from the resume state, and print the summary.
 
 The manifest is streamed in row order in batches (bounded memory for millions of rows) and
-written atomically: a temporary file renamed over the previous manifest.
+written atomically (`_files.atomic_path`): a temporary file renamed over the previous manifest.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgclf._files import atomic_path, write_atomic
 from imgclf.download._state import State
 from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, normalize
 
@@ -52,33 +52,29 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
     by_label: dict[tuple[str, str], Counter[str]] = {}
     duplicates = Counter()
     manifest = data_dir / MANIFEST_NAME
-    tmp = data_dir / (MANIFEST_NAME + ".tmp")
-    writer: pq.ParquetWriter | None = None
-    try:
-        for batch in state.manifest_rows():
-            resolved = [_resolve(rec) for rec in batch]
-            frame = normalize(pd.DataFrame(resolved, columns=list(COLUMNS)))
-            # Counted from the tuples: iterating the frame's Arrow-backed columns costs 3x more.
-            for _, _, _, label, split, status, error, *_ in resolved:
-                counts[status] += 1
-                by_split.setdefault(split, Counter())[status] += 1
-                by_label.setdefault((split, label), Counter())[status] += 1
-                if status == "duplicate":
-                    duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if writer is None:
+    with atomic_path(manifest) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for batch in state.manifest_rows():
+                resolved = [_resolve(rec) for rec in batch]
+                frame = normalize(pd.DataFrame(resolved, columns=list(COLUMNS)))
+                # Counted from the tuples: iterating the frame's Arrow-backed columns costs 3x more.
+                for _, _, _, label, split, status, error, *_ in resolved:
+                    counts[status] += 1
+                    by_split.setdefault(split, Counter())[status] += 1
+                    by_label.setdefault((split, label), Counter())[status] += 1
+                    if status == "duplicate":
+                        duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            if writer is None:  # no rows at all: still a valid, empty manifest
+                table = pa.Table.from_pandas(normalize(pd.DataFrame(columns=list(COLUMNS))), preserve_index=False)
                 writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-        if writer is None:  # no rows at all: still a valid, empty manifest
-            table = pa.Table.from_pandas(normalize(pd.DataFrame(columns=list(COLUMNS))), preserve_index=False)
-            writer = pq.ParquetWriter(tmp, table.schema)
-        writer.close()
-        writer = None
-        os.replace(tmp, manifest)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+        finally:
+            if writer is not None:
+                writer.close()  # before atomic_path renames it (or removes it, on an error)
 
     report = {
         "total_rows": sum(counts.values()),
@@ -90,10 +86,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
         **_shared_images(state),
         **extra,
     }
-    report_path = data_dir / REPORT_NAME
-    tmp_report = report_path.with_suffix(".json.tmp")
-    tmp_report.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp_report, report_path)
+    report_path = write_atomic(data_dir / REPORT_NAME, json.dumps(report, indent=2, default=str))
     return manifest, report_path, report
 
 

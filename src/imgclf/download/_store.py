@@ -78,8 +78,8 @@ def _encode(image: Image.Image, source_format: str, settings: StoreSettings) -> 
     return buf.getvalue(), _KEEPABLE[fmt]
 
 
-def write_atomic(data_dir: Path, rel: str, data: bytes) -> None:
-    """Write `data` at data_dir/rel unless an identical file (same content hash name) is already there.
+def write_once(data_dir: Path, rel: str, data: bytes) -> None:
+    """Write `data` at data_dir/rel (temporary file + rename) unless it is there already (named by its hash).
 
     Plain os calls, one mkdir per folder per process: for small images the file system calls
     are most of a worker's time (pathlib, is_file + stat, two mkdirs per file were 2/3 of it).
@@ -101,10 +101,10 @@ def write_atomic(data_dir: Path, rel: str, data: bytes) -> None:
 
 
 def write_file(out: str, rel: str, data: bytes) -> None:
-    """Store one image at out/rel: a local folder (write_atomic) or an object-store URL (one PUT,
+    """Store one image at out/rel: a local folder (write_once) or an object-store URL (one PUT,
     so the object appears whole or not at all)."""
     if not storage.is_url(out):
-        write_atomic(Path(out), rel, data)
+        write_once(Path(out), rel, data)
         return
     fs, path = storage.filesystem(storage.join(out, rel))
     try:

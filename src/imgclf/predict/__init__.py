@@ -31,6 +31,7 @@ from imgclf.inference import Classifier, load_classifier
 from imgclf.inference._tta import check_mode as check_tta
 from imgclf.predict._inputs import Input, expand_inputs
 from imgclf.predict._loader import LoadPlan, load_batches
+from imgclf.prediction import Prediction
 from imgclf.progress import track
 from imgclf.untrusted import csv_cell
 
@@ -47,17 +48,6 @@ class PredictOptions:
     timeout: float = 15.0  # seconds per URL fetch (private addresses allowed: the user's own command)
     read_threads: int = min(4, os.cpu_count() or 1)  # batches read, decoded and preprocessed ahead
     tta: str = "none"  # test-time augmentation: none, flip or crops (imgclf.inference._tta)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    input: str
-    top: list[tuple[str, float]]
-    error: str = ""
-
-    @property
-    def status(self) -> str:
-        return "error" if self.error else "ok"
 
 
 def predict(items: Iterable[Input], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.errors import DataError
+from imgclf.prediction import failure
 from imgclf.untrusted import check_table_header
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -39,7 +40,7 @@ _MAGIC = frozenset("*?[")
 class Input:
     source: str  # what the output row shows: the URL or the path
     kind: str  # "url", "file" or "missing"
-    error: str = ""  # only for kind "missing"
+    error: str = ""  # only for kind "missing": a failure value, "unreadable: <message>"
 
 
 def is_url(text: str) -> bool:
@@ -76,7 +77,7 @@ def _table_rows(path: Path, sep: str, column: str) -> Iterator[Input]:
 
 def _table_input(path: Path, value: str, column: str, line: int) -> Input:
     if not value:
-        return Input("", "missing", f"{path}: line {line}: empty {column}")
+        return Input("", "missing", failure("unreadable", f"{path}: line {line}: empty {column}"))
     if is_url(value):
         return Input(value, "url")
     local = Path(value) if Path(value).is_absolute() else path.parent / value
@@ -183,7 +184,7 @@ def _from_argument(arg: str) -> Iterable[Input]:
 def _or_missing(found: Iterator[Input], arg: str, reason: str) -> Iterator[Input]:
     first = next(found, None)
     if first is None:
-        yield Input(arg, "missing", f"{arg}: {reason}")
+        yield Input(arg, "missing", failure("unreadable", reason))  # the input column names arg
         return
     yield first
     yield from found

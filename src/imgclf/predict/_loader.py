@@ -76,7 +76,7 @@ def _decode(item: Input, fetched: Any, limits: ImageLimits) -> Image.Image | str
         return f"error: {first_line(err)}"
 
 
-def _prepare(classifier: Classifier, images: list[Image.Image], errors: list[str]) -> np.ndarray | None:
+def _prepare_batch(classifier: Classifier, images: list[Image.Image], errors: list[str]) -> np.ndarray | None:
     if not images:
         return None
     try:
@@ -104,7 +104,7 @@ def load_batch(items: list[Input], classifier: Classifier, plan: LoadPlan) -> Lo
         errors.append(result if isinstance(result, str) else "")
         if not isinstance(result, str):
             images.append(result)
-    return LoadedBatch(items, errors, _prepare(classifier, images, errors))
+    return LoadedBatch(items, errors, _prepare_batch(classifier, images, errors))
 
 
 def _chunks(items: Iterable[Input], size: int) -> Iterator[list[Input]]:

@@ -35,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imgclf import storage
-from imgclf._files import write_atomic
+from imgclf._files import atomic_path, write_atomic
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.images import Rejected, decode_image
 from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier
@@ -248,8 +248,7 @@ class _Parts:
     def merge(self, count: int) -> tuple[int, int]:
         """Concatenate the parts in order (one CSV header) into the output; sum their counts."""
         ok = failed = 0
-        tmp = self.output.with_name(f".{self.output.name}.tmp")
-        with open(tmp, "wb") as out:
+        with atomic_path(self.output) as tmp, open(tmp, "wb") as out:
             for n in range(count):
                 data = self.path(n).read_bytes()
                 if self.fmt == "csv" and n > 0:
@@ -257,6 +256,5 @@ class _Parts:
                 out.write(data)
                 counts = json.loads(self.path(n, "json").read_text())
                 ok, failed = ok + counts["ok"], failed + counts["failed"]
-        os.replace(tmp, self.output)
         shutil.rmtree(self.dir)
         return ok, failed
