@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/audit.py --workdir /tmp/audit_bench                 # model trained for the audit
     .venv/bin/python benchmarks/audit.py --workdir /tmp/audit_bench --model weights/fashion_mnist_mobilenet_v3_small.pt
     .venv/bin/python benchmarks/audit.py --workdir /tmp/audit_bench --compare-minutes 6   # + cleaned vs noisy training
+    .venv/bin/python benchmarks/audit.py --workdir /tmp/audit_bench --compare-epochs 20   # the same, by epochs
 
 1. Label errors: the sample's 3,000 training images with a seeded 5% (--noise) of labels flipped to
    another class (chosen uniformly); `imgclf audit` runs over it; precision and recall of the flagged
@@ -138,13 +139,17 @@ def leakage_scores(findings: pd.DataFrame, pairs: list[tuple]) -> dict:
             "groups_among_untouched_images": int(untouched.sum())}
 
 
-def compare_training(data: Path, audit_csv: Path, work: Path, minutes: float, seed: int) -> dict:
-    """Same config and budget on the noisy data, then without the audit's drop/relabel rows."""
+def compare_training(data: Path, audit_csv: Path, work: Path, minutes: float, seed: int, epochs: int = 0) -> dict:
+    """Same config and budget on the noisy data, then without the audit's drop/relabel rows.
+
+    The budget is `minutes` of training, or with `epochs` a number of epochs (the same work for
+    both runs whatever else the machine is doing; the cleaned run has fewer images per epoch).
+    """
     from imgclf import evaluate, train
     from imgclf.config import load_config
 
-    base = [f"trainer.max_time_minutes={minutes}", "trainer.epochs=60", "trainer.progress_bar=false",
-            "data.num_workers=0", f"seed={seed}"]
+    budget = [f"trainer.epochs={epochs}"] if epochs else [f"trainer.max_time_minutes={minutes}", "trainer.epochs=60"]
+    base = [*budget, "trainer.progress_bar=false", "data.num_workers=0", f"seed={seed}"]
     out = {}
     for name, extra in (("noisy", []), ("cleaned", [f"data.exclude={audit_csv}"])):
         config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", base + extra)
@@ -166,6 +171,8 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-minutes", type=float, default=0.0, help="train noisy vs cleaned (0: skip)")
+    ap.add_argument("--compare-epochs", type=int, default=0,
+                    help="train noisy vs cleaned for this many epochs each (a budget the machine's load cannot change)")
     ap.add_argument("--filter-by", default="low_self_confidence", help="cleanlab find_label_issues method")
     ap.add_argument("overrides", nargs="*", help="key=value for the model trained for the audit")
     args = ap.parse_args()
@@ -198,9 +205,9 @@ def main() -> int:
     report["leakage"]["seconds"] = result["timing"]
     print(json.dumps(report["leakage"], indent=2), flush=True)
 
-    if args.compare_minutes > 0:
+    if args.compare_minutes > 0 or args.compare_epochs > 0:
         report["training"] = compare_training(noisy, work / "audit-noisy" / auditdir.CSV, work,
-                                              args.compare_minutes, args.seed)
+                                              args.compare_minutes, args.seed, args.compare_epochs)
         print(json.dumps(report["training"], indent=2), flush=True)
     (work / "report.json").write_text(json.dumps(report, indent=2))
     return 0

@@ -41,13 +41,13 @@ under `skipped` in download_report.json. Manifests written before local sources,
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from imgclf._files import atomic_path
 from imgclf.errors import DataError
+from imgclf.storage import RowRef
 from imgclf.untrusted import check_labels
 
 MANIFEST_NAME = "manifest.parquet"
@@ -147,7 +147,7 @@ def make_data_dir_hint(data_dir: Path) -> str:
 
 def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     """The manifest of a local DATA_DIR or of one on object storage (`s3://bucket/prefix`)."""
-    from imgclf import storage  # imports this module (RowRef): imported here, not at the top
+    from imgclf import storage
 
     if storage.is_url(data_dir):
         return _read_remote_manifest(str(data_dir))
@@ -186,16 +186,6 @@ def _checked(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     frame = normalize(frame)
     check_labels(frame["label"], lambda i: f"{path}: row {frame['row'].iloc[i]}")
     return frame
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """Where one row's image is: the path, shard, offset and bytes columns (imgclf.storage.read_row)."""
-
-    path: str
-    shard: str = ""  # tar layout: the tar, relative to DATA_DIR ("" for a plain file)
-    offset: int = -1  # tar layout: byte offset of the member's data in the tar
-    size: int = 0  # the `bytes` column: the member's size (a ranged read needs it)
 
 
 def row_refs(frame: pd.DataFrame) -> list[RowRef]:

@@ -23,14 +23,27 @@ import posixpath
 import re
 import stat
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ConfigError, DataError
-from imgclf.manifest import RowRef
 
 __all__ = ["RowRef", "confined", "display", "exists", "filesystem", "is_url", "join", "location", "read_bytes",
            "read_row", "upload"]
+
+
+# Defined here, not in imgclf.manifest (which re-exports it): reading a row must not import pandas,
+# which `imgclf predict --model x.onnx one.png` and every command's start-up would pay (0.4-0.8 s).
+@dataclass(frozen=True)
+class RowRef:
+    """Where one row's image is: the path, shard, offset and bytes columns (imgclf.storage.read_row)."""
+
+    path: str
+    shard: str = ""  # tar layout: the tar, relative to DATA_DIR ("" for a plain file)
+    offset: int = -1  # tar layout: byte offset of the member's data in the tar
+    size: int = 0  # the `bytes` column: the member's size (a ranged read needs it)
+
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_READ_BYTES = 64 * 1024 * 1024  # one stored image read whole from a local DATA_DIR (images.MAX_FILE_BYTES)
