@@ -99,10 +99,11 @@ def _private(ray: ModuleType, cpus: int) -> Iterator[None]:
 
 
 def _start(ray: ModuleType, cpus: int, temp: str, reaper: subprocess.Popen) -> None:
-    """ray.init, twice if need be: Ray's own start-up limits are fixed (30 s for the raylet to
-    register), and a machine busy with other work can miss them once."""
+    """ray.init, up to three times: Ray's own start-up limits are fixed (30 s for the raylet to
+    register, a few seconds for the GCS), and a machine busy with other work can miss them (seen
+    here: "Failed to start GCS" once in a test suite run beside another one)."""
     before = set(_reaper.descendants(os.getpid())) | {reaper.pid}
-    for attempt in (1, 2):
+    for attempt in (1, 2, 3):
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                      logging_level=logging.WARNING, object_store_memory=256 * 2**20)
@@ -112,7 +113,7 @@ def _start(ray: ModuleType, cpus: int, temp: str, reaper: subprocess.Popen) -> N
             ray.shutdown()
             started = [p for p in _reaper.descendants(os.getpid()) if p not in before]
             _reaper.reap([(p, t) for p in started if (t := _reaper.start_time(p)) is not None])
-            if attempt == 2:
+            if attempt == 3:
                 raise ImgclfError(f"could not start a local Ray ({first_line(err)}); is the machine "
                                   "overloaded? Run the same command again") from None
 
