@@ -31,6 +31,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=64,
                    help="POST /predict requests handled at once; more get HTTP 503 (bounds memory: each "
                         "holds up to --max-upload-mb); /health and /labels are never limited")
+    p.add_argument("--model-threads", type=int, default=0,
+                   help="intra-op threads of a PyTorch or TorchScript model (0: half the cores; the rest decode "
+                        "and preprocess requests)")
     p.set_defaults(handler=handle)
 
 
@@ -42,5 +45,5 @@ def handle(args: argparse.Namespace) -> int:
     fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.timeout, max_bytes=max_bytes)
     options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch,
                                  max_concurrency=args.max_concurrency, body_timeout=args.body_timeout,
-                                 head_timeout=args.head_timeout)
+                                 head_timeout=args.head_timeout, model_threads=args.model_threads)
     return serve.run(args.model, args.backend, args.host, args.port, options)

@@ -79,6 +79,12 @@ class Classifier:
             batch = np.stack([np.asarray(item, dtype=np.float32) for item in batch])
         return _tta.probabilities(self.backend.probabilities, batch, self.tta)
 
+    def set_model_threads(self, threads: int) -> None:
+        """Intra-op threads of a torch model (ONNX sessions keep theirs: their idle threads sleep)."""
+        setter = getattr(self.backend, "set_threads", None)
+        if setter is not None:
+            setter(threads)
+
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(self.class_names)))]
         return [(self.class_names[i], float(probs[i])) for i in order]

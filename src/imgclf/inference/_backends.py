@@ -42,7 +42,16 @@ class _TorchThreads:
             self._torch.set_num_threads(self.threads)
 
 
-class TorchBackend:
+class _TorchModel:
+    """What the torch backends share: the model's intra-op thread count, settable (serve sets it)."""
+
+    _threads: _TorchThreads
+
+    def set_threads(self, threads: int) -> None:
+        self._threads.threads = max(1, threads)
+
+
+class TorchBackend(_TorchModel):
     name = "torch"
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -59,7 +68,7 @@ class TorchBackend:
             return torch.softmax(self.model(fast_layout(torch.as_tensor(batch))), dim=1).numpy()
 
 
-class TorchScriptBackend:
+class TorchScriptBackend(_TorchModel):
     name = "torchscript"
 
     def __init__(self, module: torch.jit.ScriptModule) -> None:

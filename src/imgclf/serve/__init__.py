@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -68,6 +69,10 @@ class ServeOptions:
     fetch: FetchOptions = field(default_factory=lambda: FetchOptions(total_timeout=10.0))
     max_batch: int = 16
     prep_threads: int = 4  # decoding and preprocessing, alongside the model's thread
+    # Intra-op threads of a torch model; 0: half the cores. Measured on 2 cores (benchmarks.md, serve):
+    # with both cores the model's threads spin while small batches wait and take the cores that decode
+    # the next requests (311 requests/s at 16 clients); with one, 526.
+    model_threads: int = 0
     limits: ImageLimits = ImageLimits(max_pixels=40_000_000, min_side=1)
     max_concurrency: int = 64  # POST /predict requests at once; more get 503 (others are never limited)
     head_timeout: float = 10.0  # seconds for a request line + headers, from connect or the last response
@@ -160,6 +165,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     batcher = MicroBatcher(classifier, options.max_batch, on_batch=metrics.observe_batch)
     fetcher = GuardedFetcher(options.fetch)
     prep = preprocess_pool(options.prep_threads, classifier)
+    classifier.set_model_threads(options.model_threads or max(1, (os.cpu_count() or 1) // 2))
     # Refuse, from the header, what the eval resize would blow up (images.ImageLimits.for_resize).
     limits = options.limits.for_resize(classifier.preprocessing.resize_size)
 
