@@ -47,6 +47,7 @@ class AuditOptions:
     overrides: list[str] = field(default_factory=list)  # key=value for that model
     folds: int = 5
     filter_by: str = "low_self_confidence"
+    max_self_confidence: float | None = None  # flag only p(given) below this; None: 0.2 / classes (_labels)
     seed: int = 0
     batch_size: int = 128
     num_workers: int = 0
@@ -115,6 +116,7 @@ def run(opts: AuditOptions) -> dict[str, Any]:
         "actions": {a: int((findings["action"] == a).sum()) for a in auditdir.ACTIONS},
         **summary,
         "settings": {"folds": opts.folds, "filter_by": opts.filter_by, "seed": opts.seed,
+                     "max_self_confidence": opts.max_self_confidence,
                      "duplicates": vars(opts.duplicates), "outlier_modified_z": opts.outlier_z},
         "cache": {"reused_images": embedded.reused},
         "files": {"csv": auditdir.CSV, "json": auditdir.JSON, "html": auditdir.HTML},
@@ -141,7 +143,7 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
     if scored.any():
         probs[scored] = _labels.out_of_sample_probs(embedded.features[scored], labels[scored], len(names),
                                                     folds, opts.seed)
-    found = _labels.find_issues(probs, labels, names, opts.filter_by)
+    found = _labels.find_issues(probs, labels, names, opts.filter_by, opts.max_self_confidence)
     timing["labels"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -5,6 +5,16 @@ embeddings) fitted with stratified k-fold cross-validation: each image is scored
 never saw its label. cleanlab's `find_label_issues` (confident learning, Northcutt et al. 2021)
 then flags the images whose given label the probabilities contradict, ranked by self-confidence
 (the out-of-sample probability of the given label).
+
+cleanlab sizes the flagged set by the off-diagonal of its confident joint, which counts the
+honest confusions of a weak head (Shirt vs T-shirt) as noise: with the embedder the audit trains
+for itself (out-of-sample accuracy 0.78 on the bundled sample) it flagged 410 training images for
+150 flips (precision 0.35). A flagged image is therefore also required to get less than a fifth of
+chance for its given label (p(given) < 0.2 / classes, `max_self_confidence`): the same run then
+flags 150 at precision 0.83, recall 0.83; with the shipped model's embeddings 156 at 0.90 / 0.94
+(cleanlab alone: 0.85 / 0.96). Label noise between look-alike classes, where the head still gives
+the given label a fair share, is what this leaves unflagged; `--max-self-confidence 1` flags
+all that cleanlab finds.
 """
 
 from __future__ import annotations
@@ -57,9 +67,14 @@ def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, n_classes: int
     return full
 
 
+# A flagged image's given label gets less than this share of chance (1 / classes), out of sample.
+CHANCE_SHARE = 0.2
+
+
 def find_issues(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
-                filter_by: str = "prune_by_noise_rate") -> LabelFindings:
-    """cleanlab over the scored images (labels -1 = not scored)."""
+                filter_by: str = "prune_by_noise_rate", max_self_confidence: float | None = None) -> LabelFindings:
+    """cleanlab over the scored images (labels -1 = not scored), kept where p(given) < max_self_confidence
+    (default: CHANCE_SHARE / classes)."""
     from cleanlab.dataset import find_overlapping_classes, rank_classes_by_label_quality
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -80,7 +95,10 @@ def find_issues(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
             warnings.simplefilter("ignore")  # cleanlab warns about tiny classes; we report them ourselves
             ranked = find_label_issues(sub_labels, sub_probs, filter_by=filter_by,
                                        return_indices_ranked_by="self_confidence", n_jobs=1)
-            quality[scored] = get_label_quality_scores(sub_labels, sub_probs, method="self_confidence")
+            sub_quality = get_label_quality_scores(sub_labels, sub_probs, method="self_confidence")
+            quality[scored] = sub_quality
+            ceiling = CHANCE_SHARE / len(present) if max_self_confidence is None else max_self_confidence
+            ranked = [i for i in np.asarray(ranked, dtype=int) if sub_quality[i] < ceiling]
             summary = _class_summary(rank_classes_by_label_quality(sub_labels, sub_probs), present, class_names)
             overlap = _overlap(find_overlapping_classes(sub_labels, sub_probs), present, class_names)
         issues = np.flatnonzero(scored)[np.asarray(ranked, dtype=int)]

@@ -26,6 +26,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear head")
     p.add_argument("--filter-by", default="low_self_confidence",
                    help="cleanlab find_label_issues method (prune_by_noise_rate, both, confident_learning, ...)")
+    p.add_argument("--max-self-confidence", type=float, default=None,
+                   help="flag a label only when its out-of-sample probability is below this (default: a fifth "
+                        "of chance, 0.2 / classes; 1 keeps all that cleanlab finds)")
     p.add_argument("--hash-distance", type=int, default=24,
                    help="near-duplicates: perceptual-hash bits (of 256) two copies may differ by")
     p.add_argument("--relabel", action="store_true",
@@ -55,7 +58,8 @@ def handle(args: argparse.Namespace) -> int:
 
     opts = audit.AuditOptions(
         data=args.data, out=args.out, model=args.model, config=args.config, overrides=list(args.overrides),
-        folds=args.folds, filter_by=args.filter_by, seed=args.seed, batch_size=args.batch_size,
+        folds=args.folds, filter_by=args.filter_by, max_self_confidence=args.max_self_confidence, seed=args.seed,
+        batch_size=args.batch_size,
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
     print(audit.format_summary(audit.run(opts)))

@@ -15,6 +15,7 @@ metrics.csv), on one device: with DDP, run `--lr-find` first and set optim.lr.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -26,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.tuner import Tuner, lr_finder
 from torch.utils.data import DataLoader
 
 from imgclf._files import atomic_path, write_atomic
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
+from imgclf.progress import interactive
 from imgclf.rundir import LR_FIND_JSON, LR_FIND_PNG
 
 log = logging.getLogger(__name__)
@@ -122,9 +124,15 @@ def _quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
+    # The finder draws its own tqdm bar whatever the Trainer says (progress_bar_refresh_rate=1 is
+    # hard-coded in Lightning 2.6): in a log that is a hundred carriage-return frames on one line.
+    bar = lr_finder.tqdm
+    if not interactive():
+        lr_finder.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
+        lr_finder.tqdm = bar
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
