@@ -24,7 +24,9 @@ from imgclf.errors import DataError
 log = logging.getLogger(__name__)
 
 EMBEDDER_OVERRIDES = [
-    "trainer.epochs=8",
+    # 20 rather than 8: on the bundled sample with 5% flips, 8 epochs gave a head of out-of-sample
+    # accuracy 0.756 and flagged at precision 0.77 / recall 0.79; 20 gave 0.781 and 0.83 / 0.83.
+    "trainer.epochs=20",
     "trainer.max_time_minutes=10",  # tens of thousands of images stay within minutes; the LR anneals by time
     "trainer.progress_bar=false",
     "loss.label_smoothing=0.1",  # softer targets: slower to memorise the flipped labels
