@@ -174,6 +174,8 @@ def main() -> int:
     ap.add_argument("--compare-epochs", type=int, default=0,
                     help="train noisy vs cleaned for this many epochs each (a budget the machine's load cannot change)")
     ap.add_argument("--filter-by", default="low_self_confidence", help="cleanlab find_label_issues method")
+    ap.add_argument("--max-self-confidence", type=float, default=None,
+                    help="imgclf audit's p(given) ceiling (default 0.2/classes; 1: cleanlab's flagged set alone)")
     ap.add_argument("overrides", nargs="*", help="key=value for the model trained for the audit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -187,7 +189,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     result = audit.run(audit.AuditOptions(data=noisy, out=work / "audit-noisy", model=args.model, seed=args.seed,
-                                          overrides=args.overrides, filter_by=args.filter_by))
+                                          overrides=args.overrides, filter_by=args.filter_by,
+                                          max_self_confidence=args.max_self_confidence))
     findings = auditdir.read_findings(work / "audit-noisy" / auditdir.CSV)
     report = {"label_errors": label_scores(findings, flips, result), "audit_seconds": time.perf_counter() - t0,
               "model": result["model"]["source"]}
