@@ -18,6 +18,7 @@ A Ray already initialised in this process (a notebook, a test fixture) is used a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -69,13 +70,21 @@ def connect(address: str | None, cpus: int) -> Iterator[ModuleType]:
         yield ray
 
 
+@functools.cache
+def _process_token() -> str:
+    """One random token per process: Ray's core reads the token once and keeps it, so a second
+    private cluster in the same process (a notebook, a test module after another) given a new token
+    could not talk to its own GCS ("Failed to start GCS", three attempts out of three)."""
+    return secrets.token_hex(32)
+
+
 @contextlib.contextmanager
 def _private(ray: ModuleType, cpus: int) -> Iterator[None]:
     temp = tempfile.mkdtemp(prefix="imgclf-ray-")  # short: Ray's unix socket paths must stay < 108 bytes
     saved = {name: os.environ.get(name) for name in _ENV}
     # With a token in the environment and no RAY_AUTH_MODE, ray.init turns token auth on without
     # writing ~/.ray/auth_token (RAY_AUTH_MODE itself is read when ray is imported: too early here).
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_TOKEN"] = _process_token()
     # Ray starts its workers at nice 15: on a machine running anything else they starve (measured:
     # 0.55x of the single process with 1 worker). The work is this command's own: run it at its priority.
     os.environ["RAY_worker_niceness"] = "0"
@@ -99,11 +108,10 @@ def _private(ray: ModuleType, cpus: int) -> Iterator[None]:
 
 
 def _start(ray: ModuleType, cpus: int, temp: str, reaper: subprocess.Popen) -> None:
-    """ray.init, up to three times: Ray's own start-up limits are fixed (30 s for the raylet to
-    register, a few seconds for the GCS), and a machine busy with other work can miss them (seen
-    here: "Failed to start GCS" once in a test suite run beside another one)."""
+    """ray.init, twice if need be: Ray's own start-up limits are fixed (30 s for the raylet to
+    register), and a machine busy with other work can miss them once."""
     before = set(_reaper.descendants(os.getpid())) | {reaper.pid}
-    for attempt in (1, 2, 3):
+    for attempt in (1, 2):
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                      logging_level=logging.WARNING, object_store_memory=256 * 2**20)
@@ -113,7 +121,7 @@ def _start(ray: ModuleType, cpus: int, temp: str, reaper: subprocess.Popen) -> N
             ray.shutdown()
             started = [p for p in _reaper.descendants(os.getpid()) if p not in before]
             _reaper.reap([(p, t) for p in started if (t := _reaper.start_time(p)) is not None])
-            if attempt == 3:
+            if attempt == 2:
                 raise ImgclfError(f"could not start a local Ray ({first_line(err)}); is the machine "
                                   "overloaded? Run the same command again") from None
 
