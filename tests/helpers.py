@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,13 @@ def real_images() -> dict[str, bytes]:
         "exact.png": encode_image(_colour(6, (64, 64)), "PNG"),  # already the crop size: no resize at all
         "tiny.png": encode_image(_colour(7, (3, 5)), "PNG"),
     }
+
+
+def state_urls(state: Path, where: str = "status IS NOT NULL") -> set[str]:
+    """The URLs a download's resume state (.state.sqlite) holds an outcome for, read-only while the
+    download may still be writing it; empty before the state exists."""
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
+            return {u for (u,) in db.execute(f"SELECT url FROM urls WHERE {where}")}
+    except sqlite3.OperationalError:
+        return set()

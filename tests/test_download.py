@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fault_server import FaultServer, closed_port, sample_images
-from helpers import DEMO_ROOT
+from helpers import DEMO_ROOT, state_urls
 from PIL import Image
 
 from imgclf import download
@@ -279,14 +279,6 @@ def test_defaults_work_with_a_plain_static_server(tmp_path: Path) -> None:
 
 
 # -- SIGKILL mid-run, then resume ----------------------------------------------------------------
-def _finished(state: Path) -> set[str]:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
-            return {u for (u,) in db.execute("SELECT url FROM urls WHERE status IS NOT NULL")}
-    except sqlite3.OperationalError:
-        return set()
-
-
 def _processes_running(marker: str) -> list[int]:
     """Live processes whose command line mentions `marker` (the killed run and its workers)."""
     found = []
@@ -317,11 +309,11 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         state = tmp_path / "d" / download.STATE_NAME
         deadline = time.monotonic() + 60
-        while len(_finished(state)) < 12 and time.monotonic() < deadline and proc.poll() is None:
+        while len(state_urls(state)) < 12 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        done_before = _finished(state)
+        done_before = state_urls(state)
         assert 12 <= len(done_before) < len(set(urls)), "kill did not land mid-run"
         counts_at_kill = dict(srv.counts)
         assert _wait_until_gone(str(tmp_path / "train.csv")) == [], "worker processes outlived the killed run"

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fault_server import FaultServer
+from helpers import state_urls
 from PIL import Image
 
 from imgclf import _reaper, download
@@ -55,14 +55,6 @@ def _write(tmp: Path, urls: list[str]) -> Path:
     pd.DataFrame({"url": urls, "label": [f"c{i % 3}" for i in range(len(urls))]}).to_csv(tmp / "train.csv",
                                                                                         index=False)
     return tmp / "train.csv"
-
-
-def _finished(state: Path) -> set[str]:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
-            return {u for (u,) in db.execute("SELECT url FROM urls WHERE status IS NOT NULL")}
-    except sqlite3.OperationalError:
-        return set()
 
 
 def _cmdline(pid: int) -> bytes:
@@ -126,11 +118,11 @@ def test_worker_sigkill_costs_at_most_its_open_shards(cluster, tmp_path: Path) -
 
         def kill_one_worker() -> None:
             deadline = time.monotonic() + 120
-            while len(_finished(state)) < 3 * shard and time.monotonic() < deadline:
+            while len(state_urls(state)) < 3 * shard and time.monotonic() < deadline:
                 time.sleep(0.05)
             workers = [p for p in cluster | set(_reaper.descendants(os.getpid()))
                        if _cmdline(p).startswith(b"ray::_Worker")]
-            killed["done"], killed["counts"] = _finished(state), dict(srv.counts)
+            killed["done"], killed["counts"] = state_urls(state), dict(srv.counts)
             if workers:
                 os.kill(workers[0], signal.SIGKILL)
                 killed["pid"] = workers[0]
@@ -166,7 +158,7 @@ def test_a_failing_shard_is_retried_then_named(cluster, tmp_path: Path) -> None:
             download.run([src], tmp_path / "d", download.DownloadOptions(
                 **FAST, engine="ray", ray_workers=2, shard_size=10, shard_retries=1))
         assert srv.counts["/file/25.png"] == 2  # the first attempt and one retry
-    finished = _finished(tmp_path / "d" / download.STATE_NAME)
+    finished = state_urls(tmp_path / "d" / download.STATE_NAME)
     assert len(finished) == len(urls) - len(urls[failing * 10:(failing + 1) * 10])  # every other shard committed
 
 
@@ -209,14 +201,14 @@ def test_driver_sigkill_then_rerun_resumes_and_leaves_no_ray_process(tmp_path: P
         watcher = threading.Thread(target=_watch, args=(proc, pids, stop))
         watcher.start()
         deadline = time.monotonic() + 180
-        while len(_finished(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
+        while len(state_urls(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read()[-2000:]!r}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         stop.set()
         watcher.join()
-        done, at_kill = _finished(state), dict(srv.counts)
+        done, at_kill = state_urls(state), dict(srv.counts)
         assert 30 <= len(done) < len(urls), "the kill did not land mid-run"
         deadline = time.monotonic() + 20
         while _alive(pids) and time.monotonic() < deadline:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fault_server import sample_images
-from helpers import DEMO_ROOT
+from helpers import DEMO_ROOT, state_urls
 from PIL import Image
 
 from imgclf import download
@@ -511,14 +510,6 @@ def test_rerun_processes_only_new_and_changed_files(tmp_path: Path) -> None:
     assert str(first[1]) not in set(manifest["url"])
 
 
-def _finished(state: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
-            return db.execute("SELECT COUNT(*) FROM urls WHERE status IS NOT NULL").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     gradient = Image.linear_gradient("L").resize((640, 640))
@@ -532,11 +523,11 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / download.STATE_NAME
     deadline = time.monotonic() + 60
-    while _finished(state) < 30 and time.monotonic() < deadline and proc.poll() is None:
+    while len(state_urls(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    done = _finished(state)
+    done = len(state_urls(state))
     assert 30 <= done < 240, f"kill did not land mid-run ({done} finished)"
     assert not (out / "manifest.parquet").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180)

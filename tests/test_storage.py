@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from fault_server import FaultServer
-from helpers import CLASSES, DEMO_ROOT
+from helpers import CLASSES, DEMO_ROOT, state_urls
 from storage_helpers import demo_files, download_demo, write_sources
 
 from imgclf import data, presets, storage
@@ -229,31 +228,31 @@ def test_ddp_ranks_and_loader_workers_read_disjoint_rows_with_equal_batch_counts
         assert len({i for i, _ in ranks_rows}) == len(ranks_rows) and {w for _, w in ranks_rows} == {0, 1}
 
 
+OK = "status = 'ok'"  # rows committed with their image (a shard's rows only once it is written)
+
+
+def _tar_download(srv: FaultServer, files: list[Path], tmp_path: Path, shard_size: int) -> tuple[list[str], list[str]]:
+    """Serve `files`, list them in tmp_path/train.csv; the URLs and the download command (tar layout)."""
+    urls = [srv.add(f"{i}.png", f.read_bytes(), "image/png") for i, f in enumerate(files)]
+    pd.DataFrame({"url": urls, "label": ["x"] * len(urls)}).to_csv(tmp_path / "train.csv", index=False)
+    return urls, [sys.executable, "-m", "imgclf", "download", str(tmp_path / "train.csv"), "--out",
+                  str(tmp_path / "d"), "--no-progress", "--concurrency", "4", "--processes", "1",
+                  "--layout", "tar", "--shard-size", str(shard_size)]
+
+
 # ---- kill and resume ---------------------------------------------------------------------------------
-def _committed(state: Path) -> set[str]:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
-            return {u for (u,) in db.execute("SELECT url FROM urls WHERE status = 'ok'")}
-    except sqlite3.OperationalError:
-        return set()
-
-
 def test_sigkill_mid_shard_then_resume_refetches_only_the_open_shard(tmp_path: Path) -> None:
     files = demo_files("train", CLASSES[:4], 10)
     with FaultServer(latency=0.1) as srv:
-        urls = [srv.add(f"{i}.png", f.read_bytes(), "image/png") for i, f in enumerate(files)]
-        pd.DataFrame({"url": urls, "label": ["x"] * len(urls)}).to_csv(tmp_path / "train.csv", index=False)
-        cmd = [sys.executable, "-m", "imgclf", "download", str(tmp_path / "train.csv"), "--out",
-               str(tmp_path / "d"), "--no-progress", "--concurrency", "4", "--processes", "1",
-               "--layout", "tar", "--shard-size", "5"]
+        urls, cmd = _tar_download(srv, files, tmp_path, shard_size=5)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         state = tmp_path / "d" / ".state.sqlite"
         deadline = time.monotonic() + 60
-        while len(_committed(state)) < 10 and time.monotonic() < deadline and proc.poll() is None:
+        while len(state_urls(state, OK)) < 10 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        before = _committed(state)
+        before = state_urls(state, OK)
         assert 10 <= len(before) < len(urls), "kill did not land mid-run"
         assert len(before) % 5 == 0  # whole shards only: the shard is the commit point
         counts_at_kill = dict(srv.counts)
@@ -287,23 +286,19 @@ def test_data_directory_arguments_keep_urls_and_state_dir_is_for_urls_only(tmp_p
 def test_ctrl_c_publishes_the_open_shard_and_commits_its_rows(tmp_path: Path) -> None:
     files = demo_files("train", CLASSES[:4], 10)
     with FaultServer(latency=0.1) as srv:
-        urls = [srv.add(f"{i}.png", f.read_bytes(), "image/png") for i, f in enumerate(files)]
-        pd.DataFrame({"url": urls, "label": ["x"] * len(urls)}).to_csv(tmp_path / "train.csv", index=False)
-        cmd = [sys.executable, "-m", "imgclf", "download", str(tmp_path / "train.csv"), "--out",
-               str(tmp_path / "d"), "--no-progress", "--concurrency", "4", "--processes", "1",
-               "--layout", "tar", "--shard-size", "1000"]  # one shard, open all along
+        urls, cmd = _tar_download(srv, files, tmp_path, shard_size=1000)  # one shard, open all along
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         state = tmp_path / "d" / ".state.sqlite"
         deadline = time.monotonic() + 300
         while sum(srv.counts.values()) < 12 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        held = _committed(state)  # fetched and stored, but the shard is not written yet
+        held = state_urls(state, OK)  # fetched and stored, but the shard is not written yet
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert held == set(), "rows were committed before their shard existed"
     manifest = read_manifest(tmp_path / "d")
     ok = manifest[manifest["status"] == "ok"]
-    assert len(ok) >= 4 and len(ok) == len(_committed(state))  # Ctrl-C wrote the open shard and committed it
+    assert len(ok) >= 4 and len(ok) == len(state_urls(state, OK))  # Ctrl-C wrote the open shard and committed it
     assert set(ok["shard"]) == {"shards/00000.tar"} and (tmp_path / "d" / "shards" / "00000.tar").is_file()
     assert set(manifest["status"]) == {"ok", "pending"}
