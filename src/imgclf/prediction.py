@@ -10,6 +10,7 @@ splits it. A reason without a status word (an unexpected exception) has status `
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,13 +42,17 @@ class Prediction:
     top: list[tuple[str, float]]
     failed: str = ""  # "" or "<status>: <message>", as the readers return it
 
+    @functools.cached_property
+    def _outcome(self) -> tuple[str, str]:  # parsed once: writers read both fields of every row
+        return split_failure(self.failed) if self.failed else ("ok", "")
+
     @property
     def status(self) -> str:
-        return split_failure(self.failed)[0] if self.failed else "ok"
+        return self._outcome[0]
 
     @property
     def error(self) -> str:
-        return split_failure(self.failed)[1] if self.failed else ""
+        return self._outcome[1]
 
     @property
     def label(self) -> str | None:
