@@ -277,7 +277,19 @@ def test_small_input_checkpoints_reload_with_their_stem(tiny_data_dir: Path, tmp
     loaded = checkpoint.load_model(result.run_dir)
     assert loaded.model.conv1.kernel_size == (3, 3) and loaded.model.conv1.stride == (1, 1)
     with pytest.raises(ConfigError, match="small_input"):
-        models.create_model("timm/resnet18", 3, small_input=True)
+        models.create_model("timm/resnet18d", 3, small_input=True)  # a deep 3-conv stem: refused
+
+
+def test_small_input_for_a_timm_resnet_halves_its_stem_downsampling() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    sides = {}
+    for small in (False, True):
+        model = models.create_model("timm/resnet18", 3, small_input=small,
+                                    timm_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}).eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, 3)
+            sides[small] = model.maxpool(model.act1(model.bn1(model.conv1(x)))).shape[-1]
+    assert sides == {False: 8, True: 16}
 
 
 def test_models_command_lists_every_architecture_with_measured_figures(capsys: pytest.CaptureFixture[str]) -> None:

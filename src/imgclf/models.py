@@ -96,6 +96,19 @@ def _small_input_stem(model: nn.Module, arch: str) -> None:
         model.features[0][0].stride = (1, 1)
 
 
+def _small_input_timm_stem(model: nn.Module, arch: str) -> None:
+    """small_input for a timm ResNet with the plain stem (a single stride-2 7x7 `conv1`, then max-pooling).
+
+    Its stem has the same names as torchvision's, so it gets the same 3x3 stride-1 conv. Other timm
+    models (deep stems, patchify stems, ...) differ too much to change safely: one clear error.
+    """
+    conv1 = getattr(model, "conv1", None)
+    if not (isinstance(conv1, nn.Conv2d) and conv1.stride == (2, 2) and hasattr(model, "maxpool")):
+        raise ConfigError(f"model.small_input: only for the torchvision architectures ({', '.join(ARCHITECTURES)}) "
+                          f"and timm ResNets with the plain 7x7 stem, not {arch}")
+    _small_input_stem(model, "resnet")
+
+
 def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     with _hub_dir(cache_dir) as hub:
@@ -170,10 +183,9 @@ def create_model(
     if timm_kwargs and not arch.startswith("timm/"):
         raise ConfigError(f"model.timm_kwargs: only for timm/<name> architectures, not {arch}")
     if arch.startswith("timm/"):
-        if small_input:
-            raise ConfigError("model.small_input: only for the torchvision architectures "
-                              f"({', '.join(ARCHITECTURES)}), not {arch}")
         model = _timm_model(arch.removeprefix("timm/"), num_classes, pretrained and weights is None, timm_kwargs or {})
+        if small_input:
+            _small_input_timm_stem(model, arch)
     elif arch in ARCHITECTURES:
         model = (_pretrained_torchvision(arch, cache_dir) if pretrained and weights is None
                  else torchvision.models.get_model(arch, weights=None))

@@ -38,6 +38,6 @@ def table() -> str:
         "                       not measured here: benchmarks/models.py --archs timm/<name> measures one",
         "",
         f"CPU, 64 px, channels_last, 2 threads; train: batch 64, one AdamW step; infer: batch 128. {MEASURED_ON}.",
-        "model.small_input=true (torchvision archs) costs about as much as a 2x image_size.",
+        "model.small_input=true (torchvision archs, timm ResNets) costs about as much as a 2x image_size.",
     ]
     return "\n".join(lines)
