@@ -85,8 +85,7 @@ def _small_input_stem(model: nn.Module, arch: str) -> None:
     sees a 2x larger map: the compute of a 2x larger image_size, without upscaling the input.
     """
     if arch.startswith("resnet"):
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        _resnet_stride1_conv1(model)
     elif arch.startswith("convnext"):
         old = model.features[0][0]
         model.features[0][0] = nn.Conv2d(3, old.out_channels, 2, 2)
@@ -96,17 +95,23 @@ def _small_input_stem(model: nn.Module, arch: str) -> None:
         model.features[0][0].stride = (1, 1)
 
 
+def _resnet_stride1_conv1(model: nn.Module) -> None:
+    """A ResNet's stride-2 7x7 `conv1` becomes a 3x3 stride-1 conv (torchvision's and timm's plain stems)."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+
+
 def _small_input_timm_stem(model: nn.Module, arch: str) -> None:
     """small_input for a timm ResNet with the plain stem (a single stride-2 7x7 `conv1`, then max-pooling).
 
-    Its stem has the same names as torchvision's, so it gets the same 3x3 stride-1 conv. Other timm
+    Its stem has the same layout as torchvision's, so it gets the same 3x3 stride-1 conv. Other timm
     models (deep stems, patchify stems, ...) differ too much to change safely: one clear error.
     """
     conv1 = getattr(model, "conv1", None)
     if not (isinstance(conv1, nn.Conv2d) and conv1.stride == (2, 2) and hasattr(model, "maxpool")):
         raise ConfigError(f"model.small_input: only for the torchvision architectures ({', '.join(ARCHITECTURES)}) "
                           f"and timm ResNets with the plain 7x7 stem, not {arch}")
-    _small_input_stem(model, "resnet")
+    _resnet_stride1_conv1(model)
 
 
 def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
