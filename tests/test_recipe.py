@@ -218,6 +218,7 @@ def test_finetune_from_a_local_state_dict_trains_head_first_then_the_backbone_sl
     ckpt = torch.load(result.last_checkpoint, weights_only=True)
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert len(groups) == 4  # head and backbone, each with and without weight decay
+    assert all(group["fused"] is True for group in groups)  # AdamW's one-kernel step on CPU
     assert groups[2]["initial_lr"] == pytest.approx(groups[0]["initial_lr"] * 0.1)
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     assert not torch.equal(trained["features.0.0.weight"], stem)  # unfrozen in the second epoch
