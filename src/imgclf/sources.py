@@ -10,15 +10,26 @@ A source is one of (see `source_kind`):
 Without a `split` column the source's name names the split when it is one of train/val/test
 (and the aliases in SPLIT_ALIASES); otherwise rows are "train".
 Rows are numbered over all tables in order: that number is the manifest's `row`.
+
+Metadata has a byte budget (a 159 KB Parquet can hold a gigabyte of URL text): each table chunk
+holds at most about `CHUNK_BYTES` of cell text (rows per chunk are derived from the file: Parquet
+metadata, or a CSV's longest line), a URL cell over `MAX_URL_BYTES` or a path cell over
+`MAX_PATH_BYTES` is replaced by a short marker before it is stored (its row ends `invalid_url` /
+`unreadable`, see `cut_problem`), a label over `MAX_LABEL_BYTES` or a split over `MAX_SPLIT_BYTES`
+is refused with one line, and one input file may hold at most `metadata_budget(file)` bytes of
+url/label/split/path text in all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +52,75 @@ ARCHIVE_SUFFIXES = {
     ".tar.zst": "tar.zst", ".tzst": "tar.zst", ".tar.zstd": "tar.zst",
 }
 SourceKind = Literal["table", "folder", "archive"]
+
+# Byte budget of input metadata (see the module docstring). 8 KB for a URL, as browsers and
+# servers accept; a path longer than PATH_MAX cannot name a file anyway.
+MAX_URL_BYTES = 8192
+MAX_PATH_BYTES = 4096
+MAX_LABEL_BYTES = 1024
+MAX_SPLIT_BYTES = 64
+CHUNK_BYTES = 32 << 20
+METADATA_FLOOR = 256 << 20
+METADATA_RATIO = 20
+_CUT = "\u2026[cut: "  # the stored form of an over-long cell: its start, its size and a hash
+
+
+def metadata_budget(path: Path) -> int:
+    """Bytes of metadata text one input file may yield: a floor, or 20x its size on disk (a
+    compressed Parquet or archive that expands more than that is a bomb, not a dataset)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    return max(METADATA_FLOOR, METADATA_RATIO * size)
+
+
+def cut_cell(value: str) -> str:
+    """The stored stand-in of an over-long cell: short, and distinct per value (a hash)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f"{value[:80]}{_CUT}{len(raw)} bytes, sha256 {digest}]"
+
+
+def cut_problem(cell: str, what: str, limit: int) -> str:
+    """The row's error when `cell` is a `cut_cell` stand-in, else ""."""
+    at = cell.rfind(_CUT)
+    if at < 0 or not cell.endswith("]"):
+        return ""
+    size = cell[at + len(_CUT):].split(" ", 1)[0]
+    return f"{what} of {size} bytes, over the {limit}-byte limit (not stored)"
+
+
+def _utf8_len(values: pd.Series, limit: int) -> np.ndarray:
+    """UTF-8 size of each cell, counted exactly only where its characters could pass `limit`."""
+    lengths = values.str.len().to_numpy(dtype=np.int64, na_value=0)
+    wide = np.flatnonzero(lengths > limit // 4)
+    for i in wide:
+        lengths[i] = len(values.iat[i].encode("utf-8", "surrogatepass"))
+    return lengths
+
+
+def _cap_column(values: pd.Series, limit: int) -> tuple[pd.Series, int]:
+    """Over-long cells replaced by `cut_cell`; and the bytes the column stores."""
+    lengths = _utf8_len(values, limit)
+    over = np.flatnonzero(lengths > limit)
+    if len(over):
+        values = values.copy()
+        for i in over:
+            values.iat[i] = cut_cell(values.iat[i])
+            lengths[i] = len(values.iat[i])
+    return values, int(lengths.sum())
+
+
+def _refuse_long(values: pd.Series, limit: int, what: str, where: Callable[[int], str]) -> int:
+    """A one-line DataError for the first cell over `limit` bytes; else the bytes of the column."""
+    lengths = _utf8_len(values, limit)
+    over = np.flatnonzero(lengths > limit)
+    if len(over):
+        i = int(over[0])
+        raise DataError(f"{where(i)}: {what} of {int(lengths[i])} bytes (limit {limit}); {what}s are data, "
+                        "refused rather than cut")
+    return int(lengths.sum())
 
 
 @dataclass(frozen=True)
@@ -139,20 +219,61 @@ def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.Da
         _refuse_duplicates(path, [_norm(c) for c in pfile.schema_arrow.names], columns)
         wanted = _resolve_columns(path, list(by_name), columns)
         rename = {by_name[theirs]: ours for ours, theirs in wanted.items()}
-        for batch in pfile.iter_batches(batch_size=chunk_rows, columns=list(rename)):
+        rows = _parquet_rows(path, pfile, list(rename), chunk_rows)
+        for batch in pfile.iter_batches(batch_size=rows, columns=list(rename)):
             yield batch.to_pandas().rename(columns=rename)
         return
     sep = "\t" if suffix in (".tsv", ".tab") else ","
     # A column named twice, or a first row longer than the header (pandas would shift it: the URL
     # becomes an index), is refused naming the line; index_col=False makes longer rows errors too.
     check_table_header(path, sep, _used_names(columns))
-    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=chunk_rows, index_col=False)
+    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False,
+                         chunksize=_text_rows(path, chunk_rows))
     wanted: dict[str, str] | None = None
     for chunk in reader:
         chunk.columns = [_norm(c) for c in chunk.columns]
         if wanted is None:
             wanted = _resolve_columns(path, list(chunk.columns), columns)
         yield pd.DataFrame({ours: chunk[theirs] for ours, theirs in wanted.items()})
+
+
+def _parquet_rows(path: Path, pfile: pq.ParquetFile, names: list[str], chunk_rows: int) -> int:
+    """Rows per batch so a batch holds about CHUNK_BYTES of our columns (from the file's metadata,
+    before anything is decompressed); a file whose columns exceed its budget is refused now."""
+    meta = pfile.metadata
+    wanted = set(names)
+    total, densest = 0, 0.0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        size = sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                   if group.column(c).path_in_schema in wanted)
+        total += size
+        densest = max(densest, size / max(1, group.num_rows))
+    budget = metadata_budget(path)
+    if total > budget:
+        raise DataError(f"{path}: its {', '.join(sorted(wanted))} column(s) hold {total} bytes uncompressed, "
+                        f"over the {budget}-byte metadata budget of one input file ({METADATA_RATIO}x its size, "
+                        f"at least {METADATA_FLOOR}); split it, or check where it came from")
+    return max(1, min(chunk_rows, int(CHUNK_BYTES / max(densest, 1.0))))
+
+
+def _text_rows(path: Path, chunk_rows: int, block: int = 8 << 20) -> int:
+    """Rows per chunk so a chunk of a CSV/TSV holds about CHUNK_BYTES: from its longest line (one
+    pass over the bytes, vectorised)."""
+    longest, carry = 1, 0
+    with open(path, "rb") as fh:
+        while data := fh.read(block):
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+            if len(ends) == 0:
+                carry += len(data)
+                longest = max(longest, carry)
+                continue
+            longest = max(longest, carry + int(ends[0]) + 1)
+            if len(ends) > 1:
+                longest = max(longest, int(np.diff(ends).max()))
+            carry = len(data) - int(ends[-1]) - 1
+    longest = max(longest, carry)
+    return max(1, min(chunk_rows, CHUNK_BYTES // longest))
 
 
 def _text(chunk: pd.DataFrame, name: str) -> object:
@@ -176,7 +297,7 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise DataError(f"{path}: unsupported source type (use .csv, .tsv or .parquet)")
         default_split = split_from_stem(path)
-        first = row
+        first, used, budget = row, 0, metadata_budget(path)
         try:
             for chunk in _raw_chunks(path, chunk_rows, columns):
                 n = len(chunk)
@@ -195,7 +316,13 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
                 # Labels are data: one with a control character is refused, never cut (imgclf.untrusted).
                 # Checked before stripping: str.strip() would silently drop a trailing \x1f or \x85.
                 raw = chunk["label"].fillna("").astype(str) if "label" in chunk else out["label"]
-                check_labels(raw, lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}")
+                where = lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}"  # noqa: E731
+                check_labels(raw, where)
+                used += _budget_chunk(out, where)
+                if used > budget:
+                    raise DataError(f"{path}: more than {budget} bytes of url/label/split/path text, the "
+                                    f"metadata budget of one input file ({METADATA_RATIO}x its size, at least "
+                                    f"{METADATA_FLOOR}); split it, or check where it came from")
                 row += n
                 yield out
         except DataError:
@@ -205,6 +332,17 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
         except (pd.errors.ParserError, UnicodeDecodeError, OSError, pa.ArrowException) as err:
             first_line = (str(err).splitlines() or [type(err).__name__])[0]
             raise DataError(f"{path}: cannot parse ({first_line})") from None
+
+
+def _budget_chunk(out: pd.DataFrame, where: Callable[[int], str]) -> int:
+    """Cap the chunk's cells in place (URL and path cut, label and split refused when too long);
+    return the bytes of text it stores."""
+    used = _refuse_long(out["label"], MAX_LABEL_BYTES, "label", where)
+    used += _refuse_long(out["split"], MAX_SPLIT_BYTES, "split", where)
+    for name, limit in (("url", MAX_URL_BYTES), ("path", MAX_PATH_BYTES)):
+        out[name], size = _cap_column(out[name], limit)
+        used += size
+    return used
 
 
 def read_sources(paths: list[str | Path]) -> pd.DataFrame:

@@ -12,6 +12,12 @@ Bounded (the member ends `too_large`, or the rest of the archive is not read):
   - each zip member over 1 MiB: at most 100:1 decompressed to compressed;
   - each archive: at most max(1 GiB, 100 x the archive's size) decompressed in all (for a
     compressed tar, the position in the decompressed stream, which also bounds skipping).
+  - metadata: a member name over `MAX_NAME_BYTES` is refused (`unsafe_member`, stored cut), and
+    the names of one archive may hold at most max(64 MiB, the archive's size) bytes in all (64
+    bytes counted per member on top): past that the rest is not read. A .tar.gz of 100,000 empty
+    members with 8 KB names (2.2 MB) cost 2.8 GB of memory and a 3.3 GB state before this.
+Two members with the same name are two rows (the second locator gets ` (#2)`), never one
+`duplicate`: a compressed tar's members are matched by their position in the stream, not by name.
 
 Zip members and members of an uncompressed .tar are read by the worker processes themselves
 (by central-directory index or data offset); a compressed tar (.tar.gz, .tgz, .tar.bz2,
@@ -42,6 +48,9 @@ RATIO_LIMIT = 100
 RATIO_FLOOR = 1 << 20
 TOTAL_FLOOR = 1 << 30
 TOTAL_RATIO = 100
+MAX_NAME_BYTES = 4096  # PATH_MAX: no file system stores a longer path
+NAMES_FLOOR = 64 << 20
+MEMBER_OVERHEAD = 64  # bytes counted per member besides its name (a listed entry's own cost)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
                 NotImplementedError, RuntimeError, ValueError)
@@ -80,6 +89,32 @@ def total_cap(path: Path | str) -> int:
     return max(TOTAL_FLOOR, TOTAL_RATIO * os.path.getsize(path))
 
 
+class _NameBudget:
+    """Counts the metadata bytes of one archive's listing (see the module docstring)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.cap = max(NAMES_FLOOR, os.path.getsize(path))
+        self.used = 0
+
+    def over(self, name: str) -> bool:
+        """Count one member; True once the archive's names passed the cap."""
+        self.used += len(name.encode("utf-8", "surrogateescape")) + MEMBER_OVERHEAD
+        return self.used > self.cap
+
+    def stop(self) -> Entry:
+        return Entry("", (), f"member names exceed {self.cap} bytes in all (the metadata budget of one archive); "
+                             "the rest is not read", False, -1, -1, -1)
+
+
+def _long_name(name: str) -> Entry | None:
+    """A refused entry for a name too long to be a path (stored cut, so the state stays small)."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size <= MAX_NAME_BYTES:
+        return None
+    return Entry(sources.cut_cell(name), (), f"member name of {size} bytes (limit {MAX_NAME_BYTES})", False,
+                 -1, -1, -1)
+
+
 def safe_parts(name: str) -> tuple[tuple[str, ...], str]:
     """The path parts of a member name, or ((), why it is refused)."""
     text = name.replace("\\", "/")
@@ -105,8 +140,15 @@ def list_archive(path: Path, max_bytes: int) -> Iterator[Item | Skipped]:
     visible = [e.parts for e in entries if e.is_file and not e.problem and not any(map(is_hidden, e.parts))]
     layout = Layout(sources.split_from_stem(path), wrapper_of(visible))
     hidden_seen: set[tuple[str, ...]] = set()
+    taken: set[str] = set()  # locators given: a repeated member name is another member, another row
     for e in entries:
-        where = f"{shown}!{e.name}"
+        where = base = f"{shown}!{e.name}"
+        if e.is_file and not e.problem:
+            copy = 1
+            while where in taken:
+                copy += 1
+                where = f"{base} (#{copy})"
+            taken.add(where)
         if e.problem:
             yield Skipped(shown, where, "unsafe_member" if e.parts or e.name else "unreadable_archive", e.problem)
         elif not e.is_file:
@@ -175,9 +217,15 @@ def _zip_entries(path: Path, max_bytes: int) -> Iterator[Entry]:
             infos = zf.infolist()
     except _READ_ERRORS as err:
         raise DataError(f"{path}: not a readable zip archive ({first_line(err)})") from None
-    overlapping, cap, total = _overlapping(infos), total_cap(path), 0
+    overlapping, cap, total, budget = _overlapping(infos), total_cap(path), 0, _NameBudget(path)
     for index, info in enumerate(infos):
         name = zip_name(info)
+        if budget.over(name):
+            yield budget.stop()
+            return
+        if (refused := _long_name(name)) is not None:
+            yield refused
+            continue
         parts, problem = safe_parts(name)
         is_file = not info.is_dir() and stat.S_IFMT(_unix_mode(info)) != stat.S_IFDIR
         if not is_file and not parts and problem == "empty member name":
@@ -263,11 +311,18 @@ def iter_tar(tar: tarfile.TarFile, cap: int) -> Iterator[tarfile.TarInfo | str]:
 
 def _tar_entries(path: Path, fmt: str, max_bytes: int) -> Iterator[Entry]:
     try:
+        budget = _NameBudget(path)
         with open_tar(path, fmt) as tar:
             for member in iter_tar(tar, total_cap(path)):
                 if isinstance(member, str):
                     yield Entry("", (), member, False, -1, -1, -1)
                     return
+                if budget.over(member.name):
+                    yield budget.stop()
+                    return
+                if (refused := _long_name(member.name)) is not None:
+                    yield refused
+                    continue
                 parts, problem = safe_parts(member.name)
                 if member.isdir() and not parts and problem == "empty member name":
                     continue  # "./" (tar -C dir .): harmless, and folders are never created anyway
@@ -282,9 +337,11 @@ def _tar_entries(path: Path, fmt: str, max_bytes: int) -> Iterator[Entry]:
 
 
 # -- reading ----------------------------------------------------------------------------------------
-def stream_members(path: str, wanted: dict[str, tuple[int, str]],
+def stream_members(path: str, wanted: dict[int, tuple[int, str, str]],
                    max_bytes: int) -> Iterator[tuple[int, str, bytes | Rejected]]:
-    """Read a compressed tar front to back; yield (id, url, bytes or why not) for each wanted member."""
+    """Read a compressed tar front to back; yield (id, url, bytes or why not) for each wanted member,
+    `wanted` being {data offset in the stream: (id, url, member name)}: by position, so two members
+    with the same name are two members."""
     fmt = sniff(path)
     reason = "not found in the archive any more"
     try:
@@ -293,15 +350,16 @@ def stream_members(path: str, wanted: dict[str, tuple[int, str]],
                 if isinstance(member, str):
                     reason = member
                     break
-                target = wanted.pop(member.name, None)
-                if target is not None:
-                    yield (*target, _read_tar_member(tar, member, max_bytes))
+                target = wanted.get(member.offset_data)
+                if target is not None and target[2] == member.name:
+                    del wanted[member.offset_data]
+                    yield target[0], target[1], _read_tar_member(tar, member, max_bytes)
                     if not wanted:
                         return
     except (*_READ_ERRORS, DataError) as err:
         reason = f"cannot read the archive: {first_line(err)}"
-    for target in wanted.values():
-        yield (*target, Rejected("unreadable", reason))
+    for url_id, url, _ in wanted.values():
+        yield url_id, url, Rejected("unreadable", reason)
 
 
 def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes | Rejected:

@@ -79,7 +79,7 @@ async def local_pages(items: Iterator[tuple[int, str, LocalRef]]) -> AsyncIterat
         yield page
 
 
-async def stream_pages(archive: str, wanted: dict[str, tuple[int, str]],
+async def stream_pages(archive: str, wanted: dict[int, tuple[int, str, str]],
                        max_bytes: int) -> AsyncIterator[list[tuple[int, Payload]]]:
     """The wanted members of one compressed tar, decompressed in a thread so the loop stays free."""
     members = stream_members(archive, wanted, max_bytes)

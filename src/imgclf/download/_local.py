@@ -249,6 +249,13 @@ def table_items(frame: pd.DataFrame, table: Path) -> list[Item]:
         if not path:
             out.append(Item(source, url, label, split))
             continue
+        if problem := sources.cut_problem(path, "path", sources.MAX_PATH_BYTES):
+            out.append(Item(source, path, label, split, "file", "", status="unreadable", error=problem))
+            continue
+        if "\x00" in path:  # no file has such a name (and os.stat would raise ValueError)
+            out.append(Item(source, path.replace("\x00", "\\x00"), label, split, "file", "", status="unreadable",
+                            error="the path holds a NUL character"))
+            continue
         where = path if os.path.isabs(path) else os.path.normpath(os.path.join(shown_base, path))
         out.append(_file_item(source, where, label, split, os.path.join(base, path)))
     return out

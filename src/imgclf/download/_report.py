@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgclf._files import atomic_path, write_atomic
-from imgclf.download._state import State
+from imgclf.download._state import INVALID_PREFIX, State
 from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, normalize
 
 _EXAMPLES = 20
@@ -27,6 +27,7 @@ def _resolve(rec: tuple) -> tuple:
     (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
      size, url_first, sha_first, shard, offset) = rec
     duplicate_of = -1
+    url = url.removeprefix(INVALID_PREFIX)  # see _state._url_key
     if not label:  # never fetched for this row: no URL outcome applies
         status, error, http_status, attempts = "missing_label", "the row has no label", 0, 0
     elif status is None:

@@ -238,12 +238,14 @@ class State:
                 continue
             # a class folder named with a control character: one line (the locator holds it too: repr)
             check_label(item.label, shown(item.url, 160))
-            rows.append((row, item.source, item.url, item.label, item.split))
             if item.kind == "url":
+                problem = _url_problem(item.url)
+                key = _url_key(item.url, problem)
+                rows.append((row, item.source, key, item.label, item.split))
                 if item.label:
-                    problem = check_url(item.url)
-                    url_rows.append((item.url, row, "invalid_url" if problem else None, problem))
+                    url_rows.append((key, row, "invalid_url" if problem else None, problem))
             else:
+                rows.append((row, item.source, item.url, item.label, item.split))
                 files = files or item.kind == "file"
                 if item.label:
                     local_rows.append((item.url, row, item.status, item.error, item.kind, item.file, item.member,
@@ -263,19 +265,20 @@ class State:
         if keep is not None:
             chunk = chunk[[keep(url) for url in chunk["url"].tolist()]]
         problems: dict[str, str] = {}
-        url_rows = []
+        url_rows, keys = [], []
         for row, url, label in zip(chunk["row"].tolist(), chunk["url"].tolist(), chunk["label"].tolist(),
                                    strict=True):
+            if url not in problems:
+                problems[url] = _url_problem(url)
+            problem = problems[url]
+            keys.append(_url_key(url, problem))
             if not label:
                 continue  # status missing_label, set per row in the manifest; its URL is not fetched
-            if url not in problems:
-                problems[url] = check_url(url)
-            problem = problems[url]
-            url_rows.append((url, row, "invalid_url" if problem else None, problem))
+            url_rows.append((keys[-1], row, "invalid_url" if problem else None, problem))
         self.db.execute("BEGIN")
         self.db.executemany("INSERT INTO rows(row, source, url, label, split) VALUES (?, ?, ?, ?, ?)",
-                            zip(*(chunk[c].tolist() for c in ("row", "source", "url", "label", "split")),
-                                strict=True))
+                            zip(chunk["row"].tolist(), chunk["source"].tolist(), keys, chunk["label"].tolist(),
+                                chunk["split"].tolist(), strict=True))
         self.db.executemany(_UPSERT_URL, url_rows)
         self.db.execute("COMMIT")
 
@@ -311,7 +314,8 @@ class State:
         last = -1
         while True:
             batch = self.db.execute(
-                "SELECT id, url, kind, file, member, pos, size FROM urls WHERE id > ? AND status IS NULL "
+                # NOT INDEXED: rowid order stops after a page; urls_pending would sort every pending row
+                "SELECT id, url, kind, file, member, pos, size FROM urls NOT INDEXED WHERE id > ? AND status IS NULL "
                 "AND first_row IS NOT NULL AND kind IN ('file', 'zip', 'tar') ORDER BY id LIMIT ?",
                 (last, page)).fetchall()
             if not batch:
@@ -326,10 +330,11 @@ class State:
             "SELECT DISTINCT file FROM urls WHERE kind = 'tarstream' AND status IS NULL "
             "AND first_row IS NOT NULL ORDER BY file")]
 
-    def pending_members(self, archive: str) -> dict[str, tuple[int, str]]:
-        """member name -> (id, locator) of the unfinished members of one compressed tar."""
-        return {member: (url_id, url) for url_id, url, member in self.db.execute(
-            "SELECT id, url, member FROM urls WHERE kind = 'tarstream' AND file = ? AND status IS NULL "
+    def pending_members(self, archive: str) -> dict[int, tuple[int, str, str]]:
+        """data offset -> (id, locator, member name) of the unfinished members of one compressed tar
+        (by offset: two members may share a name)."""
+        return {pos: (url_id, url, member) for url_id, url, member, pos in self.db.execute(
+            "SELECT id, url, member, pos FROM urls WHERE kind = 'tarstream' AND file = ? AND status IS NULL "
             "AND first_row IS NOT NULL ORDER BY id", (archive,))}
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
@@ -367,9 +372,27 @@ class State:
                                (sha, rel_path)).fetchone() is not None
 
 
+# A URL cell that is not an http(s) URL is keyed apart from local items: "photos/cat/1.jpg" in a
+# url column must not join (borrow) the folder file whose locator is the same text. A valid URL
+# never equals a locator (a locator has no "//"); the manifest shows the cell without the prefix.
+INVALID_PREFIX = "\x00"
+
+
+def _url_key(url: str, problem: str) -> str:
+    return INVALID_PREFIX + url if problem else url
+
+
+def _url_problem(url: str) -> str:
+    """Why a URL cell is not fetched ("" when it is): cut for its size (sources), or not http(s)."""
+    return sources.cut_problem(url, "URL", sources.MAX_URL_BYTES) or check_url(url)
+
+
 def _add_local_columns(db: sqlite3.Connection) -> None:
     """Bring `urls` to the current columns (a state from before local sources lacks them)."""
     present = {row[1] for row in db.execute("PRAGMA table_info(urls)")}
     for name, declaration in _LOCAL_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE urls ADD COLUMN {name} {declaration}")
+    # Unfinished URLs by kind and id: paging them (iter_pending, in the event loop) must not scan
+    # every finished row in between (issue 22: 20,000 finished rows of 50 KB URLs stalled the loop).
+    db.execute("CREATE INDEX IF NOT EXISTS urls_pending ON urls(kind, id) WHERE status IS NULL")

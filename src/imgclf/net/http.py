@@ -27,6 +27,9 @@ class HttpFailure(Exception):
         self.status, self.error, self.http_status = status, error, http_status
 
 
+MAX_URL_CHARS = 8192  # as browsers and servers accept (download caps stored cells the same way)
+
+
 def check_url(url: str) -> str:
     """"" when `url` is an absolute http(s) URL with a host, else the reason it is not."""
     if not url:
@@ -42,6 +45,11 @@ def check_url(url: str) -> str:
         return f"scheme {parsed.scheme + ':' if parsed.scheme else '(none)'} not allowed (only http, https)"
     if not host:
         return "URL has no host"
+    if len(url) > MAX_URL_CHARS:
+        return f"URL of {len(url)} characters (limit {MAX_URL_CHARS})"
+    # DNS limits; a longer name makes the resolver's IDNA step raise instead of failing the row.
+    if len(host) > 253 or any(len(label) > 63 for label in host.rstrip(".").split(".")):
+        return "host name too long (DNS allows 63 characters per label, 253 in all)"
     return ""
 
 
