@@ -93,7 +93,7 @@ def cut_problem(cell: str, what: str, limit: int) -> str:
 
 def _utf8_len(values: pd.Series, limit: int) -> np.ndarray:
     """UTF-8 size of each cell, counted exactly only where its characters could pass `limit`."""
-    lengths = values.str.len().to_numpy(dtype=np.int64, na_value=0)
+    lengths = np.array(values.str.len().to_numpy(dtype=np.int64, na_value=0))  # a writable copy
     wide = np.flatnonzero(lengths > limit // 4)
     for i in wide:
         lengths[i] = len(values.iat[i].encode("utf-8", "surrogatepass"))

@@ -235,3 +235,31 @@ def run_cli(args: list[str], address_space_mib: int = 8192, timeout: float = 600
     peak = [int(line.split()[1]) for line in err.splitlines() if line.startswith("PEAK_RSS_KB ")]
     return Limited(proc.returncode, proc.stdout.decode("utf-8", "surrogateescape"), err, seconds,
                    (peak[-1] / 1024) if peak else float("nan"))
+
+
+# ---------------------------------------------------------------- metadata bombs (issue 22, class 1)
+
+
+def long_url_parquet(path: Path, rows: int = 20_000, cell: int = 50_000) -> Path:
+    """A small Parquet (zstd: runs of one letter compress ~1000:1) whose URL cells are `cell` bytes
+    each: 20,000 x 50 KB is a gigabyte of text from a file of a few hundred KB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    urls = [f"http://example.com/{i}/" + "a" * (cell - 30) for i in range(rows)]
+    pq.write_table(pa.table({"url": urls, "label": ["x"] * rows}), path, compression="zstd",
+                   compression_level=19, row_group_size=rows)
+    return path
+
+
+def long_name_targz(path: Path, members: int = 20_000, name_bytes: int = 8192) -> Path:
+    """A .tar.gz of `members` empty files under class folder `a/` whose names are `name_bytes`
+    long (GNU long-name headers: the names are the bulk of the stream and compress to nothing)."""
+    import tarfile
+
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT, compresslevel=6) as tar:
+        for i in range(members):
+            stem = f"a/{i}-"
+            info = tarfile.TarInfo(stem + "n" * (name_bytes - len(stem) - 4) + ".png")
+            tar.addfile(info, io.BytesIO(b""))
+    return path

@@ -1,0 +1,169 @@
+"""Hostile input for `imgclf download`, round 2 (issue 22): metadata byte budgets (class 1), images
+fetched twice (class 11), local sources that leave their folder (class 8), storage URLs (class 6)
+and Ctrl-C on the Ray engine (class 5). Real files, a real HTTP server on 127.0.0.1, real signals;
+the costly cases run `imgclf download` as a child under RLIMIT_AS and read its peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import hostile
+import pandas as pd
+import pytest
+from fault_server import FaultServer
+from PIL import Image
+
+from imgclf import download
+from imgclf.download import STATE_NAME
+from imgclf.errors import DataError
+
+MEMORY_MIB = 2048  # address space of the child: the bombs below cost gigabytes without the budget
+PEAK_MIB = 450  # peak RSS allowed (a clean run of a tiny CSV peaks near 200 MiB)
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), (i % 256, (i // 256) * 40 % 256, 77)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _state_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob(STATE_NAME + "*"))
+
+
+def _quiet(**kw) -> download.DownloadOptions:
+    return download.DownloadOptions(show_progress=False, print_summary=False, **kw)
+
+
+# ---------------------------------------------------------------- class 1: metadata byte budget
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bombs")
+    return {"parquet": hostile.long_url_parquet(root / "urls.parquet"),
+            "targz": hostile.long_name_targz(root / "names.tar.gz", members=10_000)}
+
+
+def test_parquet_of_a_gigabyte_of_urls_is_refused_in_bounded_memory(bombs: dict[str, Path], tmp_path: Path) -> None:
+    """160 KB of Parquet holding 20,000 URL cells of 50 KB (1 GB of text): 5.0 GB of memory and a
+    3.0 GB state before; now one line from the file's metadata, before any cell is decompressed."""
+    assert bombs["parquet"].stat().st_size < 400_000
+    out = tmp_path / "data"
+    ran = hostile.run_cli(["download", str(bombs["parquet"]), "--out", str(out), "--no-progress"], MEMORY_MIB)
+    assert ran.returncode == 2, ran.stderr
+    assert "metadata budget" in ran.stderr and "urls.parquet" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert ran.peak_rss_mib < PEAK_MIB
+    assert _state_bytes(out) < 1 << 20
+
+
+def test_long_cells_are_cut_before_they_are_stored(tmp_path: Path) -> None:
+    """URL cells over 8 KB and path cells over 4 KB end as rows with a reason, stored as a short
+    stand-in; memory follows bytes (chunks of ~32 MB of text), not rows; the state stays small."""
+    long_urls = [f"http://127.0.0.1:9/{i}/" + "u" * 60_000 for i in range(300)]
+    with FaultServer() as srv:
+        good = [srv.add(f"g{i}.png", _png(i), "image/png") for i in range(3)]
+        rows = [(u, "a", "") for u in long_urls] + [(u, "b", "") for u in good]
+        rows += [("", "c", "p" * 5000 + ".png"), ("http://" + "h" * 70 + ".example/x.png", "c", "")]
+        table = tmp_path / "urls.csv"
+        pd.DataFrame(rows, columns=["url", "label", "path"]).to_csv(table, index=False)
+        out = tmp_path / "data"
+        ran = hostile.run_cli(["download", str(table), "--out", str(out), "--no-progress"], MEMORY_MIB)
+    assert ran.returncode == 0, ran.stderr
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    cut = manifest.iloc[:300]
+    assert set(cut["status"]) == {"invalid_url"}
+    assert cut["error"].str.match(r"URL of 600\d\d bytes, over the 8192-byte limit \(not stored\)").all()
+    assert cut["url"].str.len().max() < 200 and cut["url"].nunique() == 300  # distinct stand-ins
+    assert list(manifest.iloc[300:303]["status"]) == ["ok"] * 3
+    path_row, host_row = manifest.iloc[303], manifest.iloc[304]
+    assert path_row["status"] == "unreadable" and "path of 5004 bytes" in path_row["error"]
+    assert host_row["status"] == "invalid_url" and "host name too long" in host_row["error"]
+    assert ran.peak_rss_mib < PEAK_MIB
+    assert _state_bytes(out) < 2 << 20  # 18 MB of input cells
+
+
+def test_a_label_over_the_limit_is_refused_with_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "urls.csv"
+    table.write_text("url,label\nhttp://127.0.0.1:9/a.png,cat\nhttp://127.0.0.1:9/b.png," + "L" * 2000 + "\n")
+    with pytest.raises(DataError, match=r"urls.csv: data row 2: label of 2000 bytes \(limit 1024\)"):
+        download.run([table], tmp_path / "data", _quiet())
+
+
+def test_archive_with_long_member_names_is_bounded(bombs: dict[str, Path], tmp_path: Path) -> None:
+    """A .tar.gz of empty members with 8 KB names (2.8 GB and a 3.3 GB state for 100,000 of them):
+    each name over 4 KB is refused and stored cut; past the archive's name budget the rest is not read."""
+    out = tmp_path / "data"
+    ran = hostile.run_cli(["download", str(bombs["targz"]), "--out", str(out), "--no-progress"], MEMORY_MIB)
+    assert ran.returncode == 1, ran.stderr  # no row ended ok: one line, non-zero
+    assert "no row ended ok" in ran.stderr and "Traceback" not in ran.stderr
+    skipped = json.loads((out / "download_report.json").read_text())["skipped"]
+    assert skipped["by_kind"]["unreadable_archive"] == 1
+    assert 7_000 < skipped["by_kind"]["unsafe_member"] < 10_000  # 64 MiB of names / 8 KB each
+    reasons = {f["reason"] for f in skipped["files"]}
+    assert "member name of 8192 bytes (limit 4096)" in reasons
+    with sqlite3.connect(out / STATE_NAME) as db:  # the report lists the first 1,000 only
+        (stop,) = db.execute("SELECT reason FROM skipped WHERE kind = 'unreadable_archive'").fetchone()
+    assert "metadata budget of one archive" in stop
+    assert max(len(f["path"]) for f in skipped["files"]) < 400
+    assert ran.peak_rss_mib < PEAK_MIB
+    assert _state_bytes(out) < 4 << 20
+
+
+# ---------------------------------------------------------------- class 11: fetched once
+def test_a_stalled_event_loop_does_not_refetch_an_answered_url() -> None:
+    """The header deadline fired while our own loop was busy (2 cores, a slow SQLite page): the
+    host had answered, the answer sat unread, and the image was fetched again (attempts = 2)."""
+    from imgclf.download._fetch import Fetcher
+
+    with FaultServer(latency=0.2) as srv:
+        warm = srv.add("warm.png", _png(1), "image/png")
+        url = srv.add("x.png", _png(2), "image/png")
+
+        async def main():  # noqa: ANN202
+            fetcher = Fetcher(_quiet(read_timeout=15))
+            try:
+                for _ in range(20):  # enough answers for the host's adaptive header deadline (2 s floor)
+                    await fetcher.fetch(warm)
+                task = asyncio.create_task(fetcher.fetch(url))
+                await asyncio.sleep(0.05)  # the request is out
+                time.sleep(2.5)  # the loop stalls past the deadline; the answer arrives meanwhile
+                return await task
+            finally:
+                await fetcher.close()
+
+        got = asyncio.run(main())
+    assert got.status is None and got.attempts == 1
+    assert srv.counts["/file/x.png"] == 1
+
+
+def test_each_valid_url_is_fetched_once_among_hostile_rows_over_two_tables(tmp_path: Path) -> None:
+    """Several hundred valid images and hostile rows (errors, resets, redirect loops, cut cells,
+    closed ports, bad schemes) spread over two CSVs: the server counts one GET per valid image."""
+    from fault_server import closed_port
+
+    n = 400
+    with FaultServer() as srv:
+        valid = [srv.add(f"v{i}.png", _png(i), "image/png") for i in range(n)]
+        port = closed_port()
+        hostile_rows = [srv.url("status/500"), srv.url("status/404"), srv.url("reset"), srv.url("loop/a"),
+                        f"http://127.0.0.1:{port}/x.png", "ftp://127.0.0.1/x.png", "file:///etc/passwd",
+                        srv.url("x") + "?" + "q" * 20_000, "http://" + "h" * 64 + "/x.png", "not a url"]
+        first = [(u, "a") for u in valid[: n // 2]] + [(f"{h}#{j}", "a") for j in range(10) for h in hostile_rows]
+        second = [(f"{h}#b{j}", "b") for j in range(10) for h in hostile_rows] + [(u, "b") for u in valid[n // 2:]]
+        pd.DataFrame(first, columns=["url", "label"]).to_csv(tmp_path / "one.csv", index=False)
+        pd.DataFrame(second, columns=["url", "label"]).to_csv(tmp_path / "two.csv", index=False)
+        result = download.run([tmp_path / "one.csv", tmp_path / "two.csv"], tmp_path / "data",
+                              _quiet(retries=1, backoff=0.05, read_timeout=3, timeout=5))
+        counts = dict(srv.counts)
+    assert result.counts["ok"] == n
+    fetched = {p: c for p, c in counts.items() if p.startswith("/file/v")}
+    assert len(fetched) == n
+    assert {p: c for p, c in fetched.items() if c != 1} == {}
+    manifest = pd.read_parquet(tmp_path / "data" / "manifest.parquet")
+    assert set(manifest.loc[manifest["status"] == "ok", "attempts"]) == {1}
