@@ -167,3 +167,92 @@ def test_each_valid_url_is_fetched_once_among_hostile_rows_over_two_tables(tmp_p
     assert {p: c for p, c in fetched.items() if c != 1} == {}
     manifest = pd.read_parquet(tmp_path / "data" / "manifest.parquet")
     assert set(manifest.loc[manifest["status"] == "ok", "attempts"]) == {1}
+
+
+# ---------------------------------------------------------------- class 8: local sources
+def _folder_with_links(tmp_path: Path) -> Path:
+    """photos/cats/1.png, plus class folders that are links: one inside (read), one to a folder
+    outside the source (an /etc stand-in holding an image and a passwd-like text), one to /dev."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png(9))
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "1.png").write_bytes(_png(1))
+    (root / "cats" / "notes").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "cats" / "again.png").symlink_to(root / "cats" / "1.png")  # inside: read
+    (root / "etc").symlink_to(outside, target_is_directory=True)
+    (root / "dev").symlink_to("/dev", target_is_directory=True)
+    return root
+
+
+def test_links_that_leave_the_source_folder_are_not_followed(tmp_path: Path) -> None:
+    root = _folder_with_links(tmp_path)
+    result = download.run([root], tmp_path / "data", _quiet())
+    manifest = pd.read_parquet(result.manifest_path)
+    assert sorted(manifest["label"]) == ["cats", "cats", "cats"]  # 1.png, again.png, notes
+    assert not manifest["url"].str.contains("secret|passwd|/dev/").any()
+    kinds = {f["path"].rsplit("/", 1)[-1]: f["kind"] for f in result.report["skipped"]["files"]}
+    assert kinds["etc"] == "outside_link" and kinds["dev"] == "special_path"
+    # file contents never reach a message: the text file is `not_image` without its bytes
+    notes = manifest[manifest["url"].str.endswith("notes")].iloc[0]
+    assert notes["status"] == "not_image" and "root" not in notes["error"] and "text" in notes["error"]
+
+
+def test_follow_links_reads_outside_folders_but_never_dev(tmp_path: Path) -> None:
+    root = _folder_with_links(tmp_path)
+    result = download.run([root], tmp_path / "data", _quiet(follow_links=True))
+    manifest = pd.read_parquet(result.manifest_path)
+    etc = manifest[manifest["label"] == "etc"]
+    etc = etc.set_index(etc["url"].str.rsplit("/", n=1).str[-1])
+    assert etc.loc["secret.png", "status"] == "ok"
+    assert etc.loc["passwd", "status"] == "not_image" and "root" not in etc.loc["passwd", "error"]
+    assert "dev" not in set(manifest["label"])  # /dev/fd would reach this process's own state
+    assert {f["kind"] for f in result.report["skipped"]["files"]} == {"special_path"}
+
+
+@pytest.mark.parametrize("table_first", [False, True])
+def test_a_url_cell_equal_to_a_local_path_does_not_borrow_the_file(tmp_path: Path, table_first: bool) -> None:
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "1.png").write_bytes(_png(1))
+    locator = str(root / "cats" / "1.png")  # the folder row's url in the manifest
+    table = tmp_path / "urls.csv"
+    pd.DataFrame([(locator, "dogs")], columns=["url", "label"]).to_csv(table, index=False)
+    sources = [table, root] if table_first else [root, table]
+    result = download.run(sources, tmp_path / "data", _quiet())
+    manifest = pd.read_parquet(result.manifest_path).set_index("label")
+    assert manifest.loc["cats", "status"] == "ok" and manifest.loc["cats", "url"] == locator
+    assert manifest.loc["dogs", "status"] == "invalid_url" and manifest.loc["dogs", "url"] == locator
+    assert manifest.loc["dogs", "path"] == "" and result.counts == {"ok": 1, "invalid_url": 1}
+
+
+def _same_name_archive(path: Path, fmt: str) -> Path:
+    import tarfile
+    import warnings
+    import zipfile
+
+    members = [("cats/1.png", _png(1)), ("cats/1.png", _png(2)), ("cats/2.png", _png(3))]
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Duplicate name": exactly the point
+            for name, data in members:
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz" if fmt == "tar.gz" else "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar", "tar.gz"])
+def test_two_members_with_one_name_are_two_images(tmp_path: Path, fmt: str) -> None:
+    archive = _same_name_archive(tmp_path / f"pets.{fmt}", fmt)
+    result = download.run([archive], tmp_path / "data", _quiet())
+    manifest = pd.read_parquet(result.manifest_path)
+    assert list(manifest["status"]) == ["ok", "ok", "ok"]
+    assert manifest["sha256"].nunique() == 3
+    assert list(manifest["url"].str.rsplit("!", n=1).str[-1]) == ["cats/1.png", "cats/1.png (#2)", "cats/2.png"]

@@ -23,10 +23,13 @@ def test_rejections(name: str, status: str) -> None:
     assert "object at 0x" not in result.reason  # says what the body is, not where Pillow read it
 
 
-def test_an_unknown_format_is_described_by_its_first_bytes() -> None:
+def test_an_unknown_format_is_described_never_quoted() -> None:
+    """What kind of bytes, never the bytes (a local /etc/passwd must not reach the manifest: issue 22)."""
     result = decode_image(b"RIFX\x00\x01junk that is no image")
     assert isinstance(result, Rejected) and result.status == "not_image"
-    assert result.reason == "not a format Pillow reads (starts with b'RIFX\\x00\\x01ju')"
+    assert result.reason == "not a format Pillow reads (binary, 27 bytes)"
+    text = decode_image(b"root:x:0:0:root:/root:/bin/bash\n")
+    assert text.reason == "not a format Pillow reads (text, 32 bytes)" and "root" not in text.reason
 
 
 @pytest.mark.parametrize("name, mode", [

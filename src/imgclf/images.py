@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from dataclasses import dataclass, replace
@@ -149,14 +150,28 @@ def _precheck(img: Image.Image, data: bytes, limits: ImageLimits) -> Rejected | 
     return None
 
 
+def _text_or_binary(head: bytes) -> str:
+    for cut in range(4):  # a multi-byte character cut at 200 bytes still reads as text
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            text = ""
+    return "text" if text and all(ch.isprintable() or ch in "\t\r\n" for ch in text) else "binary"
+
+
 def _describe_failure(data: bytes, err: Exception) -> str:
     head = data[:200].lstrip().lower()
     kind = "html" if head.startswith((b"<!doctype html", b"<html")) else ("svg" if b"<svg" in head else "")
     if kind:
         return f"{kind} document"
     if isinstance(err, UnidentifiedImageError):  # its text only names our in-memory buffer
-        return f"not a format Pillow reads (starts with {data[:8]!r})"
-    return f"{err.__class__.__name__}: {str(err)[:120]}"
+        # What kind of bytes, never the bytes: a file's contents (b'root:x:0') must not reach a manifest.
+        return f"not a format Pillow reads ({_text_or_binary(head)}, {len(data)} bytes)"
+    message = str(err)[:120]
+    # A decoder may quote the file (PPM: "Token too long in file header: b'...'"): never its bytes.
+    message = re.sub(r"""b['"].*""", "(quoted bytes not shown)", message)
+    return f"{err.__class__.__name__}: {message}"
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | Rejected:

@@ -52,6 +52,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=argparse.SUPPRESS)  # before 0.2; --format now always means an output file's format
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
+    p.add_argument("--follow-links", action="store_true",
+                   help="folders: also read symlinks that lead outside the source folder (default: listed, not read)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--layout", choices=("files", "tar"), default="files",
                    help="files: one file per image under images/; tar: images packed into tar shards "

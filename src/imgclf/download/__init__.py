@@ -86,7 +86,8 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
     try:
         state.check_storage(options.storage_key(), data_dir)
         job = options.job()  # --shard i/n: this job's rows only
-        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes, job.owns if job else None)
+        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes, job.owns if job else None,
+                     options.follow_links)
         if options.retry_failed:
             state.reopen_retryable()
         crashed = state.begin_run()

@@ -21,9 +21,12 @@ Folder layout (ImageFolder, as torchvision, fastai and Ultralytics read it):
     are not valid UTF-8, unreadable folders. A class folder whose name holds a control
     character is refused with one line when the rows are stored (imgclf.untrusted: a label is
     refused, never cut), as a table's label is.
-Symlinks to files are read (their target is validated like any file); symlinks to folders are
-followed once per real folder ((device, inode) pairs already visited are not entered again),
-so a loop ends. Archives found inside a folder are files like any other (`not_image`).
+Symlinks whose target stays inside the source folder are read (a file's target is validated
+like any file); symlinks to folders are followed once per real folder ((device, inode) pairs
+already visited are not entered again), so a loop ends. A symlink that leaves the source folder
+(a class folder linked to /etc) is listed, not read (`outside_link`), unless --follow-links; one
+into /proc, /dev or /sys (/dev/fd reaches this process's own open files) is never read.
+Archives found inside a folder are files like any other (`not_image`).
 """
 
 from __future__ import annotations
@@ -180,9 +183,32 @@ class _Dir(NamedTuple):
     entries: Iterator[os.DirEntry[str]]
 
 
-def walk_folder(root: Path) -> Iterator[Item | Skipped]:
+PSEUDO_ROOTS = ("/proc", "/dev", "/sys")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(entry: os.DirEntry[str], real_root: str, follow_links: bool) -> Skipped | None:
+    """Why a symlink entry is not followed (kind, reason), or None to follow it."""
+    target = os.path.realpath(entry.path)
+    if not os.path.lexists(target):
+        return None  # broken: the stat below lists it as such
+    if any(_under(target, pseudo) for pseudo in PSEUDO_ROOTS):
+        return Skipped("", "", "special_path", "a symlink into /proc, /dev or /sys (never read)")
+    if not follow_links and not _under(target, real_root):
+        return Skipped("", "", "outside_link", "a symlink that leaves the source folder (not followed; "
+                                               "pass --follow-links to read it)")
+    return None
+
+
+def walk_folder(root: Path, follow_links: bool = False) -> Iterator[Item | Skipped]:
     """Every entry under `root`, in sorted order (stable row numbers), as Item or Skipped."""
     shown = str(root)
+    real_root = os.path.realpath(root)
+    if any(_under(real_root, pseudo) for pseudo in PSEUDO_ROOTS):
+        raise DataError(f"{root}: a folder under /proc, /dev or /sys cannot be a source")
     layout = Layout(sources.split_from_stem(root), folder_wrapper(root))
     try:
         top = os.stat(root)
@@ -204,6 +230,9 @@ def walk_folder(root: Path) -> Iterator[Item | Skipped]:
             continue
         if is_hidden(name):
             yield Skipped(shown, where, "hidden", "hidden or system entry (not read)")
+            continue
+        if _is_link(entry) and (refused := _link_problem(entry, real_root, follow_links)) is not None:
+            yield refused._replace(source=shown, path=where)
             continue
         try:
             st = entry.stat()  # follows symlinks
@@ -231,6 +260,13 @@ def walk_folder(root: Path) -> Iterator[Item | Skipped]:
                 continue
             stack.append(_Dir(parts, where, os.path.join(folder.absolute, name), layout.place((*parts, "")),
                               entries))
+
+
+def _is_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
 
 
 def _sorted_entries(path: str) -> Iterator[os.DirEntry[str]]:
@@ -276,7 +312,7 @@ def _file_item(source: str, where: str, label: str, split: str, absolute: str) -
 
 # -- every source -----------------------------------------------------------------------------------
 def iter_items(paths: list[Path], chunk_rows: int, columns: sources.Columns,
-               max_bytes: int) -> Iterator[pd.DataFrame | Chunk]:
+               max_bytes: int, follow_links: bool = False) -> Iterator[pd.DataFrame | Chunk]:
     """Chunks in source order: a frame for a table chunk without local paths (the fast URL path),
     else a list of Item/Skipped."""
     from imgclf.download import _archive
@@ -287,7 +323,7 @@ def iter_items(paths: list[Path], chunk_rows: int, columns: sources.Columns,
             for frame in sources.iter_sources([path], chunk_rows, columns):
                 yield table_items(frame, path) if (frame["path"] != "").any() else frame
         elif kind == "folder":
-            yield from _chunked(walk_folder(path), chunk_rows)
+            yield from _chunked(walk_folder(path, follow_links), chunk_rows)
         else:
             yield from _chunked(_archive.list_archive(path, max_bytes), chunk_rows)
 

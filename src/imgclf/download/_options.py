@@ -67,6 +67,7 @@ class DownloadOptions:
     show_progress: bool = True
     print_summary: bool = True
     chunk_rows: int = 50_000
+    follow_links: bool = False  # folders: read symlinks that leave the source folder (see _local)
     # Tables: which column holds what (None: url, label, split, path)
     url_col: str | None = None
     label_col: str | None = None

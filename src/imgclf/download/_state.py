@@ -193,7 +193,8 @@ class State:
         self._set_meta("storage", key)
 
     def ingest(self, paths: list[Path], chunk_rows: int, columns: sources.Columns | None = None,
-               max_bytes: int = 20_000_000, keep: Callable[[str], bool] | None = None) -> int:
+               max_bytes: int = 20_000_000, keep: Callable[[str], bool] | None = None,
+               follow_links: bool = False) -> int:
         """Load the input rows unless this exact input was already loaded; return the row count.
 
         Tables and archives are identified by their size and mtime; folders and tables naming
@@ -201,7 +202,7 @@ class State:
         `keep(url)` (--shard i/n): only those rows are loaded; they keep their input row numbers.
         """
         columns = columns or sources.Columns()
-        fingerprint = _fingerprint(paths, (columns, max_bytes, keep))
+        fingerprint = _fingerprint(paths, (columns, max_bytes, keep, follow_links))
         if self._meta("ingested") == fingerprint:
             return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
         self.db.execute("BEGIN")
@@ -211,7 +212,7 @@ class State:
         self.db.execute("UPDATE urls SET first_row = NULL")  # URLs that left the input are not fetched
         self.db.execute("COMMIT")
         total, rereads = 0, False
-        for chunk in iter_items(paths, chunk_rows, columns, max_bytes):
+        for chunk in iter_items(paths, chunk_rows, columns, max_bytes, follow_links):
             if isinstance(chunk, pd.DataFrame):
                 self._ingest_chunk(chunk, total, keep)
                 total += len(chunk)
