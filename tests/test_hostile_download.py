@@ -256,3 +256,70 @@ def test_two_members_with_one_name_are_two_images(tmp_path: Path, fmt: str) -> N
     assert list(manifest["status"]) == ["ok", "ok", "ok"]
     assert manifest["sha256"].nunique() == 3
     assert list(manifest["url"].str.rsplit("!", n=1).str[-1]) == ["cats/1.png", "cats/1.png (#2)", "cats/2.png"]
+
+
+# ---------------------------------------------------------------- class 6: storage URLs
+@pytest.mark.parametrize("out, says", [
+    ("memory://data", "storage scheme 'memory' is not supported"),
+    ("zip://x.zip", "storage scheme 'zip' is not supported"),
+    ("tar://x.tar", "storage scheme 'tar' is not supported"),
+    ("dir://x", "storage scheme 'dir' is not supported"),
+    ("ftp://127.0.0.1/data", "storage scheme 'ftp' is not supported"),
+    ("github://owner:repo@main/data", "storage scheme 'github' is not supported"),
+    ("http://127.0.0.1:9/data", "http(s) storage is read-only"),
+])
+def test_an_unsupported_out_is_one_line_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             out: str, says: str) -> None:
+    from imgclf.cli import main
+
+    table = tmp_path / "urls.csv"
+    table.write_text("url,label\nhttp://127.0.0.1:9/a.png,cat\n")
+    started = time.monotonic()
+    code = main(["download", str(table), "--out", out, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - started < 5  # no network call, no fetch
+
+
+@pytest.mark.parametrize("scheme", ["memory", "zip", "github", "ftp"])
+def test_readers_refuse_unknown_storage_too(scheme: str) -> None:
+    from imgclf import storage
+    from imgclf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not supported"):
+        storage.read_row(f"{scheme}://somewhere/data", storage.RowRef("images/ab/x.png"))
+
+
+def test_percent_escapes_in_stored_names_never_reach_an_http_data_dir() -> None:
+    from imgclf import storage
+
+    with FaultServer() as srv:
+        srv.add("a.png", _png(1), "image/png")
+        data_dir = srv.url("file")
+        assert storage.read_row(data_dir, storage.RowRef("a.png")) == _png(1)  # http(s) reads work
+        for name in ("images/%2e%2e/%2e%2e/secret/x.png", "images/%2E%2E/x.png", "images/x.png?y=1",
+                     "images/x.png#frag"):
+            with pytest.raises(DataError, match="not a (plain )?relative path"):
+                storage.read_row(data_dir, storage.RowRef(name))
+        assert set(srv.counts) == {"/file/a.png"}
+
+
+def test_a_tar_row_whose_offset_or_bytes_exceed_the_shard_is_refused(tmp_path: Path) -> None:
+    """`bytes` = 30e9 was a MemoryError in evaluate: now one OSError per row, before any read."""
+    from imgclf import data, storage
+    from imgclf.manifest import row_refs
+
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    for i in range(3):
+        (root / "cats" / f"{i}.png").write_bytes(_png(i))
+    out = tmp_path / "data"
+    result = download.run([root], out, _quiet(layout="tar"))
+    ref = row_refs(pd.read_parquet(result.manifest_path))[0]
+    assert ref.shard and storage.read_row(out, ref)[:8] == b"\x89PNG\r\n\x1a\n"
+    shard_size = (out / ref.shard).stat().st_size
+    for bad in (storage.RowRef(ref.path, ref.shard, ref.offset, 30_000_000_000),
+                storage.RowRef(ref.path, ref.shard, shard_size - 10, ref.size),
+                storage.RowRef(ref.path, ref.shard, 10**15, ref.size)):
+        with pytest.raises(OSError, match="over the .*-byte limit|outside the file"):
+            data.read_image(out, bad)

@@ -8,8 +8,14 @@ AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL, AWS_PROFILE ...). A stored image is 
 evaluate, audit and the report thumbnails use: a local file read, a local `pread`, or one ranged
 GET on object storage, so a reader never needs a whole shard and never holds a dataset in RAM.
 
-Every relative name read from a manifest goes through `confined` first: absolute names, `..`
-and backslashes are refused, so a hostile manifest cannot make a reader leave DATA_DIR.
+Every relative name read from a manifest goes through `confined` first: absolute names, `..`,
+backslashes and URL syntax (`%`, `?`, `#`: `images/%2e%2e/x` is `..` to an HTTP server) are
+refused, so a hostile manifest cannot make a reader leave DATA_DIR. A tar-layout row's
+offset and bytes are checked against the shard (and `MAX_READ_BYTES`) before anything is read.
+
+Storage URLs are a known list (`SCHEMES`): s3, gs/gcs, az/abfs(s), and http(s) to read only;
+anything else (memory://, zip://, ftp://, github://, ...) is one line, never a traceback, never
+a network call, and never an --out whose data would vanish at exit.
 
     read_row("data", RowRef("images/ab/ab12....png"))                        # files layout
     read_row("s3://bucket/data", RowRef("images/ab/ab12....png", "shards/00003.tar", 1536, 2140))
@@ -29,8 +35,8 @@ from typing import Any
 
 from imgclf.errors import ConfigError, DataError
 
-__all__ = ["RowRef", "confined", "display", "exists", "filesystem", "is_url", "join", "location", "read_bytes",
-           "read_row", "upload"]
+__all__ = ["RowRef", "check_scheme", "confined", "display", "exists", "filesystem", "is_url", "join", "location",
+           "read_bytes", "read_row", "upload"]
 
 
 # Defined here, not in imgclf.manifest (which re-exports it): reading a row must not import pandas,
@@ -46,6 +52,9 @@ class RowRef:
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+WRITABLE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+READ_ONLY_SCHEMES = frozenset({"http", "https"})
+SCHEMES = WRITABLE_SCHEMES | READ_ONLY_SCHEMES
 MAX_READ_BYTES = 64 * 1024 * 1024  # one stored image read whole from a local DATA_DIR (images.MAX_FILE_BYTES)
 
 
@@ -77,7 +86,10 @@ def confined(rel: str) -> str:
     Manifests are data: a row may come from another tool or another person. Absolute names,
     `..` components, backslashes and NULs could make a reader open files outside DATA_DIR.
     """
-    if not rel or "\\" in rel or "\x00" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+    # %, ? and #: on object storage or HTTP a name is a URL path (%2e%2e is ..; ? and # cut it).
+    # imgclf never writes such names (images/<sha>.<ext>, shards/<n>.tar).
+    if (not rel or "\\" in rel or "\x00" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel)
+            or any(ch in rel for ch in "%?#")):
         raise DataError(f"manifest names {rel!r}: not a relative path inside the data directory")
     if any(part in ("..", "") for part in rel.split("/")) or posixpath.normpath(rel) != rel:
         raise DataError(f"manifest names {rel!r}: not a plain relative path inside the data directory")
@@ -92,8 +104,21 @@ def join(base: str | os.PathLike[str], rel: str) -> str:
     return os.path.join(os.fspath(base), rel)
 
 
+def check_scheme(url: str, write: bool = False) -> None:
+    """ConfigError unless `url`'s storage is one imgclf supports (for writing: not http(s))."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in WRITABLE_SCHEMES or (not write and scheme in READ_ONLY_SCHEMES):
+        return
+    if scheme in READ_ONLY_SCHEMES:
+        raise ConfigError(f"{url[:200]}: http(s) storage is read-only; write to a local folder or to "
+                          "s3://, gs://, az://")
+    raise ConfigError(f"{url[:200]}: storage scheme {scheme[:40]!r} is not supported (use a local path, "
+                      "s3://, gs://, az://, or http(s):// to read)")
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a URL; one line naming the missing package."""
+    check_scheme(url)
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with lightning
@@ -127,6 +152,14 @@ def _whole(fd: int, target: str, max_bytes: int) -> int:
     return size
 
 
+def _within(fd: int, target: str, start: int, size: int) -> None:
+    """A ranged read must lie inside the file (a manifest row is data: its offset may lie)."""
+    total = os.fstat(fd).st_size
+    if start < 0 or size < 0 or start + size > total:
+        raise OSError(f"{target}: bytes {start}..{start + size} lie outside the file ({total} bytes): "
+                      "shard cut or changed, or a wrong manifest row")
+
+
 def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int | None = None,
                max_bytes: int = MAX_READ_BYTES) -> bytes:
     """The bytes of `base/rel`, or `size` bytes from `start` (a ranged read). OSError when absent.
@@ -146,6 +179,8 @@ def read_bytes(base: str | os.PathLike[str], rel: str, start: int = 0, size: int
     else:
         fd = _open_local(base, target)
         try:
+            if size is not None:
+                _within(fd, target, start, size)
             data = os.pread(fd, size if size is not None else _whole(fd, target, max_bytes), start)
         finally:
             os.close(fd)
@@ -162,6 +197,9 @@ def read_row(data_dir: str | os.PathLike[str], ref: RowRef, shard_cache: str | o
     if ref.shard:
         if ref.offset < 0 or ref.size <= 0:
             raise DataError(f"manifest row {ref.path!r} in shard {ref.shard!r} lacks offset/bytes")
+        if ref.size > MAX_READ_BYTES:  # 30e9 `bytes` was a MemoryError in evaluate
+            raise OSError(f"{ref.shard}: manifest row {ref.path!r} claims {ref.size} bytes at offset {ref.offset}, "
+                          f"over the {MAX_READ_BYTES}-byte limit for one image")
         if shard_cache is not None and is_url(data_dir):
             return read_bytes(shard_cache, cached_shard(data_dir, ref.shard, shard_cache), ref.offset, ref.size)
         return read_bytes(data_dir, ref.shard, ref.offset, ref.size)
@@ -224,5 +262,6 @@ def upload(local: str | os.PathLike[str], base: str, rel: str) -> None:
     One PUT (or a multipart upload completed at the end): the object appears whole or not at
     all, which is the object-store form of write-to-temp-then-rename.
     """
+    check_scheme(os.fspath(base), write=True)
     fs, path = filesystem(join(base, rel))
     fs.put_file(os.fspath(local), path)

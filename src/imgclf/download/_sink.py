@@ -57,6 +57,7 @@ class Target:
                 raise ConfigError("download: --state-dir is for an object-storage --out (s3://...); a local "
                                   "--out keeps its state inside itself")
             return cls(out, Path(out))
+        storage.check_scheme(out, write=True)  # memory://, zip://, http(s)://: one line, before anything runs
         storage.filesystem(out)  # a missing s3fs is one line now, not after the ingest
         work = Path(state_dir) if state_dir is not None else default_state_dir(out)
         work.mkdir(parents=True, exist_ok=True)
