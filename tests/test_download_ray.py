@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -237,6 +238,41 @@ def test_driver_sigkill_then_rerun_resumes_and_leaves_no_ray_process(tmp_path: P
     assert max(srv.counts.values()) <= 2
     stored = {p.relative_to(tmp_path / "d").as_posix() for p in (tmp_path / "d" / "images").glob("*/*")}
     assert stored == set(manifest["path"])  # no orphan file, none missing
+
+
+def test_ctrl_c_ends_like_the_local_engine(tmp_path: Path) -> None:
+    """A real SIGINT to the whole process group, as a terminal's Ctrl-C sends it, mid-run: exit 130,
+    manifest and report written (the rest `pending`), no traceback, no Ray process left behind
+    (issue 22: it was `ValueError: force=True is not supported for actor tasks`, exit 1, no manifest)."""
+    with FaultServer(latency=0.2) as srv:
+        urls = _urls(srv, 150)
+        src = _write(tmp_path, urls)
+        state = tmp_path / "d" / download.STATE_NAME
+        proc = subprocess.Popen(_cli(tmp_path, src), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        pids: set[int] = set()
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(proc, pids, stop))
+        watcher.start()
+        deadline = time.monotonic() + 180
+        while len(state_urls(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the Ctrl-C: {proc.stderr.read()[-2000:]!r}"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        stop.set()
+        watcher.join()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err and "ValueError" not in err
+    manifest = pd.read_parquet(tmp_path / "d" / "manifest.parquet")
+    counts = manifest["status"].value_counts().to_dict()
+    assert len(manifest) == 150 and counts.get("ok", 0) >= 30 and counts.get("pending", 0) > 0
+    report = json.loads((tmp_path / "d" / "download_report.json").read_text())
+    assert report["interrupted"] is True and report["ok_this_run"] == counts["ok"]
+    deadline = time.monotonic() + 20
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pids and not _alive(pids), f"Ray processes outlived Ctrl-C: {[_cmdline(p)[:60] for p in _alive(pids)]}"
 
 
 def test_missing_ray_is_one_line_saying_how_to_install_it(tmp_path: Path) -> None:

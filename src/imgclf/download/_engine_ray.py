@@ -163,11 +163,14 @@ class _Driver:
                     for ref in finished:
                         self._finish(ref) if ref in self.inflight else self._pinged(ref)
                     self.progress.tick()
+        except KeyboardInterrupt:
+            # Ctrl-C: committed shards stay; the caller writes the manifest (the rest `pending`) and
+            # exits 130, as the single-machine run does. It carries what this run finished.
+            interrupted = KeyboardInterrupt()
+            interrupted.done, interrupted.ok = self.done, self.ok  # type: ignore[attr-defined]
+            raise interrupted from None
         finally:
-            for ref in self.inflight:
-                ray.cancel(ref, force=True)
-            for actor in [*self.workers, self.leases]:
-                ray.kill(actor, no_restart=True)
+            self._stop_actors()
         if self.worker_lost:
             self._clean_up_after_lost_workers()
         if self.failed:
@@ -177,6 +180,16 @@ class _Driver:
                 f"{shard.describe(self.size)}: {reason}. Every other shard is committed; run the same "
                 "command again to retry")
         return self.done, self.ok
+
+    def _stop_actors(self) -> None:
+        """Kill the actors, which ends their open shards (an actor task cannot be force-cancelled:
+        `ray.cancel(force=True)` raised ValueError here and hid a Ctrl-C). Best effort: after a
+        Ctrl-C sent to the whole process group, parts of Ray may already be gone."""
+        for actor in [*self.workers, self.leases]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001, S112 - Ray's own types; the cluster is shut down next anyway
+                continue
 
     def _fill(self) -> None:
         """Give live workers shards, one each per round (retries first), until each has OPEN_PER_WORKER."""
