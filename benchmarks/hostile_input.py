@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/hostile_input.py                      # decode, resize, YAML figures
     .venv/bin/python benchmarks/hostile_input.py --serve RUN_DIR      # + /health latency under idle and slow clients
+    .venv/bin/python benchmarks/hostile_input.py --download           # + metadata bombs given to `imgclf download`
 
 "Unguarded" figures run the same code with the limits lifted, on scaled-down bombs where the full
 one would take minutes or gigabytes (the scale is printed); the guarded figure is the full bomb.
@@ -158,15 +159,47 @@ def serve_figures(model: str) -> None:
         proc.wait(timeout=30)
 
 
+def download_figures(members: int) -> None:
+    """Metadata bombs (issue 22, class 1) given to `imgclf download` in a child under a 2 GiB
+    RLIMIT_AS: exit code, seconds, peak RSS (VmHWM) and the size of .state.sqlite, against a
+    baseline of as many rows with short cells in the same run."""
+    import tempfile
+
+    import pandas as pd
+
+    print("download (child under RLIMIT_AS 2 GiB):  input | exit | s | peak RSS MiB | state MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        baseline = root / "short.csv"
+        pd.DataFrame({"url": [f"ftp://example.com/{i}.png" for i in range(20_000)], "label": "x"}).to_csv(
+            baseline, index=False)
+        cases = [
+            ("20,000 rows, short URLs (baseline)", baseline),
+            ("Parquet 20,000 x 50 KB URLs", hostile.long_url_parquet(root / "bomb.parquet")),
+            ("Parquet 4,000 x 50 KB URLs (under budget)", hostile.long_url_parquet(root / "cut.parquet", 4_000)),
+            (f".tar.gz {members:,} empty members, 8 KB names", hostile.long_name_targz(root / "n.tar.gz", members)),
+        ]
+        for name, path in cases:
+            out = root / f"out-{path.stem}"
+            ran = hostile.run_cli(["download", str(path), "--out", str(out), "--no-progress"], 2048)
+            state = sum(p.stat().st_size for p in out.glob(".state.sqlite*")) / 2**20
+            print(f"  {name:45s} ({path.stat().st_size / 1024:7.0f} KB) | {ran.returncode:4d} | "
+                  f"{ran.seconds:5.1f} | {ran.peak_rss_mib:7.0f} | {state:7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", metavar="MODEL", help="also time /health under hostile clients")
+    parser.add_argument("--download", action="store_true", help="also give metadata bombs to imgclf download")
+    parser.add_argument("--members", type=int, default=100_000, help="--download: members of the name bomb")
     args = parser.parse_args()
     decode_figures()
     resize_figures()
     yaml_figures()
     if args.serve:
         serve_figures(args.serve)
+    if args.download:
+        download_figures(args.members)
 
 
 if __name__ == "__main__":

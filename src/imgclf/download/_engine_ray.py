@@ -29,6 +29,8 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -130,6 +132,32 @@ def _pending_urls(state: State) -> int:
                             "AND kind = 'url'").fetchone()[0]
 
 
+class _CtrlC:
+    """SIGINT noted by our own handler and raised between two `ray.wait` rounds (0.25 s). Left to
+    Ray, a Ctrl-C could land inside its C++ wait and be lost while the workers, in the same process
+    group, died of it and were restarted: the run then went on to the end (exit 0)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.seen = True
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 class _Driver:
     def __init__(self, state: State, settings: StoreSettings, options: DownloadOptions, size: int, workers: int,
                  progress: Progress, target: Target) -> None:
@@ -152,9 +180,11 @@ class _Driver:
         self.done = self.ok = 0
 
     def run(self) -> tuple[int, int]:
+        ctrl_c = _CtrlC()
         try:
-            with self.progress:
+            with self.progress, ctrl_c:
                 while True:
+                    ctrl_c.check()
                     self._fill()
                     if not self.inflight and not self.down:
                         break
