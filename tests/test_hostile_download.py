@@ -64,7 +64,7 @@ def test_parquet_of_a_gigabyte_of_urls_is_refused_in_bounded_memory(bombs: dict[
 
 def test_long_cells_are_cut_before_they_are_stored(tmp_path: Path) -> None:
     """URL cells over 8 KB and path cells over 4 KB end as rows with a reason, stored as a short
-    stand-in; memory follows bytes (chunks of ~32 MB of text), not rows; the state stays small."""
+    stand-in; memory follows bytes (chunks of ~8 MB of text), not rows; the state stays small."""
     long_urls = [f"http://127.0.0.1:9/{i}/" + "u" * 60_000 for i in range(300)]
     with FaultServer() as srv:
         good = [srv.add(f"g{i}.png", _png(i), "image/png") for i in range(3)]

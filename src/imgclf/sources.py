@@ -59,8 +59,8 @@ MAX_URL_BYTES = 8192
 MAX_PATH_BYTES = 4096
 MAX_LABEL_BYTES = 1024
 MAX_SPLIT_BYTES = 64
-CHUNK_BYTES = 32 << 20
-METADATA_FLOOR = 256 << 20
+CHUNK_BYTES = 8 << 20
+METADATA_FLOOR = 64 << 20
 METADATA_RATIO = 20
 _CUT = "\u2026[cut: "  # the stored form of an over-long cell: its start, its size and a hash
 
@@ -105,10 +105,12 @@ def _cap_column(values: pd.Series, limit: int) -> tuple[pd.Series, int]:
     lengths = _utf8_len(values, limit)
     over = np.flatnonzero(lengths > limit)
     if len(over):
-        values = values.copy()
+        # A list, not values.iat[i] = ...: an Arrow-backed column copies itself on every set.
+        cells = values.tolist()
         for i in over:
-            values.iat[i] = cut_cell(values.iat[i])
-            lengths[i] = len(values.iat[i])
+            cells[i] = cut_cell(cells[i])
+            lengths[i] = len(cells[i])
+        values = pd.Series(cells, index=values.index, dtype=object)
     return values, int(lengths.sum())
 
 
