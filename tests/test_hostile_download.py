@@ -323,3 +323,15 @@ def test_a_tar_row_whose_offset_or_bytes_exceed_the_shard_is_refused(tmp_path: P
                 storage.RowRef(ref.path, ref.shard, 10**15, ref.size)):
         with pytest.raises(OSError, match="over the .*-byte limit|outside the file"):
             data.read_image(out, bad)
+
+
+def test_table_paths_into_proc_dev_sys_are_never_read(tmp_path: Path) -> None:
+    """A path column naming /dev/fd/N or /proc/self/... would read this process's own files."""
+    table = tmp_path / "paths.csv"
+    (tmp_path / "devlink").symlink_to("/dev", target_is_directory=True)  # realpath alone would miss it
+    pd.DataFrame({"path": ["/dev/fd/3", "/proc/self/environ", "/sys/kernel/notes", "/dev/stdin", "devlink/fd/3"],
+                  "label": "x"}).to_csv(table, index=False)
+    result = download.run([table], tmp_path / "data", _quiet())
+    manifest = pd.read_parquet(result.manifest_path)
+    assert set(manifest["status"]) == {"unreadable"}
+    assert manifest["error"].str.contains("never read").all()

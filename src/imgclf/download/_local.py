@@ -31,6 +31,7 @@ Archives found inside a folder are files like any other (`not_image`).
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -190,12 +191,56 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _pseudo(path: str) -> bool:
+    return any(_under(path, pseudo) for pseudo in PSEUDO_ROOTS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _folder_passes_pseudo(folder: str) -> bool:
+    return passes_pseudo(folder, last=False)
+
+
+def passes_pseudo(path: str, last: bool = True, hops: int = 40) -> bool:
+    """True when resolving `path` passes through /proc, /dev or /sys, hop by hop: realpath alone
+    misses it (/dev/fd/3 resolves to whatever file descriptor 3 is, this process's own state)."""
+    path = os.path.abspath(path)
+    if last:  # the folders are resolved once each (cached); the name itself here
+        parent, name = os.path.split(path)
+        if parent != path and _folder_passes_pseudo(parent):
+            return True
+        parts, current = [name], parent
+    else:
+        parts, current = path.split(os.sep)[1:], os.sep
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        step = os.path.join(current, part)
+        if _pseudo(step):
+            return True
+        try:
+            target = os.readlink(step)
+        except OSError:  # not a link (or not there): go on lexically
+            current = step
+            continue
+        hops -= 1
+        if hops < 0:
+            return False  # a link loop: opening it fails anyway
+        parts = [*target.split(os.sep), *parts]
+        if target.startswith(os.sep):
+            current = os.sep
+    return _pseudo(current)
+
+
 def _link_problem(entry: os.DirEntry[str], real_root: str, follow_links: bool) -> Skipped | None:
     """Why a symlink entry is not followed (kind, reason), or None to follow it."""
     target = os.path.realpath(entry.path)
     if not os.path.lexists(target):
         return None  # broken: the stat below lists it as such
-    if any(_under(target, pseudo) for pseudo in PSEUDO_ROOTS):
+    if _pseudo(target) or passes_pseudo(entry.path):
         return Skipped("", "", "special_path", "a symlink into /proc, /dev or /sys (never read)")
     if not follow_links and not _under(target, real_root):
         return Skipped("", "", "outside_link", "a symlink that leaves the source folder (not followed; "
@@ -207,7 +252,7 @@ def walk_folder(root: Path, follow_links: bool = False) -> Iterator[Item | Skipp
     """Every entry under `root`, in sorted order (stable row numbers), as Item or Skipped."""
     shown = str(root)
     real_root = os.path.realpath(root)
-    if any(_under(real_root, pseudo) for pseudo in PSEUDO_ROOTS):
+    if _pseudo(real_root) or passes_pseudo(str(root)):
         raise DataError(f"{root}: a folder under /proc, /dev or /sys cannot be a source")
     layout = Layout(sources.split_from_stem(root), folder_wrapper(root))
     try:
@@ -299,6 +344,10 @@ def table_items(frame: pd.DataFrame, table: Path) -> list[Item]:
 
 def _file_item(source: str, where: str, label: str, split: str, absolute: str) -> Item:
     """A table's local file: its signature now; a verdict when it cannot be a file we read."""
+    if passes_pseudo(absolute):
+        # /dev/fd/N, /proc/self/...: this process's own open files and memory, never input data
+        return Item(source, where, label, split, "file", absolute, status="unreadable",
+                    error="a path into /proc, /dev or /sys (never read)")
     try:
         st = os.stat(absolute)
     except OSError as err:
@@ -317,6 +366,7 @@ def iter_items(paths: list[Path], chunk_rows: int, columns: sources.Columns,
     else a list of Item/Skipped."""
     from imgclf.download import _archive
 
+    _folder_passes_pseudo.cache_clear()  # links may have changed since an earlier run in this process
     for path in paths:
         kind = sources.source_kind(path)
         if kind == "table":
