@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgclf.errors import DataError
-from imgclf.untrusted import check_labels, check_table_header
+from imgclf.untrusted import check_labels, check_table_header, shown
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -253,7 +253,8 @@ def _parquet_rows(path: Path, pfile: pq.ParquetFile, names: list[str], chunk_row
         densest = max(densest, size / max(1, group.num_rows))
     budget = metadata_budget(path)
     if total > budget:
-        raise DataError(f"{path}: its {', '.join(sorted(wanted))} column(s) hold {total} bytes uncompressed, "
+        names = ", ".join(shown(c, 40) for c in sorted(wanted))
+        raise DataError(f"{path}: its {names} column(s) hold {total} bytes uncompressed, "
                         f"over the {budget}-byte metadata budget of one input file ({METADATA_RATIO}x its size, "
                         f"at least {METADATA_FLOOR}); split it, or check where it came from")
     return max(1, min(chunk_rows, int(CHUNK_BYTES / max(densest, 1.0))))
