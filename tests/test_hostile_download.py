@@ -335,3 +335,28 @@ def test_table_paths_into_proc_dev_sys_are_never_read(tmp_path: Path) -> None:
     manifest = pd.read_parquet(result.manifest_path)
     assert set(manifest["status"]) == {"unreadable"}
     assert manifest["error"].str.contains("never read").all()
+
+
+@pytest.mark.parametrize("fmt", [__import__("tarfile").GNU_FORMAT, __import__("tarfile").PAX_FORMAT])
+def test_a_huge_tar_header_is_not_read(tmp_path: Path, fmt: int) -> None:
+    """One member named with 20 MB (gzip: 20 KB): tarfile would read the whole header into memory."""
+    import tarfile
+
+    archive = tmp_path / "one.tar.gz"
+    with tarfile.open(archive, "w:gz", format=fmt) as tar:
+        good = tarfile.TarInfo("b/ok.png")
+        data = _png(1)
+        good.size = len(data)
+        tar.addfile(good, io.BytesIO(data))
+        tar.addfile(tarfile.TarInfo("a/" + "n" * 20_000_000 + ".png"), io.BytesIO(b""))
+    assert archive.stat().st_size < 200_000
+    result = download.run([archive], tmp_path / "data", _quiet())
+    assert result.counts == {"ok": 1}  # what came before is kept
+    files = result.report["skipped"]["files"]
+    assert [f["kind"] for f in files] == ["unreadable_archive"]
+    assert "extended header (long name or pax) of 200000" in files[0]["reason"]
+    first = tmp_path / "first.tar.gz"  # the very first header: the archive cannot be opened, one line
+    with tarfile.open(first, "w:gz", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("a/" + "n" * 20_000_000 + ".png"), io.BytesIO(b""))
+    with pytest.raises(DataError, match="extended header .* over 1048576"):
+        download.run([first], tmp_path / "data2", _quiet())

@@ -16,6 +16,8 @@ Bounded (the member ends `too_large`, or the rest of the archive is not read):
     the names of one archive may hold at most max(64 MiB, the archive's size) bytes in all (64
     bytes counted per member on top): past that the rest is not read. A .tar.gz of 100,000 empty
     members with 8 KB names (2.2 MB) cost 2.8 GB of memory and a 3.3 GB state before this.
+  - a GNU long-name or pax header over MAX_HEADER_BYTES stops the listing as a corrupt archive
+    does (tarfile reads such a header whole: a 20 MB name is 20 KB of gzip).
 Two members with the same name are two rows (the second locator gets ` (#2)`), never one
 `duplicate`: a compressed tar's members are matched by their position in the stream, not by name.
 
@@ -51,6 +53,7 @@ TOTAL_RATIO = 100
 MAX_NAME_BYTES = 4096  # PATH_MAX: no file system stores a longer path
 NAMES_FLOOR = 64 << 20
 MEMBER_OVERHEAD = 64  # bytes counted per member besides its name (a listed entry's own cost)
+MAX_HEADER_BYTES = 1 << 20  # a GNU long-name or pax header (a name, a few times over, fits)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
                 NotImplementedError, RuntimeError, ValueError)
@@ -250,6 +253,26 @@ def _zip_entries(path: Path, max_bytes: int) -> Iterator[Entry]:
         yield Entry(name, parts, problem, is_file, index, info.file_size, info.CRC, status, error)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name header or a pax header whole, before any check of ours: a
+    20 MB name is 20 MB of memory (a gzip of it, 20 KB). Such headers over MAX_HEADER_BYTES stop
+    the listing as a corrupt archive does. (Private hooks of tarfile, stable since Python 2.)"""
+
+    def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        _check_header(self)
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        _check_header(self)
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]
+
+
+def _check_header(info: tarfile.TarInfo) -> None:
+    if info.size > MAX_HEADER_BYTES:
+        raise tarfile.HeaderError(f"an extended header (long name or pax) of {info.size} bytes, over "
+                                  f"{MAX_HEADER_BYTES}")
+
+
 @contextlib.contextmanager
 def open_tar(path: Path | str, fmt: str) -> Iterator[tarfile.TarFile]:
     """A TarFile: random access for a plain .tar, a forward-only stream for compressed ones."""
@@ -269,7 +292,8 @@ def open_tar(path: Path | str, fmt: str) -> Iterator[tarfile.TarFile]:
         else:
             fileobj, mode = None, _TAR_MODES[fmt]
         # backslashreplace: names with bytes that are not UTF-8 still make one stable string.
-        tar = tarfile.open(None if fileobj else path, mode, fileobj=fileobj, errors="backslashreplace")
+        tar = tarfile.open(None if fileobj else path, mode, fileobj=fileobj, errors="backslashreplace",
+                           tarinfo=_BoundedTarInfo)
         stack.enter_context(tar)
         yield tar
 
