@@ -266,7 +266,8 @@ def _text_rows(path: Path, chunk_rows: int, block: int = 8 << 20) -> int:
     longest, carry = 1, 0
     with open(path, "rb") as fh:
         while data := fh.read(block):
-            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+            raw = np.frombuffer(data, dtype=np.uint8)
+            ends = np.flatnonzero((raw == 10) | (raw == 13))  # \n, and \r alone (old Mac files)
             if len(ends) == 0:
                 carry += len(data)
                 longest = max(longest, carry)
