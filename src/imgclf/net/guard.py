@@ -53,7 +53,7 @@ class FetchedBody:
 
 @dataclass(frozen=True)
 class FetchFailed:
-    code: str  # invalid_url, refused, timeout, connection_error, http_error, too_many_redirects, too_large
+    code: str  # invalid_url, refused, timeout, connection_error, tls_error, http_error, too_many_redirects, too_large
     reason: str
 
 
@@ -178,6 +178,8 @@ class GuardedFetcher:
             return FetchFailed(err.status, err.error)
         except aiohttp.InvalidURL as err:
             return FetchFailed("invalid_url", f"{url[:200]!r}: {err}")
+        except aiohttp.ClientSSLError as err:  # an untrusted certificate: never a connection problem
+            return FetchFailed("tls_error", f"{err.__class__.__name__}: {str(err)[:200]}")
         except (aiohttp.ClientError, OSError) as err:
             refused = _find_refusal(err)
             if refused:
