@@ -221,6 +221,8 @@ def check_shapes(desc: Description, state: dict[str, Any], where: str | Path) ->
     times the number of stored tensors, so neither the class count nor timm_kwargs can make
     this check itself expensive."""
     limit = 8 * len(state) + 1024  # registrations per stored tensor: ~2-4 (activations, dropouts, norms)
+    too_big = DataError(f"{where}: imgclf metadata describes a model far larger than the {len(state)} "
+                        f"tensors the file stores ({desc.arch}); refused before building it")
     with _registration_budget(limit) as budget:
         try:
             with torch.device("meta"):
@@ -228,8 +230,9 @@ def check_shapes(desc: Description, state: dict[str, Any], where: str | Path) ->
         except (_OverBudget, DataError):
             if not budget.exceeded:
                 raise
-            raise DataError(f"{where}: imgclf metadata describes a model far larger than the {len(state)} "
-                            f"tensors the file stores ({desc.arch}); refused before building it") from None
+            raise too_big from None
+    if budget.exceeded:  # a library that swallowed _OverBudget and went on
+        raise too_big
     wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     stored = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
     problems = [f"missing {k}" for k in wanted if k not in stored]
