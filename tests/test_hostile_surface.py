@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def test_300000_class_names_are_refused_before_the_head_is_built(tmp_path: Path)
     assert "fc.weight is (3, 512), expected (300000, 512)" in line[0]
     # Before: 1.95 GB. The names themselves (~20 MB of str) are all the hostile file may cost.
     assert got.peak_rss_mib < base.peak_rss_mib + 150, (got.peak_rss_mib, base.peak_rss_mib)
+
+
+def test_metadata_over_the_pickle_budget_is_refused_before_unpickling(tmp_path: Path) -> None:
+    names = [f"{i:06d}" + "x" * 1000 for i in range(20_000)]  # 20 MB of names (3M short ones: 90 MB)
+    path = _checkpoint(tmp_path / "fat.pt", names)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"fat\.pt: its metadata \(data\.pkl\) is 19 MiB, over the 16 MiB"):
+        checkpoint.load_model(path)
+    assert time.monotonic() - started < 2  # unpickled, this took seconds (3M names: a minute, +0.5 GB)
 
 
 def test_timm_arguments_that_load_files_are_refused(tmp_path: Path) -> None:

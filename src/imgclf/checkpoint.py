@@ -20,11 +20,14 @@ buffers that build may register (a multiple of the tensors the file stores), and
 shape with the stored tensors. 300,000 class names against a 3-row head, or `embed_dim: 12288`
 against a 192-wide ViT, are refused there, in milliseconds and without allocating the model.
 timm arguments that load files or fetch weights (`checkpoint_path`, `pretrained_cfg`, ...) and
-values that are not plain scalars are refused by `describe`, before anything is built.
+values that are not plain scalars are refused by `describe`, before anything is built. Before
+any of that, the pickled part (data.pkl) may hold at most MAX_PICKLE_BYTES: 3,000,000 class
+names are refused without being unpickled.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,7 +139,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _read_resolved(resolve_checkpoint(path))
 
 
+# The pickled part of a checkpoint (keys, class names, config; the tensors are separate zip members):
+# 15-40 KB in the files train writes. Unpickling is pure Python under weights_only (~15 us and ~150
+# bytes per object), so a 90 MB list of 3M class names would cost a minute and 0.5 GB to reject.
+MAX_PICKLE_BYTES = 16 * 2**20
+
+
+def _check_pickle_size(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = [i.file_size for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    except (zipfile.BadZipFile, OSError):
+        return  # torch's legacy format, or not a checkpoint: torch.load says so
+    if sizes and max(sizes) > MAX_PICKLE_BYTES:
+        raise DataError(f"{path}: its metadata (data.pkl) is {max(sizes) / 2**20:.0f} MiB, over the "
+                        f"{MAX_PICKLE_BYTES // 2**20} MiB a checkpoint's keys, class names and config need; "
+                        "refused before reading it")
+
+
 def _read_resolved(path: Path) -> dict[str, Any]:
+    _check_pickle_size(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
