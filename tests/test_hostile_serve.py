@@ -393,3 +393,12 @@ def test_log_field_keeps_one_request_on_one_line(raw: str, logged: str) -> None:
     from imgclf.untrusted import log_field
 
     assert log_field(raw) == logged and len(log_field("/" * 500)) == 203
+
+
+def test_trusted_proxy_takes_only_an_address_or_network(capsys: pytest.CaptureFixture[str]) -> None:
+    from imgclf.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "x", "--trusted-proxy", "proxy.example, 1.2.3.4"])
+    assert info.value.code == 2
+    assert "--trusted-proxy: not an IP address or network: 'proxy.example, 1.2.3.4'" in capsys.readouterr().err
