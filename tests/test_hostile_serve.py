@@ -278,3 +278,127 @@ def test_past_max_connections_the_longest_idle_connection_is_closed(tiny_run: Pa
             sock.close()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------- issue 22: metrics labels and the access log
+
+
+@pytest.fixture(scope="module")
+def served_logged(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`imgclf serve` with default options, its log in a file (many access lines: a pipe would fill)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"{base} never became healthy"
+                time.sleep(0.3)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_made_up_methods_and_paths_add_no_metric_series(served_logged) -> None:
+    base, _ = served_logged
+    with httpx.Client(timeout=10) as client:
+        before = client.get(f"{base}/metrics").text
+        for i in range(300):  # before: each made-up method was a series of its own (20,000 -> 3.3 MB)
+            client.request(f"M{i:04d}X", f"{base}/predict")
+            client.get(f"{base}/docs/{i}")
+            client.get(f"{base}/static-offline-docs/x{i}.js")
+            client.get(f"{base}/redocX{i}")
+        after = client.get(f"{base}/metrics").text
+    series = [line for line in after.splitlines() if line.startswith("imgclf_requests_total{")]
+    assert not any(made_up in after for made_up in ("M0", "/docs/1", "redocX", "x1.js"))
+    assert any('method="other",path="/predict"' in line for line in series), series
+    assert len(series) <= 12, series
+    assert len(after) < len(before) + 8_000  # a handful of new series, not 1,200
+    errors = [line for line in after.splitlines() if line.startswith("imgclf_errors_total{")]
+    assert all('error="' in line for line in errors) and len(errors) <= 6, errors
+
+
+def _raw(base: str, request: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", _port(base)), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    return int(data.split()[1]) if data else 0
+
+
+def test_the_access_log_escapes_what_a_request_chose_and_ignores_x_forwarded_for(served_logged) -> None:
+    base, log_path = served_logged
+    forged = b"INFO imgclf.serve.access: 10.0.0.1:1 \"GET /admin\" 200 0.1ms 0B"
+    requests = [
+        b"GET /x%0d%0a" + forged.replace(b" ", b"%20").replace(b'"', b"%22") + b"%1b[2J HTTP/1.1\r\n",
+        b"GET /q?a=%0d%0aINFO%20forged%1b]0;title%07 HTTP/1.1\r\n",
+        b"GET /caf\xc3\xa9\xc2\x85\xe2\x80\xa8\xe2\x80\xae HTTP/1.1\r\n",  # NEL, LINE SEPARATOR, RLO (h11: 400)
+        b"GET /health HTTP/1.1\r\nX-Forwarded-For: 203.0.113.7\r\n",
+        b"GET /health HTTP/1.1\r\nX-Forwarded-For: 203.0.113.8\r\n  INFO continuation forged\r\n",
+    ]
+    for request in requests:
+        assert _raw(base, request + b"Host: x\r\nConnection: close\r\n\r\n") in (200, 400, 404)
+    time.sleep(0.5)
+    text = log_path.read_bytes().decode("utf-8", "surrogateescape")
+    lines = text.splitlines()
+    assert "\x1b" not in text and "\x07" not in text and "\u2028" not in text and "\u202e" not in text
+    assert all("imgclf.serve.access" in line for line in lines if "forged" in line or "/caf" in line), lines[-8:]
+    assert any('"GET /x%0d%0aINFO%20imgclf.serve.access:%2010.0.0.1:1%20%22GET' in line for line in lines)
+    assert not [line for line in lines if "forged" in line and not line.startswith("INFO imgclf.serve.access: ")]
+    health = [line for line in lines if '"GET /health"' in line]
+    # Any client can send X-Forwarded-For: without --trusted-proxy the socket's peer is logged.
+    assert health and not any("203.0.113" in line or "continuation" in line for line in health), health[-3:]
+    assert all("127.0.0.1:" in line for line in health[-2:])
+
+
+@pytest.mark.parametrize("peer,header,expected", [
+    ("127.0.0.1", b"203.0.113.7", "203.0.113.7"),  # a trusted proxy names the client
+    ("127.0.0.1", b"198.51.100.1, 203.0.113.7", "203.0.113.7"),  # rightmost: the one our proxy saw
+    ("127.0.0.1", b"203.0.113.7, 127.0.0.1", "203.0.113.7"),  # a chain of trusted proxies is skipped
+    ("127.0.0.1", b"203.0.113.7 INFO continuation forged", None),  # free text is never an address
+    ("127.0.0.1", b"203.0.113.7\r\nINFO forged", None),
+    ("127.0.0.1", b"", None),
+    ("192.0.2.5", b"203.0.113.7", None),  # not a trusted proxy: the header is anyone's
+    ("127.0.0.1", b"2001:db8::7", "2001:db8::7"),
+])
+def test_x_forwarded_for_only_from_a_trusted_proxy_and_only_an_address(peer: str, header: bytes,
+                                                                        expected: str | None) -> None:
+    from imgclf.serve._observability import forwarded_client, trusted_networks
+
+    scope = {"client": (peer, 5000), "headers": [(b"x-forwarded-for", header)] if header else []}
+    assert forwarded_client(scope, trusted_networks(["127.0.0.1", "10.0.0.0/8"])) == expected
+    assert forwarded_client(scope, ()) is None
+
+
+@pytest.mark.parametrize("raw,logged", [
+    ("/a\r\nINFO forged", "/a\\x0d\\x0aINFO forged"),
+    ("/\x1b[2J\x07", "/\\x1b[2J\\x07"),
+    ("/\x85\u2028\u202e", "/\\x85\\u2028\\u202e"),  # NEL, LINE SEPARATOR, RIGHT-TO-LEFT OVERRIDE
+    ('/"quoted" \\x41', "/\\x22quoted\\x22 \\x5cx41"),  # the delimiters too: escaping stays unambiguous
+    ("/café", "/café"),
+])
+def test_log_field_keeps_one_request_on_one_line(raw: str, logged: str) -> None:
+    """What AccessLog does with a decoded path (ASGI servers without raw_path) or any other field."""
+    from imgclf.untrusted import log_field
+
+    assert log_field(raw) == logged and len(log_field("/" * 500)) == 203
+
+
+def test_trusted_proxy_takes_only_an_address_or_network(capsys: pytest.CaptureFixture[str]) -> None:
+    from imgclf.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "x", "--trusted-proxy", "proxy.example, 1.2.3.4"])
+    assert info.value.code == 2
+    assert "--trusted-proxy: not an IP address or network: 'proxy.example, 1.2.3.4'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from imgclf.errors import DataError
+from imgclf.untrusted import csv_raw_frame
 
 CSV = "audit.csv"
 JSON = "audit.json"
@@ -62,6 +63,8 @@ def read_findings(path: str | Path) -> pd.DataFrame:
                                          "action": str, "kind": str}, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise DataError(f"{path}: not a readable CSV ({err.__class__.__name__})") from None
+    # audit.csv's text cells were written spreadsheet-safe (imgclf.csvfile): back to the raw values.
+    frame = csv_raw_frame(frame, ("path", "url", "split", "label", "suggested", "detail"))
     if "row" not in frame:
         raise DataError(f"{path}: no 'row' column (expected audit.csv columns: {', '.join(COLUMNS)})")
     rows = pd.to_numeric(frame["row"], errors="coerce")

@@ -12,10 +12,24 @@ checkpoints (the weights shipped before 0.2) also held `arch` and `preprocessing
 Lightning checkpoints written by `train` (RUN_DIR/checkpoints/{best,last}.ckpt) carry the
 extra keys Lightning needs to resume (optimizer states, loops, callbacks); the slim files
 under weights/ carry only the two keys above. `load_model` reads both.
+
+A checkpoint may come from anyone, so its metadata is not trusted to size anything before the
+stored tensors agree with it (issue 22, class 9): `load_model` first builds the architecture on
+PyTorch's meta device (shapes, no storage), with a budget on how many modules, parameters and
+buffers that build may register (a multiple of the tensors the file stores), and compares every
+shape with the stored tensors. 300,000 class names against a 3-row head, or `embed_dim: 12288`
+against a 192-wide ViT, are refused there, in milliseconds and without allocating the model.
+timm arguments that load files or fetch weights (`checkpoint_path`, `pretrained_cfg`, ...) and
+values that are not plain scalars are refused by `describe`, before anything is built. Before
+any of that, the pickled part (data.pkl) may hold at most MAX_PICKLE_BYTES: 3,000,000 class
+names are refused without being unpickled.
 """
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +40,7 @@ from torch import nn
 from imgclf._files import atomic_path
 from imgclf.config import TrainConfig
 from imgclf.errors import DataError, first_line
-from imgclf.models import create_model
+from imgclf.models import TIMM_LOADER_KEYS, create_model
 from imgclf.presets import Preprocessing
 from imgclf.rundir import RunDir
 
@@ -73,13 +87,39 @@ def describe(meta: Any, where: str | Path = "checkpoint") -> Description:
     if missing:
         raise DataError(f"{where}: imgclf metadata lacks {', '.join(missing)}")
     try:
+        _check_timm_kwargs(_timm_kwargs_of(meta["config"]), where)
         config = TrainConfig.model_validate(meta["config"])
         class_names = [str(name) for name in meta["class_names"]]
         if version == 1:
             return Description(str(meta["arch"]), class_names, Preprocessing.from_plain(meta["preprocessing"]), config)
         return Description(config.model.arch, class_names, Preprocessing.from_config(config.data), config)
+    except DataError:
+        raise
     except Exception as err:  # pydantic ValidationError, KeyError/TypeError/ValueError from bad metadata
         raise DataError(f"{where}: imgclf metadata is invalid ({first_line(err)})") from None
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _timm_kwargs_of(config: Any) -> Any:
+    model = config.get("model") if isinstance(config, dict) else None
+    return model.get("timm_kwargs") if isinstance(model, dict) else None
+
+
+def _check_timm_kwargs(kwargs: Any, where: str | Path) -> None:
+    """Refuse timm arguments that make the loader open a path or fetch weights, and any value that
+    is not a plain scalar (or a short list of them): a checkpoint describes layers, nothing more."""
+    if not isinstance(kwargs, dict):
+        return  # pydantic reports the wrong type
+    for key, value in kwargs.items():
+        if key in TIMM_LOADER_KEYS:
+            raise DataError(f"{where}: imgclf metadata sets model.timm_kwargs.{key}, which controls how "
+                            "weights are loaded; a checkpoint holds its own weights, so this key is refused")
+        items = value if isinstance(value, list | tuple) and len(value) <= 16 else [value]
+        if not all(isinstance(v, _PLAIN) and (not isinstance(v, str) or len(v) <= 200) for v in items):
+            raise DataError(f"{where}: imgclf metadata: model.timm_kwargs.{str(key)[:60]} is not a plain "
+                            "value (a number, a short string or a short list of them)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -99,7 +139,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _read_resolved(resolve_checkpoint(path))
 
 
+# The pickled part of a checkpoint (keys, class names, config; the tensors are separate zip members):
+# 15-40 KB in the files train writes. Unpickling is pure Python under weights_only (~15 us and ~150
+# bytes per object), so a 90 MB list of 3M class names would cost a minute and 0.5 GB to reject.
+MAX_PICKLE_BYTES = 16 * 2**20
+
+
+def _check_pickle_size(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = [i.file_size for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    except (zipfile.BadZipFile, OSError):
+        return  # torch's legacy format, or not a checkpoint: torch.load says so
+    if sizes and max(sizes) > MAX_PICKLE_BYTES:
+        raise DataError(f"{path}: its metadata (data.pkl) is {max(sizes) / 2**20:.0f} MiB, over the "
+                        f"{MAX_PICKLE_BYTES // 2**20} MiB a checkpoint's keys, class names and config need; "
+                        "refused before reading it")
+
+
 def _read_resolved(path: Path) -> dict[str, Any]:
+    _check_pickle_size(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -114,20 +173,98 @@ def load_model(path: str | Path) -> LoadedModel:
     resolved = resolve_checkpoint(path)
     ckpt = _read_resolved(resolved)
     desc = describe(ckpt["imgclf"], resolved)
+    if not isinstance(ckpt["state_dict"], dict):
+        raise DataError(f"{resolved}: 'state_dict' is not a mapping of tensors")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+             if isinstance(k, str) and k.startswith("model.")}
+    check_shapes(desc, state, resolved)  # before anything the metadata sizes is allocated
+    model = _build(desc, resolved)
     try:
-        # Structural options (a small-input stem) shape the layers the state dict fills.
-        model = create_model(desc.arch, len(desc.class_names), small_input=desc.config.model.small_input,
-                             timm_kwargs=desc.config.model.timm_kwargs)
-    except Exception as err:  # ConfigError for an unknown arch, anything timm raises
-        raise DataError(f"{resolved}: imgclf metadata is invalid ({first_line(err)})") from None
-    try:
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
     except Exception as err:  # shapes or keys that do not fit the arch with len(class_names) outputs
         raise DataError(f"{resolved}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
                         f"({first_line(err)})") from None
     model.eval()
     return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved)
+
+
+def _build(desc: Description, where: Path) -> nn.Module:
+    try:
+        # Structural options (a small-input stem) shape the layers the state dict fills.
+        return create_model(desc.arch, len(desc.class_names), small_input=desc.config.model.small_input,
+                            timm_kwargs=desc.config.model.timm_kwargs)
+    except Exception as err:  # ConfigError for an unknown arch, anything timm raises
+        raise DataError(f"{where}: imgclf metadata is invalid ({first_line(err)})") from None
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@dataclass
+class _Budget:
+    limit: int
+    count: int = 0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.count > self.limit
+
+
+@contextmanager
+def _registration_budget(limit: int) -> Iterator[_Budget]:
+    """Raise _OverBudget once more than `limit` modules, parameters and buffers have been registered
+    (process-wide hooks, removed on exit): a model built from metadata cannot outgrow the file.
+    Whoever catches the exception on the way (create_model rewraps timm's errors) cannot hide it:
+    the caller reads `exceeded`."""
+    from torch.nn.modules import module as torch_module
+
+    budget = _Budget(limit)
+
+    def hook(*_: Any) -> None:
+        budget.count += 1
+        if budget.exceeded:
+            raise _OverBudget
+
+    handles = [torch_module.register_module_module_registration_hook(hook),
+               torch_module.register_module_parameter_registration_hook(hook),
+               torch_module.register_module_buffer_registration_hook(hook)]
+    try:
+        yield budget
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_shapes(desc: Description, state: dict[str, Any], where: str | Path) -> None:
+    """DataError unless the model `desc` describes has exactly the stored tensors' names and shapes.
+
+    The model is built on the meta device (no storage), under a registration budget of a few
+    times the number of stored tensors, so neither the class count nor timm_kwargs can make
+    this check itself expensive."""
+    limit = 8 * len(state) + 1024  # registrations per stored tensor: ~2-4 (activations, dropouts, norms)
+    too_big = DataError(f"{where}: imgclf metadata describes a model far larger than the {len(state)} "
+                        f"tensors the file stores ({desc.arch}); refused before building it")
+    with _registration_budget(limit) as budget:
+        try:
+            with torch.device("meta"):
+                skeleton = _build(desc, Path(where))
+        except (_OverBudget, DataError):
+            if not budget.exceeded:
+                raise
+            raise too_big from None
+    if budget.exceeded:  # a library that swallowed _OverBudget and went on
+        raise too_big
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    problems = [f"missing {k}" for k in wanted if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in wanted]
+    problems += [f"{k} is {stored[k]}, expected {wanted[k]}" for k in wanted
+                 if k in stored and stored[k] != wanted[k]]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{where}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
+                        f"({problems[0][:200]}{more})")
 
 
 def save_slim(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

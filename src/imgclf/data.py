@@ -25,11 +25,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imgclf import rundir, storage
 from imgclf._files import atomic_path
+from imgclf.csvfile import write_frame
 from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
 from imgclf.manifest import read_manifest, row_refs, usable_rows
 from imgclf.presets import ImageTooLarge
-from imgclf.untrusted import check_labels, csv_raw_frame, csv_safe_frame
+from imgclf.untrusted import check_labels, csv_raw_frame
 
 log = logging.getLogger(__name__)
 SPLIT_NAME = rundir.SPLIT
@@ -96,7 +97,7 @@ def write_split(split: pd.DataFrame, run_dir: Path) -> Path:
     """split.csv, its text cells spreadsheet-safe (`untrusted.csv_cell`; read_split undoes it)."""
     path = Path(run_dir) / SPLIT_NAME
     with atomic_path(path) as tmp:
-        csv_safe_frame(split).to_csv(tmp, index=False)
+        write_frame(split, tmp, index=False)
     return path
 
 

@@ -10,10 +10,10 @@ Everything lands under --out (default ./demo_output); nothing is fetched from th
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
+from imgclf.csvfile import RowWriter
 from imgclf.errors import DataError
 
 SAMPLE_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -36,7 +36,7 @@ def write_sources(base_url: str, out_dir: Path, limit: int | None = None) -> lis
     for split in ("train", "test"):
         path = out_dir / f"{split}.csv"
         with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
+            writer = RowWriter(fh)
             writer.writerow(["url", "label"])
             for class_dir in sorted((SAMPLE_ROOT / "fashion_mnist" / split).iterdir()):
                 for image in sorted(class_dir.glob("*.png"))[:limit]:

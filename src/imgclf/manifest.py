@@ -61,6 +61,8 @@ STATUSES: dict[str, str] = {
     "http_error": "the server answered with a non-retryable or exhausted error status",
     "timeout": "connect, read or total deadline exceeded (after retries)",
     "connection_error": "DNS failure, refused or reset connection (after retries)",
+    "tls_error": "TLS failed: a certificate not trusted (self-signed, private CA, expired, other host; never "
+                 "retried) or a failed handshake; trust a private CA with SSL_CERT_FILE=ca.pem",
     "too_many_redirects": "redirect loop or more redirects than allowed",
     "too_large": "body larger than --max-bytes, or more pixels than the bomb limit",
     "empty": "the body was empty",

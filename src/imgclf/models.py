@@ -129,7 +129,20 @@ def _pretrained_torchvision(arch: str, cache_dir: str | None) -> nn.Module:
             ) from None
 
 
+# timm.create_model arguments that open files, fetch weights or change what the model is (a feature
+# extractor): imgclf loads weights itself (model.pretrained, model.weights), so these are refused.
+TIMM_LOADER_KEYS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "pretrained_filter_fn",
+    "pretrained_model_args", "checkpoint_path", "cache_dir", "pruned", "model_cfg", "feature_cfg",
+    "features_only", "feature_cls", "out_indices", "kwargs_filter", "num_classes", "model_name",
+})
+
+
 def _timm_model(name: str, num_classes: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    refused = sorted(TIMM_LOADER_KEYS & set(kwargs))
+    if refused:
+        raise ConfigError(f"model.timm_kwargs.{refused[0]}: controls how timm loads weights; refused "
+                          "(use model.pretrained or model.weights)")
     try:
         import timm
     except ImportError:

@@ -12,6 +12,12 @@ which prefixes such a cell with one apostrophe, and also a cell that already sta
 `csv_uncell` (strip one leading apostrophe) gives back the raw text exactly. Numbers are not text
 cells and are never touched. JSON outputs (metrics.json, predict's JSONL, serve) keep raw values.
 
+Log fields. Text a request chose (a path, a query, a method, a forwarded address) goes into a
+log line through `log_field`: every character that is not printable (C0/C1 controls such as CR,
+LF and ESC, Unicode line separators, bidirectional overrides) and the backslash and double
+quote that delimit fields become \\xHH / \\uHHHH escapes, so one request is one line, a log
+reader's terminal is never driven, and the escaping can be undone without ambiguity.
+
 Table headers. `check_table_header` reads a CSV's header and first row with the csv module before
 pandas does: a column named twice (after trimming and lower-casing) and a first row with more
 fields than the header (pandas would silently take the first column as an index and shift every
@@ -70,6 +76,17 @@ def check_labels(labels: pd.Series, where: Callable[[int], str]) -> None:
         i = int(bad[0])
         label = str(labels.iloc[i])
         raise _refusal(where(i), label, label_problem(label) or "")
+
+
+def log_field(value: str, limit: int = 200) -> str:
+    """`value` escaped for a one-line log record, cut to `limit` characters before escaping."""
+    cut = value[:limit]
+    if cut.isprintable() and "\\" not in cut and '"' not in cut:
+        return cut + ("..." if len(value) > limit else "")
+    out = [ch if ch.isprintable() and ch not in '\\"' else
+           (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+            else f"\\U{ord(ch):08x}") for ch in cut]
+    return "".join(out) + ("..." if len(value) > limit else "")
 
 
 def csv_cell(value: Any) -> Any:

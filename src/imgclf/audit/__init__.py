@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from imgclf import __version__, auditdir
 from imgclf._files import write_atomic
 from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
+from imgclf.csvfile import frame_text
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, row_refs, usable_rows
 
@@ -105,7 +106,8 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     with threadpool_limits(1):
         findings, summary = _analyse(ok, names, embedded, opts, timing)
     audit_csv = out / auditdir.CSV
-    write_atomic(audit_csv, findings.to_csv(index=False))
+    # Labels and URLs are scraped data: `=HYPERLINK(...)` must reach a spreadsheet as text (csvfile).
+    write_atomic(audit_csv, frame_text(findings, index=False, errors="surrogateescape"))
     result = {
         "schema_version": SCHEMA_VERSION, "imgclf_version": __version__,
         "data_dir": str(Path(opts.data).resolve()), "out_dir": str(out.resolve()),

@@ -34,7 +34,19 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-threads", type=int, default=0,
                    help="intra-op threads of a PyTorch or TorchScript model (0: half the cores; the rest decode "
                         "and preprocess requests)")
+    p.add_argument("--trusted-proxy", action="append", default=[], type=_network, metavar="ADDR[/BITS]",
+                   help="a reverse proxy whose X-Forwarded-For names the client in the access log (repeat "
+                        "for several); without it the header is ignored, since any client can send it")
     p.set_defaults(handler=handle)
+
+
+def _network(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address or network: {value!r}") from None
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -45,5 +57,6 @@ def handle(args: argparse.Namespace) -> int:
     fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.timeout, max_bytes=max_bytes)
     options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch,
                                  max_concurrency=args.max_concurrency, body_timeout=args.body_timeout,
-                                 head_timeout=args.head_timeout, model_threads=args.model_threads)
+                                 head_timeout=args.head_timeout, model_threads=args.model_threads,
+                                 trusted_proxies=tuple(args.trusted_proxy))
     return serve.run(args.model, args.backend, args.host, args.port, options)

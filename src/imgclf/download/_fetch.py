@@ -3,7 +3,9 @@
 Each attempt has a connect timeout, a read timeout (longest silence) and a total deadline that
 covers redirects and the whole body, so a server that trickles a byte a second frees its slot.
 Timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and full
-jitter; Retry-After is honoured up to a bound; other 4xx are final. Redirects and the capped
+jitter; Retry-After is honoured up to a bound; other 4xx are final. A certificate the system
+does not trust (self-signed, private CA, expired, wrong host) ends the row at once as
+`tls_error`: asking again gets the same certificate. Redirects and the capped
 body read are imgclf.net.http's, shared with predict and serve. How many attempts each host
 gets at a time is the limiter's call (`_politeness`: adaptive by default, `--per-host N` fixed);
 each attempt tells it how the host answered.
@@ -102,6 +104,11 @@ class Fetcher:
                     last, wait = Fetched("timeout", f"no complete answer within the {opts.timeout:g}s deadline",
                                          0, attempts), None
                     slot.failed()
+                except aiohttp.ClientConnectorCertificateError as err:  # before ClientError: never retried
+                    return Fetched("tls_error", tls_reason(err), 0, attempts)
+                except aiohttp.ClientSSLError as err:  # a handshake that failed otherwise may go through
+                    last, wait = Fetched("tls_error", first_line(err), 0, attempts), None
+                    slot.failed()
                 except (aiohttp.ClientError, OSError) as err:
                     last, wait = Fetched("connection_error", first_line(err), 0, attempts), None
                     slot.failed()
@@ -173,6 +180,11 @@ class _HeaderDeadline:
 
     def cancel(self) -> None:
         self.handle.cancel()
+def tls_reason(err: aiohttp.ClientConnectorCertificateError) -> str:
+    """What OpenSSL said about the certificate, and the way to trust a private CA."""
+    said = getattr(err.certificate_error, "verify_message", "") or first_line(err.certificate_error)
+    return (f"certificate of {err.host}:{err.port} not trusted ({said}); for a private CA set "
+            "SSL_CERT_FILE=/path/to/ca-bundle.pem")
 
 
 class _NoHeaders(Exception):

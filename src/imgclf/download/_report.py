@@ -120,6 +120,10 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     for status, n in sorted(report["counts"].items(), key=lambda kv: (kv[0] != "ok", -kv[1])):
         table.add_row(status, str(n), f"{100 * n / total:.1f}%", STATUSES.get(status, ""))
     console.print(table)
+    if report["counts"].get("tls_error"):
+        console.print(f"[bold yellow]tls_error:[/] {report['counts']['tls_error']} row(s) met a certificate this "
+                      "system does not trust; for a private CA run again with SSL_CERT_FILE=/path/to/ca.pem "
+                      "and --retry-failed (never turn verification off)")
     leak = report["leakage"]
     if leak["images"]:
         console.print(f"[bold yellow]leakage:[/] {leak['images']} image(s) appear in more than one split "

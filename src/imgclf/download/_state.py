@@ -289,7 +289,7 @@ class State:
         self.db.execute("BEGIN")
         cur = self.db.execute(
             "UPDATE urls SET status = NULL WHERE first_row IS NOT NULL AND (status IN ('timeout', "
-            f"'connection_error') OR (status = 'http_error' AND http_status IN (0,{codes})) "
+            f"'connection_error', 'tls_error') OR (status = 'http_error' AND http_status IN (0,{codes})) "
             "OR (status = 'unreadable' AND kind = 'file'))")
         self.db.execute("COMMIT")
         return cur.rowcount

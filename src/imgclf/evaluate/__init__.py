@@ -34,6 +34,7 @@ from sklearn.metrics import classification_report
 
 from imgclf import __version__, storage
 from imgclf._files import write_atomic
+from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, read_split
 from imgclf.errors import ConfigError, DataError
@@ -42,7 +43,6 @@ from imgclf.evaluate._scoring import open_model, predict_proba
 from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.rundir import RunDir
-from imgclf.untrusted import csv_safe_frame
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +352,10 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preds = predictions_frame(eval_set, y_true, proba, names)
     # Text cells spreadsheet-safe (a class named "=cmd..." is not a formula); raw values in metrics.json.
-    csv_safe_frame(preds).to_csv(out / "predictions.csv", index=False, errors="surrogateescape")
+    write_frame(preds, out / "predictions.csv", index=False, errors="surrogateescape")
     report = classification_report(y_true, proba.argmax(axis=1), labels=np.arange(len(names)),
                                    target_names=names, output_dict=True, zero_division=0)
-    csv_safe_frame(pd.DataFrame(report).T).to_csv(out / "classification_report.csv", index_label="class")
+    write_frame(pd.DataFrame(report).T, out / "classification_report.csv", index_label="class")
     files = {"predictions": "predictions.csv", "classification_report": "classification_report.csv",
              **write_plots(out, metrics, names, plan.run_dir),
              "report": "report.html", "metrics": "metrics.json"}

@@ -4,13 +4,15 @@ Used by predict (URLs given on the command line) and serve (`{"url": ...}` reque
 Results are values (`FetchedBody` or `FetchFailed`), never exceptions, so one bad URL never
 stops a batch or a server.
 
-SSRF: unless `allow_private` is set, every address a request would connect to must be a
-public unicast address. Host names are checked inside the connector's resolver, i.e. on
-the very addresses the socket connects to, so a DNS answer that changes between a check
-and the connect (DNS rebinding) cannot slip through; IP literals, which aiohttp never
-resolves, are checked before each hop, and redirects are followed by hand so every hop
-is checked (imgclf.net.http follows them and caps the body, as it does for download). Proxies
-from the environment are ignored (a proxy would hide the target).
+SSRF: unless `allow_private` is set, every address a request would connect to must be a public
+unicast address, by the table in `imgclf.net.addresses` (IANA special-purpose ranges listed
+explicitly; 6to4, Teredo, NAT64 and IPv4-mapped addresses judged by the IPv4 inside). Host
+names are checked inside the connector's resolver, i.e. on the very addresses the socket
+connects to, so a DNS answer that changes between a check and the connect (DNS rebinding)
+cannot slip through; IP literals, which aiohttp never resolves, are checked before each hop,
+and redirects are followed by hand so every hop is checked (imgclf.net.http follows them and
+caps the body, as it does for download). Proxies from the environment are ignored (a proxy
+would hide the target).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from yarl import URL
 
 from imgclf import __version__
 from imgclf.net import http as _http
+from imgclf.net.addresses import classify
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class FetchedBody:
 
 @dataclass(frozen=True)
 class FetchFailed:
-    code: str  # invalid_url, refused, timeout, connection_error, http_error, too_many_redirects, too_large
+    code: str  # invalid_url, refused, timeout, connection_error, tls_error, http_error, too_many_redirects, too_large
     reason: str
 
 
@@ -59,21 +62,9 @@ class AddressRefused(OSError):
 
 
 def refusal(ip_text: str) -> str | None:
-    """What kind of non-public address this is ("loopback", ...), or None for a public unicast one."""
-    try:
-        ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
-    except ValueError:
-        return "unparsable"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    for attr, kind in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
-                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
-                       ("is_reserved", "reserved"), ("is_private", "private")):
-        if getattr(ip, attr):
-            return kind
-    if not ip.is_global:  # e.g. 100.64.0.0/10 carrier-grade NAT
-        return "non-public"
-    return None
+    """What kind of non-public address this is ("loopback", ...), or None for a public unicast one.
+    The table is ours (net.addresses), so the answer does not depend on the Python patch level."""
+    return classify(ip_text)
 
 
 def _article(kind: str) -> str:
@@ -187,6 +178,8 @@ class GuardedFetcher:
             return FetchFailed(err.status, err.error)
         except aiohttp.InvalidURL as err:
             return FetchFailed("invalid_url", f"{url[:200]!r}: {err}")
+        except aiohttp.ClientSSLError as err:  # an untrusted certificate: never a connection problem
+            return FetchFailed("tls_error", f"{err.__class__.__name__}: {str(err)[:200]}")
         except (aiohttp.ClientError, OSError) as err:
             refused = _find_refusal(err)
             if refused:

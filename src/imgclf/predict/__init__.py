@@ -16,7 +16,6 @@ never imported. The model is opened by `imgclf.inference.load_classifier`, as se
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from imgclf.csvfile import RowWriter
 from imgclf.errors import ConfigError
 from imgclf.inference import Classifier, load_classifier
 from imgclf.inference._tta import check_mode as check_tta
@@ -33,7 +33,6 @@ from imgclf.predict._inputs import Input, expand_inputs
 from imgclf.predict._loader import LoadPlan, load_batches
 from imgclf.prediction import Prediction
 from imgclf.progress import track
-from imgclf.untrusted import csv_cell
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class CsvWriter:
     """input,status,error,label_1,probability_1,...: one row per input, spreadsheet-safe."""
 
     def __init__(self, stream: IO[str], k: int) -> None:
-        self._writer = csv.writer(stream)
+        self._writer = RowWriter(stream)
         self._k = k
         header = ["input", "status", "error"]
         for i in range(1, k + 1):
@@ -82,8 +81,8 @@ class CsvWriter:
         for i in range(self._k):
             row += [pred.top[i][0], f"{pred.top[i][1]:.6f}"] if i < len(pred.top) else ["", ""]
         # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
-        # leading apostrophe (imgclf.untrusted.csv_cell); JSONL keeps the raw text.
-        self._writer.writerow([csv_cell(cell) for cell in row])
+        # leading apostrophe (RowWriter: imgclf.csvfile); JSONL keeps the raw text.
+        self._writer.writerow(row)
 
 
 class JsonlWriter:

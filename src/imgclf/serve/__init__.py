@@ -79,6 +79,9 @@ class ServeOptions:
     body_timeout: float = 60.0  # seconds for a whole request body
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open between requests
     max_connections: int = 1024  # open connections; past it the one idle longest is closed
+    # Addresses or networks of reverse proxies whose X-Forwarded-For names the client in the access
+    # log; empty: the header is ignored (anyone can send it). See serve._observability.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class ApiError(Exception):
@@ -185,7 +188,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     # Only the routes that do real work are limited: /health must answer while /predict is full.
     app.add_middleware(RouteLimit, limit=options.max_concurrency, paths=("/predict",))
     # Added last, so outermost: it times and logs every reply, the limit's 503s included.
-    app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(AccessLog, metrics=metrics, trusted_proxies=options.trusted_proxies)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -313,7 +316,9 @@ def run(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 
              len(classifier.class_names), where_to_open(host, port))
     # No uvicorn limit_concurrency: it counts idle connections and then refuses /health too. Each
     # /predict holds its body (up to --max-upload-mb) while it waits, so RouteLimit caps those.
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+    # proxy_headers=False: uvicorn would otherwise let X-Forwarded-For from loopback replace the
+    # client address, unchecked; AccessLog reads it, from --trusted-proxy peers only.
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
                 http=guarded_protocol(options.head_timeout, options.max_connections),
                 timeout_keep_alive=options.keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     return 0

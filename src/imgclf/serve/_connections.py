@@ -33,6 +33,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from imgclf.untrusted import log_field
+
 log = logging.getLogger("imgclf.serve")
 
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers (h11's incomplete-event limit)
@@ -176,7 +178,8 @@ class RouteLimit:
         try:
             await self.app(scope, receive, tracked)
         except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            log.exception("unhandled error on %s %s", log_field(str(scope.get("method")), 24),
+                          log_field(str(scope.get("path"))))
             if not started:
                 await error_response(500, "internal_error", "the server failed on this request; see its log",
                                      {"connection": "close"})(scope, receive, send)

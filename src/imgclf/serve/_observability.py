@@ -8,20 +8,33 @@
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so it sees every reply, the
 503s of the concurrency limit and streamed bodies included, and adds no task per request.
-Paths are labelled by route, never by the raw URL, so a scan of random URLs cannot grow the
-metric set without bound. The registry is per app: two apps in one process (tests) do not mix.
+The registry is per app: two apps in one process (tests) do not mix.
+
+Hostile clients (issue 22, classes 2 and 3):
+- Every metric label a request could choose comes from a closed set: the method is one of the
+  standard ones or "other", the path one of the app's routes or "other", the error one of the
+  codes serve answers with or "other". A scan of made-up methods and URLs adds no series.
+- Every request-derived field of the access line (method, target as sent, forwarded address) goes
+  through `untrusted.log_field`: `%0d%0a` in a path cannot forge a line, `%1b` cannot drive a
+  terminal. The target is logged as sent (still percent-encoded), not decoded.
+- X-Forwarded-For is ignored unless the connection comes from a `--trusted-proxy` address; then
+  the client is the rightmost entry that is not itself a trusted proxy, used only if it is a valid
+  IP address, and logged as `CLIENT (via PROXY:PORT)`. Anything else keeps the socket's peer.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from imgclf.untrusted import log_field
 
 access_log = logging.getLogger("imgclf.serve.access")
 
@@ -31,7 +44,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-KNOWN_PATHS = ("/predict", "/health", "/labels", "/metrics", "/", "/docs", "/redoc", "/openapi.json")
+KNOWN_PATHS = frozenset({"/predict", "/health", "/labels", "/metrics", "/", "/docs", "/docs/oauth2-redirect",
+                         "/redoc", "/openapi.json"})
+STATIC_DOCS = "/static-offline-docs"  # fastapi-offline's files for /docs and /redoc: one label for all
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
+# Every code serve answers with (serve, serve._connections, images' decode statuses, net.guard's
+# fetch codes as url_*); another one is counted as "other", never as itself.
+ERROR_CODES = frozenset({
+    "bad_request", "head_timeout", "busy", "internal_error", "invalid_request", "too_large", "body_timeout",
+    "bad_multipart", "no_file", "invalid_json", "unsupported_media_type", "client_disconnected", "not_found",
+    "method_not_allowed", "http_error", "not_image", "empty", "too_small", "unreadable",
+}) | {f"url_{code}" for code in ("invalid_url", "refused", "timeout", "connection_error", "tls_error",
+                                  "http_error", "too_many_redirects", "too_large")}
 
 
 class Metrics:
@@ -58,25 +82,67 @@ class Metrics:
 
 
 def _error_code(body: bytes) -> str:
-    """The `error` field of an error reply's JSON body (every error reply has one), bounded."""
+    """The `error` field of an error reply's JSON body (every error reply has one), from ERROR_CODES."""
     try:
         code = json.loads(body).get("error", "")
     except (ValueError, AttributeError):
         return "unparsed"
-    return code[:40] if isinstance(code, str) and code.replace("_", "").isalnum() else "unparsed"
+    return code if isinstance(code, str) and code in ERROR_CODES else "other"
 
 
 def _route(path: str) -> str:
-    if path in KNOWN_PATHS or path.startswith("/docs") or path.startswith("/redoc"):
+    if path in KNOWN_PATHS:
         return path
+    if path.startswith(STATIC_DOCS + "/"):
+        return STATIC_DOCS
     return "other"
+
+
+def _method(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(proxies: Iterable[str]) -> tuple[Network, ...]:
+    """`--trusted-proxy` values (an address or a network) as networks; ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in proxies)
+
+
+def _is_in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def forwarded_client(scope: Scope, trusted: tuple[Network, ...]) -> str | None:
+    """The client address a trusted proxy forwarded, or None (untrusted peer, no valid entry).
+
+    Read right to left: each trusted proxy appends the address it received from, so the rightmost
+    entry that is not a trusted proxy is the first one no proxy of ours vouches for."""
+    peer = (scope.get("client") or ("", 0))[0]
+    if not trusted or not _is_in(peer, trusted):
+        return None
+    values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"x-forwarded-for"]
+    for entry in reversed(",".join(values)[:2048].split(",")):
+        entry = entry.strip()
+        if not _is_in(entry, trusted):
+            try:
+                return str(ipaddress.ip_address(entry))  # only a real address, never free text
+            except ValueError:
+                return None
+    return None
 
 
 class AccessLog:
     """ASGI middleware: times each HTTP request, logs one line, updates `metrics`."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, trusted_proxies: Iterable[str] = ()) -> None:
         self.app, self.metrics = app, metrics
+        self.trusted = trusted_networks(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,12 +172,16 @@ class AccessLog:
         status, size = reply["status"], reply["bytes"]
         path = _route(scope.get("path", ""))
         method = scope.get("method", "")
-        self.metrics.requests.labels(method, path, str(status)).inc()
+        self.metrics.requests.labels(_method(method), path, str(status)).inc()
         self.metrics.latency.labels(path).observe(seconds)
         if status >= 400:
             self.metrics.errors.labels(str(status), reply["error"] or "none").inc()
-        client = scope.get("client") or ("-", 0)
-        query = scope.get("query_string", b"").decode("latin-1")
-        target = scope.get("path", "") + (f"?{query}" if query else "")
-        access_log.info('%s:%s "%s %s" %d %.1fms %dB', client[0], client[1], method, target[:200], status,
+        host, port = scope.get("client") or ("-", 0)
+        peer = f"{log_field(str(host), 64)}:{port}"
+        forwarded = forwarded_client(scope, self.trusted)
+        client = f"{forwarded} (via {peer})" if forwarded else peer
+        query = scope.get("query_string", b"")
+        raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogateescape")
+        target = (raw + (b"?" + query if query else b"")).decode("latin-1")  # as sent, percent-escapes kept
+        access_log.info('%s "%s %s" %d %.1fms %dB', client, log_field(method, 24), log_field(target), status,
                         seconds * 1000, size)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from imgclf import data
 from imgclf._files import atomic_path
+from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
 from imgclf.rundir import CURVES, METRICS_CSV
 from imgclf.train._module import ImageClassifier
@@ -47,7 +48,7 @@ class MetricsLog(pl.Callback):
         frame = read_metrics(self.run_dir)
         frame = frame[frame["epoch"] < epoch]
         frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)[METRIC_COLUMNS]
-        frame.to_csv(self.run_dir / METRICS_CSV, index=False)
+        write_frame(frame, self.run_dir / METRICS_CSV, index=False)
         plot_curves(frame, self.run_dir / CURVES)
         log.info(epoch_line(row, trainer.max_epochs))
 
