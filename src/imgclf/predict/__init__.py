@@ -58,12 +58,10 @@ def predict(items: Iterable[Input], classifier: Classifier, options: PredictOpti
     """
     plan = LoadPlan(options.batch_size, options.read_threads, options.timeout)
     for batch in load_batches(items, classifier, plan):
-        probs = iter(classifier.probabilities(batch.inputs) if batch.inputs is not None else ())
+        tops = iter(classifier.top_k_batch(classifier.probabilities(batch.inputs), options.top_k)
+                    if batch.inputs is not None else ())
         for item, error in zip(batch.items, batch.errors, strict=True):
-            if error:
-                yield Prediction(item.source, [], error)
-            else:
-                yield Prediction(item.source, classifier.top_k(next(probs), options.top_k))
+            yield Prediction(item.source, [], error) if error else Prediction(item.source, next(tops))
 
 
 class CsvWriter:
@@ -72,18 +70,24 @@ class CsvWriter:
     def __init__(self, stream: IO[str], k: int) -> None:
         self._writer = csv.writer(stream)
         self._k = k
+        self._labels: dict[str, Any] = {}  # label -> its cell: a model has a few labels, rows have many
         header = ["input", "status", "error"]
         for i in range(1, k + 1):
             header += [f"label_{i}", f"probability_{i}"]
         self._writer.writerow(header)
 
     def write(self, pred: Prediction) -> None:
-        row: list[Any] = [pred.input, pred.status, pred.error]
-        for i in range(self._k):
-            row += [pred.top[i][0], f"{pred.top[i][1]:.6f}"] if i < len(pred.top) else ["", ""]
         # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
-        # leading apostrophe (imgclf.untrusted.csv_cell); JSONL keeps the raw text.
-        self._writer.writerow([csv_cell(cell) for cell in row])
+        # leading apostrophe (imgclf.untrusted.csv_cell); JSONL keeps the raw text. The status is one of
+        # our own words and a probability a number: neither needs it.
+        row: list[Any] = [csv_cell(pred.input), pred.status, csv_cell(pred.error)]
+        for label, probability in pred.top[: self._k]:
+            cell = self._labels.get(label)
+            if cell is None:
+                cell = self._labels[label] = csv_cell(label)
+            row += (cell, f"{probability:.6f}")
+        row += ("", "") * (self._k - min(len(pred.top), self._k))
+        self._writer.writerow(row)
 
 
 class JsonlWriter:
