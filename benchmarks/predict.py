@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -114,14 +115,20 @@ def start_up(model: str, image: str, src: str | None, starts: int) -> tuple[floa
     return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
-def _wall(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _wall(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a child process."""
+    start, cpu = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu(resource.RUSAGE_CHILDREN) - cpu
 
 
-def _bare_session(onnx_path: str, n_images: int, batch_size: int) -> float:
-    """images/s of a bare onnxruntime session (default options) over n_images, batches of real images."""
+def _bare_session(onnx_path: str, n_images: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds an image) of a bare onnxruntime session (default options) over n_images."""
     import onnxruntime as ort
 
     from imgclf.images import open_image_file
@@ -132,10 +139,11 @@ def _bare_session(onnx_path: str, n_images: int, batch_size: int) -> float:
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     session.run(None, {"input": batch})  # warm-up
     n_batches = max(1, n_images // batch_size)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
     for _ in range(n_batches):
         session.run(["probabilities"], {"input": batch})
-    return n_batches * batch_size / (time.perf_counter() - start)
+    n = n_batches * batch_size
+    return n / (time.perf_counter() - start), (_cpu(resource.RUSAGE_SELF) - cpu) / n
 
 
 def _png_folder(folder: Path, n_images: int) -> Path:
@@ -150,10 +158,11 @@ def _png_folder(folder: Path, n_images: int) -> Path:
 
 
 def cli_vs_model(onnx_path: str, n_images: int, rounds: int,
-                 trees: list[tuple[str, str | None]]) -> dict[str, list[tuple[float, float]]]:
-    """Per tree, per round: (CLI images/s with start-up subtracted, bare session images/s), the trees
-    and the bare session measured back to back in each round so they share the machine's state."""
-    results: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in trees}
+                 trees: list[tuple[str, str | None]]) -> dict[str, list[tuple[float, ...]]]:
+    """Per tree, per round: (CLI images/s with start-up subtracted, its CPU s an image, bare session
+    images/s, its CPU s an image), the trees and the bare session measured back to back in each round
+    so they share the machine's state."""
+    results: dict[str, list[tuple[float, ...]]] = {label: [] for label, _ in trees}
     with tempfile.TemporaryDirectory() as tmp:
         folder = _png_folder(Path(tmp) / "images", n_images)
         one, out = str(next(folder.rglob("*.png"))), str(Path(tmp) / "out.csv")
@@ -162,27 +171,30 @@ def cli_vs_model(onnx_path: str, n_images: int, rounds: int,
                 env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
                 base = [sys.executable, "-m", "imgclf", "predict", "--model", onnx_path, "--no-progress", "-o", out]
                 _wall([*base, one], env)  # warm the page cache and the interpreter's files
-                start_up = _wall([*base, one], env)
-                many = _wall([*base, str(folder)], env)
+                (start_up, start_cpu), (many, many_cpu) = _wall([*base, one], env), _wall([*base, str(folder)], env)
                 with open(out) as fh:
                     rows = sum(1 for _ in fh) - 1
                 if rows != n_images:
                     raise SystemExit(f"predict wrote {rows} rows for {n_images} images")
-                results[label].append((n_images / (many - start_up), _bare_session(onnx_path, n_images, 64)))
+                results[label].append((n_images / (many - start_up), (many_cpu - start_cpu) / n_images,
+                                       *_bare_session(onnx_path, n_images, 64)))
     return results
 
 
-def _print_cli(results: dict[str, list[tuple[float, float]]], n_images: int) -> None:
+def _print_cli(results: dict[str, list[tuple[float, ...]]], n_images: int) -> None:
     print(f"\n`imgclf predict --model model.onnx FOLDER -o out.csv --no-progress`, {n_images:,} PNG files, "
           f"start-up subtracted (the same command on one of them), vs a bare onnxruntime session (default "
           f"options) at batch 64 right after it (load average {os.getloadavg()[0]:.1f} at the end):\n")
-    print("| code | round | CLI (images/s) | model only (images/s) | CLI / model only |\n|---|---|---:|---:|---:|")
+    print("| code | round | CLI (images/s) | model only (images/s) | CLI / model only | CPU us an image: "
+          "CLI / model only |\n|---|---|---:|---:|---:|---:|")
     for label, rows in results.items():
-        for i, (cli, model) in enumerate(rows, 1):
-            print(f"| {label} | {i} | {cli:,.0f} | {model:,.0f} | {cli / model:.2f} |")
+        for i, (cli, cli_cpu, model, model_cpu) in enumerate(rows, 1):
+            print(f"| {label} | {i} | {cli:,.0f} | {model:,.0f} | {cli / model:.2f} | "
+                  f"{cli_cpu * 1e6:.0f} / {model_cpu * 1e6:.0f} |")
     for label, rows in results.items():
-        ratios = [cli / model for cli, model in rows]
-        print(f"| {label} | median | | | **{statistics.median(ratios):.2f}** |", flush=True)
+        ratios = [row[0] / row[2] for row in rows]
+        cpu = statistics.median(row[1] for row in rows) * 1e6
+        print(f"| {label} | median | | | **{statistics.median(ratios):.2f}** | {cpu:.0f} |", flush=True)
 
 
 def _print_throughput(label: str, result: dict) -> None:
