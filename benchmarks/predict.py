@@ -14,6 +14,12 @@ from the same checkpoint in this run, into a temporary folder.
 Start-up: `imgclf predict --model model.onnx one.png` (and the checkpoint, for comparison) in a
 fresh process, wall time and peak RSS, median of --starts runs.
 
+--cli N: the command line as a user runs it, `imgclf predict --model model.onnx FOLDER -o out.csv`
+on N PNG files (the bundled test PNGs copied N/1000 times into a temporary folder), start-up
+subtracted (the same command on one image), against a bare onnxruntime session (default options)
+on batches of the same preprocessed 64 images, in the same run, rounds alternating; prints the
+ratio CLI / model only (issue 23's goal: >= 0.6).
+
 With --baseline-src (e.g. `git archive <commit> src | tar -x -C /tmp/old`), every figure is also
 measured with that source tree, in child processes of this run, so before/after come from the
 same machine state. The machine may be shared: compare ratios within a run.
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,6 +115,88 @@ def start_up(model: str, image: str, src: str | None, starts: int) -> tuple[floa
     return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _wall(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a child process."""
+    start, cpu = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start, _cpu(resource.RUSAGE_CHILDREN) - cpu
+
+
+def _bare_session(onnx_path: str, n_images: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds an image) of a bare onnxruntime session (default options) over n_images."""
+    import onnxruntime as ort
+
+    from imgclf.images import open_image_file
+    from imgclf.inference import load_classifier
+
+    files = sorted(DEMO_TEST.rglob("*.png"))[:batch_size]
+    batch = load_classifier(onnx_path, "onnx").prepare_batch([open_image_file(str(f)) for f in files])
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    session.run(None, {"input": batch})  # warm-up
+    n_batches = max(1, n_images // batch_size)
+    start, cpu = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
+    for _ in range(n_batches):
+        session.run(["probabilities"], {"input": batch})
+    n = n_batches * batch_size
+    return n / (time.perf_counter() - start), (_cpu(resource.RUSAGE_SELF) - cpu) / n
+
+
+def _png_folder(folder: Path, n_images: int) -> Path:
+    """N distinct PNG files in 10 class folders: copies of the bundled test PNGs."""
+    pngs = sorted(DEMO_TEST.rglob("*.png"))
+    for i in range(n_images):
+        src_png = pngs[i % len(pngs)]
+        dest = folder / src_png.parent.name / f"{i:06d}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src_png.read_bytes())
+    return folder
+
+
+def cli_vs_model(onnx_path: str, n_images: int, rounds: int,
+                 trees: list[tuple[str, str | None]]) -> dict[str, list[tuple[float, ...]]]:
+    """Per tree, per round: (CLI images/s with start-up subtracted, its CPU s an image, bare session
+    images/s, its CPU s an image), the trees and the bare session measured back to back in each round
+    so they share the machine's state."""
+    results: dict[str, list[tuple[float, ...]]] = {label: [] for label, _ in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _png_folder(Path(tmp) / "images", n_images)
+        one, out = str(next(folder.rglob("*.png"))), str(Path(tmp) / "out.csv")
+        for _ in range(rounds):
+            for label, src in trees:
+                env = dict(os.environ, **({"PYTHONPATH": src} if src else {}))
+                base = [sys.executable, "-m", "imgclf", "predict", "--model", onnx_path, "--no-progress", "-o", out]
+                _wall([*base, one], env)  # warm the page cache and the interpreter's files
+                (start_up, start_cpu), (many, many_cpu) = _wall([*base, one], env), _wall([*base, str(folder)], env)
+                with open(out) as fh:
+                    rows = sum(1 for _ in fh) - 1
+                if rows != n_images:
+                    raise SystemExit(f"predict wrote {rows} rows for {n_images} images")
+                results[label].append((n_images / (many - start_up), (many_cpu - start_cpu) / n_images,
+                                       *_bare_session(onnx_path, n_images, 64)))
+    return results
+
+
+def _print_cli(results: dict[str, list[tuple[float, ...]]], n_images: int) -> None:
+    print(f"\n`imgclf predict --model model.onnx FOLDER -o out.csv --no-progress`, {n_images:,} PNG files, "
+          f"start-up subtracted (the same command on one of them), vs a bare onnxruntime session (default "
+          f"options) at batch 64 right after it (load average {os.getloadavg()[0]:.1f} at the end):\n")
+    print("| code | round | CLI (images/s) | model only (images/s) | CLI / model only | CPU us an image: "
+          "CLI / model only |\n|---|---|---:|---:|---:|---:|")
+    for label, rows in results.items():
+        for i, (cli, cli_cpu, model, model_cpu) in enumerate(rows, 1):
+            print(f"| {label} | {i} | {cli:,.0f} | {model:,.0f} | {cli / model:.2f} | "
+                  f"{cli_cpu * 1e6:.0f} / {model_cpu * 1e6:.0f} |")
+    for label, rows in results.items():
+        ratios = [row[0] / row[2] for row in rows]
+        cpu = statistics.median(row[1] for row in rows) * 1e6
+        print(f"| {label} | median | | | **{statistics.median(ratios):.2f}** | {cpu:.0f} |", flush=True)
+
+
 def _print_throughput(label: str, result: dict) -> None:
     print(f"\n{label}: input {result['size']}px, {result['torch']}, top-1 agreement torch vs onnx "
           f"{result['agree']:.1%}, load average {os.getloadavg()[0]:.1f}\n")
@@ -127,6 +216,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--starts", type=int, default=5, help="one-image start-up runs per figure")
     parser.add_argument("--baseline-src", default=None, help="also measure the source tree in this folder")
+    parser.add_argument("--cli", type=int, default=0, metavar="N",
+                        help="only time the command line on N PNG files against a bare onnxruntime session")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # JSON {torch, onnx}: child mode
     args = parser.parse_args()
     if args.measure:
@@ -142,11 +233,14 @@ def main() -> None:
         onnx_path = export.run(model, "onnx", Path(tmp) / "model.onnx").path
         models = {"torch": str(model), "onnx": str(onnx_path)}
         image = str(sorted(DEMO_TEST.rglob("*.png"))[0])
-        measure = ["--measure", json.dumps(models), "--images", str(args.images), "--batch-size",
-                   str(args.batch_size), "--repeats", str(args.repeats)]
         print(f"model: {model}, batch {args.batch_size}, {args.images} images; {platform.machine()}, "
               f"{os.cpu_count()} CPU cores, load average {load_before[0]:.1f} at the start "
               "(other processes share the cores)", flush=True)
+        if args.cli:
+            _print_cli(cli_vs_model(str(onnx_path), args.cli, args.repeats, trees), args.cli)
+            return
+        measure = ["--measure", json.dumps(models), "--images", str(args.images), "--batch-size",
+                   str(args.batch_size), "--repeats", str(args.repeats)]
         for label, src in trees:
             _print_throughput(f"code: {label}", _child(src, measure))
         starts = {(label, kind): start_up(models[kind], image, src, args.starts)

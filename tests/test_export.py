@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import CLASSES, demo_images
+import uvicorn
+from helpers import CLASSES, demo_images, make_data_dir
 
 from imgclf import cli, export, modelfile
 from imgclf.checkpoint import load_model
@@ -152,3 +158,101 @@ def test_onnx_without_metadata_is_refused(onnx_file: Path, tmp_path: Path) -> No
     garbage.write_bytes(b"\x00\x01 definitely not protobuf")
     with pytest.raises(DataError):
         load_classifier(garbage)
+
+
+# --- INT8 (`export --quantize int8`) ----------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "fashion_mnist_resnet18_half.pt"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, export.ExportResult]:
+    """The shipped resnet, fp32 and int8, calibrated on bundled *train* images, judged on bundled *test* ones."""
+    tmp = tmp_path_factory.mktemp("int8")
+    data = make_data_dir(tmp / "data", CLASSES, n_train=10, n_test=20)
+    fp32 = export.run(SHIPPED, "onnx", tmp / "model.onnx").path
+    options = export.QuantizeOptions(data, calibration_images=64)
+    return fp32, export.run(SHIPPED, "onnx", tmp / "model.int8.onnx", "int8", options)
+
+
+def test_int8_export_is_static_int8_with_metadata_and_a_parity_report(int8_export) -> None:
+    fp32, result = int8_export
+    q = result.quantization
+    assert q is not None and q.method.startswith("static QDQ") and q.calibration_images == 64
+    assert "split test, 200 images" in q.held_out
+    print(f"int8 vs fp32 on 200 held-out images: agreement {q.top1_agreement:.1%}, "
+          f"F1 {q.f1_fp32:.4f} -> {q.f1_int8:.4f}")
+    assert q.top1_agreement >= 0.97 and q.f1_fp32 > 0.8  # a model that has learned, nearly unchanged
+    assert abs(q.f1_change) <= 0.03
+    model = onnx.load(str(result.path))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised, not a copy
+    assert result.path.stat().st_size < fp32.stat().st_size / 2  # int8 weights
+    want, got = modelfile.read_onnx_metadata(fp32), modelfile.read_onnx_metadata(result.path)
+    assert got.class_names == want.class_names and got.preprocessing == want.preprocessing
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["imgclf"])
+    assert meta["quantization"]["dtype"] == "int8" and meta["quantization"]["calibration_images"] == 64
+
+
+def _top1(csv_text: str) -> dict[str, str]:
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert rows and all(row["status"] == "ok" for row in rows)
+    return {row["input"]: row["label_1"] for row in rows}
+
+
+def test_int8_model_predicts_and_serves_like_fp32(int8_export, tmp_path: Path) -> None:
+    fp32, result = int8_export
+    folder = tmp_path / "images"
+    for label in CLASSES:  # held-out images the calibration never saw (it used train images)
+        for src in demo_images("test", label, 40)[-5:]:
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, folder / label / src.name)
+    outs = {}
+    for name, model in (("fp32", fp32), ("int8", result.path)):
+        out = tmp_path / f"{name}.csv"
+        assert cli.main(["predict", "--model", str(model), str(folder), "-o", str(out), "--no-progress"]) == 0
+        outs[name] = _top1(out.read_text())
+    agree = np.mean([outs["fp32"][k] == outs["int8"][k] for k in outs["fp32"]])
+    assert len(outs["int8"]) == 50 and agree >= 0.96  # 48 of 50 at least
+
+    from imgclf.serve import create_app
+
+    app = create_app(load_classifier(result.path))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        assert httpx.get(f"{base}/health").json()["backend"] == "onnx"
+        for path in sorted(folder.rglob("*.png"))[::5]:
+            reply = httpx.post(f"{base}/predict", content=path.read_bytes(), headers={"content-type": "image/png"})
+            assert reply.status_code == 200
+            assert reply.json()["predictions"][0]["label"] == outs["int8"][str(path)]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_int8_without_calibration_data_is_dynamic(tiny_run: Path, tmp_path: Path) -> None:
+    result = export.run(tiny_run, "onnx", tmp_path / "m.int8.onnx", "int8")
+    q = result.quantization
+    assert q is not None and q.method.startswith("dynamic") and q.top1_agreement is None
+    assert "no calibration data" in q.held_out
+    batch, _ = held_out_batch(load_model(tiny_run).preprocessing, per_class=3)
+    fp32 = load_classifier(tiny_run, "torch").probabilities(list(batch))
+    int8 = load_classifier(result.path).probabilities(list(batch))
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.9 and np.abs(fp32 - int8).max() < 0.1
+
+
+def test_quantize_mistakes_are_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    cases = [["--quantize", "int8", "--format", "torchscript"],
+             ["--calibration-data", str(tmp_path)],
+             ["--quantize", "int8", "--calibration-data", str(tmp_path)],  # no manifest there
+             ["--quantize", "int8", "--calibration-images", "0"]]
+    for extra in cases:
+        assert cli.main(["export", str(tiny_run), "--out", str(tmp_path / "x.onnx"), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err, extra
+    assert not list(tmp_path.glob("*.onnx*")) and not list(tmp_path.glob(".x*"))

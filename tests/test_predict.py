@@ -274,3 +274,37 @@ def test_streamed_predict_memory_stays_flat_as_the_input_grows_tenfold(tiny_run:
     print(f"\npeak RSS: {peaks[1_000] / 1024:.0f} MiB for 1,000 images, {peaks[10_000] / 1024:.0f} MiB for 10,000")
     # Flat: ten times the images may cost their file names (~100 bytes each), not their pixels.
     assert peaks[10_000] - peaks[1_000] < 20 * 1024
+
+
+def test_csv_rows_escape_formulas_and_pad_missing_labels() -> None:
+    """The CSV writer's cells (batched top-k, cached label cells): user text that a spreadsheet would run
+    gets an apostrophe, numbers and status words do not, and short rows are padded to k labels."""
+    import io
+
+    from imgclf.prediction import Prediction
+
+    stream = io.StringIO()
+    writer = predict.CsvWriter(stream, 3)
+    writer.write(Prediction("=HYPERLINK(1)", [("+Bag", 0.75), ("Coat", 0.25)]))
+    writer.write(Prediction("-x.png", [], "not_image: @html document"))
+    writer.write(Prediction("a.png", [("+Bag", 1.0), ("Coat", 0.0), ("Dress", 0.0)]))
+    rows = list(csv.reader(io.StringIO(stream.getvalue())))
+    assert rows[0] == ["input", "status", "error", "label_1", "probability_1", "label_2", "probability_2",
+                       "label_3", "probability_3"]
+    assert rows[1] == ["'=HYPERLINK(1)", "ok", "", "'+Bag", "0.750000", "Coat", "0.250000", "", ""]
+    assert rows[2] == ["'-x.png", "not_image", "'@html document", "", "", "", "", "", ""]
+    assert rows[3] == ["a.png", "ok", "", "'+Bag", "1.000000", "Coat", "0.000000", "Dress", "0.000000"]
+
+
+def test_batched_top_k_is_the_per_image_top_k_with_ties_in_class_order(tiny_run: Path) -> None:
+    classifier = load_classifier(tiny_run)
+    n = len(classifier.class_names)
+    probs = np.random.default_rng(0).dirichlet(np.ones(n), size=20).astype(np.float32)
+    probs[0] = 1.0 / n  # all tied: class order
+    rows = classifier.top_k_batch(probs, 2)
+    assert rows[0] == [(classifier.class_names[0], float(probs[0, 0])), (classifier.class_names[1], float(probs[0, 1]))]
+    for row, p in zip(rows, probs, strict=True):
+        order = np.argsort(-p, kind="stable")[:2]
+        assert row == [(classifier.class_names[i], float(p[i])) for i in order]
+        assert row == classifier.top_k(p, 2)
+    assert len(classifier.top_k_batch(probs, 99)[0]) == n  # capped at the number of classes

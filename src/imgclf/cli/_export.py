@@ -16,13 +16,29 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="format of the output file (default: from --output's suffix, else onnx)")
     add_output_argument(p, "output file: .onnx, or .torchscript/.ts/.pt for TorchScript "
                            "(default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript)")
+    q = p.add_argument_group("INT8 (onnxruntime quantisation; ONNX output only)")
+    q.add_argument("--quantize", choices=("int8",), default=None,
+                   help="write an int8 model (default name model.int8.onnx): static quantisation calibrated on "
+                        "--calibration-data, else dynamic (linear layers only, little faster)")
+    q.add_argument("--calibration-data", metavar="DATA_DIR", default=None,
+                   help="a data directory (manifest + images): calibration images from outside its test/val "
+                        "split, then int8 vs fp32 top-1 agreement and F1-macro on that split")
+    q.add_argument("--calibration-images", type=int, default=256, help="images sampled to calibrate")
+    q.add_argument("--held-out-images", type=int, default=2000, help="held-out images the parity report judges")
     p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
     from imgclf import export
 
-    result = export.run(one_model(args), args.format, args.output)
+    options = export.QuantizeOptions(args.calibration_data, args.calibration_images, args.held_out_images)
+    result = export.run(one_model(args), args.format, args.output, args.quantize, options)
     print(f"wrote {result.path} ({result.format}, {result.exporter}); "
-          f"max |exported - torch| probability on a probe batch: {result.max_abs_diff:.2e}")
+          f"max |exported - torch| probability on a probe batch: {result.max_abs_diff:.2e}"
+          + (" (fp32, before quantisation)" if result.quantization else ""))
+    if (q := result.quantization) is not None:
+        print(f"quantised: {q.method}; {q.calibration_images} calibration images; held out: {q.held_out}")
+        if q.top1_agreement is not None:
+            print(f"int8 vs fp32: top-1 agreement {q.top1_agreement:.2%}; F1-macro {q.f1_fp32:.4f} -> "
+                  f"{q.f1_int8:.4f} ({100 * q.f1_change:+.2f} points)")
     return 0

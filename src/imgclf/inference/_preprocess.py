@@ -72,7 +72,9 @@ class PillowResize:
             left, top = _crop_origin(width, crop), _crop_origin(height, crop)
             # Pillow's resize releases the GIL; reducing_gap=None (the default) keeps the exact filter.
             resized = image.resize((width, height), Image.Resampling.BILINEAR)
-            out[i] = np.asarray(resized.crop((left, top, left + crop, top + crop)))
+            if (width, height) != (crop, crop):  # resized to the crop already: no copy to make
+                resized = resized.crop((left, top, left + crop, top + crop))
+            out[i] = np.asarray(resized)
         return out
 
 

@@ -57,12 +57,10 @@ def predict(items: Iterable[Input], classifier: Classifier, options: PredictOpti
     """
     plan = LoadPlan(options.batch_size, options.read_threads, options.timeout)
     for batch in load_batches(items, classifier, plan):
-        probs = iter(classifier.probabilities(batch.inputs) if batch.inputs is not None else ())
+        tops = iter(classifier.top_k_batch(classifier.probabilities(batch.inputs), options.top_k)
+                    if batch.inputs is not None else ())
         for item, error in zip(batch.items, batch.errors, strict=True):
-            if error:
-                yield Prediction(item.source, [], error)
-            else:
-                yield Prediction(item.source, classifier.top_k(next(probs), options.top_k))
+            yield Prediction(item.source, [], error) if error else Prediction(item.source, next(tops))
 
 
 class CsvWriter:
@@ -77,11 +75,12 @@ class CsvWriter:
         self._writer.writerow(header)
 
     def write(self, pred: Prediction) -> None:
-        row: list[Any] = [pred.input, pred.status, pred.error]
-        for i in range(self._k):
-            row += [pred.top[i][0], f"{pred.top[i][1]:.6f}"] if i < len(pred.top) else ["", ""]
         # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
         # leading apostrophe (RowWriter: imgclf.csvfile); JSONL keeps the raw text.
+        row: list[Any] = [pred.input, pred.status, pred.error]
+        for label, probability in pred.top[: self._k]:
+            row += (label, f"{probability:.6f}")
+        row += ("", "") * (self._k - min(len(pred.top), self._k))
         self._writer.writerow(row)
 
 
