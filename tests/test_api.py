@@ -70,6 +70,25 @@ def test_train_keywords_map_to_config_keys(tiny_data_dir: Path, tmp_path: Path) 
     assert not (tmp_path / "r").exists()
 
 
-def test_stage_packages_are_callable_and_keep_their_entry_points() -> None:
-    assert callable(imgclf.train) and callable(imgclf.download) and callable(imgclf.evaluate)
-    assert callable(imgclf.train.run) and callable(imgclf.download.run)
+def test_api_functions_are_plain_functions_with_signatures_and_docs() -> None:
+    import importlib
+    import inspect
+    import pydoc
+
+    from imgclf.stages import audit, download, train
+
+    names = ("download", "audit", "train", "evaluate", "predict", "export", "load")
+    for name in names:
+        function = getattr(imgclf, name)
+        assert inspect.isfunction(function), name
+        params = inspect.signature(function).parameters
+        assert len(params) >= 2 and not all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
+        text = pydoc.render_doc(function, renderer=pydoc.plaintext)
+        assert function.__doc__.splitlines()[0] in text and "package" not in text.splitlines()[0].lower()
+    assert set(names) <= set(dir(imgclf)) and set(names) <= set(imgclf.__all__)  # tab completion
+    assert list(inspect.signature(imgclf.train).parameters)[:3] == ["data", "out", "config"]
+    # The stage packages stay importable; importing one leaves the API function in place.
+    importlib.import_module("imgclf.evaluate")
+    assert inspect.isfunction(imgclf.evaluate) and inspect.isfunction(imgclf.train)
+    assert callable(train.run) and callable(download.run) and callable(audit.run)
+    assert train is sys.modules["imgclf.train"]

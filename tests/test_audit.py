@@ -16,12 +16,13 @@ import pytest
 from helpers import make_data_dir
 from PIL import Image
 
-from imgclf import audit, auditdir
+from imgclf import auditdir
 from imgclf.audit import _duplicates
 from imgclf.cli import main
 from imgclf.data import make_split
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, write_manifest
+from imgclf.stages import audit
 
 pytest.importorskip("cleanlab")
 pytest.importorskip("imagehash")

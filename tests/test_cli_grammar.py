@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import demo_images
 
-from imgclf import export
 from imgclf.cli import STAGES, TOOLS, build_parser, main
 from imgclf.config import load_config
 from imgclf.errors import DataError
 from imgclf.modelfile import ModelKind, identify
+from imgclf.stages import export
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from helpers import make_data_dir
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgclf import evaluate
 from imgclf.checkpoint import load_model, read_checkpoint, save_slim
 from imgclf.cli import main
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import read_manifest, usable_rows, write_manifest
 from imgclf.presets import eval_transform
+from imgclf.stages import evaluate
 
 EXPECTED_FILES = ("metrics.json", "predictions.csv", "classification_report.csv", "confusion_matrix.png",
                   "confusion_matrix_normalized.png", "per_class_f1.png", "most_confused.png", "report.html")

@@ -13,12 +13,13 @@ import pytest
 import torch
 from helpers import CLASSES, demo_images
 
-from imgclf import cli, export, modelfile
+from imgclf import cli, modelfile
 from imgclf.checkpoint import load_model
 from imgclf.errors import DataError
 from imgclf.images import open_image_file
 from imgclf.inference import load_classifier
 from imgclf.presets import eval_transform
+from imgclf.stages import export
 
 
 def held_out_batch(pre, per_class: int = 8) -> tuple[torch.Tensor, list[Path]]:

@@ -20,7 +20,7 @@ import torchvision
 from conftest import tiny_config
 from PIL import Image
 
-from imgclf import checkpoint, evaluate, models, train
+from imgclf import checkpoint, models
 from imgclf.cli import main
 from imgclf.config import load_config
 from imgclf.errors import ConfigError
@@ -28,6 +28,7 @@ from imgclf.inference import _tta
 from imgclf.manifest import read_manifest, usable_rows
 from imgclf.presets import eval_transform
 from imgclf.rundir import LR_FIND_JSON, LR_FIND_PNG
+from imgclf.stages import evaluate, train
 from imgclf.train import _mix
 from imgclf.train._lr_find import MAX_LR, MIN_LR
 from imgclf.train._module import ImageClassifier

@@ -19,10 +19,11 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from imgclf import checkpoint, models, train
+from imgclf import checkpoint, models
 from imgclf.config import TrainConfig, load_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.presets import Preprocessing
+from imgclf.stages import train
 from imgclf.train._callbacks import METRIC_COLUMNS
 from imgclf.train._module import ImageClassifier, _lr_factor
 

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf import __version__
 from imgclf._files import atomic_path
 from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify, load_torchscript
 from imgclf.presets import Preprocessing, normalize
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,3 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
             raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
                               f"(> {PARITY_TOLERANCE:g}); file not written")
     return ExportResult(out_path, result.format, result.exporter, result.max_abs_diff)
-
-
-# `imgclf.export(...)` calls imgclf.api.export (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)

@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from imgclf import __version__, auditdir
+from imgclf import auditdir
 from imgclf._files import write_atomic
 from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, row_refs, usable_rows
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 

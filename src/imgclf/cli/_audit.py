@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from imgclf.errors import ConfigError
@@ -45,16 +44,15 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    missing = [m for m in ("cleanlab", "imagehash") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"audit needs {' and '.join(missing)}: pip install 'imgclf[audit]'")
+    import cleanlab  # noqa: F401 - a missing extra fails here, before any work, as one line (see cli.main)
+    import imagehash  # noqa: F401
     if args.folds < 2:
         raise ConfigError(f"--folds {args.folds}: need at least 2")
     if args.model is not None and (args.config is not None or args.overrides):
         raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
                           "trained")
-    from imgclf import audit
     from imgclf.audit._duplicates import DuplicateSettings
+    from imgclf.stages import audit
 
     opts = audit.AuditOptions(
         data=args.data, out=args.out, model=args.model, config=args.config, overrides=list(args.overrides),

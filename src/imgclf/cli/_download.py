@@ -84,7 +84,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     import sys
 
-    from imgclf import download
+    from imgclf.stages import download
 
     options = download.DownloadOptions.from_namespace(args)
     if args.merge:

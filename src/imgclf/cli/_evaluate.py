@@ -34,7 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from imgclf import evaluate
+    from imgclf.stages import evaluate
 
     model = one_model(args)
     metrics = evaluate.run(evaluate.EvaluateOptions(

@@ -20,7 +20,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from imgclf import export
+    from imgclf.stages import export
 
     result = export.run(one_model(args), args.format, args.output)
     print(f"wrote {result.path} ({result.format}, {result.exporter}); "

@@ -43,7 +43,7 @@ def handle(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from imgclf import predict
+    from imgclf.stages import predict
 
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
                                      timeout=args.timeout, tta=args.tta)

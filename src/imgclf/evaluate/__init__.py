@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report
 
-from imgclf import __version__, storage
+from imgclf import storage
 from imgclf._files import write_atomic
 from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, read_split
@@ -43,6 +43,7 @@ from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.rundir import RunDir
 from imgclf.untrusted import csv_safe_frame
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -405,9 +406,3 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if key in metrics.get("files", {}):
             lines.append(f"{key + ':':18} {out / metrics['files'][key]}")
     return "\n".join(lines)
-
-
-# `imgclf.evaluate(...)` calls imgclf.api.evaluate (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)

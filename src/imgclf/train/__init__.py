@@ -33,7 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import __version__, checkpoint, data, models, presets, rundir, storage
+from imgclf import checkpoint, data, models, presets, rundir, storage
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
@@ -44,6 +44,7 @@ from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
 from imgclf.train._module import ImageClassifier
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -408,9 +409,3 @@ def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], confi
               "world_size": int(os.environ.get("WORLD_SIZE", 1))}
     fields.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
     rundir.RunDir(run_dir).write_info(rundir.RunInfo(**fields))
-
-
-# `imgclf.train(...)` calls imgclf.api.train (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)
