@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from imgclf import auditdir
+from imgclf import auditdir, storage
 from imgclf._files import write_atomic
 from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
 from imgclf.errors import DataError
@@ -109,7 +109,8 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     write_atomic(audit_csv, findings.to_csv(index=False))
     result = {
         "schema_version": SCHEMA_VERSION, "imgclf_version": __version__,
-        "data_dir": str(Path(opts.data).resolve()), "out_dir": str(out.resolve()),
+        "data_dir": str(opts.data if storage.is_url(opts.data) else Path(opts.data).resolve()),
+        "out_dir": str(out.resolve()),
         "images": int(len(ok)), "classes": names,
         "model": {"source": embedder.source, "embedding": embedder.kind, "trained_for_audit": opts.model is None,
                   "dimensions": int(embedded.features.shape[1]), "cache_key": embedder.key},

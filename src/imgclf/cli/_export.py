@@ -11,10 +11,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, with metadata",
                        description="Write a self-describing model file (class names and preprocessing as "
                                    "metadata) and check it against PyTorch before keeping it.")
-    add_model_argument(p, positional=True)
+    add_model_argument(p, "export")
     p.add_argument("--format", choices=("onnx", "torchscript"), default=None,
                    help="format of the output file (default: from --output's suffix, else onnx)")
-    add_output_argument(p, "output file: .onnx, or .torchscript/.ts/.pt for TorchScript "
+    add_output_argument(p, "export", "output file: .onnx, or .torchscript/.ts/.pt for TorchScript "
                            "(default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript)")
     p.set_defaults(handler=handle)
 

@@ -14,8 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                                    "unreadable input gets its error in its row and the rest go on.")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs ('a/**/*.jpg'), "
                                              "http(s) URLs, or a CSV/TSV with a url or path column")
-    add_model_argument(p, required=True)
-    add_output_argument(p, "output file, .csv or .jsonl (default: CSV on stdout)")
+    add_model_argument(p, "predict", required=True)
+    add_output_argument(p, "predict", "output file, .csv or .jsonl (default: CSV on stdout)")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
                    help="format of the output file (default: from --output's suffix, else csv)")
     p.add_argument("--top-k", type=int, default=5, help="labels per row")
@@ -43,18 +43,20 @@ def handle(args: argparse.Namespace) -> int:
     import os
     import sys
 
+    from imgclf.rundir import require_model
     from imgclf.stages import predict
 
+    model = require_model(args.model)
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
                                      timeout=args.timeout, tta=args.tta)
     try:
         if args.engine == "ray":
             from imgclf.predict import _ray
 
-            ok, failed = _ray.run(args.inputs, args.model, args.output, args.backend, options, args.format,
+            ok, failed = _ray.run(args.inputs, model, args.output, args.backend, options, args.format,
                                   _ray.RayOptions(args.address, args.workers, args.shard_size))
         else:
-            ok, failed = predict.run(args.inputs, args.model, args.output, args.backend, options, args.format)
+            ok, failed = predict.run(args.inputs, model, args.output, args.backend, options, args.format)
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
