@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgclf.errors import ConfigError, missing_extra
+from imgclf.errors import ConfigError, missing_extra, require
 from imgclf.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def audit(data: PathLike, out: PathLike, *, model: PathLike | None = None, confi
     if model is not None and (config is not None or overrides):
         raise ConfigError("audit: config and overrides configure the model trained on the data; "
                           "with model= none is trained")
+    require("cleanlab", "imagehash")
     with _shown():
         from imgclf.audit import AuditOptions, run
 
@@ -262,8 +263,10 @@ def export(model: PathLike | Run, output: PathLike | None = None, format: str | 
 
     require_model(Path(model))
     with _shown():
-        from imgclf.export import run
+        from imgclf.export import resolve_format, run
 
+        if resolve_format(format, None if output is None else Path(output)) == "onnx":
+            require("onnx", "onnxruntime")
         return run(Path(model), format, None if output is None else Path(output))
 
 

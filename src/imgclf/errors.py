@@ -63,3 +63,14 @@ def missing_extra(err: ImportError) -> MissingExtra | None:
         return None
     extra, needed_by = EXTRAS[top]
     return MissingExtra(f"{needed_by} needs {top}, which is not installed: pip install 'imgclf[{extra}]'")
+
+
+def require(*modules: str) -> None:
+    """Import optional packages up front: a missing one is the one-line MissingExtra before any work."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise (missing_extra(err) or err) from None

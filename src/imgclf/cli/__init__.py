@@ -92,6 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf {args.command}: error: {extra}", file=sys.stderr)
         return extra.exit_code
-    except KeyboardInterrupt:
-        print(f"imgclf {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stage may say how to go on (train: --resume)
+        print(f"imgclf {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130

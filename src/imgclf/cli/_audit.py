@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from imgclf.cli._common import renamed
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, require
 from imgclf.storage import is_url, location
 
 
@@ -48,9 +48,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    import cleanlab  # noqa: F401 - a missing extra fails here, before any work, as one line (see cli.main)
-    import imagehash  # noqa: F401
-
+    require("cleanlab", "imagehash")  # a missing extra: one line, before any work
     data, overrides = _data_and_overrides(args)
     if args.apply and is_url(data):
         raise ConfigError(f"--apply rewrites the manifest in place: it needs a local data directory, not {data}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgclf.cli._common import add_model_argument, add_output_argument, one_model
+from imgclf.errors import require
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from imgclf.stages import export
 
-    result = export.run(one_model(args), args.format, args.output)
+    model = one_model(args)
+    if export.resolve_format(args.format, args.output) == "onnx":
+        require("onnx", "onnxruntime")  # a missing extra: one line before the export starts
+    result = export.run(model, args.format, args.output)
     print(f"wrote {result.path} ({result.format}, {result.exporter}); "
           f"max |exported - torch| probability on a probe batch: {result.max_abs_diff:.2e}")
     return 0
