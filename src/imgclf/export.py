@@ -1,7 +1,7 @@
 """Export stage: a run's checkpoint -> one self-describing ONNX or TorchScript file.
 
-    imgclf export RUN_DIR --format onnx          # RUN_DIR/model.onnx
-    imgclf export RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
+    imgclf export --model RUN_DIR --format onnx          # RUN_DIR/model.onnx
+    imgclf export --model RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
 
 The exported graph takes a normalised float batch (N, 3, H, W), N dynamic, and returns
 `logits` and `probabilities` (softmax). Everything else inference needs travels inside the

@@ -1,6 +1,6 @@
 """Audit stage: a data directory -> likely label errors, near-duplicates, leakage and outliers.
 
-    imgclf audit DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
+    imgclf audit --data DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
 
 Embeds every ok image of the manifest (a given model's penultimate layer, or a model trained
 briefly on the data itself into AUDIT_DIR/embedder), then:

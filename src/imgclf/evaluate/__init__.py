@@ -1,7 +1,7 @@
 """Evaluate stage: a trained model on one split -> metrics with intervals and baselines, plots, report.
 
-    imgclf evaluate RUN_DIR [--data DATA_DIR] [--split test]
-    imgclf evaluate --weights weights/model.ckpt --data DATA_DIR [--out DIR]
+    imgclf evaluate --model RUN_DIR [--data DATA_DIR] [--split test]
+    imgclf evaluate --model weights/model.ckpt --data DATA_DIR [--out DIR]
 
 Reads the model (`checkpoint.load_model`), the images of the chosen split (manifest rows
 with status ok; when the data has no such rows, the run's validation subset from split.csv),
@@ -14,7 +14,7 @@ predicts with the checkpoint's own eval preprocessing, and writes into the outpu
     most_confused.png, training_curves.png (when the run has metrics.csv)
     report.html                one self-contained page (images embedded)
 
-The output folder is the run directory, `--out` when given, and for `--weights` without
+The output folder is the run directory, `--out` when given, and for a model file without
 `--out`: DATA_DIR/evaluations/<weights file stem>-<split>/. Nothing reaches the next stage
 except these files; predict/export/serve load the checkpoint themselves.
 """
