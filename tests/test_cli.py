@@ -107,3 +107,30 @@ def test_ctrl_c_in_train_says_how_to_resume_and_a_rerun_says_interrupted(tiny_da
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "holds an interrupted run; continue it with --resume" in again.stderr
     assert "already holds a trained run" not in again.stderr
+
+
+def test_predict_reads_the_table_download_read_and_passes_its_columns_through(tiny_run: Path,
+                                                                                tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from helpers import demo_images
+
+    rows = [("Bag", "test", demo_images("test", "Bag", 1)[0]), ("Coat", "test", demo_images("test", "Coat", 1)[0])]
+    table = tmp_path / "list.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label", "split", "status"])
+        writer.writerows([(str(path), label, split, "checked") for label, split, path in rows])
+    args = [str(table), "--path-col", "file"]
+    assert main(["download", *args, "--out", str(tmp_path / "data"), "--no-progress"]) == 0  # download reads it
+    assert main(["predict", *args, "--model", str(tiny_run), "-o", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    with open(tmp_path / "p.csv", newline="") as fh:
+        out = list(csv.DictReader(fh))
+    assert [r["input"] for r in out] == [str(path) for _, _, path in rows]
+    assert [(r["label"], r["split"], r["input_status"], r["status"]) for r in out] == [
+        ("Bag", "test", "checked", "ok"), ("Coat", "test", "checked", "ok")]
+    assert main(["predict", *args, "--model", str(tiny_run), "-o", str(tmp_path / "p.jsonl"), "--no-progress"]) == 0
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert first["columns"] == {"label": "Bag", "split": "test", "status": "checked"} and first["status"] == "ok"
+    assert main(["predict", str(table), "--model", str(tiny_run), "--url-col", "link", "--no-progress"]) == 2
