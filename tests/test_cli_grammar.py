@@ -72,13 +72,13 @@ def test_every_command_takes_every_model_kind(kind: str, model_files: dict[str, 
 
 def test_export_follows_the_output_suffix(model_files: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", str(model_files["run"]), "-o", str(tmp_path / "m.ts")]) == 0
+    assert main(["export", "--model", str(model_files["run"]), "-o", str(tmp_path / "m.ts")]) == 0
     assert identify(tmp_path / "m.ts") == ModelKind.TORCHSCRIPT
     capsys.readouterr()
-    assert main(["export", str(model_files["run"]), "-o", str(tmp_path / "m.tflite")]) == 2
+    assert main(["export", "--model", str(model_files["run"]), "-o", str(tmp_path / "m.tflite")]) == 2
     assert "cannot write .tflite" in capsys.readouterr().err
     assert not (tmp_path / "m.tflite").exists()
-    assert main(["export", str(model_files["run"]), "--format", "onnx", "-o", str(tmp_path / "m.pt")]) == 2
+    assert main(["export", "--model", str(model_files["run"]), "--format", "onnx", "-o", str(tmp_path / "m.pt")]) == 2
     assert "disagrees" in capsys.readouterr().err
 
 

@@ -121,10 +121,10 @@ def test_cli_export_default_path_and_message(tiny_run: Path, tmp_path: Path, cap
 def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
     bogus = tmp_path / "not_a_checkpoint.ckpt"
     bogus.write_bytes(b"not a checkpoint")
-    assert cli.main(["export", str(bogus)]) == 2
+    assert cli.main(["export", "--model", str(bogus)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a text file" in err  # says what the file is instead
-    assert cli.main(["export", str(tmp_path / "missing")]) == 2
+    assert cli.main(["export", "--model", str(tmp_path / "missing")]) == 2
 
 
 def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tmp_path: Path,
@@ -136,7 +136,7 @@ def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tm
 
     monkeypatch.setattr(export, "_onnx_export", crash)
     out = tmp_path / "model.onnx"
-    assert cli.main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) != 0
+    assert cli.main(["export", "--model", str(tiny_run), "--format", "onnx", "-o", str(out)]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "RuntimeError: exporter blew up" in err
     assert list(tmp_path.iterdir()) == []  # neither model.onnx nor model.onnx.tmp
