@@ -13,10 +13,8 @@ module is `from imgclf.train import run` or `importlib.import_module("imgclf.tra
 Importing imgclf.api loads no stage, so `import imgclf` (and `imgclf --help`) stays fast.
 """
 
-from __future__ import annotations
-
-import sys
-import types
+import sys as _sys
+import types as _types
 
 from imgclf.api import Model, Prediction, Run, audit, download, evaluate, export, load, predict, train
 from imgclf.version import __version__
@@ -27,7 +25,7 @@ __all__ = ["__version__", "download", "audit", "train", "evaluate", "predict", "
 _API_FUNCTIONS = frozenset({"download", "audit", "train", "evaluate", "predict", "export"})
 
 
-class _Package(types.ModuleType):
+class _Package(_types.ModuleType):
     """imgclf's module type: the API functions keep their names when a stage package is imported.
 
     Importing the subpackage imgclf.train makes Python bind the attribute `imgclf.train` to it
@@ -37,9 +35,13 @@ class _Package(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in _API_FUNCTIONS and isinstance(value, types.ModuleType):
+        if name in _API_FUNCTIONS and isinstance(value, _types.ModuleType):
             return
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+    def __dir__(self) -> list[str]:  # tab completion offers the API, not the modules imported so far
+        return sorted(__all__)
+
+
+_sys.modules[__name__].__class__ = _Package
