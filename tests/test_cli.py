@@ -134,3 +134,16 @@ def test_predict_reads_the_table_download_read_and_passes_its_columns_through(ti
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert first["columns"] == {"label": "Bag", "split": "test", "status": "checked"} and first["status"] == "ok"
     assert main(["predict", str(table), "--model", str(tiny_run), "--url-col", "link", "--no-progress"]) == 2
+
+
+def test_a_label_the_model_does_not_know_is_listed_with_the_models_own_names(
+        tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import TINY_CLASSES
+    from helpers import CLASSES, make_data_dir
+
+    other = next(c for c in CLASSES if c not in TINY_CLASSES)
+    data = make_data_dir(tmp_path / "d", [*TINY_CLASSES[:2], other], n_train=2, n_test=2)
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"labels not known to the model: {other!r}" in err
+    assert "the model's 3 classes: " + ", ".join(map(repr, TINY_CLASSES)) in err

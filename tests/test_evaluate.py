@@ -223,6 +223,6 @@ def test_an_unusable_device_is_one_line_exit_2(tiny_run: Path, tmp_path: Path, c
                                                said: str) -> None:
     from imgclf import cli
 
-    code = cli.main(["evaluate", str(tiny_run), "--device", device, "--out", str(tmp_path / "ev")])
+    code = cli.main(["evaluate", "--model", str(tiny_run), "--device", device, "--out", str(tmp_path / "ev")])
     err = capsys.readouterr().err
     assert code == 2 and said in err and err.count("\n") == 1, err

@@ -111,7 +111,7 @@ def test_torchscript_export_parity_and_metadata(tiny_run: Path, tmp_path: Path) 
 def test_cli_export_default_path_and_message(tiny_run: Path, tmp_path: Path, capsys) -> None:
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)
-    assert cli.main(["export", str(run_copy), "--format", "onnx"]) == 0
+    assert cli.main(["export", "--model", str(run_copy), "--format", "onnx"]) == 0
     assert (run_copy / "model.onnx").is_file()
     out = capsys.readouterr().out
     assert "model.onnx" in out and "max |exported - torch|" in out

@@ -158,7 +158,8 @@ def test_evaluate_with_flip_tta_averages_the_mirror_image_and_records_it(tiny_ru
                                                                         tmp_path: Path) -> None:
     plain = evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, out=tmp_path / "plain", bootstrap_resamples=50,
                                                   baseline_simulations=50))
-    code = main(["evaluate", str(tiny_run), "--out", str(tmp_path / "flip"), "--tta", "flip", "--no-progress"])
+    code = main(["evaluate", "--model", str(tiny_run), "--out", str(tmp_path / "flip"), "--tta", "flip",
+                 "--no-progress"])
     assert code == 0
     flipped = json.loads((tmp_path / "flip" / "metrics.json").read_text())
     assert plain["tta"] == "none" and flipped["tta"] == "flip"
