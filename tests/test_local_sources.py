@@ -519,7 +519,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
         img.save(tree / f"c{i % 3}" / f"{i}.jpg", "JPEG", quality=85)
     out = tmp_path / "data"
     cmd = [sys.executable, "-m", "imgclf", "download", str(tree), "--out", str(out), "--no-progress",
-           "--processes", "1", "--size", "32", "--format", "png"]
+           "--processes", "1", "--size", "32", "--image-format", "png"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / download.STATE_NAME
     deadline = time.monotonic() + 60
