@@ -57,7 +57,8 @@ def _shown() -> Iterator[None]:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        if logger.level == logging.NOTSET:  # a level the user set stays
+            logger.setLevel(logging.INFO)
     try:
         yield
     except ModuleNotFoundError as err:
