@@ -376,6 +376,7 @@ def test_cpu_threads_leave_room_for_loader_workers() -> None:
 
 
 def test_missing_manifest_fails_before_creating_the_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "no_data").mkdir()  # a folder without a manifest (a missing folder is named as such)
     with pytest.raises(DataError, match="no manifest"):
         train.run(tiny_config(), tmp_path / "no_data", tmp_path / "run")
     assert not (tmp_path / "run").exists()
