@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from imgclf import audit, auditdir
+from imgclf import auditdir
 from imgclf.manifest import write_manifest
+from imgclf.stages import audit
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "imgclf" / "demo_data" / "fashion_mnist"
 COPY_KINDS = ("jpeg", "resize", "center_crop", "offcenter_crop")
@@ -145,8 +146,8 @@ def compare_training(data: Path, audit_csv: Path, work: Path, minutes: float, se
     The budget is `minutes` of training, or with `epochs` a number of epochs (the same work for
     both runs whatever else the machine is doing; the cleaned run has fewer images per epoch).
     """
-    from imgclf import evaluate, train
     from imgclf.config import load_config
+    from imgclf.stages import evaluate, train
 
     budget = [f"trainer.epochs={epochs}"] if epochs else [f"trainer.max_time_minutes={minutes}", "trainer.epochs=60"]
     base = [*budget, "trainer.progress_bar=false", "data.num_workers=0", f"seed={seed}"]

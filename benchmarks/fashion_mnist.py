@@ -91,8 +91,8 @@ def ship(best_checkpoint: Path, dest: Path) -> Path:
 
 def _write_and_download(args: argparse.Namespace, work: Path, data_dir: Path,
                         timings: dict[str, float]) -> None:
-    from imgclf import download
     from imgclf._localserver import LocalServer
+    from imgclf.stages import download
 
     t0 = time.perf_counter()
     listing = write_images(args.raw, work / "images", args.limit)
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from imgclf import evaluate, train
     from imgclf.config import load_config
+    from imgclf.stages import evaluate, train
 
     config = load_config(args.config, args.overrides)
     work = args.work

@@ -62,10 +62,10 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def throughput(models: dict[str, str], n_images: int, batch_size: int, repeats: int) -> dict:
     """Model-only and end-to-end images/s per backend, with APIs that old and new trees share."""
-    from imgclf import predict
     from imgclf.images import open_image_file
     from imgclf.inference import load_classifier
     from imgclf.predict._inputs import expand_inputs
+    from imgclf.stages import predict
 
     files = sorted(DEMO_TEST.rglob("*.png"))[:n_images]
     items = list(expand_inputs([str(f) for f in files]))
@@ -224,7 +224,7 @@ def main() -> None:
         print(json.dumps(throughput(json.loads(args.measure), args.images, args.batch_size, args.repeats)))
         return
 
-    from imgclf import export
+    from imgclf.stages import export
 
     model = args.model or SHIPPED
     trees = ([("before", str(Path(args.baseline_src).resolve()))] if args.baseline_src else []) + [("now", None)]

@@ -134,7 +134,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from imgclf import export
+    from imgclf.stages import export
 
     data = data_dir(args.work, args.raw, args.train_per_class)
     print(f"data: {data}; {os.cpu_count()} CPU cores, onnxruntime {ort.__version__}, "

@@ -35,7 +35,7 @@ PIECES = {
 
 
 def _data(work: Path) -> Path:
-    from imgclf import download
+    from imgclf.stages import download
 
     data_dir = work / "data"
     if not (data_dir / "manifest.parquet").is_file():
@@ -44,7 +44,7 @@ def _data(work: Path) -> Path:
 
 
 def _evaluate(run_dir: Path, tta: str) -> dict:
-    from imgclf import evaluate
+    from imgclf.stages import evaluate
 
     out = run_dir if tta == "none" else run_dir / f"tta-{tta}"
     m = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, out=out, split="test", tta=tta, progress=False))
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from imgclf import train
     from imgclf.config import load_config
+    from imgclf.stages import train
 
     data_dir = _data(args.work)
     results: dict[str, dict] = {}

@@ -126,7 +126,7 @@ def main() -> None:
                         help="also measure a server run from this source tree (its src/ folder)")
     args = parser.parse_args()
 
-    from imgclf import export
+    from imgclf.stages import export
 
     bodies = [p.read_bytes() for p in sorted(DEMO_TEST.rglob("*.png"))[:200]]
     trees = [("before", args.baseline_src)] if args.baseline_src else []

@@ -89,7 +89,7 @@ def read(args: argparse.Namespace) -> None:
 
 
 def roundtrip(args: argparse.Namespace) -> None:
-    from imgclf import evaluate
+    from imgclf.stages import evaluate
 
     with tempfile.TemporaryDirectory() as tmp_name, moto_s3("bench", own_process=True):
         tmp = Path(tmp_name)
@@ -125,8 +125,8 @@ def roundtrip(args: argparse.Namespace) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     from imgclf import _ray
-    from imgclf import predict as single
     from imgclf.predict import _ray as on_ray
+    from imgclf.stages import predict as single
 
     model = REPO / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
     options = single.PredictOptions(progress=False)

@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    from imgclf import data, models, presets, train
+    from imgclf import data, models, presets
     from imgclf.config import load_config
+    from imgclf.stages import train
     from imgclf.train._module import ImageClassifier
 
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, config {args.config.name}")

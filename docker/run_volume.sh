@@ -3,7 +3,7 @@
 #
 #   docker/run_volume.sh DATA_DIR                   # imgclf train --data /data --out /work/runs/docker
 #   docker/run_volume.sh ~/lists download /data/urls.csv --out /data/images
-#   docker/run_volume.sh ~/images evaluate /work/runs/docker --data /data
+#   docker/run_volume.sh ~/images evaluate --model /work/runs/docker --data /data
 #
 # DATA_DIR is any host folder (created if missing); it is mounted read-write so `download`
 # can write into it. Outputs go to IMGCLF_OUT (default ./imgclf_output), mounted at /work.

@@ -186,10 +186,10 @@ run_predict() {
 
 run_volume() {  # the demo's DATA_DIR, bind-mounted at /data: read from there and written to
     local data="${out}/demo_output/data" f1
-    "${repo_root}/docker/run_volume.sh" "${data}" evaluate --weights "${weights}" --data /data
+    "${repo_root}/docker/run_volume.sh" "${data}" evaluate --model "${weights}" --data /data
     f1="$(json_field "${data}/evaluations/fashion_mnist_mobilenet_v3_small-test/metrics.json" f1_macro)"
     python3 -c 'import sys; sys.exit(float(sys.argv[1]) < 0.8)' "${f1}"
-    echo "evaluate --weights (shipped) --data /data: F1-macro ${f1}, written to DATA_DIR/evaluations/ on the host"
+    echo "evaluate --model (shipped) --data /data: F1-macro ${f1}, written to DATA_DIR/evaluations/ on the host"
 }
 
 run_serve() {  # runs in its own process (step): serve_pid is not local, the EXIT trap reads it

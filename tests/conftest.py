@@ -31,7 +31,7 @@ def tiny_config(*extra: str):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
     """A run directory really trained for 2 epochs (seconds) on tiny_data_dir."""
-    from imgclf import train
+    from imgclf.stages import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     train.run(tiny_config(), tiny_data_dir, run_dir)

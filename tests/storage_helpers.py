@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 from helpers import DEMO_ROOT
 
-from imgclf import download
 from imgclf._localserver import LocalServer
+from imgclf.stages import download
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -70,6 +70,59 @@ def test_train_keywords_map_to_config_keys(tiny_data_dir: Path, tmp_path: Path) 
     assert not (tmp_path / "r").exists()
 
 
-def test_stage_packages_are_callable_and_keep_their_entry_points() -> None:
-    assert callable(imgclf.train) and callable(imgclf.download) and callable(imgclf.evaluate)
-    assert callable(imgclf.train.run) and callable(imgclf.download.run)
+def test_api_functions_are_plain_functions_with_signatures_and_docs() -> None:
+    import importlib
+    import inspect
+    import pydoc
+
+    from imgclf.stages import audit, download, train
+
+    names = ("download", "audit", "train", "evaluate", "predict", "export", "load")
+    for name in names:
+        function = getattr(imgclf, name)
+        assert inspect.isfunction(function), name
+        params = inspect.signature(function).parameters
+        assert len(params) >= 2 and not all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
+        text = pydoc.render_doc(function, renderer=pydoc.plaintext)
+        assert function.__doc__.splitlines()[0] in text and "package" not in text.splitlines()[0].lower()
+    assert set(names) <= set(dir(imgclf)) and set(names) <= set(imgclf.__all__)  # tab completion
+    assert list(inspect.signature(imgclf.train).parameters)[:3] == ["data", "out", "config"]
+    # The stage packages stay importable; importing one leaves the API function in place.
+    importlib.import_module("imgclf.evaluate")
+    assert inspect.isfunction(imgclf.evaluate) and inspect.isfunction(imgclf.train)
+    assert callable(train.run) and callable(download.run) and callable(audit.run)
+    assert train is sys.modules["imgclf.train"]
+
+
+NOTEBOOK = """
+import imgclf
+data = imgclf.download(["photos"], "data", progress=False)
+run = imgclf.train("data", "runs/r1", overrides={"trainer.epochs": 2, "trainer.batch_size": 16,
+                   "data.image_size": 32, "data.num_workers": 0, "model.arch": "resnet18"})
+metrics = imgclf.evaluate(run, progress=False)
+prediction = imgclf.predict(run, IMAGE)
+print("RESULT", data.counts["ok"], run.epochs_run, round(metrics["accuracy"], 3), prediction.label)
+"""
+
+
+def test_a_notebook_runs_every_stage_and_sees_each_epoch(tmp_path: Path) -> None:
+    """download -> train -> evaluate -> predict as a new user types it: no logging set up, no terminal."""
+    classes = ["Sneaker", "Trouser", "Bag"]
+    for split, n in (("train", 16), ("test", 6)):
+        for label in classes:
+            folder = tmp_path / "photos" / split / label
+            folder.mkdir(parents=True)
+            for image in demo_images(split, label, n):
+                (folder / image.name).write_bytes(image.read_bytes())
+    image = next((tmp_path / "photos" / "test" / "Bag").iterdir())
+    script = tmp_path / "notebook.py"
+    script.write_text(f"IMAGE = {str(image)!r}\n" + NOTEBOOK)
+    env = {k: v for k, v in os.environ.items() if k != "IMGCLF_NO_BARS"}  # stderr is a pipe, as in Jupyter
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = [line for line in proc.stderr.splitlines() if re.match(r"epoch \d/2: train loss [\d.]+, val loss", line)]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], proc.stderr[-3000:]
+    result = proc.stdout.strip().splitlines()[-1].split()
+    assert result[0] == "RESULT" and result[1] == str(3 * 22) and result[2] == "2"
+    assert 0 <= float(result[3]) <= 1 and result[4] in classes

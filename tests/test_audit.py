@@ -16,12 +16,13 @@ import pytest
 from helpers import make_data_dir
 from PIL import Image
 
-from imgclf import audit, auditdir
+from imgclf import auditdir
 from imgclf.audit import _duplicates
 from imgclf.cli import main
 from imgclf.data import make_split
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, write_manifest
+from imgclf.stages import audit
 
 pytest.importorskip("cleanlab")
 pytest.importorskip("imagehash")
@@ -163,7 +164,7 @@ def test_apply_writes_the_manifest_and_keeps_the_original(noisy, audited, tmp_pa
     data, flips, _ = noisy
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    code = main(["audit", str(copy), "--out", str(tmp_path / "a"), "--model", str(SHIPPED), "--apply",
+    code = main(["audit", "--data", str(copy), "--out", str(tmp_path / "a"), "--model", str(SHIPPED), "--apply",
                  "--relabel"])
     assert code == 0, capsys.readouterr().err
     assert "applied to the manifest" in capsys.readouterr().out
@@ -194,20 +195,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys) -> None:
 
     broken = m.assign(status="not_image")
     write_manifest(broken, data)
-    assert "no images with status ok" in _one_line_error(capsys, ["audit", str(data), *out])
+    assert "no images with status ok" in _one_line_error(capsys, ["audit", "--data", str(data), *out])
 
     write_manifest(m.assign(label="Bag"), data)
-    assert "one class only ('Bag')" in _one_line_error(capsys, ["audit", str(data), *out])
+    assert "one class only ('Bag')" in _one_line_error(capsys, ["audit", "--data", str(data), *out])
 
     write_manifest(m.assign(label=["Bag", "Zebra", "Unicorn"] * 2), data)
-    err = _one_line_error(capsys, ["audit", str(data), *out])
+    err = _one_line_error(capsys, ["audit", "--data", str(data), *out])
     assert "the model's classes differ" in err and "'Unicorn', 'Zebra'" in err
 
     write_manifest(m, data)
     (tmp_path / "file").write_text("not a folder")
-    err = _one_line_error(capsys, ["audit", str(data), "--out", str(tmp_path / "file"), "--model", str(SHIPPED)])
+    err = _one_line_error(capsys, ["audit", "--data", str(data), "--out", str(tmp_path / "file"),
+                                   "--model", str(SHIPPED)])
     assert "not a folder" in err
-    assert "--folds 1" in _one_line_error(capsys, ["audit", str(data), *out, "--folds", "1"])
+    assert "--folds 1" in _one_line_error(capsys, ["audit", "--data", str(data), *out, "--folds", "1"])
 
 
 def test_bad_exclude_config_is_one_line(tmp_path: Path, capsys) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import demo_images
 
-from imgclf import export
 from imgclf.cli import STAGES, TOOLS, build_parser, main
 from imgclf.config import load_config
 from imgclf.errors import DataError
 from imgclf.modelfile import ModelKind, identify
+from imgclf.stages import export
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def test_every_command_takes_every_model_kind(kind: str, model_files: dict[str, 
 
 def test_export_follows_the_output_suffix(model_files: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", str(model_files["run"]), "-o", str(tmp_path / "m.ts")]) == 0
+    assert main(["export", "--model", str(model_files["run"]), "-o", str(tmp_path / "m.ts")]) == 0
     assert identify(tmp_path / "m.ts") == ModelKind.TORCHSCRIPT
     capsys.readouterr()
-    assert main(["export", str(model_files["run"]), "-o", str(tmp_path / "m.tflite")]) == 2
+    assert main(["export", "--model", str(model_files["run"]), "-o", str(tmp_path / "m.tflite")]) == 2
     assert "cannot write .tflite" in capsys.readouterr().err
     assert not (tmp_path / "m.tflite").exists()
-    assert main(["export", str(model_files["run"]), "--format", "onnx", "-o", str(tmp_path / "m.pt")]) == 2
+    assert main(["export", "--model", str(model_files["run"]), "--format", "onnx", "-o", str(tmp_path / "m.pt")]) == 2
     assert "disagrees" in capsys.readouterr().err
 
 
@@ -108,6 +108,8 @@ def test_the_same_option_means_the_same_thing() -> None:
     subs = _subparsers()
     for name in ("evaluate", "predict", "export", "serve"):
         assert "--model" in subs[name].format_help(), name
+    for name in ("train", "evaluate", "audit"):  # --data is the data directory everywhere
+        assert "--data" in subs[name].format_help(), name
     for name in ("download", "train", "evaluate", "demo"):  # --out is a folder everywhere
         assert "--out" in subs[name].format_help(), name
     for name in ("predict", "export"):  # a single output file is -o/--output
@@ -160,3 +162,46 @@ def test_config_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -
     assert printed == load_config(None, ["trainer.epochs=3", "model.arch=resnet18"]).to_plain()
     assert main(["config", "--documented"]) == 0
     assert "# Every key of the train config" in capsys.readouterr().out
+
+
+def test_every_hidden_spelling_is_in_the_renamed_table_and_documented() -> None:
+    """No undocumented alias: every option or positional hidden from --help is an old spelling in RENAMED."""
+    from imgclf.cli._common import RENAMED
+
+    hidden = set()
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS and action.dest not in ("help", "verbose", "quiet"):
+                hidden |= {(name, s) for s in action.option_strings} or {(name, action.metavar or action.dest)}
+    assert hidden == set(RENAMED) - {("audit", "DATA_DIR")}  # audit's is told apart from its key=value args
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for (command, old), new in RENAMED.items():
+        assert f"| `{command}` | `{old}` | `{new}` |" in doc, (command, old)
+
+
+@pytest.mark.parametrize(("argv", "old", "new"), [
+    (["evaluate", "runs/typo"], "MODEL as a positional argument", "--model"),
+    (["evaluate", "--weights", "runs/typo"], "--weights", "--model"),
+    (["export", "runs/typo"], "MODEL as a positional argument", "--model"),
+    (["export", "--model", "runs/typo", "--out", "m.onnx"], "--out", "-o/--output"),
+    (["predict", "x.png", "--model", "runs/typo", "--out", "p.csv"], "--out", "-o/--output"),
+    (["serve", "--model", "runs/typo", "--fetch-timeout", "3"], "--fetch-timeout", "--timeout"),
+    (["audit", "no_data_dir", "--out", "a"], "DATA_DIR as a positional argument", "--data"),
+])
+def test_old_spellings_still_work_and_say_so(argv: list[str], old: str, new: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"imgclf {argv[0]}: {old} is an old spelling of {new}; it still works, but use {new}"
+    # ... and the command went on with it: the value reached the new name's check.
+    assert code == 2 and len(lines) == 2 and ("runs/typo: no such model" in lines[1] or "no_data_dir" in lines[1])
+
+
+def test_download_format_is_image_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from imgclf.cli import build_parser
+
+    args = build_parser().parse_args(["download", "s.csv", "--out", str(tmp_path), "--format", "png"])
+    assert args.image_format == "png"
+    assert "--format is an old spelling of --image-format" in capsys.readouterr().err

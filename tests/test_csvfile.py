@@ -61,8 +61,9 @@ def test_audit_csv_neutralises_labels_and_urls(tmp_path: Path) -> None:
     pytest.importorskip("imagehash")
     from test_audit import SHIPPED, build_noisy
 
-    from imgclf import audit, auditdir, checkpoint
+    from imgclf import auditdir, checkpoint
     from imgclf.manifest import read_manifest, write_manifest
+    from imgclf.stages import audit
 
     renamed = {"Bag": "=Bag+1", "Sneaker": "@Sneaker"}  # class names are data too: the model says them
     shipped = checkpoint.read_checkpoint(SHIPPED)

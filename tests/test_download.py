@@ -23,9 +23,9 @@ from fault_server import FaultServer, closed_port, sample_images
 from helpers import DEMO_ROOT, state_urls
 from PIL import Image
 
-from imgclf import download
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import COLUMNS, STATUSES
+from imgclf.stages import download
 
 FAST = dict(timeout=1.5, read_timeout=0.7, connect_timeout=1.0, retries=1, backoff=0.05, max_retry_after=1.5,
             max_bytes=200_000, processes=1, concurrency=16, per_host=16, show_progress=False,

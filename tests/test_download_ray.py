@@ -25,9 +25,10 @@ from fault_server import FaultServer
 from helpers import state_urls
 from PIL import Image
 
-from imgclf import _reaper, download
+from imgclf import _reaper
 from imgclf._ray import import_ray
 from imgclf.errors import ConfigError, ImgclfError
+from imgclf.stages import download
 
 try:
     import_ray()
@@ -289,7 +290,7 @@ def test_missing_ray_is_one_line_saying_how_to_install_it(tmp_path: Path) -> Non
 def test_the_laptop_path_never_imports_ray(tmp_path: Path) -> None:
     with FaultServer() as srv:
         src = _write(tmp_path, _urls(srv, 3))
-        code = ("import sys; from pathlib import Path; from imgclf import download\n"
+        code = ("import sys; from pathlib import Path; from imgclf.stages import download\n"
                 f"download.run([Path({str(src)!r})], Path({str(tmp_path / 'd')!r}), "
                 "download.DownloadOptions(show_progress=False, print_summary=False))\n"
                 "assert 'ray' not in sys.modules, 'ray imported'\n")

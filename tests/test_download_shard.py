@@ -14,9 +14,10 @@ import pytest
 from fault_server import FaultServer, sample_images
 from PIL import Image
 
-from imgclf import download, storage
+from imgclf import storage
 from imgclf.download._shards import JobShard, url_bucket
 from imgclf.errors import ConfigError, DataError
+from imgclf.stages import download
 
 QUICK = ["--no-progress", "--processes", "1", "--timeout", "2", "--retries", "0"]
 COMPARED = ["row", "url", "label", "split", "status", "error", "http_status", "sha256", "path", "width", "height",

@@ -61,7 +61,7 @@ def test_stages_through_the_cli(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
 
-    imgclf("evaluate", str(run_dir), "--data", str(tmp_path / "data"), "--split", "test")
+    imgclf("evaluate", "--model", str(run_dir), "--data", str(tmp_path / "data"), "--split", "test")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     check_metrics(metrics, n_classes=10)
     assert (run_dir / "confusion_matrix.png").is_file()

@@ -15,12 +15,12 @@ from helpers import make_data_dir
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgclf import evaluate
 from imgclf.checkpoint import load_model, read_checkpoint, save_slim
 from imgclf.cli import main
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import read_manifest, usable_rows, write_manifest
 from imgclf.presets import eval_transform
+from imgclf.stages import evaluate
 
 EXPECTED_FILES = ("metrics.json", "predictions.csv", "classification_report.csv", "confusion_matrix.png",
                   "confusion_matrix_normalized.png", "per_class_f1.png", "most_confused.png", "report.html")
@@ -188,10 +188,12 @@ def test_data_summary_counts_leakage_and_duplicates(tmp_path: Path) -> None:
     assert summary["class_counts"]["Bag"] == {"test": 3, "train": 3}
 
 
-def test_the_model_has_one_name_in_every_spelling() -> None:
+def test_the_model_has_one_name_in_every_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from imgclf.cli import build_parser
     from imgclf.cli._common import one_model
 
+    monkeypatch.chdir(tmp_path)
+    Path("runs/x").mkdir(parents=True)
     for argv in (["evaluate", "runs/x"], ["evaluate", "--model", "runs/x"], ["evaluate", "--weights", "runs/x"]):
         assert one_model(build_parser().parse_args(argv)) == Path("runs/x")
     with pytest.raises(ConfigError, match="two models"):
@@ -208,7 +210,8 @@ def test_errors_are_one_line(tmp_path: Path, tiny_run: Path, capsys: pytest.Capt
                                               data=make_data_dir(tmp_path / "d", ["Bag", "Coat"], 2, 1),
                                               split="holdout"))
     assert main(["evaluate"]) == 2  # no model: a usage error, like every command
-    assert main(["evaluate", "--weights", str(tmp_path / "w.pt")]) == 2
+    (tmp_path / "w.pt").write_bytes(b"a model file")  # exists: a missing one is named as such first
+    assert main(["evaluate", "--model", str(tmp_path / "w.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("imgclf evaluate: error: evaluate ") and err[-1].endswith(
         "w.pt: a model file needs --data DATA_DIR (a run directory knows its data)")
@@ -220,6 +223,6 @@ def test_an_unusable_device_is_one_line_exit_2(tiny_run: Path, tmp_path: Path, c
                                                said: str) -> None:
     from imgclf import cli
 
-    code = cli.main(["evaluate", str(tiny_run), "--device", device, "--out", str(tmp_path / "ev")])
+    code = cli.main(["evaluate", "--model", str(tiny_run), "--device", device, "--out", str(tmp_path / "ev")])
     err = capsys.readouterr().err
     assert code == 2 and said in err and err.count("\n") == 1, err

@@ -19,12 +19,13 @@ import torch
 import uvicorn
 from helpers import CLASSES, demo_images, make_data_dir
 
-from imgclf import cli, export, modelfile
+from imgclf import cli, modelfile
 from imgclf.checkpoint import load_model
 from imgclf.errors import DataError
 from imgclf.images import open_image_file
 from imgclf.inference import load_classifier
 from imgclf.presets import eval_transform
+from imgclf.stages import export
 
 
 def held_out_batch(pre, per_class: int = 8) -> tuple[torch.Tensor, list[Path]]:
@@ -116,7 +117,7 @@ def test_torchscript_export_parity_and_metadata(tiny_run: Path, tmp_path: Path) 
 def test_cli_export_default_path_and_message(tiny_run: Path, tmp_path: Path, capsys) -> None:
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)
-    assert cli.main(["export", str(run_copy), "--format", "onnx"]) == 0
+    assert cli.main(["export", "--model", str(run_copy), "--format", "onnx"]) == 0
     assert (run_copy / "model.onnx").is_file()
     out = capsys.readouterr().out
     assert "model.onnx" in out and "max |exported - torch|" in out
@@ -126,10 +127,10 @@ def test_cli_export_default_path_and_message(tiny_run: Path, tmp_path: Path, cap
 def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
     bogus = tmp_path / "not_a_checkpoint.ckpt"
     bogus.write_bytes(b"not a checkpoint")
-    assert cli.main(["export", str(bogus)]) == 2
+    assert cli.main(["export", "--model", str(bogus)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a text file" in err  # says what the file is instead
-    assert cli.main(["export", str(tmp_path / "missing")]) == 2
+    assert cli.main(["export", "--model", str(tmp_path / "missing")]) == 2
 
 
 def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tmp_path: Path,
@@ -141,7 +142,7 @@ def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tm
 
     monkeypatch.setattr(export, "_onnx_export", crash)
     out = tmp_path / "model.onnx"
-    assert cli.main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) != 0
+    assert cli.main(["export", "--model", str(tiny_run), "--format", "onnx", "-o", str(out)]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "RuntimeError: exporter blew up" in err
     assert list(tmp_path.iterdir()) == []  # neither model.onnx nor model.onnx.tmp

@@ -67,7 +67,7 @@ def hostile_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hostile_run(hostile_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from imgclf import train
+    from imgclf.stages import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "hostile"
     train.run(tiny_config("trainer.epochs=1", "data.max_unreadable=0.1"), hostile_data, run_dir)
@@ -95,7 +95,7 @@ def test_too_many_unreadable_images_stop_with_one_line_and_leave_no_run_dir(host
 
 
 def test_without_the_cache_the_guard_stops_mid_epoch_and_cleans_up(hostile_data: Path, tmp_path: Path) -> None:
-    from imgclf import train
+    from imgclf.stages import train
 
     run_dir = tmp_path / "run"
     with pytest.raises(DataError, match="unreadable"):
@@ -126,7 +126,7 @@ def test_the_decoder_refuses_an_image_whose_eval_resize_would_be_huge(tmp_path: 
 
 
 def test_evaluate_draws_and_writes_markup_and_formula_labels_as_data(hostile_run: Path) -> None:
-    from imgclf import evaluate
+    from imgclf.stages import evaluate
 
     metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=hostile_run, bootstrap_resamples=50,
                                                     baseline_simulations=50))

@@ -19,9 +19,9 @@ import pytest
 from fault_server import FaultServer
 from PIL import Image
 
-from imgclf import download
 from imgclf.download import STATE_NAME
 from imgclf.errors import DataError
+from imgclf.stages import download
 
 MEMORY_MIB = 2048  # address space of the child: the bombs below cost gigabytes without the budget
 PEAK_MIB = 450  # peak RSS allowed (a clean run of a tiny CSV peaks near 200 MiB)

@@ -129,7 +129,7 @@ HEAVY = ("\nimport json, sys\n"
 
 def test_onnx_predict_of_one_image_never_imports_torch(tiny_run: Path, tmp_path: Path) -> None:
     """`imgclf predict --model model.onnx one.png` in a fresh process: the answer, and no torch in sys.modules."""
-    from imgclf import export
+    from imgclf.stages import export
 
     onnx_file = export.run(tiny_run, "onnx", tmp_path / "model.onnx").path
     image = demo_images("test", "Coat", 1)[0]
@@ -143,6 +143,6 @@ def test_onnx_predict_of_one_image_never_imports_torch(tiny_run: Path, tmp_path:
     assert row["status"] == "ok" and row["top"][0]["label"] == reference.class_names[int(probs[0].argmax())]
     # The stage itself (inputs, loader, inference, writers) needs neither torch nor pandas.
     heavy, _ = _run_and_list_modules(
-        f"from imgclf import predict\nprint(predict.run([{str(image)!r}], {str(onnx_file)!r}, "
+        f"from imgclf.stages import predict\nprint(predict.run([{str(image)!r}], {str(onnx_file)!r}, "
         f"options=predict.PredictOptions(progress=False)))")
     assert heavy == [], heavy

@@ -27,10 +27,10 @@ from fault_server import sample_images
 from helpers import DEMO_ROOT, state_urls
 from PIL import Image
 
-from imgclf import download
 from imgclf.download import _archive, _local
 from imgclf.errors import DataError
 from imgclf.manifest import COLUMNS, STATUSES, read_manifest
+from imgclf.stages import download
 
 QUIET = dict(show_progress=False, print_summary=False, processes=1)
 LABELS = ["Chaussure à talon", "T-shirt, top", "日本 語"]  # accents, a comma, spaces, CJK
@@ -405,7 +405,7 @@ import json, resource, sys
 from pathlib import Path
 limit = 768 << 20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from imgclf import download
+from imgclf.stages import download
 from imgclf.download import _archive
 _archive.TOTAL_FLOOR = 64_000_000  # the cap of a small archive: max(floor, 100 x its size)
 srcs, out = [Path(p) for p in sys.argv[2:]], Path(sys.argv[1])
@@ -519,7 +519,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
         img.save(tree / f"c{i % 3}" / f"{i}.jpg", "JPEG", quality=85)
     out = tmp_path / "data"
     cmd = [sys.executable, "-m", "imgclf", "download", str(tree), "--out", str(out), "--no-progress",
-           "--processes", "1", "--size", "32", "--format", "png"]
+           "--processes", "1", "--size", "32", "--image-format", "png"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / download.STATE_NAME
     deadline = time.monotonic() + 60

@@ -52,7 +52,7 @@ def test_mlflow_run_is_written_offline(tmp_path: Path, tiny_data_dir: Path) -> N
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from imgclf import train
+    from imgclf.stages import train
 
     run_dir = tmp_path / "run"
     train.run(tiny_config("trainer.epochs=1", "trainer.logger=mlflow"), tiny_data_dir, run_dir)

@@ -46,7 +46,8 @@ def test_timm_models_build_by_name_with_the_right_head() -> None:
 def test_a_timm_model_trains_and_reloads(tmp_path: Path, tiny_data_dir: Path) -> None:
     from conftest import tiny_config
 
-    from imgclf import checkpoint, train
+    from imgclf import checkpoint
+    from imgclf.stages import train
 
     result = train.run(tiny_config("model.arch=timm/resnet10t", "trainer.epochs=1"), tiny_data_dir, tmp_path / "run")
     loaded = checkpoint.load_model(result.run_dir)

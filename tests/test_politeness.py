@@ -12,9 +12,9 @@ import pytest
 from fault_server import FaultServer
 from PIL import Image
 
-from imgclf import download
 from imgclf.download._leases import LeaseBook, _water_fill
 from imgclf.download._politeness import INITIAL, Aimd, Signals, host_key
+from imgclf.stages import download
 
 FAST = dict(timeout=3.0, read_timeout=2.0, connect_timeout=1.0, backoff=0.05, max_retry_after=1.0,
             processes=1, show_progress=False, print_summary=False)

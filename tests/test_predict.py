@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import DEMO_ROOT, demo_images
 
-from imgclf import cli, predict
+from imgclf import cli
 from imgclf._localserver import LocalServer
 from imgclf.checkpoint import load_model
 from imgclf.images import open_image_file
@@ -21,6 +21,7 @@ from imgclf.inference import load_classifier
 from imgclf.net.guard import FetchedBody, FetchFailed, FetchOptions, fetch_all, refusal
 from imgclf.predict._inputs import expand_inputs
 from imgclf.presets import eval_transform
+from imgclf.stages import predict
 
 BROKEN = DEMO_ROOT.parent / "broken"
 QUIET = predict.PredictOptions(progress=False)
@@ -210,7 +211,7 @@ def test_folder_of_mixed_formats_predicts_as_the_old_per_image_path(tiny_run: Pa
     """JPEG, PNG, WebP, GIF, greyscale, RGBA, palette, 16-bit, CMYK, EXIF-rotated: same answers as before."""
     from helpers import real_images
 
-    from imgclf import export
+    from imgclf.stages import export
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -239,7 +240,7 @@ def test_folder_of_mixed_formats_predicts_as_the_old_per_image_path(tiny_run: Pa
 
 _PEAK_RSS = """
 import sys
-from imgclf import predict
+from imgclf.stages import predict
 ok, failed = predict.run([sys.argv[1]], sys.argv[2], __import__("pathlib").Path(sys.argv[3]),
                          options=predict.PredictOptions(batch_size=64, progress=False))
 peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))

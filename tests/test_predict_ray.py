@@ -18,10 +18,11 @@ import pytest
 from helpers import CLASSES, DEMO_ROOT
 from storage_helpers import demo_files, download_demo, write_sources
 
-from imgclf import _reaper, predict
+from imgclf import _reaper
 from imgclf._localserver import LocalServer
 from imgclf._ray import import_ray
 from imgclf.errors import ConfigError, DataError
+from imgclf.stages import predict
 
 try:
     import_ray()

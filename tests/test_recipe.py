@@ -20,7 +20,7 @@ import torchvision
 from conftest import tiny_config
 from PIL import Image
 
-from imgclf import checkpoint, evaluate, models, train
+from imgclf import checkpoint, models
 from imgclf.cli import main
 from imgclf.config import load_config
 from imgclf.errors import ConfigError
@@ -28,6 +28,7 @@ from imgclf.inference import _tta
 from imgclf.manifest import read_manifest, usable_rows
 from imgclf.presets import eval_transform
 from imgclf.rundir import LR_FIND_JSON, LR_FIND_PNG
+from imgclf.stages import evaluate, train
 from imgclf.train import _mix
 from imgclf.train._lr_find import MAX_LR, MIN_LR
 from imgclf.train._module import ImageClassifier
@@ -157,7 +158,8 @@ def test_evaluate_with_flip_tta_averages_the_mirror_image_and_records_it(tiny_ru
                                                                         tmp_path: Path) -> None:
     plain = evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, out=tmp_path / "plain", bootstrap_resamples=50,
                                                   baseline_simulations=50))
-    code = main(["evaluate", str(tiny_run), "--out", str(tmp_path / "flip"), "--tta", "flip", "--no-progress"])
+    code = main(["evaluate", "--model", str(tiny_run), "--out", str(tmp_path / "flip"), "--tta", "flip",
+                 "--no-progress"])
     assert code == 0
     flipped = json.loads((tmp_path / "flip" / "metrics.json").read_text())
     assert plain["tta"] == "none" and flipped["tta"] == "flip"

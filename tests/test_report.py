@@ -16,7 +16,6 @@ from helpers import CLASSES, demo_images, make_data_dir
 from PIL import Image
 from sklearn.metrics import top_k_accuracy_score
 
-from imgclf import evaluate
 from imgclf.checkpoint import make_meta, save_slim
 from imgclf.config import load_config
 from imgclf.curves import training_curves
@@ -24,6 +23,7 @@ from imgclf.evaluate import _plots
 from imgclf.manifest import write_manifest
 from imgclf.models import create_model
 from imgclf.presets import Preprocessing
+from imgclf.stages import evaluate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless=new", "--disable-background-networking",

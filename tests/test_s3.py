@@ -19,10 +19,11 @@ import torch
 from helpers import CLASSES, DEMO_ROOT
 from storage_helpers import demo_files, download_demo, moto_s3, write_sources
 
-from imgclf import evaluate, storage
+from imgclf import storage
 from imgclf._localserver import LocalServer
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, row_refs
+from imgclf.stages import evaluate
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

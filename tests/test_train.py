@@ -19,10 +19,11 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from imgclf import checkpoint, models, train
+from imgclf import checkpoint, models
 from imgclf.config import TrainConfig, load_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.presets import Preprocessing
+from imgclf.stages import train
 from imgclf.train._callbacks import METRIC_COLUMNS
 from imgclf.train._module import ImageClassifier, _lr_factor
 
@@ -375,6 +376,7 @@ def test_cpu_threads_leave_room_for_loader_workers() -> None:
 
 
 def test_missing_manifest_fails_before_creating_the_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "no_data").mkdir()  # a folder without a manifest (a missing folder is named as such)
     with pytest.raises(DataError, match="no manifest"):
         train.run(tiny_config(), tmp_path / "no_data", tmp_path / "run")
     assert not (tmp_path / "run").exists()

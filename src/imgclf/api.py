@@ -1,26 +1,33 @@
-"""The Python API: the same stages as the CLI, for notebooks and scripts.
+"""The Python API: the same stages as the CLI, as plain functions for notebooks and scripts.
 
     import imgclf
 
     data = imgclf.download(["photos/"], "data")                  # folders, archives, URL tables
     run = imgclf.train("data", "runs/r1", epochs=5)               # -> Run (also runs/r1 on disk)
     metrics = imgclf.evaluate(run)                                # -> dict, the content of metrics.json
+    imgclf.predict(run, "photo.jpg").label                        # or a list, PIL images, arrays, bytes, URLs
     model = imgclf.load(run)                                      # run, checkpoint, .onnx or TorchScript
-    model.predict("photo.jpg").label                              # or a list, PIL images, arrays, bytes, URLs
 
-The CLI is a thin layer over the stages these functions call, so a notebook and a shell script
-produce the same run directory. Errors are the same one-line ImgclfError subclasses.
+Each function has its own signature and docstring (`help(imgclf.train)`) and imports its
+stage when called, so `import imgclf` loads no torch. The CLI is a thin layer over the same
+stages, so a notebook and a shell script produce the same run directory, and errors are the
+same one-line ImgclfError subclasses (a missing extra names its `pip install 'imgclf[...]'`).
+Progress: where nothing is set up to show imgclf's log lines (a notebook, a plain script),
+a call shows them on stderr while it runs: one line per epoch in training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Iterable, Sequence
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, missing_extra, require
 from imgclf.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -33,26 +40,93 @@ if TYPE_CHECKING:
 
 PathLike = str | Path
 
+__all__ = ["download", "audit", "train", "evaluate", "predict", "export", "load", "Run", "Model", "Prediction"]
+
+
+@contextlib.contextmanager
+def _shown() -> Iterator[None]:
+    """imgclf's INFO lines (the per-epoch line, progress lines) on stderr during a call, unless logging is set up.
+
+    A notebook sets up no logging, and Python then drops INFO records: training printed
+    nothing. An application that set up logging (a root or an imgclf handler) keeps its choice.
+    A missing optional package becomes the one-line error with its pip hint.
+    """
+    logger = logging.getLogger("imgclf")
+    handler, old_level = None, logger.level
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:  # a level the user set stays
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        raise (missing_extra(err) or err) from None
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+
 
 # ---------------------------------------------------------------- download
 
 
-def download(sources: PathLike | Sequence[PathLike], out: PathLike, **options: Any) -> DownloadResult:
-    """Turn image folders, archives and URL tables into a data directory (see `imgclf download --help`).
+def download(sources: PathLike | Sequence[PathLike], out: PathLike, *, resize: str = "longer", size: int = 512,
+             image_format: str = "keep", layout: str = "files", url_col: str | None = None,
+             path_col: str | None = None, label_col: str | None = None, split_col: str | None = None,
+             progress: bool = True, print_summary: bool = False, **options: Any) -> DownloadResult:
+    """Turn image folders, archives and URL tables into a data directory (`imgclf download`).
 
-    `options` are DownloadOptions fields (concurrency=32, resize="none", ...); the progress bar is
-    shown and the summary table is not printed unless `print_summary=True`.
+    sources: folders ([split/]label/image), archives of them, CSV/TSV/Parquet tables (url and/or
+    path, label[, split]). out: the data directory (a folder or s3://...). The other keywords are
+    the command's options (`imgclf download --help`); more in `options`, as DownloadOptions fields
+    (concurrency=32, retries=1, engine="ray", ...). Run it again to resume. Returns the
+    DownloadResult (counts per status, the manifest's path).
     """
-    from imgclf import download as stage
-
     if isinstance(sources, str | Path):
         sources = [sources]
-    options.setdefault("print_summary", False)
-    try:
-        opts = stage.DownloadOptions(**options)
-    except TypeError as err:
-        raise ConfigError(f"download: {err}") from None
-    return stage.run([Path(s) for s in sources], out, opts)
+    fields = dict(resize=resize, size=size, image_format=image_format, layout=layout, url_col=url_col,
+                  path_col=path_col, label_col=label_col, split_col=split_col, show_progress=progress,
+                  print_summary=print_summary, **options)
+    with _shown():
+        from imgclf.download import DownloadOptions, run
+
+        try:
+            opts = DownloadOptions(**fields)
+        except TypeError as err:
+            raise ConfigError(f"download: {err}") from None
+        return run([Path(s) for s in sources], out, opts)
+
+
+# ---------------------------------------------------------------- audit
+
+
+def audit(data: PathLike, out: PathLike, *, model: PathLike | None = None, config: PathLike | None = None,
+          overrides: Sequence[str] = (), folds: int = 5, relabel: bool = False, apply: bool = False,
+          seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Find likely label errors, near-duplicates, train/test leakage and outliers (`imgclf audit`).
+
+    data: a data directory written by download. out: the audit folder (audit.csv, audit.json,
+    audit.html). model: embed with this model; None trains one briefly on the data (with
+    `config` and key=value `overrides`). apply=True writes the actions into the manifest.
+    More in `options`, as AuditOptions fields (batch_size, filter_by, max_self_confidence, ...).
+    Returns audit.json's content. Needs `pip install 'imgclf[audit]'`.
+    """
+    if model is not None and (config is not None or overrides):
+        raise ConfigError("audit: config and overrides configure the model trained on the data; "
+                          "with model= none is trained")
+    require("cleanlab", "imagehash")
+    with _shown():
+        from imgclf.audit import AuditOptions, run
+
+        try:
+            opts = AuditOptions(data=Path(data), out=Path(out), model=None if model is None else Path(model),
+                                config=None if config is None else Path(config), overrides=list(overrides),
+                                folds=folds, relabel=relabel, apply=apply, seed=seed, **options)
+        except TypeError as err:
+            raise ConfigError(f"audit: {err}") from None
+        return run(opts)
 
 
 # ---------------------------------------------------------------- train
@@ -130,13 +204,14 @@ class Run:
 
 def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None = None, *,
           overrides: dict[str, Any] | Sequence[str] | None = None, resume: bool = False, **keys: Any) -> Run:
-    """Train on a data directory into a new run directory; returns the Run.
+    """Train on a data directory (a folder or s3://...) into a new run directory (`imgclf train`); returns the Run.
 
     `config`: a YAML file, a TrainConfig, or None for the defaults. Overrides: `overrides=
     {"trainer.epochs": 3}` or ["trainer.epochs=3"], or keywords for unambiguous keys (`epochs=3`,
     `arch="resnet18"`, `lr=1e-3`, `trainer__epochs=3`).
+    In a notebook each epoch prints one line (loss, metrics, time). Interrupt the kernel to stop:
+    `resume=True` continues from the last finished epoch.
     """
-    from imgclf import train as stage
     from imgclf.config import TrainConfig, load_config, with_overrides
 
     extra = _overrides(overrides) + _shortcut_keys(keys)
@@ -144,7 +219,10 @@ def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None =
         resolved = with_overrides(config, extra)
     else:
         resolved = load_config(config, extra)
-    result = stage.run(resolved, Path(data), Path(out), resume=resume)
+    with _shown():
+        from imgclf.train import run
+
+        result = run(resolved, data, Path(out), resume=resume)
     return Run(result.run_dir, result.class_names, result.best_checkpoint, result.best_score, result.epochs_run)
 
 
@@ -152,23 +230,45 @@ def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None =
 
 
 def evaluate(model: PathLike | Run, data: PathLike | None = None, *, split: str = "test",
-             out: PathLike | None = None, **options: Any) -> dict[str, Any]:
-    """Metrics with intervals and baselines, plots and report.html; returns metrics.json's content."""
-    from imgclf import evaluate as stage
+             out: PathLike | None = None, tta: str = "none", batch_size: int = 128, device: str = "auto",
+             seed: int = 0, progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Metrics with intervals and baselines, plots and report.html (`imgclf evaluate`); returns metrics.json's content.
 
-    try:
-        opts = stage.EvaluateOptions(model=Path(model), data=None if data is None else Path(data), split=split,
-                                     out=None if out is None else Path(out), **options)
-    except TypeError as err:
-        raise ConfigError(f"evaluate: {err}") from None
-    return stage.run(opts)
+    model: a Run, run directory, checkpoint, .onnx or TorchScript file. data: the data directory
+    (default: the run's own). out: where to write (default: the run directory). tta: none, flip
+    or crops. More in `options`, as EvaluateOptions fields (num_workers, bootstrap_resamples, ...).
+    """
+    from imgclf.rundir import require_model
+
+    require_model(Path(model))  # a typo in the model is named before anything asks for data
+    with _shown():
+        from imgclf.evaluate import EvaluateOptions, run
+
+        try:
+            opts = EvaluateOptions(model=Path(model), data=None if data is None else str(data), split=split,
+                                   out=None if out is None else Path(out), tta=tta, batch_size=batch_size,
+                                   device=device, seed=seed, progress=progress, **options)
+        except TypeError as err:
+            raise ConfigError(f"evaluate: {err}") from None
+        return run(opts)
 
 
 def export(model: PathLike | Run, output: PathLike | None = None, format: str | None = None) -> ExportResult:  # noqa: A002
-    """An ONNX or TorchScript file with class names and preprocessing inside (format from the suffix)."""
-    from imgclf import export as stage
+    """An ONNX or TorchScript file with class names and preprocessing inside (`imgclf export`).
 
-    return stage.run(Path(model), format, None if output is None else Path(output))
+    format: onnx or torchscript (default: from output's suffix, else onnx); output defaults to
+    RUN_DIR/model.onnx. The file is checked against PyTorch before it is kept. ONNX needs
+    `pip install 'imgclf[export]'`.
+    """
+    from imgclf.rundir import require_model
+
+    require_model(Path(model))
+    with _shown():
+        from imgclf.export import resolve_format, run
+
+        if resolve_format(format, None if output is None else Path(output)) == "onnx":
+            require("onnx", "onnxruntime")
+        return run(Path(model), format, None if output is None else Path(output))
 
 
 # ---------------------------------------------------------------- load and predict
@@ -203,12 +303,13 @@ class Model:
 
     def _predict_batch(self, items: list[ImageLike], top_k: int) -> list[Prediction]:
         """Paths and URLs go through predict's own reader; in-memory images through the one validator."""
-        from imgclf import predict as stage
+        from imgclf.predict import PredictOptions
+        from imgclf.predict import predict as predict_stage
         from imgclf.predict._inputs import Input, is_url
 
         named = [Input(str(i), "url" if is_url(str(i)) else "file") for i in items if isinstance(i, str | Path)]
-        options = stage.PredictOptions(top_k=top_k, progress=False)
-        from_files = iter(stage.predict(named, self.classifier, options) if named else [])
+        options = PredictOptions(top_k=top_k, progress=False)
+        from_files = iter(predict_stage(named, self.classifier, options) if named else [])
         in_memory = [_prepare_in_memory(i, self.classifier) for i in items if not isinstance(i, str | Path)]
         tensors = [t for t in in_memory if not isinstance(t, str)]
         probs = iter(self.classifier.probabilities(tensors) if tensors else [])
@@ -264,7 +365,29 @@ def _describe(item: Any) -> str:
 
 
 def load(model: PathLike | Run, backend: str = "auto") -> Model:
-    """Open a run directory, checkpoint, .onnx or TorchScript file for prediction."""
-    from imgclf.inference import load_classifier
+    """Open a Run, run directory, checkpoint, .onnx or TorchScript file for prediction.
 
-    return Model(load_classifier(Path(model), backend))
+    backend: auto (the file's own), torch, onnx or torchscript. Returns a Model: `class_names`,
+    `predict(images, top_k=5)`.
+    """
+    from imgclf.rundir import require_model
+
+    require_model(Path(model))
+    with _shown():
+        from imgclf.inference import load_classifier
+
+        return Model(load_classifier(Path(model), backend))
+
+
+def predict(model: PathLike | Run | Model, images: ImageLike | Iterable[ImageLike], *, top_k: int = 5,
+            batch_size: int = 64, backend: str = "auto") -> Prediction | list[Prediction]:
+    """Classify one image (returns a Prediction) or many (a list, in input order) (`imgclf predict`).
+
+    model: a Model from `load`, or what `load` opens (loaded for this call). images: paths, URLs,
+    PIL images, HxWxC uint8 arrays or encoded bytes. An unusable image gets a Prediction with
+    no label and its status and error; the others go on. Many files or a table into a CSV:
+    `imgclf predict INPUTS --model MODEL -o out.csv`.
+    """
+    loaded = model if isinstance(model, Model) else load(model, backend)
+    with _shown():
+        return loaded.predict(images, top_k=top_k, batch_size=batch_size)

@@ -57,7 +57,7 @@ def read_findings(path: str | Path) -> pd.DataFrame:
     """audit.csv as a frame; DataError naming the file for anything unusable."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such audit file (write one with `imgclf audit DATA_DIR --out DIR`)")
+        raise DataError(f"{path}: no such audit file (write one with `imgclf audit --data DATA_DIR --out DIR`)")
     try:
         frame = pd.read_csv(path, dtype={"sha256": str, "path": str, "label": str, "suggested": str,
                                          "action": str, "kind": str}, keep_default_na=False)

@@ -165,7 +165,9 @@ class ImageFolderFrame(Dataset):
         index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:
-            raise DataError(f"labels not known to the model: {', '.join(map(str, unknown[:5]))}")
+            shown = ", ".join(map(repr, class_names[:20])) + (", ..." if len(class_names) > 20 else "")
+            raise DataError(f"labels not known to the model: {', '.join(map(repr, unknown[:5]))}"
+                            f"{', ...' if len(unknown) > 5 else ''}; the model's {len(class_names)} classes: {shown}")
         self.targets = torch.tensor([index[label] for label in frame["label"]], dtype=torch.long)
         self.transform = transform
         self.failures = ReadFailures(len(self.paths))

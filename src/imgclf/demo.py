@@ -67,9 +67,9 @@ def _stage(name: str) -> float:
 def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: int | None = None,
         show_progress: bool = True) -> int:
     """Run download -> train -> evaluate; `limit` keeps that many images per class and split."""
-    from imgclf import download, evaluate, train
     from imgclf._localserver import LocalServer
     from imgclf.config import load_config
+    from imgclf.stages import download, evaluate, train
 
     if not DEMO_CONFIG.is_file():
         raise DataError(f"{DEMO_CONFIG}: demo config missing from the installed package")

@@ -35,3 +35,42 @@ def first_line(err: BaseException, limit: int = 200, with_type: bool = True) -> 
     name = err.__class__.__name__
     line = (f"{name}: {text}" if with_type else text) if text else name
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class MissingExtra(ImgclfError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+    exit_code = 2
+
+
+# Import name of an optional package -> (the extra that installs it, what needs it).
+EXTRAS = {
+    "fastapi": ("serve", "serve"), "uvicorn": ("serve", "serve"), "fastapi_offline": ("serve", "serve"),
+    "multipart": ("serve", "serve"), "python_multipart": ("serve", "serve"),
+    "prometheus_client": ("serve", "serve"),
+    "onnx": ("export", "ONNX export"), "onnxruntime": ("export", "an ONNX model"),
+    "onnxscript": ("export", "ONNX export"),
+    "timm": ("timm", "a timm/<name> model"), "mlflow": ("track", "trainer.logger: mlflow"),
+    "cleanlab": ("audit", "audit"), "imagehash": ("audit", "audit"),
+    "s3fs": ("s3", "object storage (s3://)"), "ray": ("ray", "--engine ray"),
+}
+
+
+def missing_extra(err: ImportError) -> MissingExtra | None:
+    """The one-line error for an ImportError of an optional package, or None for any other import."""
+    top = (getattr(err, "name", None) or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    extra, needed_by = EXTRAS[top]
+    return MissingExtra(f"{needed_by} needs {top}, which is not installed: pip install 'imgclf[{extra}]'")
+
+
+def require(*modules: str) -> None:
+    """Import optional packages up front: a missing one is the one-line MissingExtra before any work."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise (missing_extra(err) or err) from None

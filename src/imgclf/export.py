@@ -1,7 +1,7 @@
 """Export stage: a run's checkpoint -> one self-describing ONNX or TorchScript file.
 
-    imgclf export RUN_DIR --format onnx          # RUN_DIR/model.onnx
-    imgclf export RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
+    imgclf export --model RUN_DIR --format onnx          # RUN_DIR/model.onnx
+    imgclf export --model RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
 
 The exported graph takes a normalised float batch (N, 3, H, W), N dynamic, and returns
 `logits` and `probabilities` (softmax). Everything else inference needs travels inside the
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf import __version__
 from imgclf._files import atomic_path
 from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify, load_torchscript
 from imgclf.presets import Preprocessing, normalize
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +411,3 @@ def _checked_export(exporter: Any, loaded: LoadedModel, path: Path, fmt: str) ->
         raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
                           f"(> {PARITY_TOLERANCE:g}); file not written")
     return result
-
-
-# `imgclf.export(...)` calls imgclf.api.export (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)

@@ -154,6 +154,8 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     if storage.is_url(data_dir):
         return _read_remote_manifest(str(data_dir))
     path = Path(data_dir) / MANIFEST_NAME
+    if not Path(data_dir).exists():  # a typo: say so, rather than "no manifest here; run download"
+        raise DataError(f"{data_dir}: no such data directory (the folder does not exist)")
     if not path.is_file():
         hint = make_data_dir_hint(Path(data_dir))
         raise DataError(hint or f"{path}: no manifest here; run `imgclf download ... --out {data_dir}` first")

@@ -41,6 +41,7 @@ class Prediction:
     input: str
     top: list[tuple[str, float]]
     failed: str = ""  # "" or "<status>: <message>", as the readers return it
+    columns: tuple[tuple[str, str], ...] = ()  # the input table row's other cells, passed through to the output
 
     @functools.cached_property
     def _outcome(self) -> tuple[str, str]:  # parsed once: writers read both fields of every row

@@ -122,3 +122,16 @@ class RunDir:
         # json.dumps, not model_dump_json: a data_dir whose name is not UTF-8 (surrogate escapes)
         # is written as JSON escapes and reads back the same, instead of failing after training.
         return write_atomic(self.info_path, json.dumps(info.model_dump(mode="python"), indent=2) + "\n")
+
+
+MODEL_KINDS = "a run directory, a checkpoint (.ckpt/.pt), or a file written by `imgclf export` (.onnx, TorchScript)"
+
+
+def require_model(path: Path) -> Path:
+    """`path` when it exists; else the one-line error every command gives for a mistyped MODEL.
+
+    Checked first, so `evaluate runs/typo` names the typo instead of asking for --data.
+    """
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such model ({MODEL_KINDS})")
+    return Path(path)

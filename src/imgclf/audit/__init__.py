@@ -1,6 +1,6 @@
 """Audit stage: a data directory -> likely label errors, near-duplicates, leakage and outliers.
 
-    imgclf audit DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
+    imgclf audit --data DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
 
 Embeds every ok image of the manifest (a given model's penultimate layer, or a model trained
 briefly on the data itself into AUDIT_DIR/embedder), then:
@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from imgclf import __version__, auditdir
+from imgclf import auditdir, storage
 from imgclf._files import write_atomic
 from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
 from imgclf.csvfile import frame_text
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, row_refs, usable_rows
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     write_atomic(audit_csv, frame_text(findings, index=False, errors="surrogateescape"))
     result = {
         "schema_version": SCHEMA_VERSION, "imgclf_version": __version__,
-        "data_dir": str(Path(opts.data).resolve()), "out_dir": str(out.resolve()),
+        "data_dir": str(opts.data if storage.is_url(opts.data) else Path(opts.data).resolve()),
+        "out_dir": str(out.resolve()),
         "images": int(len(ok)), "classes": names,
         "model": {"source": embedder.source, "embedding": embedder.kind, "trained_for_audit": opts.model is None,
                   "dimensions": int(embedded.features.shape[1]), "cache_key": embedder.key},

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from imgclf import __version__
 from imgclf.cli import _audit, _config, _demo, _download, _evaluate, _export, _models, _predict, _serve, _train
 from imgclf.cli._common import Parser, add_verbosity
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, missing_extra
+from imgclf.version import __version__
 
 STAGES = ("download", "audit", "train", "evaluate", "predict", "export", "serve", "demo")
 # Commands that are not pipeline stages: helpers around them.
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImgclfError as err:
         print(f"imgclf {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"imgclf {args.command}: interrupted", file=sys.stderr)
+    except ModuleNotFoundError as err:  # an optional package: one line with its pip install, not a traceback
+        extra = missing_extra(err)
+        if extra is None:
+            raise
+        print(f"imgclf {args.command}: error: {extra}", file=sys.stderr)
+        return extra.exit_code
+    except KeyboardInterrupt as err:  # a stage may say how to go on (train: --resume)
+        print(f"imgclf {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-from imgclf.errors import ConfigError
+from imgclf.cli._common import renamed
+from imgclf.errors import ConfigError, require
+from imgclf.storage import is_url, location
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                                    "trained briefly on the data (AUDIT_DIR/embedder); extra key=value arguments "
                                    "override its config. Train without the flagged rows with "
                                    "data.exclude=AUDIT_DIR/audit.csv, or write them into the manifest with --apply.")
-    p.add_argument("data", type=Path, metavar="DATA_DIR", help="data directory written by `imgclf download`")
+    p.add_argument("--data", type=location, default=None, metavar="DATA_DIR",
+                   help="data directory written by `imgclf download` (a folder or an s3://... URL; "
+                        "--apply needs a folder)")
     p.add_argument("--out", required=True, type=Path, metavar="AUDIT_DIR", help="folder to write the audit into")
     p.add_argument("--model", type=Path, default=None,
                    help="embed with this model (run directory, checkpoint, .onnx or TorchScript) instead of "
@@ -45,22 +48,39 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    missing = [m for m in ("cleanlab", "imagehash") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"audit needs {' and '.join(missing)}: pip install 'imgclf[audit]'")
+    require("cleanlab", "imagehash")  # a missing extra: one line, before any work
+    data, overrides = _data_and_overrides(args)
+    if args.apply and is_url(data):
+        raise ConfigError(f"--apply rewrites the manifest in place: it needs a local data directory, not {data}")
     if args.folds < 2:
         raise ConfigError(f"--folds {args.folds}: need at least 2")
-    if args.model is not None and (args.config is not None or args.overrides):
+    if args.model is not None and (args.config is not None or overrides):
         raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
                           "trained")
-    from imgclf import audit
     from imgclf.audit._duplicates import DuplicateSettings
+    from imgclf.stages import audit
 
     opts = audit.AuditOptions(
-        data=args.data, out=args.out, model=args.model, config=args.config, overrides=list(args.overrides),
+        data=data, out=args.out, model=args.model, config=args.config, overrides=overrides,
         folds=args.folds, filter_by=args.filter_by, max_self_confidence=args.max_self_confidence, seed=args.seed,
         batch_size=args.batch_size,
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
     print(audit.format_summary(audit.run(opts)))
     return 0
+
+
+def _data_and_overrides(args: argparse.Namespace) -> tuple[Path | str, list[str]]:
+    """--data, or the old positional DATA_DIR (the one argument without `=`); the key=value overrides."""
+    old = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    if len(old) > 1 or (old and args.data is not None):
+        given = ", ".join([*old, *([str(args.data)] if args.data is not None else [])])
+        raise ConfigError(f"name one data directory, with --data (got {given}); the other arguments are key=value "
+                          "config overrides")
+    if old:
+        renamed("audit", "DATA_DIR")
+        return location(old[0]), overrides
+    if args.data is None:
+        raise ConfigError("name the data directory: --data DATA_DIR")
+    return args.data, overrides

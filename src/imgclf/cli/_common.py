@@ -85,35 +85,76 @@ def add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
 
 MODEL_HELP = "a run directory, a checkpoint (.ckpt/.pt), or a file written by `imgclf export` (.onnx, TorchScript)"
 
+# The one table of old spellings that still work (Ultralytics' _handle_deprecation habit): each
+# use prints one line naming the new spelling. Every hidden option and every old positional is
+# here, and docs/architecture.md shows this table (tests/test_cli_grammar.py checks both).
+RENAMED: dict[tuple[str, str], str] = {
+    ("evaluate", "MODEL"): "--model",  # the model was the first positional argument
+    ("export", "MODEL"): "--model",
+    ("evaluate", "--weights"): "--model",
+    ("audit", "DATA_DIR"): "--data",  # the data directory was positional in audit only
+    ("predict", "--out"): "-o/--output",  # --out names a folder everywhere; a single output file is -o
+    ("export", "--out"): "-o/--output",
+    ("serve", "--fetch-timeout"): "--timeout",
+    ("download", "--format"): "--image-format",  # --format names an output file's format everywhere
+}
 
-def add_model_argument(parser: argparse.ArgumentParser, positional: bool = False, required: bool = False) -> None:
+
+def renamed(command: str, old: str) -> None:
+    """The one-line notice for an old spelling (stderr; the command goes on)."""
+    new = RENAMED[(command, old)]
+    what = f"{old} as a positional argument" if not old.startswith("-") else old
+    print(f"imgclf {command}: {what} is an old spelling of {new}; it still works, but use {new}", file=sys.stderr)
+
+
+class _Renamed(argparse.Action):
+    """An old option: stores into the new option's destination and says so."""
+
+    def __init__(self, *args, command: str, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse's own signature
+        self.command = command
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        renamed(self.command, str(option_string))
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(parser: argparse.ArgumentParser, command: str, old: str, dest: str, **kwargs: object) -> None:
+    """An old spelling from RENAMED, hidden from --help, stored where its new spelling stores."""
+    assert (command, old) in RENAMED, f"add ({command!r}, {old!r}) to RENAMED"
+    parser.add_argument(old, dest=dest, action=_Renamed, command=command, help=argparse.SUPPRESS,
+                        default=argparse.SUPPRESS, **kwargs)
+
+
+def add_model_argument(parser: argparse.ArgumentParser, command: str, required: bool = False) -> None:
     """`--model MODEL`, spelled the same in every command that takes a model.
 
-    evaluate and export also take it as their first positional argument, as they always have.
+    evaluate and export took it as their first positional argument: that still works (RENAMED).
     """
-    if positional:
-        parser.add_argument("model_pos", nargs="?", type=Path, metavar="MODEL", help=MODEL_HELP)
-        parser.add_argument("--model", type=Path, default=None, help="the same, as an option")
+    if (command, "MODEL") in RENAMED:
+        parser.add_argument("model_pos", nargs="?", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
+        parser.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     else:
         parser.add_argument("--model", type=Path, required=required, help=MODEL_HELP)
 
 
 def one_model(args: argparse.Namespace) -> Path:
-    """The one model named by MODEL, --model or an older spelling; a usage error for none or two."""
+    """The one model named by --model or an old spelling; a usage error for none or two; a clear one for a typo."""
+    from imgclf.errors import ConfigError
+    from imgclf.rundir import require_model
+
+    if getattr(args, "model_pos", None) is not None:
+        renamed(args.command, "MODEL")
     given = [v for v in (getattr(args, "model_pos", None), args.model, getattr(args, "model_old", None))
              if v is not None]
     if len(given) != 1:
-        from imgclf.errors import ConfigError
-
-        raise ConfigError("name one model: MODEL or --model (" + MODEL_HELP + ")" if not given else
+        raise ConfigError("name one model: --model MODEL (" + MODEL_HELP + ")" if not given else
                           f"two models given ({given[0]} and {given[1]}); name one")
-    return given[0]
+    return require_model(given[0])
 
 
-def add_output_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """`-o/--output FILE` for commands that write one file (`--out` is a folder everywhere).
-
-    `--out FILE` was the spelling before 0.2 and still works, unlisted.
-    """
+def add_output_argument(parser: argparse.ArgumentParser, command: str, help_text: str) -> None:
+    """`-o/--output FILE` for commands that write one file (`--out` is a folder everywhere; its old use here works)."""
     parser.add_argument("-o", "--output", type=Path, default=None, help=help_text)
-    parser.add_argument("--out", dest="output", type=Path, default=None, help=argparse.SUPPRESS)
+    add_renamed(parser, command, "--out", dest="output", type=Path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from imgclf.cli._common import add_renamed
 from imgclf.storage import location
 
 
@@ -48,8 +49,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=512, help="target side for --resize (default 512)")
     p.add_argument("--image-format", choices=("keep", "jpeg", "png", "webp"), default="keep",
                    help="format images are stored in (keep: the original bytes when no resize was needed)")
-    p.add_argument("--format", dest="image_format", choices=("keep", "jpeg", "png", "webp"),
-                   help=argparse.SUPPRESS)  # before 0.2; --format now always means an output file's format
+    add_renamed(p, "download", "--format", dest="image_format", choices=("keep", "jpeg", "png", "webp"))
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--retry-failed", action="store_true", help="try again rows whose failure was retryable")
     p.add_argument("--follow-links", action="store_true",
@@ -86,7 +86,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     import sys
 
-    from imgclf import download
+    from imgclf.stages import download
 
     options = download.DownloadOptions.from_namespace(args)
     if args.merge:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgclf.cli._common import add_model_argument, one_model
+from imgclf.cli._common import add_model_argument, add_renamed, one_model
 from imgclf.storage import location
 
 
@@ -13,8 +13,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics, baselines, plots and an HTML report for a model",
                        description="Evaluate a model (a run directory, a checkpoint such as the shipped weights, "
                                    "or an exported .onnx/TorchScript file) on a split of a data directory.")
-    add_model_argument(p, positional=True)
-    p.add_argument("--weights", dest="model_old", type=Path, default=None, help=argparse.SUPPRESS)  # before 0.2
+    add_model_argument(p, "evaluate")
+    add_renamed(p, "evaluate", "--weights", dest="model_old", type=Path)
     p.add_argument("--data", type=location, default=None,
                    help="data directory, a folder or an s3://... URL (default: the run's)")
     p.add_argument("--split", default="test", help="split to evaluate (default test; falls back to val)")
@@ -34,7 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from imgclf import evaluate
+    from imgclf.stages import evaluate
 
     model = one_model(args)
     metrics = evaluate.run(evaluate.EvaluateOptions(

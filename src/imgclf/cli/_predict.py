@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgclf.cli._common import add_model_argument, add_output_argument
+from imgclf.errors import ConfigError
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +14,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                                    "Writes one row per input (top-k labels and probabilities); an "
                                    "unreadable input gets its error in its row and the rest go on.")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs ('a/**/*.jpg'), "
-                                             "http(s) URLs, or a CSV/TSV with a url or path column")
-    add_model_argument(p, required=True)
-    add_output_argument(p, "output file, .csv or .jsonl (default: CSV on stdout)")
+                                             "http(s) URLs, or a CSV/TSV with a url and/or path column (as download "
+                                             "reads it; its other columns are copied into the output)")
+    add_model_argument(p, "predict", required=True)
+    add_output_argument(p, "predict", "output file, .csv or .jsonl (default: CSV on stdout)")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
                    help="format of the output file (default: from --output's suffix, else csv)")
+    for name in ("url", "path"):
+        p.add_argument(f"--{name}-col", default=None, metavar="NAME",
+                       help=f"table inputs: column holding the {name} (default: {name}), as in download")
     p.add_argument("--top-k", type=int, default=5, help="labels per row")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
@@ -43,18 +48,24 @@ def handle(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from imgclf import predict
+    from imgclf.predict._inputs import TableColumns
+    from imgclf.rundir import require_model
+    from imgclf.stages import predict
 
+    model = require_model(args.model)
+    if args.engine == "ray" and (args.url_col or args.path_col):
+        raise ConfigError("--url-col/--path-col: not supported with --engine ray yet (name the columns url and path)")
     options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
-                                     timeout=args.timeout, tta=args.tta)
+                                     timeout=args.timeout, tta=args.tta,
+                                     columns=TableColumns(args.url_col, args.path_col))
     try:
         if args.engine == "ray":
             from imgclf.predict import _ray
 
-            ok, failed = _ray.run(args.inputs, args.model, args.output, args.backend, options, args.format,
+            ok, failed = _ray.run(args.inputs, model, args.output, args.backend, options, args.format,
                                   _ray.RayOptions(args.address, args.workers, args.shard_size))
         else:
-            ok, failed = predict.run(args.inputs, args.model, args.output, args.backend, options, args.format)
+            ok, failed = predict.run(args.inputs, model, args.output, args.backend, options, args.format)
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from imgclf.cli._common import add_model_argument
+from imgclf.cli._common import add_model_argument, add_renamed
+from imgclf.rundir import require_model
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (FastAPI): /predict, /health, /labels, /",
                        description="HTTP service: POST /predict (multipart image or JSON {\"url\": ...}), "
                                    "GET /health, GET /labels, GET /docs, and a page at /.")
-    add_model_argument(p, required=True)
+    add_model_argument(p, "serve", required=True)
     p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
                    help="auto: the model file's own")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
@@ -20,7 +21,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="let {'url': ...} fetch private, loopback and link-local addresses")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds allowed per URL fetch ({'url': ...})")
-    p.add_argument("--fetch-timeout", dest="timeout", type=float, help=argparse.SUPPRESS)  # before 0.2
+    add_renamed(p, "serve", "--fetch-timeout", dest="timeout", type=float)
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests that arrive together are classified in one batch of at most this size")
     p.add_argument("--body-timeout", type=float, default=60.0,
@@ -59,4 +60,4 @@ def handle(args: argparse.Namespace) -> int:
                                  max_concurrency=args.max_concurrency, body_timeout=args.body_timeout,
                                  head_timeout=args.head_timeout, model_threads=args.model_threads,
                                  trusted_proxies=tuple(args.trusted_proxy))
-    return serve.run(args.model, args.backend, args.host, args.port, options)
+    return serve.run(require_model(args.model), args.backend, args.host, args.port, options)

@@ -44,7 +44,7 @@ def handle(args: argparse.Namespace) -> int:
     if config_path is None and args.resume and RunDir(args.out).config.is_file():
         config_path = RunDir(args.out).config  # resume continues with the run's own config
     config = load_config(config_path, overrides)  # before importing torch: config errors answer fast
-    from imgclf import train
+    from imgclf.stages import train
 
     if args.lr_find:
         found = train.find_lr(config, args.data, args.out)

@@ -14,7 +14,7 @@ see imgclf.manifest) and the report (counts per status and per split/label, dupl
 train/test leakage, skipped local files) are written from the state (`_report`). Train,
 evaluate and predict read only the manifest and images/.
 
-    from imgclf import download
+    from imgclf.stages import download
     result = download.run([Path("train.csv")], Path("data"), download.DownloadOptions(show_progress=False))
 """
 
@@ -305,9 +305,3 @@ def _remove_orphans(state: State, target: Target) -> None:
     for path in images.glob("*/*"):
         if path.is_file() and not state.is_referenced(path.relative_to(data_dir).as_posix()):
             path.unlink(missing_ok=True)
-
-
-# `imgclf.download(...)` calls imgclf.api.download (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)

@@ -1,7 +1,7 @@
 """Evaluate stage: a trained model on one split -> metrics with intervals and baselines, plots, report.
 
-    imgclf evaluate RUN_DIR [--data DATA_DIR] [--split test]
-    imgclf evaluate --weights weights/model.ckpt --data DATA_DIR [--out DIR]
+    imgclf evaluate --model RUN_DIR [--data DATA_DIR] [--split test]
+    imgclf evaluate --model weights/model.ckpt --data DATA_DIR [--out DIR]
 
 Reads the model (`checkpoint.load_model`), the images of the chosen split (manifest rows
 with status ok; when the data has no such rows, the run's validation subset from split.csv),
@@ -14,7 +14,7 @@ predicts with the checkpoint's own eval preprocessing, and writes into the outpu
     most_confused.png, training_curves.png (when the run has metrics.csv)
     report.html                one self-contained page (images embedded)
 
-The output folder is the run directory, `--out` when given, and for `--weights` without
+The output folder is the run directory, `--out` when given, and for a model file without
 `--out`: DATA_DIR/evaluations/<weights file stem>-<split>/. Nothing reaches the next stage
 except these files; predict/export/serve load the checkpoint themselves.
 """
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report
 
-from imgclf import __version__, storage
+from imgclf import storage
 from imgclf._files import write_atomic
 from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
@@ -43,6 +43,7 @@ from imgclf.evaluate._scoring import open_model, predict_proba
 from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.rundir import RunDir
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -405,9 +406,3 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if key in metrics.get("files", {}):
             lines.append(f"{key + ':':18} {out / metrics['files'][key]}")
     return "\n".join(lines)
-
-
-# `imgclf.evaluate(...)` calls imgclf.api.evaluate (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)

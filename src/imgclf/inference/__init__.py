@@ -104,7 +104,7 @@ def _chosen_backend(path: Path, kind: ModelKind, backend: str) -> str:
     natural = _BACKEND_OF[kind]
     if backend in ("auto", natural):
         return natural
-    hint = "; export it first: imgclf export " + str(path) if natural == "torch" else ""
+    hint = "; export it first: imgclf export --model " + str(path) if natural == "torch" else ""
     raise ConfigError(f"--backend {backend}: {path} is a {kind.value}, which runs with --backend {natural}{hint}")
 
 

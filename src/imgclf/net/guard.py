@@ -30,9 +30,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from imgclf import __version__
 from imgclf.net import http as _http
 from imgclf.net.addresses import classify
+from imgclf.version import __version__
 
 
 @dataclass(frozen=True)

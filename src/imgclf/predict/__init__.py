@@ -1,7 +1,7 @@
 """Predict stage: classify files, folders, globs, URLs or a CSV of them, in batches.
 
     imgclf predict --model RUN_DIR photos/ 'more/**/*.jpg' https://host/a.jpg -o preds.csv
-    imgclf predict --model model.onnx list.csv -o preds.jsonl
+    imgclf predict --model model.onnx list.csv -o preds.jsonl     # the table download read: url/path columns
 
 A model is a run directory or checkpoint (PyTorch), or a file written by `imgclf export`
 (ONNX via onnxruntime, or TorchScript); each carries its class names and its eval
@@ -29,7 +29,7 @@ from imgclf.csvfile import RowWriter
 from imgclf.errors import ConfigError
 from imgclf.inference import Classifier, load_classifier
 from imgclf.inference._tta import check_mode as check_tta
-from imgclf.predict._inputs import Input, expand_inputs
+from imgclf.predict._inputs import Input, TableColumns, expand_inputs, passed_through
 from imgclf.predict._loader import LoadPlan, load_batches
 from imgclf.prediction import Prediction
 from imgclf.progress import track
@@ -47,6 +47,7 @@ class PredictOptions:
     timeout: float = 15.0  # seconds per URL fetch (private addresses allowed: the user's own command)
     read_threads: int = min(4, os.cpu_count() or 1)  # batches read, decoded and preprocessed ahead
     tta: str = "none"  # test-time augmentation: none, flip or crops (imgclf.inference._tta)
+    columns: TableColumns = TableColumns()  # --url-col / --path-col of table inputs (as in download)
 
 
 def predict(items: Iterable[Input], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:
@@ -60,19 +61,24 @@ def predict(items: Iterable[Input], classifier: Classifier, options: PredictOpti
         tops = iter(classifier.top_k_batch(classifier.probabilities(batch.inputs), options.top_k)
                     if batch.inputs is not None else ())
         for item, error in zip(batch.items, batch.errors, strict=True):
-            yield Prediction(item.source, [], error) if error else Prediction(item.source, next(tops))
+            if error:
+                yield Prediction(item.source, [], error, item.columns)
+            else:
+                yield Prediction(item.source, next(tops), columns=item.columns)
 
 
 class CsvWriter:
-    """input,status,error,label_1,probability_1,...: one row per input, spreadsheet-safe."""
+    """input,status,error,label_1,probability_1,...[,the input tables' other columns]: one row per input,
+    spreadsheet-safe. A passed-through column named like one of ours is written as input_<name>."""
 
-    def __init__(self, stream: IO[str], k: int) -> None:
+    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None) -> None:
         self._writer = RowWriter(stream)
         self._k = k
+        self._passed = list(passed or [])
         header = ["input", "status", "error"]
         for i in range(1, k + 1):
             header += [f"label_{i}", f"probability_{i}"]
-        self._writer.writerow(header)
+        self._writer.writerow(header + [f"input_{c}" if c in header else c for c in self._passed])
 
     def write(self, pred: Prediction) -> None:
         # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
@@ -81,25 +87,31 @@ class CsvWriter:
         for label, probability in pred.top[: self._k]:
             row += (label, f"{probability:.6f}")
         row += ("", "") * (self._k - min(len(pred.top), self._k))
+        cells = dict(pred.columns)
+        row += [cells.get(c, "") for c in self._passed]
         self._writer.writerow(row)
 
 
 class JsonlWriter:
-    """One JSON object per line: {"input", "status", "error", "top": [{"label", "probability"}]}."""
+    """One JSON object per line: {"input", "status", "error", "top": [{"label", "probability"}]},
+    and "columns": {name: value} with an input table row's other cells."""
 
-    def __init__(self, stream: IO[str], k: int) -> None:
+    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None) -> None:
         self._stream = stream
 
     def write(self, pred: Prediction) -> None:
         top = [{"label": label, "probability": round(p, 6)} for label, p in pred.top]
+        row: dict[str, Any] = {"input": pred.input, "status": pred.status, "error": pred.error, "top": top}
+        if pred.columns:
+            row["columns"] = dict(pred.columns)
         # ensure_ascii: a file name that is not UTF-8 (surrogate escapes) stays a valid JSON escape.
-        self._stream.write(json.dumps({"input": pred.input, "status": pred.status, "error": pred.error,
-                                       "top": top}, ensure_ascii=True) + "\n")
+        self._stream.write(json.dumps(row, ensure_ascii=True) + "\n")
 
 
-def write_predictions(preds: Iterable[Prediction], stream: IO[str], fmt: str, k: int) -> tuple[int, int]:
-    """Write rows as they come; returns (ok, failed) counts."""
-    writer = JsonlWriter(stream, k) if fmt == "jsonl" else CsvWriter(stream, k)
+def write_predictions(preds: Iterable[Prediction], stream: IO[str], fmt: str, k: int,
+                      passed: list[str] | None = None) -> tuple[int, int]:
+    """Write rows as they come; returns (ok, failed) counts. `passed`: the table columns carried through."""
+    writer = JsonlWriter(stream, k, passed) if fmt == "jsonl" else CsvWriter(stream, k, passed)
     ok = failed = 0
     for pred in preds:
         writer.write(pred)
@@ -122,7 +134,8 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
         raise ConfigError("predict: --top-k and --batch-size must be at least 1")
     classifier = load_classifier(model, backend)
     classifier.tta = check_tta(options.tta)
-    items = expand_inputs(inputs)  # lazy: a folder or table is read as the predictions go
+    items = expand_inputs(inputs, options.columns)  # lazy: a folder or table is read as the predictions go
+    passed = passed_through(inputs, options.columns)
     fmt = _output_format(out, fmt)
     # The count is unknown until the inputs are consumed: the progress shows images done and images/s.
     preds = track(predict(items, classifier, options), "predict", unit="images", enabled=options.progress)
@@ -131,7 +144,7 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
     if out is None:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="surrogateescape")
-        return write_predictions(preds, sys.stdout, fmt, options.top_k)
+        return write_predictions(preds, sys.stdout, fmt, options.top_k, passed)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
-        return write_predictions(preds, stream, fmt, options.top_k)
+        return write_predictions(preds, stream, fmt, options.top_k, passed)

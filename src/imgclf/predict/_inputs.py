@@ -1,7 +1,9 @@
 """Expand what a user types after `imgclf predict` into a flat stream of inputs.
 
-An argument is, in this order: an http(s) URL; a CSV/TSV file with a `url` or `path` column
-(relative paths are relative to the CSV's folder); a folder (searched recursively for image
+An argument is, in this order: an http(s) URL; a CSV/TSV file with a `url` and/or `path` column
+(the columns `download` reads, renamed by `--url-col`/`--path-col` as there; a row uses its url,
+else its path; relative paths are relative to the CSV's folder; the row's other columns travel
+with it into the output); a folder (searched recursively for image
 files); an existing file of any other kind; otherwise a glob pattern (`**` allowed). An argument
 that names nothing becomes an input with an error, so the rest of the batch still runs.
 
@@ -41,47 +43,78 @@ class Input:
     source: str  # what the output row shows: the URL or the path
     kind: str  # "url", "file" or "missing"
     error: str = ""  # only for kind "missing": a failure value, "unreadable: <message>"
+    columns: tuple[tuple[str, str], ...] = ()  # a table row's other cells (name, value), passed through
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Which table columns hold the inputs (`--url-col`, `--path-col`; None: url, path)."""
+
+    url: str | None = None
+    path: str | None = None
+
+    def wanted(self) -> tuple[str, str]:
+        return (self.url or "url").strip().lower(), (self.path or "path").strip().lower()
 
 
 def is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
-def _table_column(path: Path, sep: str) -> str:
-    """The column a table's inputs are in; refused now (one line) rather than mid-run."""
-    names = check_table_header(path, sep, used=("url", "path"))
-    column = next((c for c in ("url", "path") if c in names), None)
-    if column is None:
-        found = ", ".join(names)[:200] or "none"
-        raise DataError(f"{path}: needs a 'url' or 'path' column (found: {found})")
-    return column
+def _table_columns(path: Path, sep: str, columns: TableColumns) -> list[str]:
+    """The columns a table's inputs are in (url first); refused now (one line) rather than mid-run."""
+    wanted = columns.wanted()
+    names = check_table_header(path, sep, used=wanted)
+    for flag, given, name in (("--url-col", columns.url, wanted[0]), ("--path-col", columns.path, wanted[1])):
+        if given is not None and name not in names:
+            raise DataError(f"{path}: no column {given!r} ({flag}; found: {', '.join(names)[:200] or 'none'})")
+    found = [c for c in wanted if c in names]
+    if not found:
+        raise DataError(f"{path}: needs a {wanted[0]!r} or {wanted[1]!r} column (found: "
+                        f"{', '.join(names)[:200] or 'none'})")
+    return found
 
 
-def _table_rows(path: Path, sep: str, column: str) -> Iterator[Input]:
+def passed_through(arguments: list[str], columns: TableColumns) -> list[str]:
+    """The other columns of the table arguments, in order of appearance: what the output adds per row."""
+    out: list[str] = []
+    for arg in arguments:
+        path = Path(arg)
+        if not is_url(arg) and path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
+            sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+            names = check_table_header(path, sep, used=columns.wanted())
+            out += [n for n in names if n and n not in columns.wanted() and n not in out]
+    return out
+
+
+def _table_rows(path: Path, sep: str, used: list[str]) -> Iterator[Input]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter=sep)
-            header = next(reader, [])
-            index = [c.strip().lower() for c in header].index(column)
+            header = [c.strip().lower() for c in next(reader, [])]
+            index = [header.index(c) for c in used]
             for row in reader:
                 if not row:
                     continue  # a blank line is no input (as pandas skipped it)
                 if len(row) > len(header):  # an unquoted separator: the columns may be shifted
                     raise DataError(f"{path}: line {reader.line_num}: {len(row)} fields but the header has "
                                     f"{len(header)}; quote values that hold '{sep}'")
-                yield _table_input(path, row[index].strip() if index < len(row) else "", column,
-                                   reader.line_num)
+                cells = [row[i].strip() if i < len(row) else "" for i in index]
+                value = next((c for c in cells if c), "")
+                others = tuple((name, cell) for name, cell in zip(header, row, strict=False)
+                               if name and name not in used)
+                yield _table_input(path, value, " or ".join(used), reader.line_num, others)
     except (csv.Error, UnicodeDecodeError, OSError) as err:
         raise DataError(f"{path}: cannot parse ({str(err).strip()[:200]})") from None
 
 
-def _table_input(path: Path, value: str, column: str, line: int) -> Input:
+def _table_input(path: Path, value: str, column: str, line: int, others: tuple[tuple[str, str], ...]) -> Input:
     if not value:
-        return Input("", "missing", failure("unreadable", f"{path}: line {line}: empty {column}"))
+        return Input("", "missing", failure("unreadable", f"{path}: line {line}: empty {column}"), others)
     if is_url(value):
-        return Input(value, "url")
+        return Input(value, "url", columns=others)
     local = Path(value) if Path(value).is_absolute() else path.parent / value
-    return Input(str(local), "file")
+    return Input(str(local), "file", columns=others)
 
 
 def _real_key(path: str) -> tuple[int, int] | None:
@@ -166,14 +199,14 @@ def expand_glob(pattern: str) -> list[str]:
                   if not os.path.isdir(p))
 
 
-def _from_argument(arg: str) -> Iterable[Input]:
+def _from_argument(arg: str, columns: TableColumns) -> Iterable[Input]:
     """The inputs one argument names, lazily; a table's header is checked now."""
     path = Path(arg)
     if is_url(arg):
         return [Input(arg, "url")]
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
         sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        return _table_rows(path, sep, _table_column(path, sep))
+        return _table_rows(path, sep, _table_columns(path, sep, columns))
     if path.is_dir():
         return _or_missing(_from_folder(path), arg, "folder holds no image files")
     if os.path.lexists(arg):  # a file, or a FIFO, device or broken link: reading says which
@@ -190,7 +223,7 @@ def _or_missing(found: Iterator[Input], arg: str, reason: str) -> Iterator[Input
     yield from found
 
 
-def expand_inputs(arguments: list[str]) -> Iterator[Input]:
+def expand_inputs(arguments: list[str], columns: TableColumns = TableColumns()) -> Iterator[Input]:
     """Every input in the order given, as a lazy stream (consume it once); folders and globs are
     sorted so output order is stable. A bad table header raises DataError here, before any input."""
-    return itertools.chain.from_iterable([_from_argument(arg) for arg in arguments])
+    return itertools.chain.from_iterable([_from_argument(arg, columns) for arg in arguments])

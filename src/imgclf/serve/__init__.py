@@ -44,7 +44,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from imgclf import __version__
 from imgclf.images import ImageLimits, Rejected, decode_image
 from imgclf.inference import Classifier, load_classifier, preprocess_pool
 from imgclf.net.guard import FetchFailed, FetchOptions, GuardedFetcher
@@ -57,6 +56,7 @@ from imgclf.serve._connections import (
     guarded_protocol,
 )
 from imgclf.serve._observability import AccessLog, Metrics
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 

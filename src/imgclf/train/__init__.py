@@ -33,7 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import __version__, checkpoint, data, models, presets, rundir, storage
+from imgclf import checkpoint, data, models, presets, rundir, storage
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
@@ -44,6 +44,7 @@ from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
 from imgclf.train._module import ImageClassifier
+from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ def _start(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: boo
     if resume and not last.is_file():
         raise DataError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt)")
     if not resume and not lr_find_only and last.is_file():
+        info = rundir.RunDir(run_dir).read_info()
+        if info is not None and info.status == "interrupted":
+            raise DataError(f"{run_dir}: holds an interrupted run; continue it with --resume (Python: resume=True) "
+                            "or choose a new --out")
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
     if not storage.exists(data_dir, MANIFEST_NAME):
         read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
@@ -157,7 +162,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
             # interruption (exit 130, "resume with --resume"), not a failure.
             if zero:
                 _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "interrupted"})
-            raise KeyboardInterrupt from None
+            raise KeyboardInterrupt(_resume_hint(run_dir, last)) from None
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
     score = trainer.checkpoint_callback.best_model_score
@@ -383,6 +388,14 @@ def _relative(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
+def _resume_hint(run_dir: Path, last: Path) -> str:
+    """What the user reads after Ctrl-C: how far it got and how to go on."""
+    if not last.is_file():
+        return f"{run_dir}: no epoch finished; run the same command again to start over"
+    return (f"{run_dir}: stopped after epoch {len(read_metrics(run_dir))}; continue with the same command plus "
+            "--resume (Python: resume=True)")
+
+
 def _after_failure(run_dir: Path, data_dir: Path, class_names: list[str], config: TrainConfig, fresh: bool,
                    created: bool, unreadable: int) -> None:
     """A run stopped by bad data: a fresh run that saved no checkpoint leaves nothing behind (the
@@ -408,9 +421,3 @@ def _write_run_info(run_dir: Path, data_dir: Path, class_names: list[str], confi
               "world_size": int(os.environ.get("WORLD_SIZE", 1))}
     fields.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()})
     rundir.RunDir(run_dir).write_info(rundir.RunInfo(**fields))
-
-
-# `imgclf.train(...)` calls imgclf.api.train (see imgclf._stage).
-from imgclf._stage import callable_stage  # noqa: E402
-
-callable_stage(__name__)
