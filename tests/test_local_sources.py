@@ -27,7 +27,7 @@ from fault_server import sample_images
 from helpers import DEMO_ROOT, state_urls
 from PIL import Image
 
-from imgclf.download import _archive, _local
+from imgclf.download import _archive, _read
 from imgclf.errors import DataError
 from imgclf.manifest import COLUMNS, STATUSES, read_manifest
 from imgclf.stages import download
@@ -220,12 +220,12 @@ def test_special_files_are_never_opened(tmp_path: Path) -> None:
     """read_file refuses a FIFO (even one that only a writer would unblock) without opening it."""
     fifo = tmp_path / "f.png"
     os.mkfifo(fifo)
-    got = _local.read_file(str(fifo), 1000)
+    got = _read.read_file(str(fifo), 1000)
     assert got.status == "unreadable" and "FIFO" in got.reason
-    got = _local.read_file("/dev/zero", 1000)
+    got = _read.read_file("/dev/zero", 1000)
     assert got.status == "unreadable" and "device" in got.reason
     (tmp_path / "big.png").write_bytes(b"\0" * 2000)
-    assert _local.read_file(str(tmp_path / "big.png"), 1000).status == "too_large"
+    assert _read.read_file(str(tmp_path / "big.png"), 1000).status == "too_large"
 
 
 def test_out_inside_the_source_is_refused(tmp_path: Path) -> None:

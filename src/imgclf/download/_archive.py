@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from imgclf import sources
-from imgclf.download._local import Item, Layout, LocalRef, Skipped, is_hidden, utf8_ok, wrapper_of
+from imgclf.download._local import Item, Layout, Skipped, is_hidden, utf8_ok, wrapper_of
 from imgclf.errors import DataError, first_line
-from imgclf.images import Rejected
 
 RATIO_LIMIT = 100
 RATIO_FLOOR = 1 << 20
@@ -55,7 +54,7 @@ NAMES_FLOOR = 64 << 20
 MEMBER_OVERHEAD = 64  # bytes counted per member besides its name (a listed entry's own cost)
 MAX_HEADER_BYTES = 1 << 20  # a GNU long-name or pax header (a name, a few times over, fits)
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
+READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
                 NotImplementedError, RuntimeError, ValueError)
 _TAR_MODES = {"tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
 # The first bytes decide how an archive is read (a .tgz that is a plain tar, a .tar that is gzipped).
@@ -218,7 +217,7 @@ def _zip_entries(path: Path, max_bytes: int) -> Iterator[Entry]:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise DataError(f"{path}: not a readable zip archive ({first_line(err)})") from None
     overlapping, cap, total, budget = _overlapping(infos), total_cap(path), 0, _NameBudget(path)
     for index, info in enumerate(infos):
@@ -298,7 +297,7 @@ def open_tar(path: Path | str, fmt: str) -> Iterator[tarfile.TarFile]:
         yield tar
 
 
-def _tar_type_problem(member: tarfile.TarInfo) -> str:
+def tar_type_problem(member: tarfile.TarInfo) -> str:
     if member.isreg():
         return "sparse member (not supported)" if member.issparse() else ""
     if member.isdir():
@@ -320,7 +319,7 @@ def iter_tar(tar: tarfile.TarFile, cap: int) -> Iterator[tarfile.TarInfo | str]:
     while True:
         try:
             member = tar.next()
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             yield f"the archive is corrupt or cut after {count} member(s): {first_line(err)}"
             return
         if member is None:
@@ -350,113 +349,11 @@ def _tar_entries(path: Path, fmt: str, max_bytes: int) -> Iterator[Entry]:
                 parts, problem = safe_parts(member.name)
                 if member.isdir() and not parts and problem == "empty member name":
                     continue  # "./" (tar -C dir .): harmless, and folders are never created anyway
-                problem = problem or _tar_type_problem(member)
+                problem = problem or tar_type_problem(member)
                 status, error = None, ""
                 if not problem and member.isreg() and member.size > max_bytes:
                     status, error = "too_large", f"{member.size} bytes, over --max-bytes {max_bytes}"
                 yield Entry(member.name, parts, problem, member.isreg(), member.offset_data, member.size,
                             int(member.mtime), status, error)
-    except _READ_ERRORS as err:  # cannot even open it
+    except READ_ERRORS as err:  # cannot even open it
         raise DataError(f"{path}: not a readable {fmt} archive ({first_line(err)})") from None
-
-
-# -- reading ----------------------------------------------------------------------------------------
-def stream_members(path: str, wanted: dict[int, tuple[int, str, str]],
-                   max_bytes: int) -> Iterator[tuple[int, str, bytes | Rejected]]:
-    """Read a compressed tar front to back; yield (id, url, bytes or why not) for each wanted member,
-    `wanted` being {data offset in the stream: (id, url, member name)}: by position, so two members
-    with the same name are two members."""
-    fmt = sniff(path)
-    reason = "not found in the archive any more"
-    try:
-        with open_tar(path, fmt) as tar:
-            for member in iter_tar(tar, total_cap(path)):
-                if isinstance(member, str):
-                    reason = member
-                    break
-                target = wanted.get(member.offset_data)
-                if target is not None and target[2] == member.name:
-                    del wanted[member.offset_data]
-                    yield target[0], target[1], _read_tar_member(tar, member, max_bytes)
-                    if not wanted:
-                        return
-    except (*_READ_ERRORS, DataError) as err:
-        reason = f"cannot read the archive: {first_line(err)}"
-    for url_id, url, _ in wanted.values():
-        yield url_id, url, Rejected("unreadable", reason)
-
-
-def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes | Rejected:
-    if _tar_type_problem(member) or not member.isreg():
-        return Rejected("unreadable", "the member changed type since it was listed")
-    if member.size > max_bytes:
-        return Rejected("too_large", f"{member.size} bytes, over --max-bytes {max_bytes}")
-    try:
-        fh = tar.extractfile(member)
-        data = fh.read(member.size) if fh is not None else b""
-    except _READ_ERRORS as err:
-        return Rejected("unreadable", f"cannot extract: {first_line(err)}")
-    if len(data) != member.size:
-        return Rejected("unreadable", "the archive ends inside this member")
-    return data
-
-
-class _OpenArchives:
-    """Archives a worker process has open (a few; forked children start with their own)."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep, self.pid = keep, os.getpid()
-        self.zips: dict[str, zipfile.ZipFile] = {}
-        self.fds: dict[str, int] = {}
-
-    def _fresh(self) -> None:
-        if self.pid != os.getpid():  # inherited across fork: handles share file offsets, drop them
-            self.pid, self.zips, self.fds = os.getpid(), {}, {}
-
-    def zip(self, path: str) -> zipfile.ZipFile:
-        self._fresh()
-        if path not in self.zips:
-            if len(self.zips) >= self.keep:
-                self.zips.pop(next(iter(self.zips))).close()
-            self.zips[path] = zipfile.ZipFile(path)
-        return self.zips[path]
-
-    def fd(self, path: str) -> int:
-        self._fresh()
-        if path not in self.fds:
-            if len(self.fds) >= self.keep:
-                os.close(self.fds.pop(next(iter(self.fds))))
-            self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return self.fds[path]
-
-
-_OPEN = _OpenArchives()
-
-
-def read_member(ref: LocalRef, max_bytes: int) -> bytes | Rejected:
-    """Worker side: one zip member (by index) or plain-tar member (by data offset)."""
-    try:
-        if ref.kind == "zip":
-            return _read_zip_member(_OPEN.zip(ref.file), ref, max_bytes)
-        if ref.size > max_bytes:
-            return Rejected("too_large", f"{ref.size} bytes, over --max-bytes {max_bytes}")
-        data = os.pread(_OPEN.fd(ref.file), ref.size, ref.offset)
-    except _READ_ERRORS as err:
-        return Rejected("unreadable", f"cannot extract: {first_line(err)}")
-    if len(data) != ref.size:
-        return Rejected("unreadable", "the archive is shorter than when it was listed")
-    return data
-
-
-def _read_zip_member(zf: zipfile.ZipFile, ref: LocalRef, max_bytes: int) -> bytes | Rejected:
-    infos = zf.infolist()
-    info = infos[ref.offset] if 0 <= ref.offset < len(infos) else None
-    if info is None or zip_name(info) != ref.member:
-        return Rejected("unreadable", "the archive changed since it was listed; run the command again")
-    if info.file_size > max_bytes:
-        return Rejected("too_large", f"declares {info.file_size} bytes, over --max-bytes {max_bytes}")
-    with zf.open(info) as fh:  # zipfile stops at the declared size and checks the CRC
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        return Rejected("too_large", f"over --max-bytes {max_bytes}")
-    return data

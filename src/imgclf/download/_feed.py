@@ -15,9 +15,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
 
-from imgclf.download._archive import stream_members
 from imgclf.download._local import LocalRef
 from imgclf.download._options import StoreSettings
+from imgclf.download._read import stream_members
 from imgclf.download._store import Stored, process_many
 from imgclf.errors import ImgclfError
 from imgclf.images import Rejected

@@ -1,7 +1,7 @@
 """Local sources: folders, archives and tables that name local files become download items.
 
 `iter_items` turns every source into chunks of `Item` (one future manifest row) and `Skipped`
-(a file that gets no row, listed in download_report.json). The worker side, `read_local`,
+(a file that gets no row, listed in download_report.json). The worker side, `_read.read_local`,
 reads one item's bytes for `_store.process_body`, the same validation as a downloaded body.
 
 Folder layout (ImageFolder, as torchvision, fastai and Ultralytics read it):
@@ -31,7 +31,6 @@ Archives found inside a folder are files like any other (`not_image`).
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -42,13 +41,13 @@ from typing import NamedTuple
 import pandas as pd
 
 from imgclf import sources
+from imgclf.download._pseudo import forget as forget_pseudo
+from imgclf.download._pseudo import is_pseudo, passes_pseudo, under
 from imgclf.errors import DataError
-from imgclf.images import Rejected
 
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN",
                           "System Volume Information"})
 _MAX_WRAPPERS = 8  # wrapper folders stripped at most (flowers/flowers/train/...)
-_READ_CHUNK = 1 << 16
 
 
 class Item(NamedTuple):
@@ -168,7 +167,7 @@ def folder_wrapper(root: Path) -> tuple[str, ...]:
     return prefix
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
         if test(mode):
@@ -184,65 +183,14 @@ class _Dir(NamedTuple):
     entries: Iterator[os.DirEntry[str]]
 
 
-PSEUDO_ROOTS = ("/proc", "/dev", "/sys")
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _pseudo(path: str) -> bool:
-    return any(_under(path, pseudo) for pseudo in PSEUDO_ROOTS)
-
-
-@functools.lru_cache(maxsize=4096)
-def _folder_passes_pseudo(folder: str) -> bool:
-    return passes_pseudo(folder, last=False)
-
-
-def passes_pseudo(path: str, last: bool = True, hops: int = 40) -> bool:
-    """True when resolving `path` passes through /proc, /dev or /sys, hop by hop: realpath alone
-    misses it (/dev/fd/3 resolves to whatever file descriptor 3 is, this process's own state)."""
-    path = os.path.abspath(path)
-    if last:  # the folders are resolved once each (cached); the name itself here
-        parent, name = os.path.split(path)
-        if parent != path and _folder_passes_pseudo(parent):
-            return True
-        parts, current = [name], parent
-    else:
-        parts, current = path.split(os.sep)[1:], os.sep
-    while parts:
-        part = parts.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            current = os.path.dirname(current)
-            continue
-        step = os.path.join(current, part)
-        if _pseudo(step):
-            return True
-        try:
-            target = os.readlink(step)
-        except OSError:  # not a link (or not there): go on lexically
-            current = step
-            continue
-        hops -= 1
-        if hops < 0:
-            return False  # a link loop: opening it fails anyway
-        parts = [*target.split(os.sep), *parts]
-        if target.startswith(os.sep):
-            current = os.sep
-    return _pseudo(current)
-
-
 def _link_problem(entry: os.DirEntry[str], real_root: str, follow_links: bool) -> Skipped | None:
     """Why a symlink entry is not followed (kind, reason), or None to follow it."""
     target = os.path.realpath(entry.path)
     if not os.path.lexists(target):
         return None  # broken: the stat below lists it as such
-    if _pseudo(target) or passes_pseudo(entry.path):
+    if is_pseudo(target) or passes_pseudo(entry.path):
         return Skipped("", "", "special_path", "a symlink into /proc, /dev or /sys (never read)")
-    if not follow_links and not _under(target, real_root):
+    if not follow_links and not under(target, real_root):
         return Skipped("", "", "outside_link", "a symlink that leaves the source folder (not followed; "
                                                "pass --follow-links to read it)")
     return None
@@ -252,7 +200,7 @@ def walk_folder(root: Path, follow_links: bool = False) -> Iterator[Item | Skipp
     """Every entry under `root`, in sorted order (stable row numbers), as Item or Skipped."""
     shown = str(root)
     real_root = os.path.realpath(root)
-    if _pseudo(real_root) or passes_pseudo(str(root)):
+    if is_pseudo(real_root) or passes_pseudo(str(root)):
         raise DataError(f"{root}: a folder under /proc, /dev or /sys cannot be a source")
     layout = Layout(sources.split_from_stem(root), folder_wrapper(root))
     try:
@@ -292,7 +240,7 @@ def walk_folder(root: Path, follow_links: bool = False) -> Iterator[Item | Skipp
                 yield Item(shown, where, *folder.place, "file", os.path.join(folder.absolute, name), "", -1,
                            st.st_size, st.st_mtime_ns)
         elif not stat.S_ISDIR(st.st_mode):
-            yield Skipped(shown, where, "not_regular_file", f"{_kind_of(st.st_mode)} (never opened)")
+            yield Skipped(shown, where, "not_regular_file", f"{kind_of(st.st_mode)} (never opened)")
         elif (st.st_dev, st.st_ino) in visited:
             yield Skipped(shown, where, "symlink_loop", "a folder already read (symlink loop or second link)")
         else:
@@ -355,7 +303,7 @@ def _file_item(source: str, where: str, label: str, split: str, absolute: str) -
                     error=f"cannot read: {err.strerror}")
     if not stat.S_ISREG(st.st_mode):
         return Item(source, where, label, split, "file", absolute, "", -1, st.st_size, st.st_mtime_ns,
-                    "unreadable", f"not a regular file: {_kind_of(st.st_mode)} (never opened)")
+                    "unreadable", f"not a regular file: {kind_of(st.st_mode)} (never opened)")
     return Item(source, where, label, split, "file", absolute, "", -1, st.st_size, st.st_mtime_ns)
 
 
@@ -366,7 +314,7 @@ def iter_items(paths: list[Path], chunk_rows: int, columns: sources.Columns,
     else a list of Item/Skipped."""
     from imgclf.download import _archive
 
-    _folder_passes_pseudo.cache_clear()  # links may have changed since an earlier run in this process
+    forget_pseudo()  # links may have changed since an earlier run in this process
     for path in paths:
         kind = sources.source_kind(path)
         if kind == "table":
@@ -404,54 +352,3 @@ def check_out_dir(paths: list[Path], data_dir: Path) -> None:
                                 f"into a source: choose an --out outside it (e.g. {path.name}_data)")
             if src.is_relative_to(out):
                 raise DataError(f"source {path} is inside --out {data_dir}; use another --out")
-
-
-# -- worker side ------------------------------------------------------------------------------------
-def read_local(ref: LocalRef, max_bytes: int) -> bytes | Rejected:
-    """The bytes of one local item, or why not (a value, never an exception)."""
-    if ref.kind == "file":
-        return read_file(ref.file, max_bytes)
-    from imgclf.download import _archive
-
-    return _archive.read_member(ref, max_bytes)
-
-
-def read_file(path: str, max_bytes: int) -> bytes | Rejected:
-    """Read a regular file; anything else (FIFO, device, socket) is refused before it is opened."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        return Rejected("unreadable", f"cannot read: {err.strerror}")
-    if not stat.S_ISREG(st.st_mode):
-        return Rejected("unreadable", f"not a regular file: {_kind_of(st.st_mode)} (never opened)")
-    if st.st_size > max_bytes:
-        return Rejected("too_large", f"{st.st_size} bytes, over --max-bytes {max_bytes}")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        return Rejected("unreadable", f"cannot read: {err.strerror}")
-    try:
-        st = os.fstat(fd)  # swapped for something else between stat and open?
-        if not stat.S_ISREG(st.st_mode):
-            return Rejected("unreadable", f"not a regular file: {_kind_of(st.st_mode)}")
-        return read_capped(fd, st.st_size, max_bytes)
-    except OSError as err:
-        return Rejected("unreadable", f"cannot read: {err.strerror}")
-    finally:
-        os.close(fd)
-
-
-def read_capped(fd: int, expected: int, max_bytes: int) -> bytes | Rejected:
-    """Read to EOF, at most max_bytes (a file that grows while read, or /proc-like sizes of 0)."""
-    data = os.read(fd, min(expected, max_bytes) + 1)
-    if len(data) == expected:  # the usual case: exactly the size stat gave
-        return data
-    parts, total = [data], len(data)
-    while data and total <= max_bytes:
-        data = os.read(fd, _READ_CHUNK)
-        parts.append(data)
-        total += len(data)
-    if total > max_bytes:
-        return Rejected("too_large", f"over --max-bytes {max_bytes}")
-    return b"".join(parts)

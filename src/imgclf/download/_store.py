@@ -23,8 +23,9 @@ from pathlib import Path
 from PIL import Image
 
 from imgclf import storage
-from imgclf.download._local import LocalRef, read_local
+from imgclf.download._local import LocalRef
 from imgclf.download._options import StoreSettings
+from imgclf.download._read import read_local
 from imgclf.images import Decoded, Rejected, decode_image
 
 TMP_DIR = ".tmp"
