@@ -282,8 +282,8 @@ class _Driver:
 
     def _clean_up_after_lost_workers(self) -> None:
         """A killed worker may have left partial files, stored files and tars never committed: drop them."""
-        from imgclf.download import _remove_orphans
+        from imgclf.download._commit import remove_orphans
 
         if not self.target.remote:
             shutil.rmtree(Path(self.target.out) / TMP_DIR, ignore_errors=True)
-        _remove_orphans(self.state, self.target)
+        remove_orphans(self.state, self.target)

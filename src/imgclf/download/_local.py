@@ -1,6 +1,6 @@
 """Local sources: folders, archives and tables that name local files become download items.
 
-`iter_items` turns every source into chunks of `Item` (one future manifest row) and `Skipped`
+`_items.iter_items` turns every source into chunks of `Item` (one future manifest row) and `Skipped`
 (a file that gets no row, listed in download_report.json). The worker side, `_read.read_local`,
 reads one item's bytes for `_store.process_body`, the same validation as a downloaded body.
 
@@ -41,7 +41,6 @@ from typing import NamedTuple
 import pandas as pd
 
 from imgclf import sources
-from imgclf.download._pseudo import forget as forget_pseudo
 from imgclf.download._pseudo import is_pseudo, passes_pseudo, under
 from imgclf.errors import DataError
 
@@ -305,36 +304,6 @@ def _file_item(source: str, where: str, label: str, split: str, absolute: str) -
         return Item(source, where, label, split, "file", absolute, "", -1, st.st_size, st.st_mtime_ns,
                     "unreadable", f"not a regular file: {kind_of(st.st_mode)} (never opened)")
     return Item(source, where, label, split, "file", absolute, "", -1, st.st_size, st.st_mtime_ns)
-
-
-# -- every source -----------------------------------------------------------------------------------
-def iter_items(paths: list[Path], chunk_rows: int, columns: sources.Columns,
-               max_bytes: int, follow_links: bool = False) -> Iterator[pd.DataFrame | Chunk]:
-    """Chunks in source order: a frame for a table chunk without local paths (the fast URL path),
-    else a list of Item/Skipped."""
-    from imgclf.download import _archive
-
-    forget_pseudo()  # links may have changed since an earlier run in this process
-    for path in paths:
-        kind = sources.source_kind(path)
-        if kind == "table":
-            for frame in sources.iter_sources([path], chunk_rows, columns):
-                yield table_items(frame, path) if (frame["path"] != "").any() else frame
-        elif kind == "folder":
-            yield from _chunked(walk_folder(path, follow_links), chunk_rows)
-        else:
-            yield from _chunked(_archive.list_archive(path, max_bytes), chunk_rows)
-
-
-def _chunked(items: Iterator[Item | Skipped], size: int) -> Iterator[Chunk]:
-    chunk: Chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def check_out_dir(paths: list[Path], data_dir: Path) -> None:

@@ -39,7 +39,7 @@ _JOB = re.compile(r" shard=(\d+)/(\d+)$")
 
 def merge(job_dirs: list[Path], out_dir: Path | str, options: DownloadOptions | None = None):  # noqa: ANN201
     """Merge the DATA_DIRs of --shard jobs into `out_dir`; returns a download.DownloadResult."""
-    from imgclf.download import DownloadResult
+    from imgclf.download._result import DownloadResult
 
     options = options or DownloadOptions()
     started = time.monotonic()

@@ -25,7 +25,8 @@ import pandas as pd
 
 from imgclf import sources
 from imgclf.download._fetch import RETRY_STATUSES
-from imgclf.download._local import Item, LocalRef, Skipped, iter_items
+from imgclf.download._items import iter_items
+from imgclf.download._local import Item, LocalRef, Skipped
 from imgclf.errors import ConfigError, DataError
 from imgclf.net.http import check_url
 from imgclf.untrusted import check_label, shown

@@ -105,14 +105,14 @@ class ShardRunner:
                 job.fail(err)
 
     async def _one(self, url_id: int, url: str) -> Outcome:
-        from imgclf.download import _outcome  # the single-machine rule, incl. storage_error -> DataError
+        from imgclf.download._commit import outcome  # the single-machine rule, incl. storage_error -> DataError
 
         got = await self.fetcher.fetch(url)
         if got.status is not None:
             return Outcome(url_id, got.status, got.error, got.http_status, got.attempts)
         body, got.body = got.body, None
         result = await self.batcher.process(body)
-        return _outcome(url_id, result, got.http_status, got.attempts)
+        return outcome(url_id, result, got.http_status, got.attempts)
 
     async def close(self) -> None:
         for task in self._consumers:
