@@ -201,7 +201,7 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
         "label_issues_by_class": found.class_summary,
         "suggested_pairs": _suggested_pairs(findings),
         "overlapping_classes": found.overlapping,
-        "out_of_sample_accuracy": judge.accuracy if scored.any() else None,
+        "out_of_sample_accuracy": judge.accuracy_all if scored.any() else None,
         "judge": judge.to_plain(),
         "unscored_classes": sorted({names[i] for i in set(ok["label"].map(index)[~scored & readable])}),
         "duplicate_groups": int(groups.max() + 1) if len(groups) else 0,
@@ -220,7 +220,8 @@ def _trust_lines(result: dict[str, Any]) -> list[str]:
     judge = result.get("judge")
     if not judge:
         return []
-    lines = [f"judge:    calibration error (ECE) {judge['ece_calibrated']:.3f} after temperature "
+    lines = [f"judge:    accuracy {judge['accuracy_unflagged']:.3f} on the images it does not flag, "
+             f"calibration error (ECE) {judge['ece_calibrated']:.3f} after temperature "
              f"{judge['temperature']:.2f}; score = estimated probability that the label is wrong"]
     if not judge["trusted"]:
         lines.append("          too weak to drop anything: " + "; ".join(judge["reasons"])

@@ -58,10 +58,9 @@ def label_issue_rows(frame: pd.DataFrame, issues: np.ndarray, probs: np.ndarray,
 def _held_back(judge: Judge, given: int, suggested: int, score: float, class_names: list[str]) -> str:
     if not judge.trusted:
         return "the judge is too weak to drop (" + "; ".join(judge.reasons) + ")"
-    weak = [k for k in (given, suggested) if not judge.class_accuracy[k] >= MIN_CLASS_ACCURACY]
-    if weak:
-        return ", ".join(f"{class_names[k]} accuracy {judge.class_accuracy[k]:.2f}" for k in weak) + \
-            f" is below {MIN_CLASS_ACCURACY:.2f}"
+    if not judge.class_accuracy[given] >= MIN_CLASS_ACCURACY:
+        return (f"the judge gets {class_names[given]} right {judge.class_accuracy[given]:.2f} of the time, "
+                f"below {MIN_CLASS_ACCURACY:.2f}")
     return f"estimated probability of a wrong label {score:.2f} is below {DROP_SCORE:.2f}"
 
 

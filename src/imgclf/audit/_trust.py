@@ -5,7 +5,9 @@ photos the audit's own embedder reached 0.806 out-of-sample accuracy and propose
 correct images at score 0.99 (issue 27). So the audit measures its judge before acting on it:
 
 - **accuracy** of the cross-validated probabilities against the given labels, overall and per
-  class (a class the head mostly gets wrong cannot accuse its members);
+  class (a class the head mostly gets wrong cannot accuse its members). The gate uses the accuracy
+  on the images it does not flag: the flagged ones are where the given label is in question, and
+  5% planted flips in a small class (18 images, 5 flipped in) otherwise halve its accuracy;
 - **calibration**: one temperature T fitted to the out-of-sample log-probabilities by maximum
   likelihood (Guo et al. 2017, "On calibration of modern neural networks"), and the expected
   calibration error (ECE, 15 equal-width confidence bins) before and after. Both are taken on the
@@ -16,9 +18,18 @@ correct images at score 0.99 (issue 27). So the audit measures its judge before 
 
 `score` in audit.csv is then 1 - p_T(given label): the estimated probability that the given label
 is wrong. A label issue is proposed for `drop` only when the judge as a whole is trusted
-(accuracy >= MIN_ACCURACY and calibrated ECE <= MAX_ECE + 1 / sqrt(n)), both the given and the suggested
-class reach MIN_CLASS_ACCURACY, and the score is at least DROP_SCORE; every other flagged image is
-proposed for `review`, and the summary says which rule held it back.
+(accuracy >= MIN_ACCURACY and calibrated ECE <= MAX_ECE + 1 / sqrt(n)), the given class reaches
+MIN_CLASS_ACCURACY, and the score is at least DROP_SCORE; every other flagged image is proposed
+for `review`, and the summary says which rule held it back.
+
+Why these numbers (benchmarks/audit_real.py, docs/benchmarks.md "Issue 27"): on 477 Tux Paint
+clip-art stamps in 12 classes with 24 planted flips, the efficientnet_lite0 judge (accuracy 0.86
+on the unflagged images) flags 38 images of which half are honest confusions inside its weakest
+classes (christmas 0.37, insects 0.45); its probabilities are well calibrated on average (ECE
+0.04) but not in the last percent, where clean images of a weak class get p(given) = 0.001 too.
+Requiring a score of 0.99 and a given class the head gets right 80% of the time leaves 15 drops,
+13 of them flips (precision 0.87, recall 0.54), and 3 drops (0.6%) on the same images without
+flips. The self-trained embedder on the same images reaches 0.37-0.48 and drops nothing.
 """
 
 from __future__ import annotations
@@ -30,16 +41,17 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 # Documented thresholds (docs/audit.md, "How far the audit trusts itself").
-MIN_ACCURACY = 0.90  # out-of-sample accuracy of the head below this: no drop at all
+MIN_ACCURACY = 0.85  # out-of-sample accuracy of the head on the unflagged images below this: no drop at all
 MAX_ECE = 0.05  # calibrated expected calibration error above this: no drop at all
-MIN_CLASS_ACCURACY = 0.80  # a label issue between classes the head confuses this often: review
-DROP_SCORE = 0.90  # estimated probability that the label is wrong, at least, for a drop
+MIN_CLASS_ACCURACY = 0.80  # a label issue in a class the head gets right less often than this: review
+DROP_SCORE = 0.99  # estimated probability that the label is wrong, at least, for a drop
 ECE_BINS = 15
 
 
 @dataclass
 class Judge:
-    accuracy: float
+    accuracy: float  # on the unflagged scored images (what the gate uses)
+    accuracy_all: float  # on every scored image
     ece: float  # of the raw out-of-sample probabilities
     temperature: float
     ece_calibrated: float
@@ -49,7 +61,8 @@ class Judge:
     reasons: list[str] = field(default_factory=list)  # why not trusted (empty when trusted)
 
     def to_plain(self) -> dict[str, Any]:
-        return {"out_of_sample_accuracy": round(self.accuracy, 4), "ece": round(self.ece, 4),
+        return {"out_of_sample_accuracy": round(self.accuracy_all, 4), "accuracy_unflagged": round(self.accuracy, 4),
+                "ece": round(self.ece, 4),
                 "temperature": round(self.temperature, 4), "ece_calibrated": round(self.ece_calibrated, 4),
                 "trusted": self.trusted, "reasons": self.reasons, "per_class": self.per_class,
                 "thresholds": {"min_accuracy": MIN_ACCURACY, "max_ece": MAX_ECE,
@@ -107,27 +120,31 @@ def assess(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
     `suspects` (indices of the flagged label issues) are left out of the calibration fit and ECE.
     """
     scored = labels >= 0
-    p, y = probs[scored], labels[scored]
+    y = labels[scored]
     trusted_rows = scored.copy()
     trusted_rows[np.asarray(suspects, dtype=int)] = False
     temperature = fit_temperature(probs[trusted_rows], labels[trusted_rows])
     calibrated = calibrate(probs, temperature)
-    predicted = p.argmax(axis=1) if len(y) else y
-    accuracy = float((predicted == y).mean()) if len(y) else 0.0
+    predicted = probs.argmax(axis=1)
+    right = predicted == labels
+    accuracy_all = float(right[scored].mean()) if scored.any() else 0.0
+    accuracy = float(right[trusted_rows].mean()) if trusted_rows.any() else 0.0
     class_accuracy = np.full(len(class_names), np.nan)
     per_class = []
     for k, name in enumerate(class_names):
-        sel = y == k
-        if sel.any():
-            class_accuracy[k] = float((predicted[sel] == k).mean())
-            clean = trusted_rows & (labels == k)
-            per_class.append({"class": name, "images": int(sel.sum()), "accuracy": round(class_accuracy[k], 4),
+        clean = trusted_rows & (labels == k)
+        if clean.any():
+            class_accuracy[k] = float(right[clean].mean())
+            per_class.append({"class": name, "images": int((labels == k).sum()), "flagged": int((y == k).sum()
+                              - clean.sum()), "accuracy": round(class_accuracy[k], 4),
                               "ece_calibrated": round(expected_calibration_error(calibrated[clean], labels[clean]), 4)})
-    judge = Judge(accuracy, expected_calibration_error(probs[trusted_rows], labels[trusted_rows]), temperature,
+    ece_raw = expected_calibration_error(probs[trusted_rows], labels[trusted_rows])
+    judge = Judge(accuracy, accuracy_all, ece_raw, temperature,
                   expected_calibration_error(calibrated[trusted_rows], labels[trusted_rows]), class_accuracy, per_class)
     max_ece = MAX_ECE + 1.0 / np.sqrt(max(int(trusted_rows.sum()), 1))
     if judge.accuracy < MIN_ACCURACY:
-        judge.reasons.append(f"out-of-sample accuracy {judge.accuracy:.3f} is below {MIN_ACCURACY:.2f}")
+        judge.reasons.append(f"out-of-sample accuracy {judge.accuracy:.3f} (on the unflagged images) is below "
+                             f"{MIN_ACCURACY:.2f}")
     if judge.ece_calibrated > max_ece:
         judge.reasons.append(f"calibration error (ECE) {judge.ece_calibrated:.3f} is above {max_ece:.3f} "
                              f"({MAX_ECE:.2f} + 1/sqrt(images))")
@@ -136,8 +153,11 @@ def assess(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
 
 
 def drop_allowed(judge: Judge, given: np.ndarray, suggested: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """(M,) bool: which label issues (given class, suggested class, score) the judge may propose to drop."""
+    """(M,) bool: which label issues (given class, suggested class, score) the judge may propose to drop.
+
+    Only the given class is held to MIN_CLASS_ACCURACY: it is the class whose member is accused; the
+    suggestion may be a class the head knows less well (the label is wrong either way)."""
     if not judge.trusted:
         return np.zeros(len(given), dtype=bool)
     acc = np.nan_to_num(judge.class_accuracy, nan=0.0)
-    return (acc[given] >= MIN_CLASS_ACCURACY) & (acc[suggested] >= MIN_CLASS_ACCURACY) & (score >= DROP_SCORE)
+    return (acc[given] >= MIN_CLASS_ACCURACY) & (score >= DROP_SCORE)
