@@ -2,9 +2,10 @@
 
     imgclf audit DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
 
-Embeds every ok image of the manifest (a given model's penultimate layer, or a model trained
-briefly on the data itself into AUDIT_DIR/embedder), then:
-- label issues: out-of-sample probabilities from a cross-validated linear head, ranked by cleanlab;
+Embeds every ok image of the manifest (a given model's penultimate layer, a pretrained backbone's
+ImageNet features, or a model trained briefly on the data itself into AUDIT_DIR/embedder), then:
+- label issues: out-of-sample probabilities from a cross-validated linear head, ranked by cleanlab,
+  acted on only as far as the head proves trustworthy (_trust: calibration, accuracy per class);
 - near-duplicates, train/test leakage and label conflicts: 256-bit perceptual hashes, grouped;
 - outliers: images far from their nearest neighbours.
 Hands on (see imgclf.auditdir and docs/audit.md): audit.csv (one row per finding, with the action
