@@ -125,3 +125,20 @@ def test_pretrained_judge_finds_flips_on_real_images(wheel: Path, tmp_path: Path
     for r in issues[issues["row"].isin(flips)].itertuples():  # the suggestion is the true class
         assert r.suggested == AUDIT_CLASSES[(AUDIT_CLASSES.index(original.at[r.row, "label"]) - 1) % 3]
     shutil.rmtree(tmp_path / "data")
+
+
+def test_backbone_bad_input_is_one_line(noisy_small: Path, tmp_path: Path, capsys) -> None:
+    for extra, message in (
+            (["--model", "m.pt", "--backbone", "timm/efficientnet_lite0"], "--backbone and --model are two judges"),
+            (["--backbone", "resnet18"], "give timm/<name>"),
+            (["--backbone", "timm/efficientnet_lite0", "--backbone-weights", str(noisy_small / "manifest.parquet")],
+             "is not a loadable state dict")):
+        assert main(["audit", str(noisy_small), "--out", str(tmp_path / "a"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.fixture
+def noisy_small(tmp_path: Path) -> Path:
+    from helpers import make_data_dir
+    return make_data_dir(tmp_path / "data", ["Bag", "Sneaker"], n_train=3, n_test=0)
