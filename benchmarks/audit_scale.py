@@ -9,6 +9,9 @@ full) as PNG files with a manifest, as `download` leaves it (written once, reuse
 process, timed, with its peak resident memory (getrusage of the children). Prints the per-step
 seconds of audit.json, and, with two or more N, the growth exponent between the first and last
 (time ~ N^a) and what that gives at 1,000,000 images.
+
+--duplicates-only times the near-duplicate search alone (perceptual hashes computed from the idx
+files, no embedding), for the sizes where a whole audit would take too long on a shared machine.
 """
 
 from __future__ import annotations
@@ -84,13 +87,42 @@ def audit_once(data: Path, out: Path, model: Path) -> dict:
             "timing": result["timing"], "counts": result["counts"]}
 
 
+def duplicates_only(n: int, cache: Path) -> dict:
+    """The near-duplicate step alone on the first N images (hashes computed once into `cache`), in this
+    process: its wall time and the growth of peak memory over what the hashes themselves take."""
+    from imgclf.audit import _duplicates, _embed
+
+    if cache.is_file():
+        hashes = np.load(cache)
+    else:
+        n_test = n // 7
+        arrays = [read_idx(RAW / f"{p}-images-idx3-ubyte.gz")[:c] for p, c in (("train", n - n_test), ("t10k", n_test))]
+        hashes = np.stack([_embed.phash256(Image.fromarray(a, mode="L").convert("RGB"))
+                           for a in np.concatenate(arrays)])
+        np.save(cache, hashes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    pairs, _ = _duplicates.duplicate_pairs(hashes, np.ones(len(hashes), bool), _duplicates.DuplicateSettings())
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"images": len(hashes), "duplicates_s": round(wall, 1), "pairs": len(pairs),
+            "peak_rss_gb": round(peak, 2), "peak_before_gb": round(before, 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/imgclf_audit_scale"))
     ap.add_argument("--n", type=int, action="append", help="image counts, smallest first (default 10000, 70000)")
     ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--duplicates-only", action="store_true",
+                    help="time only the near-duplicate search (hashes from the idx files, no embedding)")
     args = ap.parse_args()
     sizes = args.n or [10_000, 70_000]
+    if args.duplicates_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        for n in sizes:
+            print(json.dumps(duplicates_only(n, args.workdir / f"phash-{n}.npy")), flush=True)
+        return 0
     report = []
     for n in sizes:
         data = args.workdir / f"data-{n}"
