@@ -91,7 +91,10 @@ def scores(out: Path, flips: set[int], result: dict) -> dict:
             if len(issues) else None,
             "drop": len(drops), "drop_share": round(len(drops) / result["images"], 4),
             "drops_that_are_flips": len(set(drops["row"]) & flips),
-            "judge_accuracy": judge["out_of_sample_accuracy"], "judge_ece": judge["ece"],
+            "drop_precision": round(len(set(drops["row"]) & flips) / max(len(drops), 1), 3),
+            "drop_recall": round(len(set(drops["row"]) & flips) / max(len(flips), 1), 3),
+            "judge_accuracy": judge["out_of_sample_accuracy"], "judge_accuracy_unflagged": judge["accuracy_unflagged"],
+            "judge_ece": judge["ece"],
             "judge_ece_calibrated": judge["ece_calibrated"], "temperature": judge["temperature"],
             "trusted": judge["trusted"], "reasons": judge["reasons"],
             "seconds": result["timing"]["total"]}
