@@ -13,9 +13,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="find likely label errors, near-duplicates, leakage and outliers",
                        description="Audit a data directory: label issues (cleanlab on out-of-sample probabilities), "
                                    "near-duplicates and train/test leakage (perceptual hashes), outliers. Writes "
-                                   "audit.csv, audit.json and audit.html into AUDIT_DIR. Without --model, a model is "
-                                   "trained briefly on the data (AUDIT_DIR/embedder); extra key=value arguments "
-                                   "override its config. Train without the flagged rows with "
+                                   "audit.csv, audit.json and audit.html into AUDIT_DIR. Without --model, a pretrained "
+                                   "backbone judges (--backbone), else a model is trained briefly on the data "
+                                   "(AUDIT_DIR/embedder; extra key=value arguments override its config). Label issues "
+                                   "are proposed for drop only when the judge proves trustworthy (accuracy, "
+                                   "calibration); otherwise for review. Train without the flagged rows with "
                                    "data.exclude=AUDIT_DIR/audit.csv, or write them into the manifest with --apply.")
     p.add_argument("data", type=Path, metavar="DATA_DIR", help="data directory written by `imgclf download`")
     p.add_argument("--out", required=True, type=Path, metavar="AUDIT_DIR", help="folder to write the audit into")
