@@ -19,7 +19,7 @@ import torch
 from test_audit import AUDIT_CLASSES, build_noisy
 
 from imgclf import audit, auditdir
-from imgclf.audit import _backbone, _findings, _trust
+from imgclf.audit import _backbone, _findings, _html, _trust
 from imgclf.cli import main
 from imgclf.errors import ConfigError
 from imgclf.manifest import read_manifest
@@ -120,7 +120,12 @@ def test_pretrained_judge_finds_flips_on_real_images(wheel: Path, tmp_path: Path
     assert result["judge"]["trusted"]  # ImageNet features tell bags, sneakers and trousers apart
     assert len(set(drops["row"]) & flips) >= 3 and len(set(drops["row"]) - flips) <= 1  # measured: 4 of 4, 1 extra
     html = (tmp_path / "a" / auditdir.HTML).read_text()
-    assert 'id="judge"' in html and "judge-classes" in html
+    assert 'id="judge"' in html and "judge-classes" in html and "trusted to propose drops" in html
+    weak = {**result, "judge": {**result["judge"], "trusted": False, "reasons": ["accuracy 0.5 is below 0.85"]},
+            "model": {**result["model"], "judge": "self-trained"}}
+    page = _html.render(weak, findings, lambda row: None, 60)
+    assert "too weak to propose any drop" in page and "accuracy 0.5 is below 0.85" in page
+    assert "--backbone timm/efficientnet_lite0" in page
     original = read_manifest(data).set_index("row")
     for r in issues[issues["row"].isin(flips)].itertuples():  # the suggestion is the true class
         assert r.suggested == AUDIT_CLASSES[(AUDIT_CLASSES.index(original.at[r.row, "label"]) - 1) % 3]
