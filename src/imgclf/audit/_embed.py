@@ -179,6 +179,11 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(fh, **arrays)
 
 
+# Newly embedded images between two cache writes: a killed audit of 70,000 images loses at most
+# this many (a write of the whole cache costs about a second per 100,000 images).
+SAVE_EVERY = 10_000
+
+
 @dataclass
 class Embedded:
     features: np.ndarray  # (N, D) float32, rows in frame order
@@ -204,7 +209,7 @@ def embed(frame: pd.DataFrame, data_dir: str | Path, embedder: Embedder, cache_d
         log.info("embedding %d image(s) (%d from cache)", len(todo), len(set(shas)) - len(todo))
         dataset = _Images(data_dir, [first_ref[s] for s in todo], embedder.preprocessing)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        done = 0
+        done, saved = 0, 0
         for images, hashes, ok in loader:
             vectors = embedder.features(images)
             for j in range(len(ok)):
@@ -215,6 +220,10 @@ def embed(frame: pd.DataFrame, data_dir: str | Path, embedder: Embedder, cache_d
                 else:
                     unreadable.add(sha)
             done += len(ok)
+            if done - saved >= SAVE_EVERY:  # an interrupted audit resumes from here (the cache is by sha256)
+                _save(emb_path, hash_path, known_emb, known_hash)
+                saved = done
+                log.info("embedded %d / %d image(s)", done, len(todo))
         _save(emb_path, hash_path, known_emb, known_hash)
     dim = len(next(iter(known_emb.values()))) if known_emb else 1
     blank = np.zeros(dim, np.float32)

@@ -1,8 +1,9 @@
 """From scores to findings: one audit.csv row per (kind, image), each with the action it proposes.
 
 Action policy (docs/audit.md), chosen so that applying an audit never flatters an evaluation:
-- label issues in train/val: `drop` (`relabel` with --relabel); in other splits (test): `review`,
-  because a test set edited by a model's opinion would score that model higher;
+- label issues in train/val: `drop` (`relabel` with --relabel) when the judge may act on them
+  (_trust.drop_allowed), else `review`; in other splits (test): `review`, because a test set
+  edited by a model's opinion would score that model higher;
 - leakage: the train/val members of a group that also reaches another split are dropped, the
   test members kept, so the test set stays the same and stops being seen in training;
 - conflicts, near-duplicates and outliers: `review` / `keep` (information; edit audit.csv to act);
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from imgclf.audit._trust import DROP_SCORE, MIN_CLASS_ACCURACY, Judge, drop_allowed
 from imgclf.auditdir import COLUMNS
 
 FIT_SPLITS = ("train", "val")
@@ -31,8 +33,11 @@ def _rows(frame: pd.DataFrame, idx: np.ndarray, kind: str, **cols) -> pd.DataFra
     return out
 
 
-def label_issue_rows(frame: pd.DataFrame, issues: np.ndarray, probs: np.ndarray, quality: np.ndarray,
-                     class_names: list[str], relabel: bool) -> pd.DataFrame:
+def label_issue_rows(frame: pd.DataFrame, issues: np.ndarray, probs: np.ndarray, class_names: list[str],
+                     relabel: bool, judge: Judge) -> pd.DataFrame:
+    """`probs` are the calibrated out-of-sample probabilities: score = 1 - p(given), the estimated
+    probability that the given label is wrong. Only what the judge may act on (_trust.drop_allowed)
+    is proposed for drop / relabel; the rest for review, with the reason in `detail`."""
     if not len(issues):
         return _rows(frame, issues, "label_issue")
     names = np.array(class_names)
@@ -40,12 +45,23 @@ def label_issue_rows(frame: pd.DataFrame, issues: np.ndarray, probs: np.ndarray,
     others = probs[issues].copy()
     others[np.arange(len(issues)), given] = -1.0  # the suggestion is the best *other* class
     suggested = others.argmax(axis=1)
+    score = np.round(1.0 - probs[issues, given], 4)
     fit = frame["split"].iloc[issues].isin(FIT_SPLITS).to_numpy()
-    action = np.where(fit, "relabel" if relabel else "drop", "review")
+    allowed = drop_allowed(judge, given, suggested, score)
+    action = np.where(fit & allowed, "relabel" if relabel else "drop", "review")
     detail = [f"p(given)={probs[i, g]:.3f}, p(suggested)={probs[i, s]:.3f}"
-              for i, g, s in zip(issues, given, suggested, strict=True)]
-    return _rows(frame, issues, "label_issue", suggested=names[suggested], score=np.round(1.0 - quality[issues], 4),
-                 action=action, detail=detail)
+              + ("" if ok or not f else "; review: " + _held_back(judge, g, s, sc, class_names))
+              for i, g, s, sc, ok, f in zip(issues, given, suggested, score, allowed, fit, strict=True)]
+    return _rows(frame, issues, "label_issue", suggested=names[suggested], score=score, action=action, detail=detail)
+
+
+def _held_back(judge: Judge, given: int, suggested: int, score: float, class_names: list[str]) -> str:
+    if not judge.trusted:
+        return "the judge is too weak to drop (" + "; ".join(judge.reasons) + ")"
+    if not judge.class_accuracy[given] >= MIN_CLASS_ACCURACY:
+        return (f"the judge gets {class_names[given]} right {judge.class_accuracy[given]:.2f} of the time, "
+                f"below {MIN_CLASS_ACCURACY:.2f}")
+    return f"estimated probability of a wrong label {score:.2f} is below {DROP_SCORE:.2f}"
 
 
 def group_rows(frame: pd.DataFrame, groups: np.ndarray, best_sim: np.ndarray) -> pd.DataFrame:

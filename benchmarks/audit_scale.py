@@ -1,0 +1,151 @@
+"""Issue 27, scale: `imgclf audit --model` on N Fashion-MNIST images, wall time and peak memory.
+
+    apt-get install -y dataset-fashion-mnist            # idx files under /usr/share/datasets/fashion-mnist
+    .venv/bin/python benchmarks/audit_scale.py --workdir /tmp/audit_scale --n 10000 --n 70000
+
+For each N: a DATA_DIR of the first N*6/7 training and N/7 test images (70,000 = both splits in
+full) as PNG files with a manifest, as `download` leaves it (written once, reused); then
+`imgclf audit --data DATA_DIR --out ... --model weights/fashion_mnist_mobilenet_v3_small.pt` in a child
+process, timed, with its peak resident memory (getrusage of the children). Prints the per-step
+seconds of audit.json, and, with two or more N, the growth exponent between the first and last
+(time ~ N^a) and what that gives at 1,000,000 images.
+
+--duplicates-only times the near-duplicate search alone (perceptual hashes computed from the idx
+files, no embedding), for the sizes where a whole audit would take too long on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from imgclf.manifest import write_manifest
+
+RAW = Path("/usr/share/datasets/fashion-mnist")
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
+CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def build(data: Path, n: int) -> None:
+    if (data / "manifest.parquet").is_file():
+        return
+    n_test = n // 7
+    rows = []
+    for split, prefix, count in (("train", "train", n - n_test), ("test", "t10k", n_test)):
+        images = read_idx(RAW / f"{prefix}-images-idx3-ubyte.gz")[:count]
+        labels = read_idx(RAW / f"{prefix}-labels-idx1-ubyte.gz")[:count]
+        for pixels, label in zip(images, labels, strict=True):
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            payload = buf.getvalue()
+            sha = hashlib.sha256(payload).hexdigest()
+            rel = f"images/{sha[:2]}/{sha}.png"
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).write_bytes(payload)
+            rows.append({"row": len(rows), "source": f"{split}.csv", "url": f"http://fmnist.invalid/{len(rows)}.png",
+                         "label": CLASSES[int(label)], "split": split, "status": "ok", "sha256": sha, "path": rel,
+                         "width": 28, "height": 28, "bytes": len(payload), "duplicate_of": -1})
+    frame = pd.DataFrame(rows)
+    # exact copies (Fashion-MNIST has a few) are what download sets aside as `duplicate`
+    frame.loc[frame.duplicated("sha256"), "status"] = "duplicate"
+    write_manifest(frame, data)
+
+
+def audit_once(data: Path, out: Path, model: Path) -> dict:
+    cmd = [sys.executable, "-m", "imgclf", "audit", "--data", str(data), "--out", str(out), "--model", str(model), "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"audit failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads((out / "audit.json").read_text())
+    # ru_maxrss of the children: the largest child so far, in KiB on Linux; one audit per child here
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"images": result["images"], "wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2),
+            "timing": result["timing"], "counts": result["counts"]}
+
+
+def duplicates_only(n: int, cache: Path) -> dict:
+    """The near-duplicate step alone on the first N images (hashes computed once into `cache`), in this
+    process: its wall time and the growth of peak memory over what the hashes themselves take."""
+    from imgclf.audit import _duplicates, _embed
+
+    if cache.is_file():
+        hashes = np.load(cache)
+    else:
+        n_test = n // 7
+        arrays = [read_idx(RAW / f"{p}-images-idx3-ubyte.gz")[:c] for p, c in (("train", n - n_test), ("t10k", n_test))]
+        hashes = np.stack([_embed.phash256(Image.fromarray(a, mode="L").convert("RGB"))
+                           for a in np.concatenate(arrays)])
+        np.save(cache, hashes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    pairs, _ = _duplicates.duplicate_pairs(hashes, np.ones(len(hashes), bool), _duplicates.DuplicateSettings())
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"images": len(hashes), "duplicates_s": round(wall, 1), "pairs": len(pairs),
+            "peak_rss_gb": round(peak, 2), "peak_before_gb": round(before, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/imgclf_audit_scale"))
+    ap.add_argument("--n", type=int, action="append", help="image counts, smallest first (default 10000, 70000)")
+    ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--duplicates-only", action="store_true",
+                    help="time only the near-duplicate search (hashes from the idx files, no embedding)")
+    args = ap.parse_args()
+    sizes = args.n or [10_000, 70_000]
+    if args.duplicates_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        for n in sizes:
+            print(json.dumps(duplicates_only(n, args.workdir / f"phash-{n}.npy")), flush=True)
+        return 0
+    report = []
+    for n in sizes:
+        data = args.workdir / f"data-{n}"
+        t0 = time.perf_counter()
+        build(data, n)
+        print(f"data {n}: {time.perf_counter() - t0:.0f} s to write", flush=True)
+        out = args.workdir / f"audit-{n}"
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        report.append(audit_once(data, out, args.model))
+        print(json.dumps(report[-1]), flush=True)
+    if len(report) >= 2:
+        a, b = report[0], report[-1]
+        grow = math.log(b["wall_s"] / a["wall_s"]) / math.log(b["images"] / a["images"])
+        grow_mem = math.log(b["peak_rss_gb"] / a["peak_rss_gb"]) / math.log(b["images"] / a["images"])
+        scale = 1_000_000 / b["images"]
+        print(json.dumps({"time_exponent": round(grow, 2), "memory_exponent": round(grow_mem, 2),
+                          "at_1M_wall_h": round(b["wall_s"] * scale ** grow / 3600, 1),
+                          "at_1M_peak_gb": round(b["peak_rss_gb"] * scale ** grow_mem, 1)}), flush=True)
+    (args.workdir / "report.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
