@@ -68,8 +68,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-retries", type=int, default=2,
                    help="--engine ray: times a failing shard is sent again before the command fails (default 2)")
     p.add_argument("--shard", dest="job_shard", default=None, metavar="I/N",
-                   help="download only the rows of job I of N (by URL hash) into --out; join the jobs' "
-                        "directories with --merge")
+                   help="download only the rows of job I of N (by host, see --shard-by) into --out; join the "
+                        "jobs' directories with --merge")
+    p.add_argument("--shard-by", dest="job_shard_by", choices=("host", "url"), default=None,
+                   help="--shard: host (default: all rows of a host in one job, so the jobs together stay "
+                        "within each host's limit) or url (spreads a dominant host over the jobs; per-host "
+                        "limits then hold per job), see docs/scale.md")
     p.add_argument("--merge", action="store_true",
                    help="the sources are data directories of --shard jobs: merge them into --out")
     p.add_argument("--state-dir", default=None,
