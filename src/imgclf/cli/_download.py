@@ -95,6 +95,10 @@ def handle(args: argparse.Namespace) -> int:
         result = download.merge(args.sources, args.out, options)
     else:
         result = download.run(args.sources, args.out, options)
+    if result.total == 0 and options.job_shard is not None:  # the hosts all hashed to other jobs: not a failure
+        print(f"imgclf download: --shard {options.job_shard} holds no rows (the other jobs hold them all)",
+              file=sys.stderr)
+        return 0
     if result.counts.get("ok", 0) == 0:  # nothing to train on: say so in one line, exit non-zero
         counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
         skipped = (result.report.get("skipped") or {}).get("by_kind") or {}

@@ -126,7 +126,8 @@ class Fetcher:
             async with asyncio.timeout(wait) as headers_due:
                 async with _http.get(self.session, url, self.options.max_redirects) as resp:
                     headers_due.reschedule(None)  # the body has its own limits (--read-timeout, --timeout)
-                    slot.answered(time.monotonic() - started, resp.status)  # time to headers: host latency
+                    slot.answered(time.monotonic() - started, resp.status,  # time to headers: host latency
+                                  retry_after_seconds(resp.headers.get("Retry-After")))  # a 429's pause
                     return await self._answer(resp)
         except TimeoutError:
             if wait is not None and headers_due.expired():
