@@ -12,6 +12,9 @@ answers cleanly and quickly, and shrinks when it pushes back (AIMD, as TCP does 
   errors pass `SOFT_FAILURE_RATE` of recent attempts (one dead URL on a healthy host is not
   push-back; a host that stops answering is). At most one decrease per smoothed round trip,
   so the burst of 429s answering one window of requests counts once.
+- a 429 or 503 also pauses the whole host (every URL of it): for its Retry-After, at most
+  `PAUSE_MAX_S`, else two smoothed round trips. A 429 answers at once, so a limit on requests in
+  flight alone does not bound the rate a host that counts requests per second sees.
 
 Latency only ever stops growth, it never shrinks the limit: time to headers is measured by the
 client, and a busy client (2 cores decoding images) sees its own event-loop lag in it; measured
