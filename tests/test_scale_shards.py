@@ -79,3 +79,16 @@ def test_host_buckets_are_stable_and_follow_the_politeness_key() -> None:
     assert {by_url.owns(f"https://example.com/{i}.jpg") for i in range(20)} == {True, False}  # one host, split
     with pytest.raises(ConfigError, match="--shard-by"):
         download.DownloadOptions(job_shard="0/2", job_shard_by="domain")
+
+
+def test_a_job_whose_hosts_all_hashed_elsewhere_exits_0_with_one_line(corpus, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path, a, b = corpus
+    empty = next(k for k in range(4) if k not in {job_bucket(a.base_url + "/", 4), job_bucket(b.base_url + "/", 4)})
+    done = subprocess.run([sys.executable, "-m", "imgclf", "download", str(path), "--out", str(tmp_path / "e"),
+                           "--shard", f"{empty}/4", "--no-progress", "--processes", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert f"--shard {empty}/4 holds no rows" in done.stderr
