@@ -7,24 +7,33 @@
 #
 #     PY=.venv/bin/python benchmarks/ray_two_nodes.sh [ROWS]        # default 3000 rows, 50 ms latency
 #
-# STATUS: DRAFT, NOT WORKING YET (issue 25 item 3 is not done). The head starts (5.5 s here), but the
-# second `ray start --address 127.0.0.1:PORT` never joins: Ray refuses a second node while
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with it set to 1 Ray rewrites the address 127.0.0.1 to the
-# machine's own IP (ray._private.services.resolve_ip_for_localhost), where a loopback-only GCS does not
-# listen ("Failed to connect to GCS at 192.0.2.2:PORT"). Untried next step: head and nodes on other
-# loopback addresses (127.0.0.2, 127.0.0.3: Ray's is_localhost() is only 127.0.0.1/localhost/::1),
-# with the driver's own node address to match. See docs/scale.md.
+# Ray listens on every interface of a node whose address is not 127.0.0.1, and refuses a second node
+# unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, which makes it rewrite a join address of 127.0.0.1 to the
+# machine's own IP. So: the whole run in a network namespace of its own with only a loopback interface
+# (`unshare -n`, root; checked below), the head on 127.0.0.2, the second node on 127.0.0.3 (Ray treats
+# only 127.0.0.1/localhost/::1 as "localhost"), token authentication with a random token (RAY_AUTH_MODE=token).
+#
+# STATUS (2026-12-07, issue 25 item 3 NOT done): the cluster part works (two raylets, download across
+# both). With 1000 rows: PASS, but 0 refetches: the second node's shards were done before its loss
+# mattered, so it showed no redo. With 3000 rows the download never finished after the SIGKILL
+# (killed at 500 s). Likely cause, not verified: Ray restarts the lost worker actor, which needs
+# --processes CPUs that no surviving node has free, and the driver waits for that restart instead of
+# sending the lost shards to the surviving worker (download/_engine_ray.py). See docs/scale.md.
 set -euo pipefail
+# Re-run inside a new network namespace with only loopback (Linux; root; `unshare -rn` otherwise).
+if [ -z "${IMGCLF_IN_NETNS:-}" ]; then
+  exec unshare -n env IMGCLF_IN_NETNS=1 bash -c 'ip link set lo up && exec bash "$0" "$@"' "$0" "$@"
+fi
 PY=${PY:-.venv/bin/python}
 RAY="$(dirname "$PY")/ray"
 ROWS=${1:-3000}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-# Before anything imports ray: every listener on 127.0.0.1; token auth with a random token kept
+# Before anything imports ray: token auth with a random token kept
 # in the environment only (as imgclf._ray does for a private cluster); workers at our priority.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
 RAY_AUTH_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
-export RAY_AUTH_TOKEN
+export RAY_AUTH_TOKEN RAY_AUTH_MODE=token
 WORK="$(mktemp -d /tmp/r2n-XXXXXX)"   # short: Ray's unix socket paths must stay < 108 bytes
 export IMGCLF_TWO_NODES_MARK="$WORK"  # inherited by every process started below
 
@@ -35,7 +44,8 @@ mark, skip = f"IMGCLF_TWO_NODES_MARK={sys.argv[1]}".encode(), {os.getpid(), os.g
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            if mark in f.read().split(b"\0") and int(pid) not in skip:
+            zombie = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            if mark in f.read().split(b"\0") and int(pid) not in skip and not zombie:
                 print(pid)
     except OSError:
         pass
@@ -43,12 +53,14 @@ EOF
 }
 cleanup() {
   for pid in $(ours); do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true  # reap our own children (the server)
   sleep 1
   left=$(ours | wc -l)
   echo "cleanup: Ray and server processes left: $left"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 143' INT TERM  # a timeout or Ctrl-C still runs cleanup
 
 # A server on 127.0.0.1 counting fetches per URL (GET /counts answers them as JSON).
 "$PY" - "$WORK" <<'EOF' &
@@ -85,22 +97,23 @@ SRV="http://127.0.0.1:$(cat "$WORK/port")"
 import sys; n = int(sys.argv[1])
 print('url,label'); [print(f'$SRV/img/{i}.png,c{i % 2}') for i in range(n)]" "$ROWS" > "$WORK/urls.csv"
 
-GCS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ADDR="127.0.0.1:$GCS_PORT"
+GCS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.2", 0)); print(s.getsockname()[1])')
+ADDR="127.0.0.2:$GCS_PORT"
 echo "== head node ($ADDR, 2 CPUs) and a second node (2 CPUs, resource node2)"
-"$RAY" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --num-cpus 2 --include-dashboard false \
+"$RAY" start --head --node-ip-address 127.0.0.2 --port "$GCS_PORT" --num-cpus 2 --include-dashboard false \
   --temp-dir "$WORK/ray" --disable-usage-stats > "$WORK/head.log" 2>&1 || { cat "$WORK/head.log"; exit 1; }
 # Ray refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its name notwithstanding, it
 # means "single node" on Linux too); for this one command it is 1, with the node's address pinned to
 # 127.0.0.1; the listeners are checked below.
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "$RAY" start --address "$ADDR" --node-ip-address 127.0.0.1 --num-cpus 2 --resources '{"node2": 2}' \
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "$RAY" start --address "$ADDR" --node-ip-address 127.0.0.3 --num-cpus 2 --resources '{"node2": 2}' \
   --disable-usage-stats > "$WORK/node2.log" 2>&1 || { cat "$WORK/node2.log"; exit 1; }
-RAYLETS=$(for pid in $(ours); do grep -qa "raylet/raylet" "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"; done)
-NODE2=$(for pid in $RAYLETS; do tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "node2" && echo "$pid"; done)
+RAYLETS=$(for pid in $(ours); do if grep -qa "raylet/raylet" "/proc/$pid/cmdline" 2>/dev/null; then echo "$pid"; fi; done)
+NODE2=$(for pid in $RAYLETS; do if tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "node2"; then echo "$pid"; fi; done)
 echo "raylets: $(echo $RAYLETS); the second node's raylet: $NODE2"
 LISTEN=$(ss -Hltnp 2>/dev/null | grep -E "pid=($(ours | paste -sd'|'))," | awk '{print $4}' | sort -u)
 echo "listening sockets of our processes: $(echo $LISTEN)"
-if echo "$LISTEN" | grep -vq '^127\.0\.0\.1:'; then echo "FAIL: a listener outside 127.0.0.1"; exit 1; fi
+if ip -brief link | grep -vq '^lo '; then echo "FAIL: an interface besides loopback"; exit 1; fi
+echo "interfaces in this network namespace: $(ip -brief link | awk '{print $1}' | paste -sd' ')"
 [ -n "$NODE2" ] || { echo "FAIL: the second raylet was not found"; exit 1; }
 
 echo "== download --engine ray --address $ADDR --workers 2 --processes 2 ($ROWS URLs, shards of 200)"
