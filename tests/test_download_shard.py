@@ -1,6 +1,7 @@
-"""`--shard i/n` jobs and `--merge` (download/_shards.py, download/_merge.py): two real
-`python -m imgclf download` processes against the real test server, merged, compared with one
-single-machine download of the same list."""
+"""`--shard i/n --shard-by url` jobs and `--merge` (download/_shards.py, download/_merge.py): two
+real `python -m imgclf download` processes against the real test server, merged, compared with one
+single-machine download of the same list. The URL partition spreads one host's rows over both jobs,
+which this one-server corpus needs; the default host partition is tested in test_scale_shards.py."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def jobs(server: FaultServer, source: Path, tmp_path_factory: pytest.TempPathFac
     """Two jobs run at the same time as two processes, then merged by a third."""
     tmp = tmp_path_factory.mktemp("jobs")
     procs = [subprocess.Popen([sys.executable, "-m", "imgclf", "download", str(source), "--out", str(tmp / f"part{i}"),
-                               "--shard", f"{i}/2", *QUICK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--shard", f"{i}/2", "--shard-by", "url", *QUICK],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
@@ -118,7 +120,7 @@ def test_merge_refuses_a_missing_or_repeated_job(jobs, tmp_path: Path) -> None:
 
 
 def test_merge_refuses_jobs_with_other_options(server: FaultServer, source: Path, tmp_path: Path) -> None:
-    fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False)
+    fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False, job_shard_by="url")
     download.run([source], tmp_path / "a", download.DownloadOptions(**fast, job_shard="0/2"))
     download.run([source], tmp_path / "b", download.DownloadOptions(**fast, job_shard="1/2", size=64))
     with pytest.raises(DataError, match="different options"):
@@ -128,7 +130,8 @@ def test_merge_refuses_jobs_with_other_options(server: FaultServer, source: Path
 
 
 def test_tar_shards_are_renumbered_and_still_read(server: FaultServer, source: Path, tmp_path: Path) -> None:
-    fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False, layout="tar")
+    fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False, layout="tar",
+                job_shard_by="url")
     for i in range(2):
         download.run([source], tmp_path / f"p{i}", download.DownloadOptions(**fast, job_shard=f"{i}/2"))
     result = download.merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / "m")

@@ -199,3 +199,34 @@ def test_a_url_that_never_answers_waits_a_few_times_the_hosts_latency_not_the_re
     hang = manifest.iloc[-1]
     assert hang["status"] == "timeout" and "no response headers within 2.0s" in hang["error"], hang["error"]
     assert hang["attempts"] == 2 and elapsed < 10, elapsed  # 2 x 2 s, not 2 x 15 s
+
+
+def test_a_429_with_retry_after_pauses_the_whole_host_not_just_its_url() -> None:
+    # A 429 answers at once: without a pause, a limit on requests in flight does not bound the
+    # rate a host sees (benchmarks/politeness_shards.py: 3x the host's rate limit before this).
+    import asyncio
+    import time
+
+    from imgclf.download._politeness import PAUSE_MAX_S, HostLimiter
+
+    async def scenario() -> tuple[float, float, float]:
+        limiter = HostLimiter(ceiling=8)
+        async with limiter.slot("http://h.example/a") as slot:
+            slot.answered(0.01, 429, retry_after=0.3)
+        started = time.monotonic()
+        async with limiter.slot("http://h.example/other") as slot:  # another URL of the same host waits
+            slot.answered(0.01, 200)
+        waited = time.monotonic() - started
+        started = time.monotonic()
+        async with limiter.slot("http://other.example/a"):  # another host does not
+            pass
+        other = time.monotonic() - started
+        async with limiter.slot("http://h.example/b") as slot:
+            slot.answered(0.01, 503, retry_after=3600)  # a hostile Retry-After is capped
+        started = time.monotonic()
+        host_pause = limiter._hosts["h.example:80"].paused_until - started
+        return waited, other, host_pause
+
+    waited, other, host_pause = asyncio.run(scenario())
+    assert 0.28 <= waited < 1.0 and other < 0.05
+    assert host_pause <= PAUSE_MAX_S

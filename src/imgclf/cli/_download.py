@@ -70,8 +70,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-retries", type=int, default=2,
                    help="--engine ray: times a failing shard is sent again before the command fails (default 2)")
     p.add_argument("--shard", dest="job_shard", default=None, metavar="I/N",
-                   help="download only the rows of job I of N (by URL hash) into --out; join the jobs' "
-                        "directories with --merge")
+                   help="download only the rows of job I of N (by host, see --shard-by) into --out; join the "
+                        "jobs' directories with --merge")
+    p.add_argument("--shard-by", dest="job_shard_by", choices=("host", "url"), default=None,
+                   help="--shard: host (default: all rows of a host in one job, so the jobs together stay "
+                        "within each host's limit) or url (spreads a dominant host over the jobs; per-host "
+                        "limits then hold per job), see docs/scale.md")
     p.add_argument("--merge", action="store_true",
                    help="the sources are data directories of --shard jobs: merge them into --out")
     p.add_argument("--state-dir", default=None,
@@ -93,6 +97,10 @@ def handle(args: argparse.Namespace) -> int:
         result = download.merge(args.sources, args.out, options)
     else:
         result = download.run(args.sources, args.out, options)
+    if result.total == 0 and options.job_shard is not None:  # the hosts all hashed to other jobs: not a failure
+        print(f"imgclf download: --shard {options.job_shard} holds no rows (the other jobs hold them all)",
+              file=sys.stderr)
+        return 0
     if result.counts.get("ok", 0) == 0:  # nothing to train on: say so in one line, exit non-zero
         counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
         skipped = (result.report.get("skipped") or {}).get("by_kind") or {}

@@ -20,6 +20,7 @@ evaluate and predict read only the manifest and images/.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -61,9 +62,10 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
     state = State(data_dir)
     try:
         state.check_storage(options.storage_key(), data_dir)
-        job = options.job()  # --shard i/n: this job's rows only
-        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes, job.owns if job else None,
-                     options.follow_links)
+        keep = job.filter() if (job := options.job()) else None  # --shard i/n: this job's rows only
+        state.ingest(paths, options.chunk_rows, options.columns(), options.max_bytes, keep, options.follow_links)
+        if crowded := keep and keep.note():  # one host in one job: say so (docs/scale.md)
+            logging.getLogger("imgclf.download").warning("%s", crowded)
         if options.retry_failed:
             state.reopen_retryable()
         crashed = state.begin_run()
@@ -83,7 +85,7 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
         extra = {"fetched_this_run": fetched, "ok_this_run": ok, "fetch_s": round(fetch_s, 3),
                  "images_per_s": round(ok / fetch_s, 2) if fetched and fetch_s > 0 else 0.0,
                  "interrupted": interrupted, "options": options.storage_key(),
-                 "skipped": state.skipped_report()}
+                 "skipped": state.skipped_report(), **({"job_note": crowded} if crowded else {})}
         manifest, report_path, report = write_outputs(state, data_dir, extra)
         target.publish(MANIFEST_NAME, REPORT_NAME)  # a URL --out: upload them (local: already there)
     finally:

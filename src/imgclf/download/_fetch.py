@@ -137,7 +137,8 @@ class Fetcher:
                     async with _http.get(self.session, url, self.options.max_redirects) as resp:
                         if deadline is not None:
                             deadline.cancel()  # the body has its own limits (--read-timeout, --timeout)
-                        slot.answered(time.monotonic() - started, resp.status)  # time to headers: host latency
+                        slot.answered(time.monotonic() - started, resp.status,  # time to headers: host latency
+                                      retry_after_seconds(resp.headers.get("Retry-After")))  # a 429's pause
                         return await self._answer(resp)
                 finally:
                     if deadline is not None:

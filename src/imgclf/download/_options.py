@@ -82,7 +82,8 @@ class DownloadOptions:
     address: str | None = None  # --engine ray: an existing cluster (None: a private local one)
     ray_workers: int | None = None  # --engine ray --workers: None = 1 locally, all CPUs of a cluster
     shard_retries: int = 2  # --engine ray: a failing shard is sent again this many times
-    job_shard: str | None = None  # --shard i/n: only the rows whose URL hashes to i (SLURM/Kubernetes jobs)
+    job_shard: str | None = None  # --shard i/n: only the rows whose host hashes to i (SLURM/Kubernetes jobs)
+    job_shard_by: str = "host"  # --shard-by url: by URL hash instead (per-host limits then hold per job)
 
     def __post_init__(self) -> None:
         if self.per_host is not None and self.per_host < 1:
@@ -110,6 +111,8 @@ class DownloadOptions:
             raise ConfigError(f"download: --workers must be >= 1 (got {self.ray_workers})")
         if self.shard_retries < 0:
             raise ConfigError(f"download: --shard-retries must be >= 0 (got {self.shard_retries})")
+        if self.job_shard_by not in ("host", "url"):
+            raise ConfigError(f"download: --shard-by must be host or url (got {self.job_shard_by!r})")
         self.job()  # --shard i/n: a one-line error now
         if self.layout not in ("files", "tar"):
             raise ConfigError(f"download: --layout must be files or tar (got {self.layout!r})")
@@ -140,10 +143,13 @@ class DownloadOptions:
         """Options that change the stored files: a resumed run must use the same ones."""
         key = f"resize={self.resize} size={self.size} format={self.image_format} quality={self.quality}"
         key = key if self.layout == "files" else f"{key} layout={self.layout}"  # old states: files
-        return key if self.job_shard is None else f"{key} shard={self.job()}"  # one job's rows only
+        if self.job_shard is None:
+            return key
+        # One job's rows only. The URL partition keeps its old key, so its job folders still resume.
+        return f"{key} shard={self.job()}" if self.job_shard_by == "url" else f"{key} by=host shard={self.job()}"
 
     def job(self) -> JobShard | None:
         """--shard i/n, parsed (None: every row)."""
         from imgclf.download._shards import JobShard
 
-        return JobShard.parse(self.job_shard) if self.job_shard is not None else None
+        return JobShard.parse(self.job_shard, self.job_shard_by) if self.job_shard is not None else None

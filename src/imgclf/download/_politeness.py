@@ -12,6 +12,9 @@ answers cleanly and quickly, and shrinks when it pushes back (AIMD, as TCP does 
   errors pass `SOFT_FAILURE_RATE` of recent attempts (one dead URL on a healthy host is not
   push-back; a host that stops answering is). At most one decrease per smoothed round trip,
   so the burst of 429s answering one window of requests counts once.
+- a 429 or 503 also pauses the whole host (every URL of it): for its Retry-After, at most
+  `PAUSE_MAX_S`, else two smoothed round trips. A 429 answers at once, so a limit on requests in
+  flight alone does not bound the rate a host that counts requests per second sees.
 
 Latency only ever stops growth, it never shrinks the limit: time to headers is measured by the
 client, and a busy client (2 cores decoding images) sees its own event-loop lag in it; measured
@@ -56,6 +59,7 @@ RTT_SAMPLES = 16  # answers before a host's header deadline adapts
 HEADER_TIMEOUT_FACTOR = 4.0
 HEADER_TIMEOUT_FLOOR_S = 2.0
 ALIVE_S = 30.0
+PAUSE_MAX_S = 2.0  # a 429/503's Retry-After pauses the whole host, at most this long (see _pause)
 
 
 def host_key(url: str) -> str:
@@ -176,22 +180,22 @@ class Rtt:
 class Slot:
     """One attempt's hold on a host; the fetcher says how the host answered."""
 
-    __slots__ = ("signal", "latency", "rtt")
+    __slots__ = ("signal", "latency", "rtt", "retry_after")
 
     def __init__(self, rtt: Rtt | None = None) -> None:
-        self.signal, self.latency = "", 0.0
+        self.signal, self.latency, self.retry_after = "", 0.0, None
         self.rtt = rtt or Rtt()
 
-    def answered(self, latency: float, status: int) -> None:
+    def answered(self, latency: float, status: int, retry_after: float | None = None) -> None:
         self.signal = "overloaded" if status in (429, 503) else "answered"
-        self.latency = latency
+        self.latency, self.retry_after = latency, retry_after
 
     def failed(self) -> None:
         self.signal = "soft"
 
 
 class _Host:
-    __slots__ = ("aimd", "rtt", "in_flight", "waiters", "idle_since", "grant", "seen", "peak")
+    __slots__ = ("aimd", "rtt", "in_flight", "waiters", "idle_since", "grant", "seen", "peak", "paused_until")
 
     def __init__(self, aimd: Aimd | None) -> None:
         self.aimd, self.in_flight, self.idle_since = aimd, 0, 0.0
@@ -200,6 +204,7 @@ class _Host:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.grant = 0  # LeasedLimiter only
         self.seen = Signals()  # LeasedLimiter only: not yet reported
+        self.paused_until = 0.0  # monotonic time before which no new attempt goes to this host
 
 
 class HostLimiter:
@@ -249,6 +254,8 @@ class HostLimiter:
             host.in_flight += 1
         slot = Slot(host.rtt)
         try:
+            while (pause := host.paused_until - time.monotonic()) > 0:  # the host pushed back: wait it out
+                await asyncio.sleep(pause)
             yield slot
         finally:
             self._release(key, host, slot)
@@ -256,6 +263,8 @@ class HostLimiter:
     def _release(self, key: str, host: _Host, slot: Slot) -> None:
         saturated = bool(host.waiters) or host.in_flight >= self._capacity(host)
         host.in_flight -= 1
+        if slot.signal == "overloaded" and not self.fixed:  # a 429/503 speaks for the whole host: pause it
+            host.paused_until = max(host.paused_until, time.monotonic() + _pause(slot, host.rtt))
         if slot.signal in ("answered", "overloaded"):
             host.rtt.sample(slot.latency)
         if slot.signal:
@@ -283,6 +292,18 @@ class HostLimiter:
         for key in [k for k, h in self._hosts.items()
                     if h.in_flight == 0 and not h.waiters and 0 < h.idle_since < cutoff and not h.seen]:
             del self._hosts[key]
+
+
+def _pause(slot: Slot, rtt: Rtt) -> float:
+    """How long a host that pushed back gets no new attempt: its Retry-After (capped), else two round trips.
+
+    A 429 comes back at once, so a limit on requests in flight does not bound the rate at which
+    they hit a host that counts requests per second: measured, one download sent 3x a host's
+    rate limit, 429s included (benchmarks/politeness_shards.py). Retry-After is the host's own
+    word for when to ask again (RFC 6585), for any URL: honoured for the whole host."""
+    if slot.retry_after is not None:
+        return min(slot.retry_after, PAUSE_MAX_S)
+    return 2 * (rtt.srtt if rtt.samples else slot.latency)
 
 
 def _one(slot: Slot, saturated: bool) -> Signals:
