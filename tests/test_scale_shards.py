@@ -12,7 +12,7 @@ import pytest
 from fault_server import FaultServer
 from PIL import Image
 
-from imgclf import download
+from imgclf.stages import download
 from imgclf.download._politeness import host_key
 from imgclf.download._shards import JobShard, job_bucket
 from imgclf.errors import ConfigError, DataError
