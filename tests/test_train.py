@@ -194,12 +194,14 @@ def test_sigterm_stops_training_after_the_current_batch_and_the_run_resumes(tiny
 # ---- DDP: 2 CPU processes (gloo) -------------------------------------------------------------------
 def test_ddp_two_cpu_processes(tiny_data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
+    weights = tmp_path / "backbone.pth"  # a backbone with weights of its own: only such a one is frozen
+    torch.save(models.create_model("mobilenet_v3_small", 3).state_dict(), weights)
     args = ["--data", str(tiny_data_dir), "--out", str(run_dir), "trainer.epochs=1", "trainer.batch_size=8",
             "data.image_size=32", "data.num_workers=0", "trainer.progress_bar=false",
             "model.arch=mobilenet_v3_small", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.strategy=ddp",
             # Both leave parameters without gradients, which plain DDP refuses: they must work.
-            "trainer.ema=true", "model.freeze_backbone_epochs=1"]
+            "trainer.ema=true", "model.freeze_backbone_epochs=1", f"model.weights={weights}"]
     done = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
@@ -234,6 +236,10 @@ def test_options_together_train_and_save_ema_weights(tiny_data_dir: Path, tmp_pa
 def test_freeze_backbone_trains_only_the_head(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("trainer.epochs=1", "model.freeze_backbone_epochs=1", "trainer.batch_size=32")
     before = _initial_state(config)
+    weights = tmp_path / "backbone.pth"  # only a backbone with weights of its own is frozen
+    torch.save(before, weights)
+    config = tiny_config("trainer.epochs=1", "model.freeze_backbone_epochs=1", "trainer.batch_size=32",
+                         f"model.weights={weights}")
     result = train.run(config, tiny_data_dir, tmp_path / "run")
     after = {k.removeprefix("model."): v for k, v in
              torch.load(result.last_checkpoint, weights_only=True)["state_dict"].items()}

@@ -38,7 +38,7 @@ from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find
+from imgclf.train import _lr_find, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
 from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
@@ -139,6 +139,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
     module = _make_module(config, model, split, class_names, pre, len(train_loader))
+    module.freeze_epochs = _transfer.freeze_plan(config, model)
     if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
         config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
         if zero:

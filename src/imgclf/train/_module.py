@@ -56,6 +56,8 @@ class ImageClassifier(pl.LightningModule):
                                      use_buffers=True)
             # The average is updated by hand, never by gradients; DDP would otherwise wait for them.
             self.ema.requires_grad_(False)
+        # Epochs the backbone stays frozen; train sets 0 for a backbone with no pretrained weights.
+        self.freeze_epochs = config.model.freeze_backbone_epochs
         self.images_seen = 0
         self.epoch_started = 0.0
         self.train_seconds = 0.0  # training batches only: images/s excludes validation
@@ -104,7 +106,7 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- epoch bookkeeping (metrics.csv is written by a callback from these stats) -----------
     def on_train_epoch_start(self) -> None:
-        self._set_backbone_frozen(self.current_epoch < self.config.model.freeze_backbone_epochs)
+        self._set_backbone_frozen(self.current_epoch < self.freeze_epochs)
         self.images_seen = 0
         self.epoch_started = time.perf_counter()
         self.train_seconds = 0.0
