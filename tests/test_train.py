@@ -6,6 +6,7 @@ Every training here is real: 3 classes of real Fashion-MNIST PNGs at 32px, 1-4 e
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -474,3 +475,44 @@ def test_compile_trains_and_saves_plain_state_dict_keys(tiny_data_dir: Path, tmp
     loaded = checkpoint.load_model(result.run_dir)  # a plain, uncompiled model
     assert loaded.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     assert pd.read_csv(result.run_dir / "metrics.csv")["val_f1_macro"].between(0, 1).all()
+
+
+# ---- learning-rate finder: the curve and the suggestion -------------------------------------------
+def _synthetic_range_test(seed: int = 0) -> tuple[list[float], list[float]]:
+    """100 steps from 1e-6 to 1: flat at ln(10) until ~1e-3, a fall between 3e-3 and 1e-2, divergence past 0.1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lrs = np.logspace(-6, 0, 100)
+    x = np.log10(lrs)
+    fall = 1.8 / (1 + np.exp(-(x - np.log10(5.5e-3)) / 0.08))
+    rise = np.where(x > -1, 8.0 * (x + 1) ** 2, 0.0)
+    losses = np.log(10) - fall + rise + rng.normal(0, 0.05, len(x))
+    return lrs.tolist(), losses.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lr_finder_suggests_the_steep_descent_of_a_known_curve(seed: int) -> None:
+    from imgclf.train import _lr_find
+
+    lrs, raw = _synthetic_range_test(seed)
+    smoothed = _lr_find.smooth(raw)
+    assert smoothed[0] == raw[0]  # the first point is the loss measured, not a biased average
+    suggestion = _lr_find.suggest(lrs, smoothed)
+    assert suggestion is not None and 3e-3 <= suggestion <= 1e-2
+    # Lightning's smoothing (running average, bias correction one step ahead) starts at half the loss.
+    avg, lightning = 0.0, []
+    for step, loss in enumerate(raw, start=1):
+        avg = 0.98 * avg + 0.02 * loss
+        lightning.append(avg / (1 - 0.98 ** (step + 1)))
+    assert lightning[0] == pytest.approx(raw[0] * 0.02 / (1 - 0.98 ** 2))  # 0.505 x the measured loss
+    assert _lr_find.suggest(lrs, [math.log(10)] * 100) is None  # a flat curve suggests nothing
+
+
+def test_lr_finder_records_the_measured_loss_from_the_first_step(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config("optim.lr_find_steps=20", "trainer.batch_size=8")
+    result = train.find_lr(config, tiny_data_dir, tmp_path / "find")
+    assert len(result.raw_losses) == len(result.losses) == len(result.lrs) == result.steps >= 15
+    assert result.losses[0] == result.raw_losses[0]
+    # A fresh 3-class head at the smallest LR: about ln 3 (a random init, so within a factor of 2).
+    assert math.log(3) / 2 < result.losses[0] < math.log(3) * 2
