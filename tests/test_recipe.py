@@ -197,7 +197,7 @@ def _finetune(*extra: str):  # noqa: ANN202 - a TrainConfig
 def test_finetune_config_is_valid_and_says_what_it_does() -> None:
     config = load_config(FINETUNE)
     assert config.model.pretrained and config.data.image_size == 224
-    assert config.model.freeze_backbone_epochs >= 1 and config.optim.backbone_lr_mult < 1
+    assert config.model.head_init == "probe" and config.model.bn_frozen and config.optim.backbone_lr_mult < 1
     assert "finetune_photos.yaml" in (REPO / "README.md").read_text()
 
 

@@ -109,3 +109,72 @@ def test_freezing_a_random_backbone_is_warned_about_and_not_done(
 
     after = checkpoint.load_model(result.run_dir).model.state_dict()["layer1.0.conv1.weight"]
     assert not torch.equal(before, after)  # the backbone trained in epoch 1
+
+
+def test_bundled_presets_load_by_name_from_any_folder(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "imgclf", "config", "--config", "finetune_photos",
+                           "trainer.epochs=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "head_init: probe" in done.stdout and "epochs: 3" in done.stdout and "pretrained: true" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "imgclf", "config", "--config", "finetune_fotos"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert "finetune_fotos: config file not found (bundled configs, usable by name:" in missing.stderr
+    assert "finetune_photos" in missing.stderr
+
+
+def test_probe_head_and_frozen_batchnorm_on_the_real_backbone(
+        lite0_weights: str, tmp_path: Path, tiny_data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """head_init=probe fits the head on the frozen features before epoch 1; bn_frozen keeps the running stats."""
+    from conftest import tiny_config
+
+    from imgclf import checkpoint, data, train
+
+    config = tiny_config(f"model.arch={ARCH}", f"model.weights={lite0_weights}", "model.freeze_backbone_epochs=1",
+                         "model.head_init=probe", "model.bn_frozen=true", "trainer.epochs=1")
+    with caplog.at_level(logging.INFO):
+        result = train.run(config, tiny_data_dir, tmp_path / "run")
+    probe = [r.getMessage() for r in caplog.records if "head_init=probe" in r.getMessage()]
+    train_rows = int((data.read_split(result.run_dir)["subset"] == "train").sum())
+    assert len(probe) == 1 and f"logistic regression on {train_rows} frozen feature vectors (1280 values" in probe[0]
+    state = torch.load(lite0_weights, map_location="cpu", weights_only=True)
+    model = checkpoint.load_model(result.run_dir).model
+    assert torch.equal(model.bn2.running_mean, state["_bn1.running_mean"])  # BatchNorm statistics untouched
+    assert model.classifier.weight.abs().sum() > 0
+
+
+def test_probe_head_needs_a_pretrained_backbone(tmp_path: Path, tiny_data_dir: Path) -> None:
+    from conftest import tiny_config
+
+    from imgclf import train
+
+    with pytest.raises(ConfigError, match="model.head_init=probe needs a pretrained backbone"):
+        train.run(tiny_config("model.head_init=probe", "trainer.epochs=1"), tiny_data_dir, tmp_path / "run")
+
+
+def test_bn_frozen_keeps_batchnorm_in_eval_mode_while_training() -> None:
+    from conftest import tiny_config
+
+    from imgclf.presets import Preprocessing
+    from imgclf.train._module import ImageClassifier
+
+    config = tiny_config("model.bn_frozen=true")
+    module = ImageClassifier(models.create_model("resnet18", 3), config, ["a", "b", "c"],
+                             Preprocessing.from_config(config.data)).train()
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert module.model.layer1[0].conv1.training  # everything else trains
+
+
+def test_batch_preview_shows_augmented_training_images(tiny_run: Path) -> None:
+    from PIL import Image
+
+    with Image.open(tiny_run / "batch_preview.png") as im:
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 600
+        pixels = im.convert("L")
+        assert len(set(pixels.getdata())) > 50  # images drawn, not an empty figure

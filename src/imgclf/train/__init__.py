@@ -11,6 +11,7 @@ the run directory (see docs/train.md):
     run.json      data_dir, class_names, best_checkpoint, imgclf_version, best score
     checkpoints/best.ckpt, last.ckpt         (checkpoint.py contract: weights_only loadable)
     metrics.csv   one row per epoch          curves.png    loss / accuracy / F1 curves
+    batch_preview.png   16 augmented training images with their labels (what the model sees)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
 from imgclf.train._module import ImageClassifier
+from imgclf.train._preview import PREVIEW_NAME, write_batch_preview
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,11 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         save_config(config, rundir.RunDir(run_dir).config)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
+        write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
     module = _make_module(config, model, split, class_names, pre, len(train_loader))
     module.freeze_epochs = _transfer.freeze_plan(config, model)
+    if config.model.head_init == "probe" and not resume:
+        _start_from_probe(config, module, train_loader)
     if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
         config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
         if zero:
@@ -183,6 +188,15 @@ def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFram
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
     return ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
+
+
+def _start_from_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader) -> None:
+    if not _transfer.has_pretrained_backbone(config):
+        raise ConfigError("model.head_init=probe needs a pretrained backbone (model.pretrained=true or "
+                          "model.weights=PATH): a probe on random features is no start")
+    images = train_loader.dataset.with_transform(presets.eval_resize(module.pre))
+    _transfer.probe_head(module, DataLoader(images, batch_size=config.trainer.batch_size * 2,
+                                            num_workers=config.data.num_workers))
 
 
 def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
@@ -392,7 +406,7 @@ def _after_failure(run_dir: Path, data_dir: Path, class_names: list[str], config
     if not run_dir.is_dir():
         return
     if fresh and not run.last.is_file():
-        for name in (rundir.CONFIG, rundir.SPLIT, rundir.RUN_INFO, rundir.METRICS_CSV, rundir.CURVES):
+        for name in (rundir.CONFIG, rundir.SPLIT, rundir.RUN_INFO, rundir.METRICS_CSV, rundir.CURVES, PREVIEW_NAME):
             (run_dir / name).unlink(missing_ok=True)
         for folder in (run.checkpoints, run_dir) if created else (run.checkpoints,):
             with contextlib.suppress(OSError):
