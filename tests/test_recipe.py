@@ -240,7 +240,8 @@ def test_pretrained_true_loads_torch_hubs_cache_without_network(tiny_data_dir: P
     def train_cli(run_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "imgclf", "train", "--config", str(FINETUNE), "--data", str(tiny_data_dir),
                "--out", str(run_dir), "data.image_size=32", "trainer.epochs=1", "trainer.batch_size=16",
-               "data.num_workers=0", "trainer.progress_bar=false", f"model.cache_dir={cache_dir}"]
+               "data.num_workers=0", "trainer.progress_bar=false", f"model.cache_dir={cache_dir}",
+               "model.freeze_backbone_epochs=1"]  # a frozen epoch: the backbone stays as cached, to compare
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
     run_dir = tmp_path / "run"
