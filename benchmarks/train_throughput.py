@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgclf import data, models, presets
     from imgclf.config import load_config
     from imgclf.stages import train
+    from imgclf.train import _inputs as train_inputs
     from imgclf.train._module import ImageClassifier
 
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, config {args.config.name}")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(0)
                 model = models.create_model(config.model.arch, len(names))
                 module = ImageClassifier(model, config, names, pre)
-                loader, _ = train._loaders(config, split, data_dir, names, pre)
+                loader, _ = train_inputs.loaders(config, split, data_dir, names, pre)
                 batches = _forever(loader)
                 x, y = next(batches)
                 fixed = (torch.randint(0, 256, x.shape, dtype=torch.uint8), y.clone())

@@ -139,13 +139,13 @@ def test_audit_html_renders_offline_in_chromium(audited, tmp_path: Path) -> None
 def test_exclude_changes_what_train_reads(noisy, audited) -> None:
     from conftest import tiny_config
 
-    from imgclf.train import _split
+    from imgclf.train._inputs import make_split as train_split
 
     data, flips, copies = noisy
     out, _, findings = audited
     before = make_split(data, 0.15, 0)
     config = tiny_config(f"data.exclude={out / auditdir.CSV}")
-    after = _split(config, data, out / "unused-run", resume=False)  # what train.run reads
+    after = train_split(config, data, out / "unused-run", resume=False)  # what train.run reads
     dropped = set(findings.loc[findings["action"].isin(["drop", "relabel"]), "row"])
     assert set(before["row"]) - set(after["row"]) == dropped & set(before["row"])
     assert flips & set(before["row"]) - set(after["row"])

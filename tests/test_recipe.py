@@ -199,7 +199,7 @@ def _finetune(*extra: str):  # noqa: ANN202 - a TrainConfig
 def test_finetune_config_is_valid_and_says_what_it_does() -> None:
     config = load_config(FINETUNE)
     assert config.model.pretrained and config.data.image_size == 224
-    assert config.model.freeze_backbone_epochs >= 1 and config.optim.backbone_lr_mult < 1
+    assert config.model.head_init == "probe" and config.model.bn_frozen and config.optim.backbone_lr_mult < 1
     assert "finetune_photos.yaml" in (REPO / "README.md").read_text()
 
 
@@ -242,7 +242,8 @@ def test_pretrained_true_loads_torch_hubs_cache_without_network(tiny_data_dir: P
     def train_cli(run_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "imgclf", "train", "--config", str(FINETUNE), "--data", str(tiny_data_dir),
                "--out", str(run_dir), "data.image_size=32", "trainer.epochs=1", "trainer.batch_size=16",
-               "data.num_workers=0", "trainer.progress_bar=false", f"model.cache_dir={cache_dir}"]
+               "data.num_workers=0", "trainer.progress_bar=false", f"model.cache_dir={cache_dir}",
+               "model.freeze_backbone_epochs=1"]  # a frozen epoch: the backbone stays as cached, to compare
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
     run_dir = tmp_path / "run"

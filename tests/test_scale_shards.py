@@ -12,10 +12,10 @@ import pytest
 from fault_server import FaultServer
 from PIL import Image
 
-from imgclf.stages import download
 from imgclf.download._politeness import host_key
 from imgclf.download._shards import JobShard, job_bucket
 from imgclf.errors import ConfigError, DataError
+from imgclf.stages import download
 
 FAST = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False)
 

@@ -6,6 +6,7 @@ Every training here is real: 3 classes of real Fashion-MNIST PNGs at 32px, 1-4 e
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from imgclf.config import TrainConfig, load_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.presets import Preprocessing
 from imgclf.stages import train
+from imgclf.train import _inputs as train_inputs
 from imgclf.train._callbacks import METRIC_COLUMNS
 from imgclf.train._module import ImageClassifier, _lr_factor
 
@@ -195,12 +197,14 @@ def test_sigterm_stops_training_after_the_current_batch_and_the_run_resumes(tiny
 # ---- DDP: 2 CPU processes (gloo) -------------------------------------------------------------------
 def test_ddp_two_cpu_processes(tiny_data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
+    weights = tmp_path / "backbone.pth"  # a backbone with weights of its own: only such a one is frozen
+    torch.save(models.create_model("mobilenet_v3_small", 3).state_dict(), weights)
     args = ["--data", str(tiny_data_dir), "--out", str(run_dir), "trainer.epochs=1", "trainer.batch_size=8",
             "data.image_size=32", "data.num_workers=0", "trainer.progress_bar=false",
             "model.arch=mobilenet_v3_small", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.strategy=ddp",
             # Both leave parameters without gradients, which plain DDP refuses: they must work.
-            "trainer.ema=true", "model.freeze_backbone_epochs=1"]
+            "trainer.ema=true", "model.freeze_backbone_epochs=1", f"model.weights={weights}"]
     done = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
@@ -235,6 +239,10 @@ def test_options_together_train_and_save_ema_weights(tiny_data_dir: Path, tmp_pa
 def test_freeze_backbone_trains_only_the_head(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("trainer.epochs=1", "model.freeze_backbone_epochs=1", "trainer.batch_size=32")
     before = _initial_state(config)
+    weights = tmp_path / "backbone.pth"  # only a backbone with weights of its own is frozen
+    torch.save(before, weights)
+    config = tiny_config("trainer.epochs=1", "model.freeze_backbone_epochs=1", "trainer.batch_size=32",
+                         f"model.weights={weights}")
     result = train.run(config, tiny_data_dir, tmp_path / "run")
     after = {k.removeprefix("model."): v for k, v in
              torch.load(result.last_checkpoint, weights_only=True)["state_dict"].items()}
@@ -323,9 +331,9 @@ def test_collapse_to_one_class_is_warned_when_it_persists(caplog: pytest.LogCapt
 
 def test_balanced_class_weights() -> None:
     split = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 2 + ["c"], "subset": ["train"] * 8 + ["val"]})
-    weights = train._class_weights(tiny_config("loss.class_weights=balanced"), split, ["a", "b", "c"])
+    weights = train_inputs.class_weights(tiny_config("loss.class_weights=balanced"), split, ["a", "b", "c"])
     assert weights.tolist() == pytest.approx([8 / (3 * 6), 8 / (3 * 2), 1.0])  # c: not in train
-    assert train._class_weights(tiny_config(), split, ["a", "b", "c"]) is None
+    assert train_inputs.class_weights(tiny_config(), split, ["a", "b", "c"]) is None
 
 
 class _FakeProgress:
@@ -470,3 +478,44 @@ def test_compile_trains_and_saves_plain_state_dict_keys(tiny_data_dir: Path, tmp
     loaded = checkpoint.load_model(result.run_dir)  # a plain, uncompiled model
     assert loaded.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     assert pd.read_csv(result.run_dir / "metrics.csv")["val_f1_macro"].between(0, 1).all()
+
+
+# ---- learning-rate finder: the curve and the suggestion -------------------------------------------
+def _synthetic_range_test(seed: int = 0) -> tuple[list[float], list[float]]:
+    """100 steps from 1e-6 to 1: flat at ln(10) until ~1e-3, a fall between 3e-3 and 1e-2, divergence past 0.1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lrs = np.logspace(-6, 0, 100)
+    x = np.log10(lrs)
+    fall = 1.8 / (1 + np.exp(-(x - np.log10(5.5e-3)) / 0.08))
+    rise = np.where(x > -1, 8.0 * (x + 1) ** 2, 0.0)
+    losses = np.log(10) - fall + rise + rng.normal(0, 0.05, len(x))
+    return lrs.tolist(), losses.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lr_finder_suggests_the_steep_descent_of_a_known_curve(seed: int) -> None:
+    from imgclf.train import _lr_find
+
+    lrs, raw = _synthetic_range_test(seed)
+    smoothed = _lr_find.smooth(raw)
+    assert smoothed[0] == raw[0]  # the first point is the loss measured, not a biased average
+    suggestion = _lr_find.suggest(lrs, smoothed)
+    assert suggestion is not None and 3e-3 <= suggestion <= 1e-2
+    # Lightning's smoothing (running average, bias correction one step ahead) starts at half the loss.
+    avg, lightning = 0.0, []
+    for step, loss in enumerate(raw, start=1):
+        avg = 0.98 * avg + 0.02 * loss
+        lightning.append(avg / (1 - 0.98 ** (step + 1)))
+    assert lightning[0] == pytest.approx(raw[0] * 0.02 / (1 - 0.98 ** 2))  # 0.505 x the measured loss
+    assert _lr_find.suggest(lrs, [math.log(10)] * 100) is None  # a flat curve suggests nothing
+
+
+def test_lr_finder_records_the_measured_loss_from_the_first_step(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config("optim.lr_find_steps=20", "trainer.batch_size=8")
+    result = train.find_lr(config, tiny_data_dir, tmp_path / "find")
+    assert len(result.raw_losses) == len(result.losses) == len(result.lrs) == result.steps >= 15
+    assert result.losses[0] == result.raw_losses[0]
+    # A fresh 3-class head at the smallest LR: about ln 3 (a random init, so within a factor of 2).
+    assert math.log(3) / 2 < result.losses[0] < math.log(3) * 2

@@ -32,6 +32,11 @@ class ModelConfig(_Section):
     weights: str | None = None
     cache_dir: str | None = None
     freeze_backbone_epochs: int = Field(0, ge=0)
+    # "probe": the new head starts as a logistic regression fitted on the pretrained backbone's features
+    # of the (un-augmented) training images, a linear probe, so fine-tuning starts from a trained head.
+    head_init: Literal["random", "probe"] = "random"
+    # BatchNorm layers keep their running statistics (eval mode) while training: pretrained backbones.
+    bn_frozen: bool = False
     # "auto" sizes BatchNorm momentum to the number of steps per epoch (see models.py).
     bn_momentum: float | Literal["auto", "library"] = "auto"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
@@ -265,15 +270,33 @@ def build_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:
         raise ConfigError(_one_line(err, origin)) from None
 
 
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in the package (`--config finetune_photos`)."""
+    return sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path as given, or, for a bare name that is no file here (`finetune_photos`, `demo.yaml`),
+    the bundled config of that name: presets work from any folder, installed or not."""
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    bundled = DEFAULT_CONFIG.parent / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return bundled if bundled.is_file() else path
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    """Read a YAML config (a path, or a bundled config's name; the defaults when None) and apply overrides."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         origin = str(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: " + ("not a regular file" if path.exists() else "config file not found"))
+            if not path.exists():
+                raise ConfigError(f"{path}: config file not found (bundled configs, usable by name: "
+                                  f"{', '.join(bundled_configs())})")
+            raise ConfigError(f"{path}: not a regular file")
         if path.stat().st_size > _yaml.MAX_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file is at most {_yaml.MAX_BYTES}")
         try:

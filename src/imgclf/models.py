@@ -7,6 +7,7 @@ torchvision architectures by name (see ARCHITECTURES), any timm model as
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torchvision
 from torch import nn
 
 from imgclf.errors import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = (
     "mobilenet_v3_small",
@@ -175,14 +178,59 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def _load_backbone_weights(model: nn.Module, path: str) -> None:
-    """Load a local state dict, skipping head tensors whose shape differs (other class count)."""
+def _head_keys(model: nn.Module) -> set[str]:
+    """state_dict names of the classification head's tensors (`fc.weight`, `classifier.3.bias`, ...)."""
+    head = {id(p) for p in head_parameters(model)}
+    return {name for name, param in model.named_parameters() if id(param) in head}
+
+
+def _load_backbone_weights(model: nn.Module, path: str, may_differ: set[str]) -> None:
+    """Load every tensor of a local state dict, or refuse: never a silent partial load.
+
+    By name when the file has every tensor of the model (tensors in `may_differ`, the head and a
+    replaced stem, are skipped when their shape differs: another class count). Otherwise, as
+    EfficientNet-PyTorch's `_conv_stem.weight` for timm's `conv_stem.weight`, by order: only when the
+    file has exactly as many tensors and every pair has the same shape (bar those in `may_differ`).
+    One log line says which it was, how many tensors loaded and what was skipped.
+    """
     state = load_state_file(path)
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ConfigError(f"model.weights: no tensor in {path} matches this architecture")
+    by_name = all(k in state for k in own if k not in may_differ)
+    if by_name:
+        pairs = [(k, k) for k in own if k in state]
+    else:
+        pairs = _pairs_by_order(path, list(state), list(own), state, own, may_differ)
+    bad = [(src, dst) for src, dst in pairs if state[src].shape != own[dst].shape and dst not in may_differ]
+    if bad:
+        src, dst = bad[0]
+        raise ConfigError(f"model.weights: {path}: {len(bad)} tensor(s) differ in shape from the architecture's, "
+                          f"e.g. {src!r} {tuple(state[src].shape)} vs {dst!r} {tuple(own[dst].shape)}; "
+                          "refusing a partial load (wrong model.arch?)")
+    usable = {dst: state[src] for src, dst in pairs if state[src].shape == own[dst].shape}
+    skipped = sorted(k for k in own if k not in usable)
     model.load_state_dict(usable, strict=False)
+    how = ("by name" if by_name else
+           f"by order: names differ (file {pairs[0][0]!r} -> model {pairs[0][1]!r}), every other tensor matches "
+           "in shape")
+    log.info("weights: %s: %d of %d tensors loaded %s; %s", path, len(usable), len(own), how,
+             f"new (random): {', '.join(skipped)}" if skipped else "nothing new")
+
+
+def _pairs_by_order(path: str, names: list[str], own_names: list[str], state: dict[str, torch.Tensor],
+                    own: dict[str, torch.Tensor], may_differ: set[str]) -> list[tuple[str, str]]:
+    found = sum(k in state for k in own)
+    if len(names) != len(own_names):
+        raise ConfigError(f"model.weights: {path}: {found} of the architecture's {len(own)} tensor names are in the "
+                          f"file, and mapping by order needs as many tensors ({len(names)} in the file); "
+                          "refusing (wrong model.arch?)")
+    pairs = list(zip(names, own_names, strict=True))
+    mismatched = [(s, d) for s, d in pairs if state[s].shape != own[d].shape and d not in may_differ]
+    if mismatched:
+        src, dst = mismatched[0]
+        raise ConfigError(f"model.weights: {path}: tensor names differ from the architecture's and mapping by order "
+                          f"fails on {len(mismatched)} tensor(s), first {src!r} {tuple(state[src].shape)} -> "
+                          f"{dst!r} {tuple(own[dst].shape)}; refusing (wrong model.arch?)")
+    return pairs
 
 
 def create_model(
@@ -214,8 +262,28 @@ def create_model(
         raise ConfigError(f"model.arch: unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)}, "
                           "or timm/<name>)")
     if weights:
-        _load_backbone_weights(model, weights)
+        _load_backbone_weights(model, weights, _head_keys(model) | _replaced_stem(model, arch, small_input))
+    elif pretrained:
+        log.info("weights: %s; head new (random) for %d classes", _hub_name(model, arch), num_classes)
+    else:
+        log.info("weights: none: %s starts from random initialisation (model.pretrained=false, no model.weights)",
+                 arch)
     return model
+
+
+def _replaced_stem(model: nn.Module, arch: str, small_input: bool) -> set[str]:
+    """Tensors small_input made anew (resnet's 3x3 conv1, convnext's patchify): they differ from any file's."""
+    if not small_input:
+        return set()
+    prefix = "features.0.0." if arch.startswith("convnext") else "conv1." if "resnet" in arch else None
+    return {k for k in model.state_dict() if prefix and k.startswith(prefix)}
+
+
+def _hub_name(model: nn.Module, arch: str) -> str:
+    if arch.startswith("timm/"):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        return f"timm hub {cfg.get('hf_hub_id') or arch.removeprefix('timm/')}"
+    return f"torchvision {torchvision.models.get_model_weights(arch).DEFAULT} (ImageNet)"
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> int:

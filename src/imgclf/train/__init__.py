@@ -11,6 +11,7 @@ the run directory (see docs/train.md):
     run.json      data_dir, class_names, best_checkpoint, imgclf_version, best score
     checkpoints/best.ckpt, last.ckpt         (checkpoint.py contract: weights_only loadable)
     metrics.csv   one row per epoch          curves.png    loss / accuracy / F1 curves
+    batch_preview.png   16 augmented training images with their labels (what the model sees)
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ import pandas as pd
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from imgclf import checkpoint, data, models, presets, rundir, storage
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find
+from imgclf.train import _lr_find, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
+from imgclf.train._inputs import class_weights, loaders, make_split
 from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
 from imgclf.train._module import ImageClassifier
+from imgclf.train._preview import PREVIEW_NAME, write_batch_preview
 from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
@@ -104,7 +107,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
          lr_find_only: bool) -> TrainResult | LrFindResult:
     last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
-    split = _split(config, data_dir, run_dir, resume)
+    split = make_split(config, data_dir, run_dir, resume)
     class_names = data.class_names_of(split)
     if resume:
         _check_resumable(config, last, class_names)
@@ -116,7 +119,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     with _quiet_lightning():
         trainer = _trainer(config, run_dir, [guard])
     pre = presets.Preprocessing.from_config(config.data)
-    train_loader, val_loader = _loaders(config, split, data_dir, class_names, pre)
+    train_loader, val_loader = loaders(config, split, data_dir, class_names, pre)
     guard.datasets = [train_loader.dataset, val_loader.dataset]
     guard.check()  # with the RAM cache every image has been read once already
     if lr_find_only:  # writes lr_find.png/json only: never a config or split over a trained run's
@@ -143,7 +146,11 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         save_config(config, rundir.RunDir(run_dir).config)
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
+        write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
     module = _make_module(config, model, split, class_names, pre, len(train_loader))
+    module.freeze_epochs = _transfer.freeze_plan(config, model)
+    if config.model.head_init == "probe" and not resume:
+        _start_from_probe(config, module, train_loader)
     if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
         config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
         if zero:
@@ -186,7 +193,16 @@ def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFram
     _tune_batchnorm(model, config, steps_per_epoch)
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
-    return ImageClassifier(model, config, class_names, pre, _class_weights(config, split, class_names))
+    return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names))
+
+
+def _start_from_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader) -> None:
+    if not _transfer.has_pretrained_backbone(config):
+        raise ConfigError("model.head_init=probe needs a pretrained backbone (model.pretrained=true or "
+                          "model.weights=PATH): a probe on random features is no start")
+    images = train_loader.dataset.with_transform(presets.eval_resize(module.pre))
+    _transfer.probe_head(module, DataLoader(images, batch_size=config.trainer.batch_size * 2,
+                                            num_workers=config.data.num_workers))
 
 
 def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
@@ -227,69 +243,6 @@ def _check_resumable(config: TrainConfig, last: Path, class_names: list[str]) ->
 
 
 # ---- data ---------------------------------------------------------------------------------------
-def _split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> pd.DataFrame:
-    """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed.
-
-    Without --resume a split.csv left by an attempt that died before its first checkpoint is
-    replaced: the data, seed or val_fraction may have changed since, and nothing trained is lost.
-    """
-    split = data.read_split(run_dir) if resume else None
-    if split is None:
-        split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude)
-    if not (split["subset"] == "val").any():
-        raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
-    return split
-
-
-def _loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_names: list[str],
-             pre: presets.Preprocessing) -> tuple[DataLoader, DataLoader]:
-    cfg = config.data
-    train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
-    train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
-                                   presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache,
-                                   interpolation=pre.interpolation)
-    val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre),
-                                 shard_cache=cfg.shard_cache, interpolation=pre.interpolation)
-    if _use_cache(cfg, data_dir, split, pre):
-        t0 = time.perf_counter()
-        for dataset in (train_set, val_set):
-            dataset.fill_cache(cfg.num_workers)
-        log.info("cached %d decoded images in RAM in %.1fs", len(split), time.perf_counter() - t0)
-    sampler = None
-    if cfg.balanced_sampler:
-        counts = torch.bincount(train_set.targets, minlength=len(class_names)).clamp(min=1)
-        sampler = WeightedRandomSampler((1.0 / counts)[train_set.targets].double(), len(train_set),
-                                        generator=torch.Generator().manual_seed(config.seed))
-    common: dict[str, Any] = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
-                              "pin_memory": torch.cuda.is_available()}
-    train_loader = DataLoader(train_set, batch_size=config.trainer.batch_size, shuffle=sampler is None,
-                              sampler=sampler, drop_last=len(train_set) > config.trainer.batch_size, **common)
-    val_loader = DataLoader(val_set, batch_size=config.trainer.batch_size * 2, shuffle=False, **common)
-    return train_loader, val_loader
-
-
-def _use_cache(cfg: Any, data_dir: Path, split: pd.DataFrame, pre: presets.Preprocessing) -> bool:
-    if cfg.cache is not True and cfg.cache != "auto":
-        return False
-    if cfg.cache is True:
-        return True
-    need = data.cache_bytes(data_dir, split, pre.resize_size)
-    fits = need <= cfg.cache_max_gb * 1e9
-    log.info("decoded-image cache: %.2f GB needed, budget %.2f GB -> %s", need / 1e9, cfg.cache_max_gb,
-             "on" if fits else "off")
-    return fits
-
-
-def _class_weights(config: TrainConfig, split: pd.DataFrame, class_names: list[str]) -> torch.Tensor | None:
-    """'balanced': n / (k * n_c), as scikit-learn defines it; classes absent from train weigh 1."""
-    if config.loss.class_weights != "balanced":
-        return None
-    train_labels = split.loc[split["subset"] == "train", "label"]
-    counts = torch.tensor([float((train_labels == name).sum()) for name in class_names])
-    weights = counts.sum() / (len(class_names) * counts.clamp(min=1))
-    return torch.where(counts > 0, weights, torch.ones_like(weights))
-
-
 # ---- model and trainer --------------------------------------------------------------------------
 def auto_bn_momentum(steps_per_epoch: int) -> float:
     """Momentum that refreshes 99% of the running statistics within one epoch, in [0.1, 0.5].
@@ -404,7 +357,7 @@ def _after_failure(run_dir: Path, data_dir: Path, class_names: list[str], config
     if not run_dir.is_dir():
         return
     if fresh and not run.last.is_file():
-        for name in (rundir.CONFIG, rundir.SPLIT, rundir.RUN_INFO, rundir.METRICS_CSV, rundir.CURVES):
+        for name in (rundir.CONFIG, rundir.SPLIT, rundir.RUN_INFO, rundir.METRICS_CSV, rundir.CURVES, PREVIEW_NAME):
             (run_dir / name).unlink(missing_ok=True)
         for folder in (run.checkpoints, run_dir) if created else (run.checkpoints,):
             with contextlib.suppress(OSError):

@@ -56,12 +56,35 @@ class ImageClassifier(pl.LightningModule):
                                      use_buffers=True)
             # The average is updated by hand, never by gradients; DDP would otherwise wait for them.
             self.ema.requires_grad_(False)
+        # Epochs the backbone stays frozen; train sets 0 for a backbone with no pretrained weights.
+        self.freeze_epochs = config.model.freeze_backbone_epochs
         self.images_seen = 0
         self.epoch_started = 0.0
         self.train_seconds = 0.0  # training batches only: images/s excludes validation
         self.val_stats: dict[str, float] = {}
         self.collapsed_epochs: list[int] = []
         self.time_budget_s = (config.trainer.max_time_minutes or 0.0) * 60.0
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        if mode:
+            self._freeze_bn_statistics()
+        return self
+
+    def _freeze_bn_statistics(self) -> None:
+        """model.bn_frozen: BatchNorm layers in eval mode while training (their scale and shift still learn).
+
+        Their running statistics then stay the pretrained ones: a few hundred photos in batches of 32,
+        heavily augmented, would otherwise replace ImageNet's statistics within an epoch (with momentum
+        0.44 at 8 steps an epoch, within a few batches), and the features the head was fitted on move.
+        Lightning does not call train() at each epoch (it restores each module's own flag after
+        validation), so on_train_epoch_start calls this too.
+        """
+        if not self.config.model.bn_frozen:
+            return
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     # ---- forward and steps ------------------------------------------------------------------
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,7 +127,8 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- epoch bookkeeping (metrics.csv is written by a callback from these stats) -----------
     def on_train_epoch_start(self) -> None:
-        self._set_backbone_frozen(self.current_epoch < self.config.model.freeze_backbone_epochs)
+        self._set_backbone_frozen(self.current_epoch < self.freeze_epochs)
+        self._freeze_bn_statistics()
         self.images_seen = 0
         self.epoch_started = time.perf_counter()
         self.train_seconds = 0.0

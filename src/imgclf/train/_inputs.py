@@ -1,0 +1,82 @@
+"""What training reads: the run's train/val split and the data loaders over it (decoding, the
+optional decoded-image cache, the balanced sampler), and the class weights of the loss."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from imgclf import data, presets
+from imgclf.config import TrainConfig
+from imgclf.errors import DataError
+
+log = logging.getLogger("imgclf.train")
+
+
+def make_split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> pd.DataFrame:
+    """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed.
+
+    Without --resume a split.csv left by an attempt that died before its first checkpoint is
+    replaced: the data, seed or val_fraction may have changed since, and nothing trained is lost.
+    """
+    split = data.read_split(run_dir) if resume else None
+    if split is None:
+        split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude)
+    if not (split["subset"] == "val").any():
+        raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
+    return split
+
+
+def loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_names: list[str],
+             pre: presets.Preprocessing) -> tuple[DataLoader, DataLoader]:
+    cfg = config.data
+    train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
+    train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
+                                   presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache,
+                                   interpolation=pre.interpolation)
+    val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre),
+                                 shard_cache=cfg.shard_cache, interpolation=pre.interpolation)
+    if _use_cache(cfg, data_dir, split, pre):
+        t0 = time.perf_counter()
+        for dataset in (train_set, val_set):
+            dataset.fill_cache(cfg.num_workers)
+        log.info("cached %d decoded images in RAM in %.1fs", len(split), time.perf_counter() - t0)
+    sampler = None
+    if cfg.balanced_sampler:
+        counts = torch.bincount(train_set.targets, minlength=len(class_names)).clamp(min=1)
+        sampler = WeightedRandomSampler((1.0 / counts)[train_set.targets].double(), len(train_set),
+                                        generator=torch.Generator().manual_seed(config.seed))
+    common: dict[str, Any] = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
+                              "pin_memory": torch.cuda.is_available()}
+    train_loader = DataLoader(train_set, batch_size=config.trainer.batch_size, shuffle=sampler is None,
+                              sampler=sampler, drop_last=len(train_set) > config.trainer.batch_size, **common)
+    val_loader = DataLoader(val_set, batch_size=config.trainer.batch_size * 2, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def _use_cache(cfg: Any, data_dir: Path, split: pd.DataFrame, pre: presets.Preprocessing) -> bool:
+    if cfg.cache is not True and cfg.cache != "auto":
+        return False
+    if cfg.cache is True:
+        return True
+    need = data.cache_bytes(data_dir, split, pre.resize_size)
+    fits = need <= cfg.cache_max_gb * 1e9
+    log.info("decoded-image cache: %.2f GB needed, budget %.2f GB -> %s", need / 1e9, cfg.cache_max_gb,
+             "on" if fits else "off")
+    return fits
+
+
+def class_weights(config: TrainConfig, split: pd.DataFrame, class_names: list[str]) -> torch.Tensor | None:
+    """'balanced': n / (k * n_c), as scikit-learn defines it; classes absent from train weigh 1."""
+    if config.loss.class_weights != "balanced":
+        return None
+    train_labels = split.loc[split["subset"] == "train", "label"]
+    counts = torch.tensor([float((train_labels == name).sum()) for name in class_names])
+    weights = counts.sum() / (len(class_names) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.ones_like(weights))

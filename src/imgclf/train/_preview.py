@@ -1,0 +1,41 @@
+"""RUN_DIR/batch_preview.png: augmented training images as the model sees them (before normalisation),
+with their labels, as fastai's `show_batch`: the first thing to look at when a run learns nothing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from imgclf._files import atomic_path
+
+log = logging.getLogger("imgclf.train")
+
+PREVIEW_NAME = "batch_preview.png"
+
+
+def write_batch_preview(dataset: Dataset, class_names: list[str], run_dir: Path, count: int = 16,
+                        seed: int = 0) -> Path:
+    """`count` images drawn (seeded) from the training set, each through the training augmentation."""
+    from matplotlib.figure import Figure
+
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(dataset), generator=generator)[:count].tolist()  # type: ignore[arg-type]
+    items = [dataset[i] for i in picks]
+    cols = 4
+    rows = (len(items) + cols - 1) // cols
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows), dpi=100)
+    for k, (image, target) in enumerate(items):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(class_names[int(target)], fontsize=9)
+        ax.axis("off")
+    fig.suptitle("training batch after augmentation")
+    fig.tight_layout()
+    path = run_dir / PREVIEW_NAME
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    log.info("augmented training images: %s", path)
+    return path
