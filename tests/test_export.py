@@ -253,7 +253,7 @@ def test_quantize_mistakes_are_one_line(tiny_run: Path, tmp_path: Path, capsys) 
              ["--quantize", "int8", "--calibration-data", str(tmp_path)],  # no manifest there
              ["--quantize", "int8", "--calibration-images", "0"]]
     for extra in cases:
-        assert cli.main(["export", str(tiny_run), "--out", str(tmp_path / "x.onnx"), *extra]) == 2, extra
+        assert cli.main(["export", "--model", str(tiny_run), "-o", str(tmp_path / "x.onnx"), *extra]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err, extra
     assert not list(tmp_path.glob("*.onnx*")) and not list(tmp_path.glob(".x*"))
