@@ -192,7 +192,7 @@ def _build(desc: Description, where: Path) -> nn.Module:
     try:
         # Structural options (a small-input stem) shape the layers the state dict fills.
         return create_model(desc.arch, len(desc.class_names), small_input=desc.config.model.small_input,
-                            timm_kwargs=desc.config.model.timm_kwargs)
+                            timm_kwargs=desc.config.model.timm_kwargs, announce=False)
     except Exception as err:  # ConfigError for an unknown arch, anything timm raises
         raise DataError(f"{where}: imgclf metadata is invalid ({first_line(err)})") from None
 

@@ -242,8 +242,12 @@ def create_model(
     dropout: float | None = None,
     small_input: bool = False,
     timm_kwargs: dict[str, Any] | None = None,
+    announce: bool = True,
 ) -> nn.Module:
-    """A classifier for `num_classes`; small_input and timm_kwargs shape the layers (checkpoints record both)."""
+    """A classifier for `num_classes`; small_input and timm_kwargs shape the layers (checkpoints record both).
+
+    `announce=False` (a checkpoint's own weights are loaded next) keeps the "starts from random
+    initialisation" line out of evaluate's and predict's logs, where it would be untrue."""
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
     if timm_kwargs and not arch.startswith("timm/"):
@@ -265,7 +269,7 @@ def create_model(
         _load_backbone_weights(model, weights, _head_keys(model) | _replaced_stem(model, arch, small_input))
     elif pretrained:
         log.info("weights: %s; head new (random) for %d classes", _hub_name(model, arch), num_classes)
-    else:
+    elif announce:
         log.info("weights: none: %s starts from random initialisation (model.pretrained=false, no model.weights)",
                  arch)
     return model
