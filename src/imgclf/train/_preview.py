@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from imgclf._files import atomic_path
+from imgclf.curves import literal_text
+from imgclf.errors import DataError, first_line
 
 log = logging.getLogger("imgclf.train")
 
@@ -17,8 +19,22 @@ PREVIEW_NAME = "batch_preview.png"
 
 
 def write_batch_preview(dataset: Dataset, class_names: list[str], run_dir: Path, count: int = 16,
-                        seed: int = 0) -> Path:
-    """`count` images drawn (seeded) from the training set, each through the training augmentation."""
+                        seed: int = 0) -> Path | None:
+    """`count` images drawn (seeded) from the training set, each through the training augmentation.
+
+    A picture for the user, never a reason to stop training: a failure to draw it is one warning
+    (a data problem, DataError, still stops the run as the first epoch would)."""
+    try:
+        return _write(dataset, class_names, run_dir, count, seed)
+    except DataError:
+        raise
+    except Exception as err:  # matplotlib and decoders raise assorted types
+        log.warning("%s not written (%s)", PREVIEW_NAME, first_line(err))
+        return None
+
+
+@literal_text()  # class names are data: `$\frac{$` is drawn as written, not parsed as mathtext
+def _write(dataset: Dataset, class_names: list[str], run_dir: Path, count: int, seed: int) -> Path:
     from matplotlib.figure import Figure
 
     generator = torch.Generator().manual_seed(seed)
