@@ -82,7 +82,8 @@ def test_keyboard_review_writes_decisions_that_train_reads(audited, served, tmp_
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("pageerror", lambda err: problems.append(str(err)))
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("request", lambda r: None if r.url.startswith((url, "data:")) else problems.append("network: " + r.url))
+            page.on("request", lambda r: None if r.url.startswith((url, "data:"))
+                    else problems.append("network: " + r.url))
             page.goto(url + "/", wait_until="networkidle")
             page.wait_for_selector("#f0.current")
             # Every image of the first page decoded (the finding's and its examples).

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from imgclf import auditdir, storage
 from imgclf.errors import DataError
@@ -29,6 +30,14 @@ from imgclf.manifest import RowRef, read_manifest, row_refs
 IMAGE_SIDE = 224  # served images are at most this many pixels a side (PNG)
 EXAMPLES = 4  # images of the suggested class shown next to a finding
 _LIMITS = ImageLimits(min_side=1).for_resize(IMAGE_SIDE)
+
+
+class Decision(BaseModel):
+    """The body of POST /api/decide: findings (by number), keep|relabel|drop, the class of a relabel."""
+
+    ids: list[int]
+    action: str
+    new_label: str = ""
 
 
 @dataclass
@@ -115,7 +124,7 @@ class ReviewState:
             raise ValueError(f"relabel to {new_label!r}: not a class of this data")
         if not ids or any(not 0 <= i < len(self.findings) for i in ids):
             raise ValueError("name findings by their number in audit.csv")
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         with self.lock:
             batch = []
             for row, sha in dict(zip(self.findings.loc[ids, "row"].astype(int), self.findings.loc[ids, "sha256"],
@@ -147,7 +156,7 @@ class ReviewState:
 
 def app(state: ReviewState) -> Any:
     """The FastAPI application over one ReviewState (no docs pages: nothing but the review)."""
-    from fastapi import Body, FastAPI, HTTPException
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, Response
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -175,9 +184,9 @@ def app(state: ReviewState) -> Any:
         return png(state.image(finding, k))
 
     @api.post("/api/decide")
-    def decide(ids: list[int] = Body(...), action: str = Body(...), new_label: str = Body("")) -> dict[str, Any]:
+    def decide(body: Decision) -> dict[str, Any]:
         try:
-            return state.decide(ids, action, new_label)
+            return state.decide(body.ids, body.action, body.new_label)
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
 
