@@ -102,6 +102,11 @@ def test_keyboard_review_writes_decisions_that_train_reads(audited, served, tmp_
             assert len(_decisions(out)) == 4
             page.keyboard.press("Control+z")  # ... and take the batch back
             page.wait_for_function("document.querySelectorAll('.decision').length === 2")
+            page.wait_for_selector("#f2.current")  # the cursor is back on what was undone
+            # A leakage finding is shown with its copy in the other split, not with class examples.
+            leak = int(state.findings.index[state.findings["kind"] == "leakage"][0])
+            caption = page.inner_text(f"#f{leak} .examples figcaption")
+            assert "test" in caption and "same picture" in page.inner_text(f"#f{leak} .examples")
             page.screenshot(path=str(tmp_path / "review.png"), full_page=False)
             text = page.inner_text("body")
         finally:

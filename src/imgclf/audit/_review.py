@@ -49,6 +49,7 @@ class ReviewState:
     findings: pd.DataFrame
     classes: list[str]
     refs: dict[int, RowRef]
+    meta: dict[int, tuple[str, str]]  # row -> (split, label), for example captions
     examples: dict[str, list[int]]
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     history: list[list[tuple[int, dict[str, Any] | None]]] = field(default_factory=list)
@@ -67,7 +68,8 @@ class ReviewState:
         # Examples of a class: its first train images that no finding doubts.
         clean = ok[~ok["row"].isin(flagged) & (ok["split"] == "train")]
         examples = {str(k): g["row"].astype(int).head(EXAMPLES).tolist() for k, g in clean.groupby("label")}
-        state = cls(Path(audit_dir), data_dir, findings, sorted(ok["label"].unique().tolist()), refs, examples)
+        meta = dict(zip(ok["row"].astype(int).tolist(), zip(ok["split"], ok["label"], strict=True), strict=True))
+        state = cls(Path(audit_dir), data_dir, findings, sorted(ok["label"].unique().tolist()), refs, meta, examples)
         state._read_decisions(manifest)
         return state
 
@@ -85,10 +87,25 @@ class ReviewState:
         cols = ["kind", "row", "split", "label", "suggested", "score", "action", "detail"]
         items = []
         for i, rec in enumerate(self.findings[cols].to_dict("records")):
-            shown = rec["suggested"] or rec["label"]
+            title, rows = self.example_rows(i)
             items.append({"id": i, **rec, "row": int(rec["row"]), "score": float(rec["score"]),
-                          "examples_of": shown, "examples": len(self.examples.get(shown, []))})
+                          "examples_title": title, "examples": [self._caption(r) for r in rows]})
         return {"classes": self.classes, "findings": items, **self.decided()}
+
+    def example_rows(self, finding: int) -> tuple[str, list[int]]:
+        """What a finding is compared with: the other members of its duplicate group (leakage,
+        conflict, near-duplicate), else train images of the suggested class (or of its own)."""
+        f = self.findings.loc[finding]
+        if int(f["group"]) >= 0:
+            same = self.findings[(self.findings["kind"] == f["kind"]) & (self.findings["group"] == f["group"])]
+            rows = [int(r) for r in dict.fromkeys(same["row"]) if int(r) != int(f["row"])]
+            return "the same picture elsewhere", rows[:EXAMPLES]
+        shown = f["suggested"] or f["label"]
+        return f"examples of {shown}", self.examples.get(shown, [])
+
+    def _caption(self, row: int) -> str:
+        m = self.meta.get(row)
+        return f"row {row}" if m is None else f"row {row} · {m[0]} · {m[1]}"
 
     def decided(self) -> dict[str, Any]:
         return {"decisions": {str(r): d for r, d in self.decisions.items()}, "undo": len(self.history)}
@@ -99,8 +116,7 @@ class ReviewState:
             return None
         row = int(self.findings.at[finding, "row"])
         if example is not None:
-            shown = self.findings.at[finding, "suggested"] or self.findings.at[finding, "label"]
-            rows = self.examples.get(shown, [])
+            rows = self.example_rows(finding)[1]
             if not 0 <= example < len(rows):
                 return None
             row = rows[example]
