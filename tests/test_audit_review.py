@@ -172,3 +172,15 @@ def test_a_relabel_to_an_unknown_class_is_one_line(audited, tmp_path: Path) -> N
                                             "new_label": "Unicorn", "decided_at": "2026-01-01"}]), tmp_path)
     with pytest.raises(DataError, match=rf"decisions.csv: row {row['row']}: relabel to 'Unicorn'.*not a class"):
         make_split(data, 0.15, 0, bad)
+
+
+def test_review_cli_mistakes_are_one_line(audited, tmp_path: Path, capsys) -> None:
+    from test_audit import _one_line_error
+
+    data, out, _ = audited
+    err = _one_line_error(capsys, ["audit", "--review", "--data", str(data), "--out", str(tmp_path / "none")])
+    assert "no audit.csv to review" in err
+    err = _one_line_error(capsys, ["audit", "--review", "--apply", "--data", str(data), "--out", str(out)])
+    assert "--review serves an existing audit" in err
+    err = _one_line_error(capsys, ["audit", "--review", "--port", "70000", "--data", str(data), "--out", str(out)])
+    assert "--port 70000" in err
