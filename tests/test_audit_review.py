@@ -5,6 +5,7 @@ data.exclude (the dropped row absent from split.csv, the relabelled row with its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -36,14 +37,11 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set[i
     return data, out, flips
 
 
-@pytest.fixture
-def served(audited):
-    """The review server on a free 127.0.0.1 port, in a thread; stopped after the test."""
+@contextlib.contextmanager
+def _serving(state):
+    """The review server over `state` on a free 127.0.0.1 port, in a thread; stopped on exit."""
     from imgclf.audit import _review
 
-    data, out, _ = audited
-    (out / auditdir.DECISIONS).unlink(missing_ok=True)
-    state = _review.ReviewState.load(out, data)
     sock = _review.bind(0)
     server = _review.server(state)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -52,10 +50,23 @@ def served(audited):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def served(audited):
+    from imgclf.audit import _review
+
+    data, out, _ = audited
+    (out / auditdir.DECISIONS).unlink(missing_ok=True)
+    state = _review.ReviewState.load(out, data)
+    with _serving(state) as url:
+        yield url, state
 
 
 def _decisions(out: Path) -> pd.DataFrame:
@@ -184,3 +195,32 @@ def test_review_cli_mistakes_are_one_line(audited, tmp_path: Path, capsys) -> No
     assert "--review serves an existing audit" in err
     err = _one_line_error(capsys, ["audit", "--review", "--port", "70000", "--data", str(data), "--out", str(out)])
     assert "--port 70000" in err
+
+
+@pytest.mark.browser
+def test_hostile_labels_stay_text(audited, tmp_path: Path) -> None:
+    """Labels and details come from scraped data: the page shows them as text, runs none of them."""
+    from playwright.sync_api import sync_playwright
+    from test_report import CHROMIUM, CHROMIUM_ARGS
+
+    from imgclf.audit import _review
+
+    data, out, _ = audited
+    state = _review.ReviewState.load(out, data)
+    hostile = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+    state.findings.loc[0, ["label", "detail"]] = [hostile, hostile]
+    state.classes = [*state.classes, hostile]
+    problems: list[str] = []
+    with _serving(state) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (problems.append("dialog: " + d.message), d.dismiss()))
+            page.goto(url + "/", wait_until="networkidle")
+            page.wait_for_selector("#f0.current")
+            assert hostile in page.inner_text("#f0 .given") and hostile in page.inner_text("#f0 .detail")
+            assert page.locator("#f0 img[src='x']").count() == 0
+            assert page.evaluate("document.querySelectorAll('script').length") == 1  # the page's own
+        finally:
+            browser.close()
+    assert problems == []
