@@ -92,7 +92,8 @@ class DataConfig(_Section):
     balanced_sampler: bool = False
     # Share of stored images that may be unreadable (skipped with a warning) before a run stops.
     max_unreadable: float = Field(0.05, ge=0.0, le=1.0)
-    # Rows left out of training: an `imgclf audit` audit.csv (its drop/relabel rows) or any CSV with a
+    # Rows left out of training: an `imgclf audit` audit.csv (its drop/relabel rows), a review's
+    # decisions.csv (drop rows left out, relabel rows trained with their new label) or any CSV with a
     # `row` column. Read when the split is made (data.make_split); checked against the manifest there.
     exclude: str | None = None
     augment: AugmentConfig = AugmentConfig()

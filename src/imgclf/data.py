@@ -53,16 +53,21 @@ def stratified_split(labels: pd.Series, val_fraction: float, seed: int) -> np.nd
 def make_split(data_dir: str | Path, val_fraction: float, seed: int, exclude: str | Path | None = None) -> pd.DataFrame:
     """Train pool = manifest rows with status ok and split train (val rows, if given, are used as val).
 
-    `exclude` (config data.exclude): a CSV whose rows are left out first (auditdir.excluded_rows).
+    `exclude` (config data.exclude): a CSV whose rows are left out first (auditdir.excluded_rows);
+    a review's decisions.csv also relabels its `relabel` rows (auditdir.relabelled_rows).
     """
     manifest = read_manifest(data_dir)
     ok = usable_rows(manifest)
     if exclude is not None:
-        from imgclf.auditdir import excluded_rows
+        from imgclf.auditdir import excluded_rows, relabelled_rows
 
         dropped = excluded_rows(exclude, manifest)
         log.info("data.exclude: leaving out %d row(s) listed in %s", int(ok["row"].isin(dropped).sum()), exclude)
         ok = ok[~ok["row"].isin(dropped)].reset_index(drop=True)
+        relabel = relabelled_rows(exclude, manifest)
+        if relabel:
+            log.info("data.exclude: relabelling %d row(s) as decided in %s", len(relabel), exclude)
+            ok["label"] = ok["row"].map(relabel).fillna(ok["label"])
     pool = ok[ok["split"] == "train"].reset_index(drop=True)
     given_val = ok[ok["split"] == "val"].reset_index(drop=True)
     if pool.empty:

@@ -10,7 +10,8 @@ ImageNet features, or a model trained briefly on the data itself into AUDIT_DIR/
 - outliers: images far from their nearest neighbours.
 Hands on (see imgclf.auditdir and docs/audit.md): audit.csv (one row per finding, with the action
 it proposes), audit.json (summary) and audit.html (gallery). Train reads the findings through
-`data.exclude: AUDIT_DIR/audit.csv`; `--apply` writes them into DATA_DIR's manifest instead.
+`data.exclude: AUDIT_DIR/audit.csv`; `--apply` writes them into DATA_DIR's manifest instead;
+`--review` (_review.py) serves a page to decide each finding, saved as decisions.csv for data.exclude.
 """
 
 from __future__ import annotations
@@ -262,9 +263,11 @@ def format_summary(result: dict[str, Any]) -> str:
                      f"(previous manifest kept as {a['backup']})")
     out = Path(result["out_dir"])
     lines += [f"report:   {out / auditdir.HTML}", f"findings: {out / auditdir.CSV}"]
+    review = f"imgclf audit --review --data {result.get('data_dir', 'DATA_DIR')} --out {out}"
     if result["actions"].get("drop", 0) or result["actions"].get("relabel", 0):
         lines.append(f"train without the rows marked drop/relabel: imgclf train ... data.exclude={out / auditdir.CSV}")
+        lines.append(f"or decide each finding in a browser first: {review}")
     else:
-        lines.append(f"nothing is proposed for drop: look at the review rows in {out / auditdir.HTML}, set their "
-                     "action to drop in audit.csv where you agree, then train with data.exclude=AUDIT_DIR/audit.csv")
+        lines.append(f"nothing is proposed for drop: decide the findings in a browser with `{review}` (saved to "
+                     "decisions.csv), then train with data.exclude=AUDIT_DIR/decisions.csv")
     return "\n".join(lines)

@@ -47,6 +47,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apply", action="store_true",
                    help="write the actions into DATA_DIR/manifest.parquet (drop: status excluded; relabel: the "
                         "suggested label); the previous manifest is kept as manifest.before-audit.parquet")
+    p.add_argument("--review", action="store_true",
+                   help="serve the review page of the audit in AUDIT_DIR on 127.0.0.1 (no new audit): keep / relabel "
+                        "/ drop each finding, saved to AUDIT_DIR/decisions.csv for data.exclude")
+    p.add_argument("--port", type=int, default=0, help="--review: port on 127.0.0.1 (0: a free one, printed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch when computing embeddings")
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
@@ -58,6 +62,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     require("cleanlab", "imagehash")  # a missing extra: one line, before any work
     data, overrides = _data_and_overrides(args)
+    if args.review:
+        return _review(args, data, overrides)
     if args.apply and is_url(data):
         raise ConfigError(f"--apply rewrites the manifest in place: it needs a local data directory, not {data}")
     if args.folds < 2:
@@ -81,6 +87,23 @@ def handle(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
     print(audit.format_summary(audit.run(opts)))
+    return 0
+
+
+def _review(args: argparse.Namespace, data: Path | str, overrides: list[str]) -> int:
+    """--review: serve the page over an existing audit; the audit's own options make no sense here."""
+    if args.apply or args.model is not None or args.config is not None or overrides:
+        raise ConfigError("--review serves an existing audit: give only --data DATA_DIR and --out AUDIT_DIR "
+                          "(and --port)")
+    if not (args.out / "audit.csv").is_file():
+        raise ConfigError(f"{args.out}: no audit.csv to review; run `imgclf audit --data DATA_DIR --out {args.out}` "
+                          "first")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be 0-65535")
+    require("fastapi", "uvicorn")  # the `serve` extra
+    from imgclf.audit import _review
+
+    _review.serve(args.out, data, args.port)
     return 0
 
 
