@@ -19,6 +19,13 @@ PREVIEW_NAME = "batch_preview.png"
 def write_batch_preview(dataset: Dataset, class_names: list[str], run_dir: Path, count: int = 16,
                         seed: int = 0) -> Path:
     """`count` images drawn (seeded) from the training set, each through the training augmentation."""
+    from imgclf.curves import literal_text  # matplotlib: imported when a run starts, not with the package
+
+    with literal_text():  # class names are data, not mathtext: a class named `$\\frac{$` must not crash training
+        return _write(dataset, class_names, run_dir, count, seed)
+
+
+def _write(dataset: Dataset, class_names: list[str], run_dir: Path, count: int, seed: int) -> Path:
     from matplotlib.figure import Figure
 
     generator = torch.Generator().manual_seed(seed)
