@@ -92,6 +92,8 @@ def test_an_archive_is_ingested_and_an_out_inside_the_source_is_refused(tmp_path
     assert (read_manifest(data_dir)["status"] == "ok").sum() == 9
     assert any("image archive" in r.getMessage() and "9 ok" in r.getMessage() for r in caplog.records)
     assert not _ingest.is_image_source(data_dir)  # a data directory is used as it is
+    assert _ingest.data_dir_for(Path("runs/r1/")) == Path("runs/r1_data")
+    assert _ingest.data_dir_for(Path(".")) == Path.cwd().parent / f"{Path.cwd().name}_data"  # `--out .`
 
     before = _tree_digest(photos)
     with pytest.raises(DataError, match="inside the source folder"):

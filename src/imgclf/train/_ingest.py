@@ -26,6 +26,8 @@ log = logging.getLogger("imgclf.train")
 def data_dir_for(run_dir: Path) -> Path:
     """Where train puts the data directory it makes from an image folder: beside RUN_DIR."""
     run_dir = Path(run_dir)
+    if not run_dir.name:  # `--out .`: name it after the folder itself
+        run_dir = run_dir.resolve()
     return run_dir.parent / f"{run_dir.name}_data"
 
 
