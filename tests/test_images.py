@@ -93,15 +93,17 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_at_reduced_scale_other_formats_a
 _POSTER_CHILD = """
 import resource, sys
 from PIL import Image
-from imgclf.images import Decoded, decode_image
+from imgclf.images import Decoded, ImageLimits, decode_image
 cap = 450 * 1024 * 1024
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 data = open(sys.argv[1], "rb").read()
-result = decode_image(data)
+shrink = int(sys.argv[2])  # the caller's later shrink of the longer side (0: none)
+result = decode_image(data, ImageLimits(shrinks_to=("longer", shrink) if shrink else None))
 assert isinstance(result, Decoded), result
 centre = result.image.getpixel((result.image.width // 2, result.image.height // 2))
 print("decoded", result.scale, result.image.width, result.image.height, *centre)
-print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of pytest starts at pytest's own peak.
+print("peak_kib", next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
 del result
 try:
     Image.open(sys.argv[1]).load()
@@ -131,19 +133,29 @@ def posters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return jpg, png
 
 
+def _decode_poster(jpg: Path, shrink: int) -> dict[str, list[str]]:
+    out = subprocess.run([sys.executable, "-c", _POSTER_CHILD, str(jpg), str(shrink)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+
+
 def test_a_10000_by_16000_jpeg_decodes_in_bounded_memory(posters: tuple[Path, Path]) -> None:
     jpg, _ = posters
     assert jpg.stat().st_size < 20_000_000  # under download's default --max-bytes
-    out = subprocess.run([sys.executable, "-c", _POSTER_CHILD, str(jpg)], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    fields = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+    fields = _decode_poster(jpg, 0)
     scale, width, height, *centre = (int(v) for v in fields["decoded"])
     assert (scale, width, height) == (2, 5000, 8000)  # 40 M pixels: the smallest reduction under 64 M
     assert centre[2] < 40  # the radial gradient is dark at the centre: the real picture, not noise
     assert fields["full"] == ["MemoryError"]  # the same child could not hold the poster at full size
     print("poster", jpg.stat().st_size, "bytes; peak RSS of the decode", fields["peak_kib"][0], "KiB")
-    assert int(fields["peak_kib"][0]) < 250 * 1024  # 120 MB of pixels, plus the file and Python
+    assert int(fields["peak_kib"][0]) < 200 * 1024  # 120 MB of pixels, plus the file and Python
+
+    # A caller that shrinks to 512 px anyway (download's default) lets libjpeg go to 1/8.
+    small = _decode_poster(jpg, 512)
+    assert [int(v) for v in small["decoded"][:3]] == [8, 1250, 2000]
+    print("with shrinks_to=('longer', 512): peak RSS", small["peak_kib"][0], "KiB")
+    assert int(small["peak_kib"][0]) < 60 * 1024  # 7.5 MB of pixels, not 120 MB
 
 
 def test_download_stores_the_poster_and_counts_refusals_by_cause(posters: tuple[Path, Path], tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import stat
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -68,6 +69,10 @@ class ImageLimits:
     resize_to: int | None = None
     # Progressive JPEG scans: each one is a pass over every pixel (libjpeg has no limit of its own).
     max_jpeg_scans: int = 100
+    # A JPEG over the pixel limit is decoded at reduced scale (see jpeg_scale): the caller's own
+    # later shrink, (which side, its size), lets libjpeg reduce as far as that still allows
+    # (download's 512 px longer side: a 10,000 x 16,000 poster at 1/8). None: the least reduction.
+    shrinks_to: tuple[Literal["shorter", "longer"], int] | None = None
 
     def for_resize(self, short_side: int) -> ImageLimits:
         """These limits for a caller that resizes the shorter side to `short_side` after decoding."""
@@ -167,8 +172,19 @@ def jpeg_scale(width: int, height: int, progressive: bool, limits: ImageLimits) 
                                      "JPEG cannot be decoded at reduced size in bounded memory")
     for scale in (2, 4, 8):
         if not _over_pixels(-(-width // scale), -(-height // scale), limits):
-            return scale
+            return _further(width, height, scale, limits)
     return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels even decoded at 1/8 scale")
+
+
+def _further(width: int, height: int, scale: int, limits: ImageLimits) -> int:
+    """The largest DCT scale from `scale` up that keeps the side the caller shrinks to (less to decode)."""
+    if limits.shrinks_to is None:
+        return scale
+    which, size = limits.shrinks_to
+    pick = min if which == "shorter" else max
+    while scale < 8 and pick(width // (scale * 2), height // (scale * 2)) >= size:
+        scale *= 2
+    return scale
 
 
 def _reduction(img: Image.Image, limits: ImageLimits) -> int | Rejected:
