@@ -73,6 +73,9 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_at_reduced_scale_other_formats_a
     assert half.image.getpixel((24, 12)) == pytest.approx((30, 30, 200), abs=3)
     eighth = decode_image(IMAGES["rgb.jpg"], ImageLimits(max_pixels=48, min_side=1))
     assert isinstance(eighth, Decoded) and eighth.scale == 8 and eighth.image.size == (8, 6)
+    # A caller that resizes the shorter side to 12 afterwards: 1/4 still leaves 12 rows.
+    quarter = decode_image(IMAGES["rgb.jpg"], ImageLimits(max_pixels=1000, min_side=1).for_resize(12))
+    assert isinstance(quarter, Decoded) and quarter.scale == 4 and quarter.image.size == (16, 12)
     full = decode_image(IMAGES["rgb.jpg"])
     assert isinstance(full, Decoded) and full.scale == 1 and full.image.size == (64, 48)
 

@@ -178,9 +178,11 @@ def jpeg_scale(width: int, height: int, progressive: bool, limits: ImageLimits) 
 
 def _further(width: int, height: int, scale: int, limits: ImageLimits) -> int:
     """The largest DCT scale from `scale` up that keeps the side the caller shrinks to (less to decode)."""
-    if limits.shrinks_to is None:
+    # A caller that resizes the shorter side afterwards (predict, serve: the eval resize) says so in resize_to.
+    need = limits.shrinks_to or (("shorter", limits.resize_to) if limits.resize_to else None)
+    if need is None:
         return scale
-    which, size = limits.shrinks_to
+    which, size = need
     pick = min if which == "shorter" else max
     while scale < 8 and pick(width // (scale * 2), height // (scale * 2)) >= size:
         scale *= 2
