@@ -16,8 +16,9 @@ and local files are read only when they are regular files, up to a size cap (`re
 
 Large legitimate images (posters, scans: 10,000 x 16,000 px) are over the pixel limit. A
 baseline JPEG is then decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's
-`draft`), the smallest reduction whose decoded size fits the limits: memory stays bounded by
-`max_pixels`, as for any other image, and the pixels are never allocated at full size. Every
+`draft`), the smallest reduction whose decoded size fits the limits, or further when the caller
+shrinks it afterwards anyway (`shrinks_to`, `resize_to`): memory stays bounded by `max_pixels`,
+as for any other image, and the pixels are never allocated at full size. Every
 other format (PNG, WebP, TIFF, progressive JPEG, whose decoder holds every coefficient of the
 full image) has no such path and stays refused, with the reason (`too_large_kind` names it).
 """
