@@ -93,11 +93,12 @@ def test_files_written_into_the_run_directory(tiny_run: Path, tiny_data_dir: Pat
     assert on_disk["files"]["report"] == "report.html"
 
     preds = pd.read_csv(tiny_run / "predictions.csv")
-    assert list(preds.columns) == ["row", "path", "true", "predicted", "correct", "confidence", "loss",
+    assert list(preds.columns) == ["row", "path", "url", "true", "predicted", "correct", "confidence", "loss",
                                    "top_k"]
     test, y_true, proba = independent_predictions(tiny_run, tiny_data_dir)
     names = np.array(run_metrics["class_names"])
     assert preds["path"].tolist() == test["path"].tolist()
+    assert preds["url"].tolist() == test["url"].tolist()  # the user's own name of each image
     assert preds["predicted"].tolist() == names[proba.argmax(axis=1)].tolist()
     assert preds["confidence"].to_numpy() == pytest.approx(proba.max(axis=1), rel=1e-5)
     first = json.loads(preds["top_k"][0])  # [[label, probability], ...], best first
@@ -139,6 +140,33 @@ def test_falls_back_to_the_run_validation_subset(tiny_run: Path, tmp_path: Path)
     assert "validation subset" in evaluate.format_summary(m)
     assert (tmp_path / "ev" / "report.html").is_file()
     assert not (tmp_path / "single" / "evaluations").exists()
+    # split.csv rows get their url from the manifest where the row holds the same stored image
+    preds = pd.read_csv(tmp_path / "ev" / "predictions.csv", keep_default_na=False)
+    urls = read_manifest(train_only).set_index("row")["url"]
+    assert preds["url"].tolist() == urls.loc[preds["row"]].tolist() and preds["url"].str.len().min() > 0
+
+
+def test_gallery_and_predictions_name_the_users_file_or_url(tiny_run: Path, tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path / "d", ["Ankle_boot", "Bag", "Coat"], n_train=2, n_test=10)
+    manifest = read_manifest(data)
+    test = manifest["split"] == "test"
+    names = sorted(set(manifest["label"]))
+    # Every test label moved to the next class: the model is wrong on most, so the gallery is full.
+    manifest.loc[test, "label"] = [names[(names.index(x) + 1) % 3] for x in manifest.loc[test, "label"]]
+    manifest["url"] = [f"https://user:secret@shop.example/img/{r}.png?sig=abc" if r % 2 else f"photos/Bag/{r}.jpg"
+                       for r in manifest["row"]]
+    write_manifest(manifest, data)
+    evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, data=data, out=tmp_path / "ev",
+                                          bootstrap_resamples=50, baseline_simulations=50))
+    preds = pd.read_csv(tmp_path / "ev" / "predictions.csv", keep_default_na=False)
+    assert preds["url"].tolist() == manifest.set_index("row")["url"].loc[preds["row"]].tolist()
+    html = (tmp_path / "ev" / "report.html").read_text()
+    wrong = preds[~preds["correct"]].nlargest(24, "loss")  # the gallery: the 24 worst mistakes
+    assert len(wrong) >= 10
+    for row, url in zip(wrong["row"], wrong["url"], strict=True):
+        shown = f"https://shop.example/img/{row}.png" if row % 2 else url
+        assert f'<span class="u">{shown}</span>' in html
+    assert "secret" not in html and "sig=abc" not in html  # a shared page carries no credentials
 
 
 def test_a_missing_split_that_is_not_held_out_is_an_error(tiny_run: Path, tiny_data_dir: Path,

@@ -577,11 +577,7 @@ def test_train_on_images_without_a_manifest_prints_the_command(tmp_path: Path, k
     stem = "my photos" if kind == "folder" else "pics"
     assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in str(err.value) or \
         f"imgclf download {data} --out {tmp_path / stem}_data" in str(err.value)
-    if kind == "folder":  # and through the CLI: one line, exit 2, before any RUN_DIR exists
-        code, err = _cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"))
-        assert code == 2 and len(err.strip().splitlines()) == 1
-        assert f"imgclf download '{data}' --out '{tmp_path / stem}_data'" in err
-        assert not (tmp_path / "run").exists()
+    # `train --data FOLDER` no longer stops here: it ingests the folder for the user (test_train_folder.py).
 
 
 def test_unreadable_is_a_documented_status() -> None:

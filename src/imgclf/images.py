@@ -13,6 +13,14 @@ allocate: a valid 467-byte PNG of 1 x 200,000 pixels passes a pixel-count check 
 upscaled to 73 x 14,600,000. Formats are an allow-list of raster formats, animations are never
 counted frame by frame, progressive JPEGs have a scan budget and PNG text chunks a memory cap,
 and local files are read only when they are regular files, up to a size cap (`read_file`).
+
+Large legitimate images (posters, scans: 10,000 x 16,000 px) are over the pixel limit. A
+baseline JPEG is then decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's
+`draft`), the smallest reduction whose decoded size fits the limits, or further when the caller
+shrinks it afterwards anyway (`shrinks_to`, `resize_to`): memory stays bounded by `max_pixels`,
+as for any other image, and the pixels are never allocated at full size. Every
+other format (PNG, WebP, TIFF, progressive JPEG, whose decoder holds every coefficient of the
+full image) has no such path and stays refused, with the reason (`too_large_kind` names it).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import stat
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -61,6 +70,10 @@ class ImageLimits:
     resize_to: int | None = None
     # Progressive JPEG scans: each one is a pass over every pixel (libjpeg has no limit of its own).
     max_jpeg_scans: int = 100
+    # A JPEG over the pixel limit is decoded at reduced scale (see jpeg_scale): the caller's own
+    # later shrink, (which side, its size), lets libjpeg reduce as far as that still allows
+    # (download's 512 px longer side: a 10,000 x 16,000 poster at 1/8). None: the least reduction.
+    shrinks_to: tuple[Literal["shorter", "longer"], int] | None = None
 
     def for_resize(self, short_side: int) -> ImageLimits:
         """These limits for a caller that resizes the shorter side to `short_side` after decoding."""
@@ -77,6 +90,9 @@ class Decoded:
     # 1 for a still image, 2 for "more than one": frames are never counted (a GIF's count costs a
     # pass over the whole file, and a hostile one holds hundreds of thousands).
     frames: int = 1
+    # 2, 4 or 8: a JPEG over the pixel limit, decoded at 1/scale by DCT scaling (its bytes are
+    # then never the stored image as they are).
+    scale: int = 1
 
 
 @dataclass(frozen=True)
@@ -139,15 +155,71 @@ def _jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
-def _precheck(img: Image.Image, data: bytes, limits: ImageLimits) -> Rejected | None:
-    too_big = check_size(*img.size, limits)
+def _over_pixels(width: int, height: int, limits: ImageLimits) -> bool:
+    return width * height > limits.max_pixels or max(width, height) > limits.max_side
+
+
+def jpeg_scale(width: int, height: int, progressive: bool, limits: ImageLimits) -> int | Rejected:
+    """1 when a JPEG fits the limits; else the DCT scale (2, 4, 8) that makes it fit, or why none can.
+
+    libjpeg decodes a baseline JPEG at 1/2, 1/4 or 1/8 of its size without allocating the full
+    image. A progressive one buffers the coefficients of the whole image (2 bytes per sample)
+    before the first output row, whatever the scale: refused like any other oversized image.
+    """
+    if not _over_pixels(width, height, limits):
+        return 1
+    if progressive:
+        return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels, and a progressive "
+                                     "JPEG cannot be decoded at reduced size in bounded memory")
+    for scale in (2, 4, 8):
+        if not _over_pixels(-(-width // scale), -(-height // scale), limits):
+            return _further(width, height, scale, limits)
+    return Rejected("too_large", f"{width}x{height} exceeds {limits.max_pixels} pixels even decoded at 1/8 scale")
+
+
+def _further(width: int, height: int, scale: int, limits: ImageLimits) -> int:
+    """The largest DCT scale from `scale` up that keeps the side the caller shrinks to (less to decode)."""
+    # A caller that resizes the shorter side afterwards (predict, serve: the eval resize) says so in resize_to.
+    need = limits.shrinks_to or (("shorter", limits.resize_to) if limits.resize_to else None)
+    if need is None:
+        return scale
+    which, size = need
+    pick = min if which == "shorter" else max
+    while scale < 8 and pick(width // (scale * 2), height // (scale * 2)) >= size:
+        scale *= 2
+    return scale
+
+
+def _reduction(img: Image.Image, limits: ImageLimits) -> int | Rejected:
+    """The scale this image will be decoded at: 1, or a JPEG's DCT scale; other formats are never reduced."""
+    if img.format not in ("JPEG", "MPO"):
+        if _over_pixels(*img.size, limits):
+            refused = check_size(*img.size, limits)
+            assert refused is not None
+            return Rejected("too_large", f"{refused.reason}; only a baseline JPEG can be decoded at reduced "
+                                         f"size (this is {img.format})")
+        return 1
+    return jpeg_scale(*img.size, bool(img.info.get("progressive")), limits)
+
+
+def _precheck(img: Image.Image, data: bytes, limits: ImageLimits) -> int | Rejected:
+    scale = _reduction(img, limits)
+    if isinstance(scale, Rejected):
+        return scale
+    too_big = check_size(-(-img.size[0] // scale), -(-img.size[1] // scale), limits)
     if too_big is not None:
         return too_big
     scans = _jpeg_scans(data) if img.format in ("JPEG", "MPO") else 0
     if scans > limits.max_jpeg_scans:
         return Rejected("too_large", f"a JPEG of {scans} scans, more than {limits.max_jpeg_scans} "
                                      "(each one is a pass over every pixel)")
-    return None
+    return scale
+
+
+def _draft(img: Image.Image, scale: int) -> None:
+    """Ask libjpeg for 1/scale decoding (Pillow picks the largest DCT scale the request allows)."""
+    if scale > 1:
+        img.draft(None, (img.size[0] // scale, img.size[1] // scale))
 
 
 def _text_or_binary(head: bytes) -> str:
@@ -181,18 +253,21 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt = img.format or "unknown"
-        refused = _precheck(img, data, limits)
-        if refused is not None:
-            return refused
+        scale = _precheck(img, data, limits)
+        if isinstance(scale, Rejected):
+            return scale
         frames = 2 if getattr(img, "is_animated", False) else 1
         img.seek(0)  # animated images: first frame
-        refused = check_size(*img.size, limits)  # a GIF frame may enlarge the canvas
+        _draft(img, scale)  # after seek: an MPO's seek(0) sets the tile anew
+        # A GIF frame may enlarge the canvas; a draft that did not reduce enough is caught here too.
+        refused = check_size(*img.size, limits)
         if refused is not None:
             return refused
         img.load()
         mode = img.mode
         rotated = img.getexif().get(0x0112, 1) not in (0, 1)
-        img = ImageOps.exif_transpose(img) or img
+        if rotated:  # exif_transpose copies even an upright image: twice the memory of a large one
+            img = ImageOps.exif_transpose(img) or img
         img = _to_rgb(img)
     except Image.DecompressionBombError as err:
         return Rejected("too_large", first_line(err, with_type=False))
@@ -203,7 +278,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Decoded | 
     if min(img.size) < limits.min_side:
         return Rejected("too_small",
                         f"{img.size[0]}x{img.size[1]} is under the {limits.min_side}px minimum side")
-    return Decoded(img, fmt, source_mode=mode, rotated=rotated, frames=frames)
+    return Decoded(img, fmt, source_mode=mode, rotated=rotated, frames=frames, scale=scale)
 
 
 def _kind(mode: int) -> str:
@@ -259,3 +334,21 @@ def open_image_file(path: str | os.PathLike[str], limits: ImageLimits = ImageLim
     if isinstance(result, Rejected):
         raise ValueError(f"{Path(path)}: {result.status}: {result.reason}")
     return result.image
+
+
+# Why an image was too_large, from its reason (the manifest's `error`): download's summary counts
+# each kind. First match wins; the phrases are the ones this module and the fetchers write.
+_TOO_LARGE_KINDS = (
+    ("progressive JPEG", "progressive JPEG over the pixel limit (no reduced-size decoding)"),
+    ("only a baseline JPEG", "over the pixel limit, in a format with no reduced-size decoding"),
+    ("even decoded at 1/8", "over the pixel limit even at 1/8 scale"),
+    ("would be resized to", "extreme aspect ratio (its resize would be over the limit)"),
+    ("scans", "progressive JPEG with too many scans"),
+    ("bytes", "file or body over the byte limit (--max-bytes)"),
+    ("pixels", "over the pixel limit"),
+)
+
+
+def too_large_kind(reason: str) -> str:
+    """A short, countable cause for a too_large reason (download's summary groups by it)."""
+    return next((kind for phrase, kind in _TOO_LARGE_KINDS if phrase in reason), "other")

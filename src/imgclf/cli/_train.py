@@ -18,13 +18,16 @@ CONFIG_EPILOG = """config keys:
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier from a config into a run directory",
-                       description="Train from a YAML config on a data directory made by `imgclf download`. "
+                       description="Train from a YAML config on a data directory made by `imgclf download` "
+                                   "(or on an image folder or archive, ingested for you). "
                                    "Extra key=value arguments override config keys (trainer.epochs=3).",
                        epilog=CONFIG_EPILOG)
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config; keys it does not set keep their defaults (default: the built-in defaults)")
     p.add_argument("--data", required=True, type=location,
-                   help="data directory written by `imgclf download` (a folder or an s3://... URL)")
+                   help="data directory written by `imgclf download` (a folder or an s3://... URL), or an image "
+                        "folder ([split/]label/image) or archive of one: train then runs download's ingest "
+                        "into OUT_data beside --out (reused and updated by a rerun) and trains on that")
     p.add_argument("--out", required=True, type=Path, help="run directory to create (or resume)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt "

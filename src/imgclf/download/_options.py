@@ -132,7 +132,8 @@ class DownloadOptions:
                                      else (os.cpu_count() or 1))
 
     def store_settings(self, data_dir: str) -> StoreSettings:
-        return StoreSettings(data_dir=data_dir, limits=ImageLimits(self.max_pixels, self.min_side),
+        shrinks = None if self.resize == "none" else (self.resize, self.size)  # see images.jpeg_scale
+        return StoreSettings(data_dir=data_dir, limits=ImageLimits(self.max_pixels, self.min_side, shrinks_to=shrinks),
                              resize=self.resize, size=self.size, image_format=self.image_format,
                              quality=self.quality, max_bytes=self.max_bytes, layout=self.layout)
 

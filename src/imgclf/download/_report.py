@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from imgclf._files import atomic_path, write_atomic
 from imgclf.download._state import INVALID_PREFIX, State
+from imgclf.images import too_large_kind
 from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, normalize
 
 _EXAMPLES = 20
@@ -52,6 +53,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
     by_split: dict[str, Counter[str]] = {}
     by_label: dict[tuple[str, str], Counter[str]] = {}
     duplicates = Counter()
+    too_large: Counter[str] = Counter()  # why, by kind (images.too_large_kind)
     manifest = data_dir / MANIFEST_NAME
     with atomic_path(manifest) as tmp:
         writer: pq.ParquetWriter | None = None
@@ -64,6 +66,8 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
                     counts[status] += 1
                     by_split.setdefault(split, Counter())[status] += 1
                     by_label.setdefault((split, label), Counter())[status] += 1
+                    if status == "too_large":
+                        too_large[too_large_kind(error)] += 1
                     if status == "duplicate":
                         duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
                 table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -84,6 +88,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
         "by_split": {split: dict(c) for split, c in sorted(by_split.items())},
         "by_split_label": [{"split": s, "label": lab, **dict(c)} for (s, lab), c in sorted(by_label.items())],
         "duplicates": {"same_url": duplicates["same_url"], "same_content": duplicates["same_content"]},
+        "too_large_kinds": dict(too_large.most_common()),
         **_shared_images(state),
         **extra,
     }
@@ -124,6 +129,10 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         console.print(f"[bold yellow]tls_error:[/] {report['counts']['tls_error']} row(s) met a certificate this "
                       "system does not trust; for a private CA run again with SSL_CERT_FILE=/path/to/ca.pem "
                       "and --retry-failed (never turn verification off)")
+    if kinds := report.get("too_large_kinds"):
+        why = "; ".join(f"{n} {kind}" for kind, n in kinds.items())
+        console.print(f"[yellow]too_large:[/] {sum(kinds.values())} image(s) refused: {why} (each row's error "
+                      "in the manifest says more)")
     leak = report["leakage"]
     if leak["images"]:
         console.print(f"[bold yellow]leakage:[/] {leak['images']} image(s) appear in more than one split "

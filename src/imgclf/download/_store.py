@@ -61,7 +61,8 @@ def _can_keep_bytes(decoded: Decoded, size: tuple[int, int], settings: StoreSett
     # The original file is stored only when re-reading it gives exactly the validated pixels.
     return (settings.image_format == "keep" and decoded.source_format in _KEEPABLE
             and size == decoded.image.size and decoded.source_mode in ("RGB", "L")
-            and not decoded.rotated and decoded.frames == 1)
+            and not decoded.rotated and decoded.frames == 1
+            and decoded.scale == 1)  # a JPEG decoded at reduced size: its bytes hold the full-size image
 
 
 def _encode(image: Image.Image, source_format: str, settings: StoreSettings) -> tuple[bytes, str]:

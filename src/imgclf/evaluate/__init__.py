@@ -8,7 +8,7 @@ with status ok; when the data has no such rows, the run's validation subset from
 predicts with the checkpoint's own eval preprocessing, and writes into the output folder:
 
     metrics.json               stable keys, documented in docs/evaluate.md (the returned dict)
-    predictions.csv            row, path, true, predicted, correct, confidence, loss, top_k
+    predictions.csv            row, path, url, true, predicted, correct, confidence, loss, top_k
     classification_report.csv  scikit-learn's per-class precision/recall/F1/support
     confusion_matrix.png, confusion_matrix_normalized.png, per_class_f1.png,
     most_confused.png, training_curves.png (when the run has metrics.csv)
@@ -87,7 +87,7 @@ class Plan:
 
 @dataclass
 class EvalSet:
-    frame: pd.DataFrame  # row, path, label
+    frame: pd.DataFrame  # row, path, label, url (the user's file or URL, from the manifest; "" if unknown)
     images_root: Path | str
     split: str  # what was evaluated: the requested split, or "val" after the fallback
     source: str  # "manifest" or "run split.csv (val subset)"
@@ -151,7 +151,7 @@ def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
                     split_csv: pd.DataFrame | None) -> EvalSet:
     rows = usable_rows(manifest, split)
     if not rows.empty:
-        return EvalSet(rows[["row", "path", "label"]], plan.data_dir, split, "manifest")
+        return EvalSet(rows[["row", "path", "label", "url"]], plan.data_dir, split, "manifest")
     # Only the held-out splits fall back: a data directory from a single CSV has no test rows, but
     # the run's validation subset is held out. Any other missing name is a typo worth an error.
     if split in ("test", "val") and split_csv is not None and (split_csv["subset"] == "val").any():
@@ -160,11 +160,20 @@ def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,
                 f"({len(val)} images, the ones that chose the best checkpoint, so expect optimistic figures)")
         log.warning(note)
         root = storage.location(plan.run_info.get("data_dir") or plan.data_dir)
-        return EvalSet(val[["row", "path", "label"]], root, "val", f"run {SPLIT_NAME} (val subset)", note)
+        frame = _with_urls(val[["row", "path", "label"]], manifest)
+        return EvalSet(frame, root, "val", f"run {SPLIT_NAME} (val subset)", note)
     have = sorted(set(usable_rows(manifest)["split"]))
     fallback = ", and no run validation subset to fall back on" if split in ("test", "val") else ""
     raise DataError(f"{plan.data_dir}: no downloaded images with split '{split}' (splits here: "
                     f"{', '.join(have) or 'none'}){fallback}")
+
+
+def _with_urls(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """split.csv rows with the manifest's `url` where the same row holds the same stored path ("" else)."""
+    known = manifest[["row", "path", "url"]].drop_duplicates("row")
+    merged = frame.merge(known, on="row", how="left", suffixes=("", "_manifest"))
+    same = merged["path"] == merged["path_manifest"]  # a split.csv of another data directory: no name
+    return frame.assign(url=merged["url"].where(same, "").fillna("").astype(str).to_numpy())
 
 
 def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,
@@ -272,6 +281,7 @@ def predictions_frame(eval_set: EvalSet, y_true: np.ndarray, proba: np.ndarray,
     return pd.DataFrame({
         "row": eval_set.frame["row"].to_numpy(),
         "path": eval_set.frame["path"].to_numpy(),
+        "url": eval_set.frame["url"].to_numpy(),  # what the user gave: a URL, a file path, archive!member
         "true": names[y_true],
         "predicted": names[y_pred],
         "correct": y_true == y_pred,

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import jinja2
 import pandas as pd
@@ -60,9 +61,23 @@ def gallery(inputs: ReportInputs) -> list[dict[str, Any]]:
     """The highest-loss misclassified images, worst first."""
     wrong = inputs.predictions[~inputs.predictions["correct"]].nlargest(inputs.gallery_size, "loss")
     refs = image_refs(wrong, inputs.images_root)
-    return [{"uri": thumbnail_uri(inputs.images_root, ref), "path": r.path, "true": r.true,
-             "predicted": r.predicted, "confidence": r.confidence, "loss": r.loss}
+    return [{"uri": thumbnail_uri(inputs.images_root, ref), "path": r.path, "url": shown_url(getattr(r, "url", "")),
+             "true": r.true, "predicted": r.predicted, "confidence": r.confidence, "loss": r.loss}
             for r, ref in zip(wrong.itertuples(), refs, strict=True)]
+
+
+def shown_url(url: object) -> str:
+    """The image's own name for the gallery: the user's file path or URL, without credentials or query.
+
+    The stored path is a content hash nobody recognises; the manifest's `url` is what the user
+    gave. A shared report should not carry a password (`user:pw@host`) or a signed query string.
+    """
+    text = str(url or "")
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https", "s3", "gs", "ftp") or not parts.netloc:
+        return text  # a local path or archive!member: as given
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _plot_uris(metrics: dict[str, Any], inputs: ReportInputs) -> dict[str, str]:
