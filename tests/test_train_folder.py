@@ -19,10 +19,10 @@ import pytest
 from conftest import TINY_CLASSES, tiny_config
 from helpers import demo_images
 
+from imgclf import pipeline as _ingest
 from imgclf.errors import DataError
 from imgclf.manifest import read_manifest
 from imgclf.stages import train
-from imgclf.train import _ingest
 
 TINY = ["trainer.epochs=1", "trainer.batch_size=16", "data.image_size=32", "data.num_workers=0",
         "trainer.progress_bar=false", "model.arch=resnet18"]
@@ -73,7 +73,8 @@ def test_train_on_an_image_folder_ingests_it_beside_the_run_and_reuses_it(tmp_pa
     # A rerun (here --resume for one more epoch) reuses the data directory and reads only the new file.
     extra = demo_images("train", TINY_CLASSES[0], 9)[-1]
     shutil.copyfile(extra, photos / "train" / TINY_CLASSES[0] / extra.name)
-    result = train.run(tiny_config("trainer.epochs=2"), photos, run_dir, resume=True)
+    data = _ingest.data_for_training(photos, run_dir)  # what `imgclf train` and imgclf.train do first
+    result = train.run(tiny_config("trainer.epochs=2"), data, run_dir, resume=True)
     assert result.epochs_run == 2
     assert len(read_manifest(data_dir)) == 34
     assert not (tmp_path / "runs" / "r1_data_data").exists()
@@ -97,5 +98,5 @@ def test_an_archive_is_ingested_and_an_out_inside_the_source_is_refused(tmp_path
 
     before = _tree_digest(photos)
     with pytest.raises(DataError, match="inside the source folder"):
-        train.run(tiny_config(), photos, photos / "run")
+        _ingest.data_for_training(photos, photos / "run")
     assert _tree_digest(photos) == before

@@ -220,9 +220,10 @@ def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None =
     else:
         resolved = load_config(config, extra)
     with _shown():
+        from imgclf.pipeline import data_for_training
         from imgclf.train import run
 
-        result = run(resolved, data, Path(out), resume=resume)
+        result = run(resolved, data_for_training(data, out), Path(out), resume=resume)
     return Run(result.run_dir, result.class_names, result.best_checkpoint, result.best_score, result.epochs_run)
 
 

@@ -47,11 +47,13 @@ def handle(args: argparse.Namespace) -> int:
     if config_path is None and args.resume and RunDir(args.out).config.is_file():
         config_path = RunDir(args.out).config  # resume continues with the run's own config
     config = load_config(config_path, overrides)  # before importing torch: config errors answer fast
+    from imgclf.pipeline import data_for_training
     from imgclf.stages import train
 
+    data = data_for_training(args.data, args.out)  # an image folder or archive: download's ingest, run for you
     if args.lr_find:
-        found = train.find_lr(config, args.data, args.out)
+        found = train.find_lr(config, data, args.out)
         print(train.lr_find_summary(found, args.out))
         return 0 if found.suggestion is not None else 1
-    train.run(config, args.data, args.out, resume=args.resume)
+    train.run(config, data, args.out, resume=args.resume)
     return 0

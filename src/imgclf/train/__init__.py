@@ -39,7 +39,7 @@ from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _ingest, _lr_find, _transfer
+from imgclf.train import _lr_find, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
 from imgclf.train._inputs import class_weights, loaders, make_split
 from imgclf.train._loggers import make_loggers
@@ -92,8 +92,6 @@ def _start(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: boo
             raise DataError(f"{run_dir}: holds an interrupted run; continue it with --resume (Python: resume=True) "
                             "or choose a new --out")
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
-    if _ingest.is_image_source(data_dir):  # an image folder or archive: download's ingest, run for the user
-        data_dir = _ingest.ingest(Path(data_dir), run_dir)
     if not storage.exists(data_dir, MANIFEST_NAME):
         read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
     pl.seed_everything(config.seed, workers=True, verbose=False)

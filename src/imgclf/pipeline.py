@@ -1,4 +1,5 @@
-"""`train --data FOLDER`: an image folder or archive is ingested for the user, as `imgclf download` would.
+"""Stages composed for the user (top layer, beside cli and api): `train --data FOLDER`, where an image
+folder or archive is ingested for the user, as `imgclf download` would, then trained on.
 
 Photo users hand train the folder they have (`[split/]label/image`) or an archive of it. Train
 runs the download stage's ingest on it into a data directory beside the run directory,
@@ -20,7 +21,7 @@ from pathlib import Path
 from imgclf import storage
 from imgclf.manifest import MANIFEST_NAME, make_data_dir_hint
 
-log = logging.getLogger("imgclf.train")
+log = logging.getLogger("imgclf.train")  # its lines belong to `imgclf train`
 
 
 def data_dir_for(run_dir: Path) -> Path:
@@ -41,13 +42,12 @@ def is_image_source(data: Path | str) -> bool:
 
 def ingest(source: Path, run_dir: Path) -> Path:
     """Run download on `source` into `data_dir_for(run_dir)`; one log line; return the data directory."""
-    from imgclf.download import DownloadOptions
-    from imgclf.download import run as download_run
+    from imgclf.stages import download
 
     out = data_dir_for(run_dir)
     reused = (out / MANIFEST_NAME).is_file()
-    options = DownloadOptions(show_progress=False, print_summary=False)  # download's defaults: 512 px longer side
-    result = download_run([Path(source)], out, options)
+    options = download.DownloadOptions(show_progress=False, print_summary=False)  # defaults: 512 px longer side
+    result = download.run([Path(source)], out, options)
     counts = result.counts
     ok = counts.get("ok", 0)
     others = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "ok")
@@ -57,6 +57,12 @@ def ingest(source: Path, run_dir: Path) -> Path:
              "updated the data directory" if reused else "made the data directory", out, result.total, ok,
              f", {others}" if others else "", splits, result.fetched)
     return out
+
+
+def data_for_training(data: Path | str, run_dir: Path | str) -> Path | str:
+    """`data` itself when it is a data directory (or a URL, or missing: train says what is wrong),
+    else the data directory made from the image folder or archive it names."""
+    return ingest(Path(data), Path(run_dir)) if is_image_source(data) else data
 
 
 def _split_counts(manifest_path: Path) -> str:
