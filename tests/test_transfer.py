@@ -179,3 +179,30 @@ def test_batch_preview_shows_augmented_training_images(tiny_run: Path) -> None:
         assert im.format == "PNG" and im.width >= 600 and im.height >= 600
         pixels = im.convert("L")
         assert len(set(pixels.getdata())) > 50  # images drawn, not an empty figure
+
+
+def test_batch_preview_leaves_the_random_generators_as_it_found_them(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The preview draws augmentations from the global generators; training must not see that (the
+    same seed gives the same run with and without the picture)."""
+    import random
+
+    import numpy as np
+
+    from imgclf import data, presets
+    from imgclf.config import AugmentConfig
+    from imgclf.train._preview import write_batch_preview
+
+    pre = presets.Preprocessing(image_size=32, resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    split = data.make_split(tiny_data_dir, 0.25, seed=0)
+    names = sorted(split["label"].unique())
+    dataset = data.DecodedImages(split[split["subset"] == "train"], tiny_data_dir, names, pre.resize_size,
+                                 presets.train_augment(pre, AugmentConfig(policy="trivialaugment", random_erasing=0.5)))
+
+    def draws() -> tuple[list[float], float, float]:
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = draws()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    assert write_batch_preview(dataset, names, tmp_path, count=4) == tmp_path / "batch_preview.png"
+    assert draws() == expected

@@ -4,8 +4,10 @@ with their labels, as fastai's `show_batch`: the first thing to look at when a r
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -23,14 +25,21 @@ def write_batch_preview(dataset: Dataset, class_names: list[str], run_dir: Path,
     """`count` images drawn (seeded) from the training set, each through the training augmentation.
 
     A picture for the user, never a reason to stop training: a failure to draw it is one warning
-    (a data problem, DataError, still stops the run as the first epoch would)."""
+    (a data problem, DataError, still stops the run as the first epoch would). The augmentations
+    draw from the global random generators; their state is restored afterwards, so the run trains
+    exactly as it would without the preview (same seed, same figures)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        return _write(dataset, class_names, run_dir, count, seed)
+        with torch.random.fork_rng(devices=[]):
+            return _write(dataset, class_names, run_dir, count, seed)
     except DataError:
         raise
     except Exception as err:  # matplotlib and decoders raise assorted types
         log.warning("%s not written (%s)", PREVIEW_NAME, first_line(err))
         return None
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 @literal_text()  # class names are data: `$\frac{$` is drawn as written, not parsed as mathtext
