@@ -10,8 +10,11 @@ lifetime, running `_worker.ShardRunner`, i.e. the single-machine fetch/validate/
 most `OPEN_PER_WORKER` shards per worker are in flight: the next one is sent when one comes back,
 never the whole list at once. A shard's outcomes come back together and are committed in one
 transaction: that is the commit point. A worker killed mid-shard (its node lost, OOM) costs its
-open shards' uncommitted rows, nothing committed; Ray restarts it and the driver sends those
-shards again. A shard that fails `--shard-retries` + 1 times is left pending; the command then
+open shards' uncommitted rows, nothing committed; those shards go back to the queue and the
+live workers take them. Ray restarts the lost worker when it can place it; the run does not wait
+for that (a lost node's worker may have nowhere to go), except when no worker is left at all
+(`RESTART_WAIT_S`, then one line and a non-zero exit). A shard that fails `--shard-retries` + 1
+times is left pending; the command then
 ends non-zero naming it (every other shard committed; the same command again retries it). The
 driver killed (even SIGKILL): the same command resumes from the state, like the laptop path.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import multiprocessing
 import os
 import shutil
@@ -53,6 +57,10 @@ ray = import_ray()
 
 OPEN_PER_WORKER = 3
 _WAIT_S = 0.25
+# With every worker lost, how long to wait for one to be restarted (a killed process: seconds;
+# a lost node with no free CPUs elsewhere: never) before giving up with one line.
+RESTART_WAIT_S = float(os.environ.get("IMGCLF_RAY_RESTART_WAIT_S", "120"))
+log = logging.getLogger("imgclf.download")
 
 
 @ray.remote(num_cpus=0)
@@ -176,6 +184,8 @@ class _Driver:
         self.open = [0] * workers
         self.failed: list[tuple[Shard, str]] = []
         self.down: dict[int, Any] = {}  # worker -> its ping, while it restarts
+        self.all_down_since: float | None = None  # when the last live worker was lost
+        self.exhausted = False  # every pending shard has been handed out once
         self.worker_lost = False
         self.done = self.ok = 0
 
@@ -186,8 +196,10 @@ class _Driver:
                 while True:
                     ctrl_c.check()
                     self._fill()
-                    if not self.inflight and not self.down:
+                    if not self.inflight and (not self.down or self._nothing_left()):
+                        self._note_not_back()
                         break
+                    self._check_all_down()
                     waiting = [*self.inflight, *self.down.values()]
                     finished, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)
                     for ref in finished:
@@ -211,6 +223,29 @@ class _Driver:
                 "command again to retry")
         return self.done, self.ok
 
+    def _nothing_left(self) -> bool:
+        """No shard in flight, queued or still to cut: lost workers need not come back."""
+        return self.exhausted and not self.retry
+
+    def _note_not_back(self) -> None:
+        if self.down:
+            log.warning("download: %d Ray worker(s) lost and not restarted (no room on the nodes left?); "
+                        "the other workers did their shards", len(self.down))
+
+    def _check_all_down(self) -> None:
+        """Every worker lost, work left: wait a bounded time for Ray to restart one, then give up."""
+        if len(self.down) < len(self.workers):
+            self.all_down_since = None
+            return
+        now = time.monotonic()
+        if self.all_down_since is None:
+            self.all_down_since = now
+        elif now - self.all_down_since > RESTART_WAIT_S:
+            raise ImgclfError(
+                f"download: every Ray worker was lost and none was restarted within {RESTART_WAIT_S:.0f} s "
+                "(nodes lost, or no free CPUs for a worker); committed shards are kept, run the same "
+                "command again to resume")
+
     def _stop_actors(self) -> None:
         """Kill the actors, which ends their open shards (an actor task cannot be force-cancelled:
         `ray.cancel(force=True)` raised ValueError here and hid a Ctrl-C). Best effort: after a
@@ -228,6 +263,7 @@ class _Driver:
             for index in sorted(hungry, key=lambda i: self.open[i]):  # the least busy first
                 shard = self.retry.popleft() if self.retry else next(self.shards, None)
                 if shard is None:
+                    self.exhausted = True  # (the retry queue is empty here too)
                     return
                 tar_name = None
                 if self.settings.layout == "tar":
@@ -255,7 +291,10 @@ class _Driver:
         if isinstance(err, ray.exceptions.RayActorError):
             # Died (killed, OOM, node lost): Ray restarts it; no shard goes to it before it answers.
             self.worker_lost = True  # it may have left partial files behind
-            self.down.setdefault(index, self.workers[index].pid.remote())
+            if index not in self.down:
+                log.warning("download: Ray worker %d lost (%s); its open shards go back to the queue for the "
+                            "live workers", index, type(err).__name__)
+                self.down[index] = self.workers[index].pid.remote()
             if isinstance(err, ray.exceptions.ActorUnavailableError):
                 self.retry.append(shard)  # sent while it was restarting: never ran, not an attempt
                 return

@@ -1,0 +1,113 @@
+"""Child of tests/test_ray_nodes.py: two Ray nodes in one process tree, the second one's raylet
+SIGKILLed while `download --engine ray --address` runs across both.
+
+    python tests/ray_nodes_child.py WORK ROWS    # writes WORK/result.json
+
+Run as a child process because Ray reads its settings (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, the
+token, health checks) once per process. `ray.cluster_utils.Cluster` starts the nodes itself (not
+`ray start`, which refuses a second node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so both nodes
+keep every listener on 127.0.0.1. Each node has 1 CPU and each worker reserves 1 (`--processes 1`):
+one worker per node, and the lost one cannot be placed again on the surviving node.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pandas as pd  # noqa: E402
+from fault_server import FaultServer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from imgclf import _reaper  # noqa: E402
+from imgclf._ray import import_ray  # noqa: E402
+from imgclf.stages import download  # noqa: E402
+
+ray = import_ray()
+from ray import ray_constants  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), (i % 256, (i // 256) * 40, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _committed(state: Path) -> list[str]:
+    try:
+        db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
+        return [u for (u,) in db.execute("SELECT url FROM urls WHERE status IS NOT NULL")]
+    except sqlite3.Error:
+        return []
+
+
+def main(work: Path, rows: int) -> None:
+    result: dict = {}
+    (work / "ray").mkdir()  # Ray's temporary directory: $TMPDIR/ray, TMPDIR=WORK set by the test
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))
+    node2 = cluster.add_node(num_cpus=1, resources={"node2": 1})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        result["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+        with FaultServer(latency=0.1) as srv:
+            urls = [srv.add(f"{i}.png", _png(i), "image/png") for i in range(rows)]
+            pd.DataFrame({"url": urls, "label": [f"c{i % 2}" for i in range(rows)]}).to_csv(
+                work / "urls.csv", index=False)
+            state = work / "data" / download.STATE_NAME
+            outcome: dict = {}
+
+            def run() -> None:
+                try:
+                    res = download.run([work / "urls.csv"], work / "data", download.DownloadOptions(
+                        timeout=3.0, read_timeout=2.0, connect_timeout=1.0, retries=1, backoff=0.05,
+                        show_progress=False, print_summary=False, engine="ray", address=cluster.address,
+                        ray_workers=2, processes=1, shard_size=50))
+                    outcome["counts"] = res.counts
+                except BaseException as err:  # noqa: BLE001 - reported to the test
+                    outcome["error"] = repr(err)
+
+            thread = threading.Thread(target=run, daemon=True)
+            started = time.monotonic()
+            thread.start()
+            while thread.is_alive() and len(_committed(state)) < rows // 4:
+                time.sleep(0.1)
+            before = _committed(state)
+            # The node is lost: its raylet and every process it started (the worker actor, its
+            # decoders), SIGKILLed at once, as a machine that dies takes them all.
+            raylet = node2.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+            lost = [raylet.pid, *_reaper.descendants(raylet.pid)]
+            for pid in lost:
+                os.kill(pid, signal.SIGKILL)
+            result["killed_processes"] = len(lost)
+            result["committed_at_kill"] = len(before)
+            thread.join(timeout=float(os.environ.get("CHILD_WAIT_S", "60")))
+            result["finished"] = not thread.is_alive()
+            result["seconds"] = round(time.monotonic() - started, 1)
+            result.update(outcome)
+            counts = dict(srv.counts)
+            paths = [u.split("127.0.0.1", 1)[1].split("/", 1)[1] for u in before]
+            result["committed_fetched_again"] = sum(counts.get("/" + p, 0) != 1 for p in paths)
+            result["fetches_beyond_one"] = sum(c - 1 for c in counts.values() if c > 1)
+            result["never_fetched"] = sum(counts.get(f"/file/{i}.png", 0) == 0 for i in range(rows))
+            if (work / "data" / "manifest.parquet").exists():
+                manifest = pd.read_parquet(work / "data" / "manifest.parquet")
+                result["manifest_rows"] = len(manifest)
+                result["statuses"] = manifest["status"].value_counts().to_dict()
+    finally:
+        (work / "result.json").write_text(json.dumps(result))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
