@@ -12,6 +12,7 @@ one worker per node, and the lost one cannot be placed again on the surviving no
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -51,6 +52,41 @@ def _committed(state: Path) -> list[str]:
         return []
 
 
+def ours() -> list[int]:
+    """Live pids carrying this run's marker in their environment (every Ray process it started)."""
+    mark = f"IMGCLF_RAY_NODES_MARK={os.environ['IMGCLF_RAY_NODES_MARK']}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            alive = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+            if alive and mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def listening(pids: list[int]) -> list[str]:
+    """The addresses (hex, as /proc/net/tcp* writes them) of the TCP listeners of `pids`."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
 def main(work: Path, rows: int) -> None:
     result: dict = {}
     (work / "ray").mkdir()  # Ray's temporary directory: $TMPDIR/ray, TMPDIR=WORK set by the test
@@ -59,6 +95,11 @@ def main(work: Path, rows: int) -> None:
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         result["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+        loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+        # 127.0.0.1, ::1, ::ffff:127.0.0.1
+        listeners = listening(ours())
+        result["listeners"] = len(listeners)
+        result["listeners_not_loopback"] = [a for a in listeners if a not in loopback]
         with FaultServer(latency=0.1) as srv:
             urls = [srv.add(f"{i}.png", _png(i), "image/png") for i in range(rows)]
             pd.DataFrame({"url": urls, "label": [f"c{i % 2}" for i in range(rows)]}).to_csv(

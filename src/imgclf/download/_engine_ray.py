@@ -174,7 +174,10 @@ class _Driver:
         self.next_tar = next_shard_number(state.shards())  # --layout tar: a new tar name per shard attempt
         ceiling = options.concurrency * workers  # every worker's in-flight cap, on one host
         leases = f"imgclf-leases-{uuid.uuid4().hex}"
-        self.leases = _Leases.options(name=leases).remote(ceiling, options.per_host)
+        # On the driver's node, which the run needs anyway: a lost node must not take the limits with it.
+        here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+        self.leases = _Leases.options(name=leases, scheduling_strategy=here).remote(ceiling, options.per_host)
         self.workers = [_Worker.options(num_cpus=options.workers).remote(options, settings, leases)
                         for _ in range(workers)]
         self.shards = iter_shards(state.iter_pending(), size)
@@ -183,7 +186,10 @@ class _Driver:
         self.inflight: dict[Any, tuple[int, Shard]] = {}
         self.open = [0] * workers
         self.failed: list[tuple[Shard, str]] = []
-        self.down: dict[int, Any] = {}  # worker -> its ping, while it restarts
+        # worker -> its ping, until it answers. Every worker starts here: a shard sent to an actor
+        # not yet placed waits for its placement, which never comes if its node is lost meanwhile
+        # (seen: a run hung); a placed actor's lost shards fail at once and are sent again.
+        self.down: dict[int, Any] = {i: worker.pid.remote() for i, worker in enumerate(self.workers)}
         self.all_down_since: float | None = None  # when the last live worker was lost
         self.exhausted = False  # every pending shard has been handed out once
         self.worker_lost = False
@@ -229,11 +235,11 @@ class _Driver:
 
     def _note_not_back(self) -> None:
         if self.down:
-            log.warning("download: %d Ray worker(s) lost and not restarted (no room on the nodes left?); "
+            log.warning("download: %d Ray worker(s) lost or never placed (no room on the nodes left?); "
                         "the other workers did their shards", len(self.down))
 
     def _check_all_down(self) -> None:
-        """Every worker lost, work left: wait a bounded time for Ray to restart one, then give up."""
+        """No worker answering, work left: wait a bounded time for Ray to (re)start one, then give up."""
         if len(self.down) < len(self.workers):
             self.all_down_since = None
             return
@@ -242,9 +248,9 @@ class _Driver:
             self.all_down_since = now
         elif now - self.all_down_since > RESTART_WAIT_S:
             raise ImgclfError(
-                f"download: every Ray worker was lost and none was restarted within {RESTART_WAIT_S:.0f} s "
-                "(nodes lost, or no free CPUs for a worker); committed shards are kept, run the same "
-                "command again to resume")
+                f"download: no Ray worker answered for {RESTART_WAIT_S:.0f} s (nodes lost, or no node "
+                f"with {self.options.workers} free CPUs, one per --processes); committed shards are kept, "
+                "run the same command again to resume")
 
     def _stop_actors(self) -> None:
         """Kill the actors, which ends their open shards (an actor task cannot be force-cancelled:
