@@ -52,8 +52,8 @@ cleanup() {
   for pid in $(ours); do kill -9 "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true  # reap our own children (the server)
   sleep 1
-  left=$(ours | wc -l)
-  echo "cleanup: Ray and server processes left: $left"
+  mapfile -t left < <(ours)  # not `ours | wc -l`: wc itself carries the marker
+  echo "cleanup: Ray and server processes left: ${#left[@]} ${left[*]}"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -138,7 +138,8 @@ kill -9 $LOST
 set +e
 wait "$DL"; RC=$?
 set -e
-grep -v "^ *\[" "$WORK/dl.log" | tail -5
+grep "Ray worker" "$WORK/dl.log" || echo "(no worker loss logged)"
+grep -v "^ *\[" "$WORK/dl.log" | tail -2
 echo "download exit code: $RC, $(($(date +%s) - KILLED_AT)) s after the kill"
 "$PY" - "$WORK" "$SRV" "$ROWS" "$RC" <<'EOF'
 import json, sys, urllib.request

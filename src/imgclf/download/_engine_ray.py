@@ -235,7 +235,7 @@ class _Driver:
 
     def _note_not_back(self) -> None:
         if self.down:
-            log.warning("download: %d Ray worker(s) lost or never placed (no room on the nodes left?); "
+            log.warning("%d Ray worker(s) lost or never placed (no room on the nodes left?); "
                         "the other workers did their shards", len(self.down))
 
     def _check_all_down(self) -> None:
@@ -298,7 +298,7 @@ class _Driver:
             # Died (killed, OOM, node lost): Ray restarts it; no shard goes to it before it answers.
             self.worker_lost = True  # it may have left partial files behind
             if index not in self.down:
-                log.warning("download: Ray worker %d lost (%s); its open shards go back to the queue for the "
+                log.warning("Ray worker %d lost (%s); its open shards go back to the queue for the "
                             "live workers", index, type(err).__name__)
                 self.down[index] = self.workers[index].pid.remote()
             if isinstance(err, ray.exceptions.ActorUnavailableError):
