@@ -14,9 +14,9 @@ open shards' uncommitted rows, nothing committed; those shards go back to the qu
 live workers take them. Ray restarts the lost worker when it can place it; the run does not wait
 for that (a lost node's worker may have nowhere to go), except when no worker is left at all
 (`RESTART_WAIT_S`, then one line and a non-zero exit). A shard that fails `--shard-retries` + 1
-times is left pending; the command then
-ends non-zero naming it (every other shard committed; the same command again retries it). The
-driver killed (even SIGKILL): the same command resumes from the state, like the laptop path.
+times is left pending; the command then ends non-zero naming it (every other shard committed;
+the same command again retries it). The driver killed (even SIGKILL): the same command resumes
+from the state, like the laptop path.
 
 Politeness holds across workers: one `_Leases` actor owns each host's adaptive limit
 (`_politeness.LeaseBook`) and leases each worker a slice; workers sync every 0.2 s, not per request.
@@ -190,6 +190,7 @@ class _Driver:
         # not yet placed waits for its placement, which never comes if its node is lost meanwhile
         # (seen: a run hung); a placed actor's lost shards fail at once and are sent again.
         self.down: dict[int, Any] = {i: worker.pid.remote() for i, worker in enumerate(self.workers)}
+        self.ping_at: dict[int, float] = {}  # a restarting worker (its ping failed): when to ask again
         self.all_down_since: float | None = None  # when the last live worker was lost
         self.exhausted = False  # every pending shard has been handed out once
         self.worker_lost = False
@@ -206,8 +207,11 @@ class _Driver:
                         self._note_not_back()
                         break
                     self._check_all_down()
-                    waiting = [*self.inflight, *self.down.values()]
-                    finished, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)
+                    self._ping_again()
+                    waiting = [*self.inflight, *(ping for ping in self.down.values() if ping is not None)]
+                    finished = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)[0] if waiting else []
+                    if not waiting:
+                        time.sleep(_WAIT_S)
                     for ref in finished:
                         self._finish(ref) if ref in self.inflight else self._pinged(ref)
                     self.progress.tick()
@@ -228,6 +232,13 @@ class _Driver:
                 f"{shard.describe(self.size)}: {reason}. Every other shard is committed; run the same "
                 "command again to retry")
         return self.done, self.ok
+
+    def _ping_again(self) -> None:
+        now = time.monotonic()
+        for index, due in list(self.ping_at.items()):
+            if due <= now:
+                del self.ping_at[index]
+                self.down[index] = self.workers[index].pid.remote()
 
     def _nothing_left(self) -> bool:
         """No shard in flight, queued or still to cut: lost workers need not come back."""
@@ -313,13 +324,14 @@ class _Driver:
 
     def _pinged(self, ref: Any) -> None:
         """A restarted worker answered (back in service), or not yet (ask again)."""
-        index = next(i for i, r in self.down.items() if r == ref)
+        index = next(i for i, r in self.down.items() if r is not None and r == ref)
         try:
             ray.get(ref)
             del self.down[index]
         except ray.exceptions.ActorUnavailableError:
-            time.sleep(0.1)
-            self.down[index] = self.workers[index].pid.remote()
+            # Restarting: ask again in a moment, without holding up the commits of the others.
+            self.down[index] = None
+            self.ping_at[index] = time.monotonic() + _WAIT_S
         except ray.exceptions.RayActorError as err:  # gone for good: it cannot start (or restart)
             reason = first_line(getattr(err, "cause", None) or err)
             raise ImgclfError(f"download: a Ray worker cannot start ({reason}); committed shards are kept, "
