@@ -34,15 +34,18 @@ export RAY_AUTH_TOKEN RAY_AUTH_MODE=token
 WORK="$(mktemp -d /tmp/r2n-XXXXXX)"   # short: Ray's unix socket paths must stay < 108 bytes
 export IMGCLF_TWO_NODES_MARK="$WORK"  # inherited by every process started below
 
-ours() {  # pids whose environment carries our marker (Ray daemons and their workers), but not this shell's
+ours() {  # pids in our network namespace, or whose environment carries our marker; not this shell's
+  # (the namespace catches Ray's agents too: they write their new names over their environment)
   "$PY" - "$WORK" "$$" <<'EOF'
 import os, sys
 mark, skip = f"IMGCLF_TWO_NODES_MARK={sys.argv[1]}".encode(), {os.getpid(), os.getppid(), int(sys.argv[2])}
+netns = os.readlink("/proc/self/ns/net")
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            zombie = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-            if mark in f.read().split(b"\0") and int(pid) not in skip and not zombie:
+            zombie = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            here = os.readlink(f"/proc/{pid}/ns/net") == netns
+            if (here or mark in f.read().split(b"\0")) and int(pid) not in skip and not zombie:
                 print(pid)
     except OSError:
         pass

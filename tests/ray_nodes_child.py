@@ -13,6 +13,7 @@ one worker per node, and the lost one cannot be placed again on the surviving no
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -87,7 +88,39 @@ def listening(pids: list[int]) -> list[str]:
     return found
 
 
+def become_subreaper() -> None:
+    """Orphans below this process (Ray's agents, once their raylet is gone) become its children,
+    not init's: after the run, whatever is still below it was left behind. Ray's agents write their
+    new names over their environment, so the marker alone would miss them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def left_below(deadline_s: float) -> list[str]:
+    """Live processes still below this one after `deadline_s` (zombies are reaped on the way)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        alive = [p for p in _reaper.descendants(os.getpid())
+                 if Path(f"/proc/{p}/stat").exists() and _state(p) not in "ZX"]
+        if not alive or time.monotonic() > deadline:
+            return [f"{p} {Path(f'/proc/{p}/comm').read_text().strip()}" for p in alive
+                    if Path(f"/proc/{p}/comm").exists()]
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 def main(work: Path, rows: int) -> None:
+    become_subreaper()
     result: dict = {}
     (work / "ray").mkdir()  # Ray's temporary directory: $TMPDIR/ray, TMPDIR=WORK set by the test
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))
@@ -99,6 +132,7 @@ def main(work: Path, rows: int) -> None:
         # 127.0.0.1, ::1, ::ffff:127.0.0.1
         listeners = listening(ours())
         result["listeners"] = len(listeners)
+        result["below_during_run"] = len(_reaper.descendants(os.getpid()))  # what left_below watches
         result["listeners_not_loopback"] = [a for a in listeners if a not in loopback]
         with FaultServer(latency=0.1) as srv:
             urls = [srv.add(f"{i}.png", _png(i), "image/png") for i in range(rows)]
@@ -145,9 +179,13 @@ def main(work: Path, rows: int) -> None:
                 result["manifest_rows"] = len(manifest)
                 result["statuses"] = manifest["status"].value_counts().to_dict()
     finally:
-        (work / "result.json").write_text(json.dumps(result))
         ray.shutdown()
         cluster.shutdown()
+        result["left_behind"] = left_below(15)
+        for entry in result["left_behind"]:  # ours (below us): never leave them running
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.split()[0]), signal.SIGKILL)
+        (work / "result.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -77,4 +77,6 @@ def _run_and_check(work: Path) -> None:
     assert result["committed_fetched_again"] == 0
     assert 0 < result["fetches_beyond_one"] <= 150, result  # the lost shards' in-flight rows only
     assert "Ray worker 1 lost" in child.stderr or "Ray worker 0 lost" in child.stderr
+    assert result["below_during_run"] >= 4  # GCS, two raylets, their agents: the check below sees them
+    assert result["left_behind"] == [], "Ray processes outlived the cluster's shutdown by 15 s"
     assert not left, f"Ray processes left behind: {left}"
