@@ -164,6 +164,33 @@ def test_a_failing_shard_is_retried_then_named(cluster, tmp_path: Path) -> None:
     assert len(finished) == len(urls) - len(urls[failing * 10:(failing + 1) * 10])  # every other shard committed
 
 
+def test_a_worker_that_cannot_be_placed_ends_the_run_in_one_line(cluster, tmp_path: Path, monkeypatch) -> None:
+    """A worker needing more CPUs than any node has is never placed (as a lost node's worker with
+    no room left): the run waits RESTART_WAIT_S for one, then ends in one line, nothing fetched."""
+    from imgclf.download import _engine_ray
+
+    monkeypatch.setattr(_engine_ray, "RESTART_WAIT_S", 2.0)
+    with FaultServer() as srv:
+        src = _write(tmp_path, _urls(srv, 5))
+        raised: list[BaseException] = []
+
+        def run() -> None:  # in a thread: the old driver waited for ever here
+            try:
+                download.run([src], tmp_path / "d", download.DownloadOptions(
+                    **{**FAST, "processes": 3}, engine="ray", ray_workers=1, shard_size=10))
+            except BaseException as err:  # noqa: BLE001 - checked below
+                raised.append(err)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the run waited for ever for a worker Ray cannot place"
+        assert len(raised) == 1 and isinstance(raised[0], ImgclfError), raised
+        assert "no Ray worker answered for 2 s (nodes lost, or no node with 3 free CPUs" in str(raised[0])
+        assert not srv.counts  # no shard was sent to a worker that never answered
+    assert state_urls(tmp_path / "d" / download.STATE_NAME) == set()
+
+
 def test_tar_layout_writes_one_tar_per_shard(cluster, tmp_path: Path) -> None:
     from imgclf import storage
 

@@ -10,10 +10,13 @@ lifetime, running `_worker.ShardRunner`, i.e. the single-machine fetch/validate/
 most `OPEN_PER_WORKER` shards per worker are in flight: the next one is sent when one comes back,
 never the whole list at once. A shard's outcomes come back together and are committed in one
 transaction: that is the commit point. A worker killed mid-shard (its node lost, OOM) costs its
-open shards' uncommitted rows, nothing committed; Ray restarts it and the driver sends those
-shards again. A shard that fails `--shard-retries` + 1 times is left pending; the command then
-ends non-zero naming it (every other shard committed; the same command again retries it). The
-driver killed (even SIGKILL): the same command resumes from the state, like the laptop path.
+open shards' uncommitted rows, nothing committed; those shards go back to the queue and the
+live workers take them. Ray restarts the lost worker when it can place it; the run does not wait
+for that (a lost node's worker may have nowhere to go), except when no worker is left at all
+(`RESTART_WAIT_S`, then one line and a non-zero exit). A shard that fails `--shard-retries` + 1
+times is left pending; the command then ends non-zero naming it (every other shard committed;
+the same command again retries it). The driver killed (even SIGKILL): the same command resumes
+from the state, like the laptop path.
 
 Politeness holds across workers: one `_Leases` actor owns each host's adaptive limit
 (`_politeness.LeaseBook`) and leases each worker a slice; workers sync every 0.2 s, not per request.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import multiprocessing
 import os
 import shutil
@@ -53,6 +57,10 @@ ray = import_ray()
 
 OPEN_PER_WORKER = 3
 _WAIT_S = 0.25
+# With every worker lost, how long to wait for one to be restarted (a killed process: seconds;
+# a lost node with no free CPUs elsewhere: never) before giving up with one line.
+RESTART_WAIT_S = float(os.environ.get("IMGCLF_RAY_RESTART_WAIT_S", "120"))
+log = logging.getLogger("imgclf.download")
 
 
 @ray.remote(num_cpus=0)
@@ -166,7 +174,10 @@ class _Driver:
         self.next_tar = next_shard_number(state.shards())  # --layout tar: a new tar name per shard attempt
         ceiling = options.concurrency * workers  # every worker's in-flight cap, on one host
         leases = f"imgclf-leases-{uuid.uuid4().hex}"
-        self.leases = _Leases.options(name=leases).remote(ceiling, options.per_host)
+        # On the driver's node, which the run needs anyway: a lost node must not take the limits with it.
+        here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+        self.leases = _Leases.options(name=leases, scheduling_strategy=here).remote(ceiling, options.per_host)
         self.workers = [_Worker.options(num_cpus=options.workers).remote(options, settings, leases)
                         for _ in range(workers)]
         self.shards = iter_shards(state.iter_pending(), size)
@@ -175,7 +186,13 @@ class _Driver:
         self.inflight: dict[Any, tuple[int, Shard]] = {}
         self.open = [0] * workers
         self.failed: list[tuple[Shard, str]] = []
-        self.down: dict[int, Any] = {}  # worker -> its ping, while it restarts
+        # worker -> its ping, until it answers. Every worker starts here: a shard sent to an actor
+        # not yet placed waits for its placement, which never comes if its node is lost meanwhile
+        # (seen: a run hung); a placed actor's lost shards fail at once and are sent again.
+        self.down: dict[int, Any] = {i: worker.pid.remote() for i, worker in enumerate(self.workers)}
+        self.ping_at: dict[int, float] = {}  # a restarting worker (its ping failed): when to ask again
+        self.all_down_since: float | None = None  # when the last live worker was lost
+        self.exhausted = False  # every pending shard has been handed out once
         self.worker_lost = False
         self.done = self.ok = 0
 
@@ -186,10 +203,15 @@ class _Driver:
                 while True:
                     ctrl_c.check()
                     self._fill()
-                    if not self.inflight and not self.down:
+                    if not self.inflight and (not self.down or self._nothing_left()):
+                        self._note_not_back()
                         break
-                    waiting = [*self.inflight, *self.down.values()]
-                    finished, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)
+                    self._check_all_down()
+                    self._ping_again()
+                    waiting = [*self.inflight, *(ping for ping in self.down.values() if ping is not None)]
+                    finished = ray.wait(waiting, num_returns=1, timeout=_WAIT_S)[0] if waiting else []
+                    if not waiting:
+                        time.sleep(_WAIT_S)
                     for ref in finished:
                         self._finish(ref) if ref in self.inflight else self._pinged(ref)
                     self.progress.tick()
@@ -211,6 +233,36 @@ class _Driver:
                 "command again to retry")
         return self.done, self.ok
 
+    def _ping_again(self) -> None:
+        now = time.monotonic()
+        for index, due in list(self.ping_at.items()):
+            if due <= now:
+                del self.ping_at[index]
+                self.down[index] = self.workers[index].pid.remote()
+
+    def _nothing_left(self) -> bool:
+        """No shard in flight, queued or still to cut: lost workers need not come back."""
+        return self.exhausted and not self.retry
+
+    def _note_not_back(self) -> None:
+        if self.down:
+            log.warning("%d Ray worker(s) lost or never placed (no room on the nodes left?); "
+                        "the other workers did their shards", len(self.down))
+
+    def _check_all_down(self) -> None:
+        """No worker answering, work left: wait a bounded time for Ray to (re)start one, then give up."""
+        if len(self.down) < len(self.workers):
+            self.all_down_since = None
+            return
+        now = time.monotonic()
+        if self.all_down_since is None:
+            self.all_down_since = now
+        elif now - self.all_down_since > RESTART_WAIT_S:
+            raise ImgclfError(
+                f"download: no Ray worker answered for {RESTART_WAIT_S:.0f} s (nodes lost, or no node "
+                f"with {self.options.workers} free CPUs, one per --processes); committed shards are kept, "
+                "run the same command again to resume")
+
     def _stop_actors(self) -> None:
         """Kill the actors, which ends their open shards (an actor task cannot be force-cancelled:
         `ray.cancel(force=True)` raised ValueError here and hid a Ctrl-C). Best effort: after a
@@ -228,6 +280,7 @@ class _Driver:
             for index in sorted(hungry, key=lambda i: self.open[i]):  # the least busy first
                 shard = self.retry.popleft() if self.retry else next(self.shards, None)
                 if shard is None:
+                    self.exhausted = True  # (the retry queue is empty here too)
                     return
                 tar_name = None
                 if self.settings.layout == "tar":
@@ -255,7 +308,10 @@ class _Driver:
         if isinstance(err, ray.exceptions.RayActorError):
             # Died (killed, OOM, node lost): Ray restarts it; no shard goes to it before it answers.
             self.worker_lost = True  # it may have left partial files behind
-            self.down.setdefault(index, self.workers[index].pid.remote())
+            if index not in self.down:
+                log.warning("Ray worker %d lost (%s); its open shards go back to the queue for the "
+                            "live workers", index, type(err).__name__)
+                self.down[index] = self.workers[index].pid.remote()
             if isinstance(err, ray.exceptions.ActorUnavailableError):
                 self.retry.append(shard)  # sent while it was restarting: never ran, not an attempt
                 return
@@ -268,13 +324,14 @@ class _Driver:
 
     def _pinged(self, ref: Any) -> None:
         """A restarted worker answered (back in service), or not yet (ask again)."""
-        index = next(i for i, r in self.down.items() if r == ref)
+        index = next(i for i, r in self.down.items() if r is not None and r == ref)
         try:
             ray.get(ref)
             del self.down[index]
         except ray.exceptions.ActorUnavailableError:
-            time.sleep(0.1)
-            self.down[index] = self.workers[index].pid.remote()
+            # Restarting: ask again in a moment, without holding up the commits of the others.
+            self.down[index] = None
+            self.ping_at[index] = time.monotonic() + _WAIT_S
         except ray.exceptions.RayActorError as err:  # gone for good: it cannot start (or restart)
             reason = first_line(getattr(err, "cause", None) or err)
             raise ImgclfError(f"download: a Ray worker cannot start ({reason}); committed shards are kept, "
