@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -219,19 +220,28 @@ def _watch(proc: subprocess.Popen, pids: set[int], stop: threading.Event) -> Non
         time.sleep(0.1)
 
 
+def _run_until_committed(tmp_path: Path, src: Path, rows: int, **popen: Any
+                         ) -> tuple[subprocess.Popen, set[int], threading.Event, threading.Thread, Path]:
+    """Start `imgclf download --engine ray` on `src` with a watcher collecting its process tree, and
+    return once `rows` URLs are committed (or it ended, or 180 s passed): the moment to interrupt it."""
+    state = tmp_path / "d" / download.STATE_NAME
+    proc = subprocess.Popen(_cli(tmp_path, src), **popen)
+    pids: set[int] = set()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(proc, pids, stop))
+    watcher.start()
+    deadline = time.monotonic() + 180
+    while len(state_urls(state)) < rows and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, pids, stop, watcher, state
+
+
 def test_driver_sigkill_then_rerun_resumes_and_leaves_no_ray_process(tmp_path: Path) -> None:
     with FaultServer(latency=0.2) as srv:
         urls = _urls(srv, 150)
         src = _write(tmp_path, urls)
-        state = tmp_path / "d" / download.STATE_NAME
-        proc = subprocess.Popen(_cli(tmp_path, src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        pids: set[int] = set()
-        stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(proc, pids, stop))
-        watcher.start()
-        deadline = time.monotonic() + 180
-        while len(state_urls(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        proc, pids, stop, watcher, state = _run_until_committed(tmp_path, src, 30, stdout=subprocess.DEVNULL,
+                                                                stderr=subprocess.PIPE)
         assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read()[-2000:]!r}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -273,18 +283,9 @@ def test_ctrl_c_ends_like_the_local_engine(tmp_path: Path) -> None:
     manifest and report written (the rest `pending`), no traceback, no Ray process left behind
     (issue 22: it was `ValueError: force=True is not supported for actor tasks`, exit 1, no manifest)."""
     with FaultServer(latency=0.2) as srv:
-        urls = _urls(srv, 150)
-        src = _write(tmp_path, urls)
-        state = tmp_path / "d" / download.STATE_NAME
-        proc = subprocess.Popen(_cli(tmp_path, src), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        pids: set[int] = set()
-        stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(proc, pids, stop))
-        watcher.start()
-        deadline = time.monotonic() + 180
-        while len(state_urls(state)) < 30 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        src = _write(tmp_path, _urls(srv, 150))
+        proc, pids, stop, watcher, _ = _run_until_committed(tmp_path, src, 30, stdout=subprocess.PIPE,
+                                                            stderr=subprocess.PIPE, text=True, start_new_session=True)
         assert proc.poll() is None, f"the run ended before the Ctrl-C: {proc.stderr.read()[-2000:]!r}"
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
