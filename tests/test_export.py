@@ -257,3 +257,11 @@ def test_quantize_mistakes_are_one_line(tiny_run: Path, tmp_path: Path, capsys) 
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err, extra
     assert not list(tmp_path.glob("*.onnx*")) and not list(tmp_path.glob(".x*"))
+
+
+def test_the_python_api_quantises_too(tiny_run: Path, tmp_path: Path) -> None:
+    import imgclf
+
+    result = imgclf.export(tiny_run, tmp_path / "api.int8.onnx", quantize="int8")
+    assert result.quantization is not None and result.quantization.method.startswith("dynamic")
+    assert load_classifier(result.path).class_names == load_model(tiny_run).class_names

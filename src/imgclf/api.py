@@ -254,22 +254,27 @@ def evaluate(model: PathLike | Run, data: PathLike | None = None, *, split: str 
         return run(opts)
 
 
-def export(model: PathLike | Run, output: PathLike | None = None, format: str | None = None) -> ExportResult:  # noqa: A002
+def export(model: PathLike | Run, output: PathLike | None = None, format: str | None = None, *,  # noqa: A002
+           quantize: str | None = None, calibration_data: PathLike | None = None,
+           calibration_images: int = 256, held_out_images: int = 2000) -> ExportResult:
     """An ONNX or TorchScript file with class names and preprocessing inside (`imgclf export`).
 
     format: onnx or torchscript (default: from output's suffix, else onnx); output defaults to
-    RUN_DIR/model.onnx. The file is checked against PyTorch before it is kept. ONNX needs
+    RUN_DIR/model.onnx (model.int8.onnx with quantize). The file is checked against PyTorch before
+    it is kept. quantize="int8": onnxruntime quantisation, static with `calibration_data` (a data
+    directory; its test/val split then judges int8 against fp32), else dynamic. ONNX needs
     `pip install 'imgclf[export]'`.
     """
     from imgclf.rundir import require_model
 
     require_model(Path(model))
     with _shown():
-        from imgclf.export import resolve_format, run
+        from imgclf.export import QuantizeOptions, resolve_format, run
 
         if resolve_format(format, None if output is None else Path(output)) == "onnx":
             require("onnx", "onnxruntime")
-        return run(Path(model), format, None if output is None else Path(output))
+        options = QuantizeOptions(calibration_data, calibration_images, held_out_images)
+        return run(Path(model), format, None if output is None else Path(output), quantize, options)
 
 
 # ---------------------------------------------------------------- load and predict
