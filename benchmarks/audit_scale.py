@@ -17,7 +17,6 @@ files, no embedding), for the sizes where a whole audit would take too long on a
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
@@ -31,21 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fashion_mnist import CLASSES, RAW_DIR, read_idx  # the same idx reader and class names as the training benchmark
 from PIL import Image
 
 from imgclf.manifest import write_manifest
 
-RAW = Path("/usr/share/datasets/fashion-mnist")
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
-CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def build(data: Path, n: int) -> None:
@@ -54,8 +44,8 @@ def build(data: Path, n: int) -> None:
     n_test = n // 7
     rows = []
     for split, prefix, count in (("train", "train", n - n_test), ("test", "t10k", n_test)):
-        images = read_idx(RAW / f"{prefix}-images-idx3-ubyte.gz")[:count]
-        labels = read_idx(RAW / f"{prefix}-labels-idx1-ubyte.gz")[:count]
+        images = read_idx(RAW_DIR / f"{prefix}-images-idx3-ubyte.gz")[:count]
+        labels = read_idx(RAW_DIR / f"{prefix}-labels-idx1-ubyte.gz")[:count]
         for pixels, label in zip(images, labels, strict=True):
             buf = io.BytesIO()
             Image.fromarray(pixels, mode="L").save(buf, format="PNG")
@@ -96,7 +86,8 @@ def duplicates_only(n: int, cache: Path) -> dict:
         hashes = np.load(cache)
     else:
         n_test = n // 7
-        arrays = [read_idx(RAW / f"{p}-images-idx3-ubyte.gz")[:c] for p, c in (("train", n - n_test), ("t10k", n_test))]
+        arrays = [read_idx(RAW_DIR / f"{p}-images-idx3-ubyte.gz")[:c]
+                  for p, c in (("train", n - n_test), ("t10k", n_test))]
         hashes = np.stack([_embed.phash256(Image.fromarray(a, mode="L").convert("RGB"))
                            for a in np.concatenate(arrays)])
         np.save(cache, hashes)
