@@ -41,9 +41,10 @@ def test_an_interrupted_embedding_resumes_from_the_cache(tmp_path: Path, monkeyp
         resumed = _embed.embed(frame, data, embedder, tmp_path / "cache", batch_size=4)
     assert resumed.reused == 8  # the two batches before the interruption were kept
     # Progress in a log: the closing line says how many images were embedded now, and how fast.
-    assert re.search(r"embed: 4 images in \d+s \([\d.,]+ images/s\)", caplog.text), caplog.text
+    assert "embedding 16 image(s) (8 from cache)" in caplog.text
+    assert re.search(r"embed: 16 images in \d+s \([\d.,]+ images/s\)", caplog.text), caplog.text
     fresh = _embed.embed(frame, data, embedder, tmp_path / "fresh", batch_size=24)
-    assert len(list((tmp_path / "cache").glob("embeddings-*/part-*.npz"))) == 3  # 8 before, 4 after
+    assert len(list((tmp_path / "cache").glob("embeddings-*/part-*.npz"))) == 3  # 8 before; 8 and 8 after
     assert resumed.features.dtype == np.float16 and resumed.readable.all()
     # float16 in the cache: equal to a fresh run up to float16's precision (batches of 4 vs 24 differ in the last bits)
     np.testing.assert_allclose(resumed.features.astype(np.float32), fresh.features.astype(np.float32),
