@@ -15,7 +15,9 @@ are found again.
 
 --duplicates-only times the near-duplicate search alone (perceptual hashes computed from the idx
 files, no embedding), exact (every pair) and indexed (the inverted file used above 20,000 images),
-and counts the pairs both find.
+and counts the pairs both find. --neighbours-from FOLDER does the same for the outlier step on the
+embeddings cached in FOLDER (AUDIT_DIR/cache/embeddings-KEY, as far as an audit has got): seconds
+exact and indexed, how many of the exact 10 nearest neighbours the index finds, the outliers of each.
 """
 
 from __future__ import annotations
@@ -114,6 +116,31 @@ def duplicates_only(n: int, cache: Path) -> dict:
             "peak_rss_gb": round(peak, 2), "peak_before_gb": round(before, 2)}
 
 
+def neighbours_only(folder: Path) -> dict:
+    """The outlier step on cached embeddings, exact and indexed, one thread as in the audit."""
+    from threadpoolctl import threadpool_limits
+
+    from imgclf.audit import _duplicates, _outliers
+
+    parts = sorted(folder.glob("part-*.npz"))
+    features = np.concatenate([np.load(p)["vectors"] for p in parts])
+    valid = np.ones(len(features), bool)
+    found, seconds = {}, {}
+    for name, settings in (("exact", _duplicates.DuplicateSettings(exact_below=10**9)),
+                           ("indexed", _duplicates.DuplicateSettings(exact_below=0))):
+        t0 = time.perf_counter()
+        with threadpool_limits(1):
+            found[name] = _duplicates.nearest_neighbours(features, 10, settings)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    exact, indexed = found["exact"], found["indexed"]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.index, indexed.index, strict=True)])
+    flagged = {n: set(_outliers.find_outliers(f, valid).flagged.tolist()) for n, f in found.items()}
+    return {"images": len(features), "dims": features.shape[1], "exact_s": seconds["exact"],
+            "indexed_s": seconds["indexed"], "neighbour_recall_at_10": round(float(recall), 4),
+            "outliers_exact": len(flagged["exact"]), "outliers_indexed": len(flagged["indexed"]),
+            "outliers_in_common": len(flagged["exact"] & flagged["indexed"])}
+
+
 def compare(out: Path, reference: Path) -> dict:
     """Rows of the reference audit's duplicate-kind findings and outliers found again in `out`."""
     new, ref = (pd.read_csv(d / "audit.csv", keep_default_na=False) for d in (out, reference))
@@ -131,9 +158,13 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=SHIPPED)
     ap.add_argument("--duplicates-only", action="store_true",
                     help="time only the near-duplicate search (hashes from the idx files, no embedding)")
+    ap.add_argument("--neighbours-from", type=Path, help="AUDIT_DIR/cache/embeddings-KEY: time the outlier step alone")
     ap.add_argument("--reference", type=Path, help="an earlier AUDIT_DIR of the last N, to compare findings with")
     args = ap.parse_args()
     sizes = args.n or [10_000, 70_000]
+    if args.neighbours_from:
+        print(json.dumps(neighbours_only(args.neighbours_from)), flush=True)
+        return 0
     if args.duplicates_only:
         args.workdir.mkdir(parents=True, exist_ok=True)
         for n in sizes:

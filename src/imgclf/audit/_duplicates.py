@@ -8,7 +8,7 @@ hash is looked up, within max_distance bits, among all hashes (whole and crops) 
 index: an exact one (every pair, SIMD popcounts) up to `exact_below` images, above that an
 inverted file (IVF: the hashes clustered into about sqrt(entries)/2 lists, each lookup scanning the
 `probes` nearest lists), so the work grows as N^1.5, not N^2; on all 70,000 Fashion-MNIST images it
-found the same 320 pairs as the exact search (docs/benchmarks.md). A pair must also pass the
+found the same 320 pairs as the exact search, in a quarter of its time (docs/benchmarks.md). A pair must also pass the
 64-lowest-frequency-bit test of the earlier search (`prefilter`), so the results are those of
 earlier versions. Pairs are grouped into connected components (scipy), so a picture copied five
 times is one group.
@@ -50,10 +50,10 @@ class DuplicateSettings:
     prefilter: int = 18
     neighbours: int = 10  # nearest neighbours per image in embedding space (outlier score)
     # Up to this many images the searches compare every pair (exact; 20,000 take seconds), above it
-    # they use an inverted-file index. probes: lists scanned per lookup (8 found every pair of
-    # Fashion-MNIST's 70,000 images and every outlier of its 20,000 first: docs/benchmarks.md).
+    # they use an inverted-file index. probes: lists scanned per lookup (on Fashion-MNIST's 70,000
+    # images 8 found 319 of the 320 pairs, 12 all of them: docs/benchmarks.md).
     exact_below: int = 20_000
-    probes: int = 8
+    probes: int = 12
 
 
 @dataclass
@@ -156,9 +156,9 @@ def _binary_index(codes: np.ndarray, images: int, settings: DuplicateSettings):
     if images <= settings.exact_below:
         index = faiss.IndexBinaryFlat(256)
     else:
-        # About sqrt(entries)/2 lists: with 8 probes this found every pair of 70,000 images (210,000
-        # entries, 229 lists); more lists, each probe scans fewer hashes but a copy more often sits
-        # in a list not probed.
+        # About sqrt(entries)/2 lists: with 12 probes this found every pair of 70,000 images (210,000
+        # entries, 229 lists); with more lists each probe scans fewer hashes, but a copy more often
+        # sits in a list not probed.
         nlist = max(1, round(math.sqrt(len(codes)) / 2))
         index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
         index.nprobe = settings.probes
