@@ -3,7 +3,7 @@
     imgclf evaluate --model RUN_DIR [--data DATA_DIR] [--split test]
     imgclf evaluate --model weights/model.ckpt --data DATA_DIR [--out DIR]
 
-Reads the model (`checkpoint.load_model`), the images of the chosen split (manifest rows
+Reads the model (`inference.load`), the images of the chosen split (manifest rows
 with status ok; when the data has no such rows, the run's validation subset from split.csv),
 predicts with the checkpoint's own eval preprocessing, and writes into the output folder:
 
@@ -325,7 +325,7 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
     manifest = read_manifest(plan.data_dir)
     split_csv = _read_split_csv(plan.run_dir)
     eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
-    names = loaded.class_names
+    handle, names = loaded.handle, loaded.class_names
     train_labels, shares_source = training_labels(manifest, split_csv, eval_set)
     index = {n: i for i, n in enumerate(names)}
     known = np.array([index[x] for x in train_labels if x in index], dtype=int)
@@ -351,8 +351,8 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
         "tta": opts.tta,
         **compute_metrics(y_true, proba, names, shares, opts),
         "train_shares_source": shares_source,
-        "model": {"checkpoint": str(loaded.path.resolve()), "arch": loaded.arch,
-                  "image_size": loaded.preprocessing.image_size},
+        "model": {"checkpoint": str(handle.path.resolve()), "arch": handle.arch,
+                  "image_size": handle.preprocessing.image_size},
         "data_dir": storage.display(plan.data_dir),
         "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None,
         "out_dir": str(plan.out_dir.resolve()),
@@ -372,7 +372,8 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
              "report": "report.html", "metrics": "metrics.json"}
     metrics["files"] = files
     _html.write_report(out / "report.html", metrics, _html.ReportInputs(
-        predictions=preds, images_root=eval_set.images_root, out_dir=out, config=loaded.config,
+        predictions=preds, images_root=eval_set.images_root, out_dir=out,
+        config=handle.config.to_plain() if handle.config is not None else {},
         download_report=_read_download_report(plan.data_dir), gallery_size=opts.gallery_size,
         run_curves=RunDir(plan.run_dir).curves if plan.run_dir else None))
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
