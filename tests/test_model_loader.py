@@ -136,3 +136,26 @@ def test_a_new_backend_is_one_entry(tiny_run: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(_handle.NATURAL, modelfile.ModelKind.RUN, "traced")
     assert load_classifier(tiny_run).class_names == want
     assert opened == [modelfile.ModelKind.RUN]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluate_preprocesses_as_eval_transform_bitwise(tiny_run: Path, tiny_data_dir: Path, workers: int) -> None:
+    """Evaluate now runs predict's batched preprocessor; its probabilities equal the old road's exactly
+    (presets.eval_transform one image at a time in the DataLoader, default collate)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from imgclf.data import ImageFolderFrame
+    from imgclf.evaluate import _scoring
+    from imgclf.manifest import read_manifest, usable_rows
+    from imgclf.presets import eval_transform
+
+    model = _scoring.open_model(tiny_run, "cpu")
+    frame = usable_rows(read_manifest(tiny_data_dir), "test")[["row", "path", "label", "url"]]
+    got, y_true = _scoring.predict_proba(model, frame, tiny_data_dir, 8, workers, progress=False)
+    old = ImageFolderFrame(frame, tiny_data_dir, model.class_names, eval_transform(model.handle.preprocessing),
+                           skip_unreadable=True)
+    with torch.inference_mode():
+        want = np.concatenate([model.probabilities(images) for images, _ in DataLoader(old, batch_size=8)])
+    assert got.shape == (30, 3) and np.array_equal(got, want)
+    assert np.array_equal(y_true, old.targets.numpy())
