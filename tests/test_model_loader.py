@@ -26,7 +26,7 @@ OPENING = {"load_model", "load_torchscript", "read_onnx_metadata", "onnx_metadat
            "OnnxBackend", "TorchBackend", "TorchScriptBackend"}
 # The stages that take --model, and the names through which they reach the loader.
 STAGE_MODULES = ["predict/__init__.py", "predict/_ray.py", "serve/__init__.py", "evaluate/_scoring.py",
-                 "export.py", "audit/_embed.py", "api.py"]
+                 "export/_run.py", "audit/_embed.py", "api.py"]
 
 
 def _called(node: ast.Call) -> str:

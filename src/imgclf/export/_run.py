@@ -1,19 +1,7 @@
-"""Export stage: a run's checkpoint -> one self-describing ONNX or TorchScript file.
-
-    imgclf export --model RUN_DIR --format onnx          # RUN_DIR/model.onnx
-    imgclf export --model RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
-
-The exported graph takes a normalised float batch (N, 3, H, W), N dynamic, and returns
-`logits` and `probabilities` (softmax). Everything else inference needs travels inside the
-file as metadata (class names, input size, resize/crop sizes, mean/std, interpolation):
-ONNX `metadata_props` (key "imgclf", JSON, plus readable flat keys) or a TorchScript extra
-file `imgclf.json`. `predict --backend onnx|torchscript` and `serve` read it back with
-`imgclf.modelfile` and preprocess with `presets.eval_transform`, exactly as training evaluated.
-
-ONNX uses torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, the default in
-torch 2.9+) with a dynamic batch dimension; if it fails on an unusual architecture we fall
-back to the legacy TorchScript-based exporter and record which one ran in the metadata.
-After writing, the file is loaded back and compared with PyTorch on a probe batch.
+"""The export stage's work: trace or export the handle's torch module, write the metadata, check
+parity by reading the file back through `inference.load`, and (`--quantize int8`) quantise the
+ONNX file with onnxruntime and judge it on held-out data. The export package's docstring says what
+the file holds.
 """
 
 from __future__ import annotations
@@ -39,7 +27,7 @@ from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identif
 from imgclf.presets import Preprocessing, normalize
 from imgclf.version import __version__
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("imgclf.export")  # the stage's logger, as before this module was split out
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 # What each output suffix means; anything else is refused rather than written in the wrong format.
