@@ -43,6 +43,18 @@ class ExportResult:
     max_abs_diff: float  # exported vs PyTorch probabilities on a probe batch (fp32, before any quantisation)
     quantization: QuantizeReport | None = None  # `--quantize int8`: method and int8-vs-fp32 parity report
 
+    def summary(self) -> str:
+        """What `imgclf export` prints: the file, its exporter and parity, and how int8 compares."""
+        fp32 = " (fp32, before quantisation)" if self.quantization else ""
+        lines = [f"wrote {self.path} ({self.format}, {self.exporter}); max |exported - torch| probability on a "
+                 f"probe batch: {self.max_abs_diff:.2e}{fp32}"]
+        if (q := self.quantization) is not None:
+            lines.append(f"quantised: {q.method}; {q.calibration_images} calibration images; held out: {q.held_out}")
+            if q.top1_agreement is not None:
+                lines.append(f"int8 vs fp32: top-1 agreement {q.top1_agreement:.2%}; F1-macro {q.f1_fp32:.4f} -> "
+                             f"{q.f1_int8:.4f} ({100 * q.f1_change:+.2f} points)")
+        return "\n".join(lines)
+
 
 class WithProbabilities(nn.Module):
     """The classifier plus its softmax, so an exported file answers with probabilities directly."""

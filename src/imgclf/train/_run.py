@@ -42,7 +42,7 @@ from imgclf.version import __version__
 log = logging.getLogger("imgclf.train")  # the stage's logger, as before this module was split out
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
     best_checkpoint: Path
@@ -51,6 +51,12 @@ class TrainResult:
     best_score: float | None  # the monitored metric at the best checkpoint
     epochs_run: int
     seconds: float
+
+    def summary(self) -> str:
+        """One line: epochs, time, best score and checkpoint (the log line says the same, with the metric's name)."""
+        score = f"{self.best_score:.4f}" if self.best_score is not None else "n/a"
+        return (f"trained {self.epochs_run} epoch(s) in {self.seconds:.0f}s; best score {score} -> "
+                f"{self.best_checkpoint}")
 
 
 def start(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool,
