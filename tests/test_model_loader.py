@@ -8,6 +8,7 @@ happens inside the loader, once per model).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 from collections import Counter
 from pathlib import Path
@@ -113,6 +114,10 @@ def test_the_handle_carries_what_the_stages_need(tiny_run: Path, tmp_path: Path)
     assert handle.arch == handle.config.model.arch == "resnet18" and handle.device == "cpu"
     assert handle.meta["class_names"] == handle.class_names and "config" in handle.meta  # ckpt["imgclf"] whole
     assert handle.module is not None and not handle.exported
+    assert handle.task == "single_label" and handle.thresholds is None  # no task key stored: single-label
+    # Fields the loader does not know flow through `meta` (the multi-label task, its thresholds).
+    tagged = dataclasses.replace(handle, meta={**handle.meta, "task": "multilabel", "thresholds": [0.5, 0.25, 1]})
+    assert tagged.task == "multilabel" and tagged.thresholds == [0.5, 0.25, 1.0]
     exported = load(export.run(tiny_run, "torchscript", tmp_path / "m.torchscript").path)
     assert exported.exported and exported.config is None and exported.meta["arch"] == "resnet18"
     assert exported.meta["exporter"] == "torch.jit.trace" and exported.class_names == handle.class_names

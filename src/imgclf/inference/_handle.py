@@ -51,6 +51,17 @@ class ModelHandle:
     def exported(self) -> bool:
         return self.module is None
 
+    @property
+    def task(self) -> str:
+        """"single_label" (the default, no key stored) or "multilabel", as the stored metadata says."""
+        return str(self.meta.get("task", "single_label"))
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label model's per-class thresholds, from the stored metadata (checked when it was read)."""
+        values = self.meta.get("thresholds") if self.task == "multilabel" else None
+        return [float(v) for v in values] if values is not None else None
+
 
 def _open_torch(path: Path, kind: ModelKind, device: str) -> ModelHandle:
     from imgclf.checkpoint import load_model
