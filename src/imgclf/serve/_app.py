@@ -204,7 +204,7 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
                        "send multipart/form-data (field 'file'), an image/* body, or JSON {\"url\": ...}")
 
     def _decode_and_transform(data: bytes) -> np.ndarray:
-        decoded = decode_image(data, limits)
+        decoded = decode_image(data, limits, keep_grey=True)  # grey stays grey: a third of the resize work
         if isinstance(decoded, Rejected):
             raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
         return classifier.prepare(decoded.image)
