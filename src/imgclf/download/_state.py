@@ -362,6 +362,9 @@ class State:
         """Apply the committed parts to `urls` (before reading statuses); return the rows applied."""
         return _parts.fold(self.db, _SHA_INDEX)
 
+    def row_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
     def manifest_rows(self, batch: int = 20_000) -> Iterator[list[tuple]]:
         self.fold()
         cur = self.db.execute(_MANIFEST_QUERY)
