@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
+import resource
 import shutil
 import sys
 import tempfile
@@ -91,7 +92,8 @@ def parts_path(work: Path, rows: int, shard_size: int, workers: int) -> None:
     started = time.monotonic()
     fill_pending(state, rows)
     print(f"state: {rows:,} pending URLs inserted in {time.monotonic() - started:.1f}s")
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     driver_s, parts_bytes, done = 0.0, 0, 0
 
     def commit(part: Part) -> None:
@@ -112,10 +114,14 @@ def parts_path(work: Path, rows: int, shard_size: int, workers: int) -> None:
                 commit(window.popleft().get())
         while window:
             commit(window.popleft().get())
-    run_s = time.monotonic() - started
-    t = time.monotonic()
+        pool.close()
+        pool.join()  # (so that the workers' CPU time is counted below)
+    run_s, driver_cpu = time.monotonic() - started, time.process_time() - cpu_started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (after.ru_utime + after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    t, c = time.monotonic(), time.process_time()
     folded = state.fold()
-    fold_s = time.monotonic() - t
+    fold_s, fold_cpu = time.monotonic() - t, time.process_time() - c
     state.close()
     assert done == folded == rows, (done, folded, rows)
     size = (work / STATE_NAME).stat().st_size
@@ -123,7 +129,13 @@ def parts_path(work: Path, rows: int, shard_size: int, workers: int) -> None:
           f"{rows:,} rows in {run_s:.1f}s = {rows / run_s:,.0f} rows/s; the driver's commits "
           f"{driver_s:.2f}s = {rows / max(driver_s, 1e-9):,.0f} rows/s of driver capacity "
           f"({rows / shard_size / max(driver_s, 1e-9):,.0f} shards/s); parts {parts_bytes / rows:.0f} bytes/row")
-    print(f"  fold (State.fold, once at the end): {fold_s:.1f}s = {rows / fold_s:,.0f} rows/s; run + fold "
+    # CPU seconds do not depend on how many other processes share the cores (the shared machine's
+    # load was 10-20 while these ran): they give the capacity of an idle core.
+    print(f"  CPU: the driver {driver_cpu:.1f}s (reading the pending list, sending shards, committing) = "
+          f"{rows / driver_cpu:,.0f} rows per driver CPU-second; the workers {workers_cpu:.1f}s = "
+          f"{rows / workers_cpu:,.0f} rows per worker CPU-second (spawn start-up included)")
+    print(f"  fold (State.fold, once at the end): {fold_s:.1f}s = {rows / fold_s:,.0f} rows/s ({fold_cpu:.1f} CPU-s = "
+          f"{rows / fold_cpu:,.0f} rows per CPU-second); run + fold "
           f"{rows / (run_s + fold_s):,.0f} rows/s; state after the fold {size / rows:.0f} bytes/row")
 
 

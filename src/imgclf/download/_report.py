@@ -130,7 +130,7 @@ class _Parts:
                 while table.num_rows:
                     if writer is None:
                         name = f"part-{len(self.parts):05d}.parquet"
-                        writer = pq.ParquetWriter(self.folder / name, table.schema)
+                        writer = pq.ParquetWriter(self.folder / name, table.schema, compression="zstd")
                         self.parts.append({"path": f"{self.folder.name}/{name}", "rows": 0})
                     chunk = table.slice(0, self.rows - self.parts[-1]["rows"])
                     writer.write_table(chunk)
