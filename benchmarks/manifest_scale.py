@@ -9,8 +9,8 @@ reader's peak memory (issue 25, item 2). No network, no images: synthetic manife
    `row` numbers) through the download's own parts writer (`download._report._Parts`), in batches
    of 20,000 rows as `write_outputs` streams them: DATA_DIR/manifest/_index.json + parts.
 2. read, in a fresh process (so its peak RSS is the reader's alone): `manifest.dataset` (open),
-   row counts per split, `manifest.scan(columns=["row", "path", "label"], split="test", status="ok")`
-   (what evaluate needs), then one epoch of the train split with `manifest.epoch_batches`
+   row counts per split, `manifest.scan(columns=["row", "label"], split="test", status="ok")` (a
+   split's rows and labels as a pandas frame), then one epoch of the train split with `manifest.epoch_batches`
    (columns row, path, label; 64 row groups shuffled together). Printed: seconds for each step,
    rows seen, and the peak RSS (VmHWM) of the reading process.
 """
@@ -109,8 +109,9 @@ def read(data_dir: Path) -> None:
                  for s in ("train", "val", "test")}
     print(f"usable rows per split {per_split}: {time.monotonic() - t:.1f}s; peak RSS {_peak_mib():,.0f} MiB")
     t = time.monotonic()
-    test = manifest.scan(data_dir, columns=["row", "path", "label"], split="test", status="ok")
-    print(f"scan(split=test, status=ok, 3 columns): {len(test):,} rows in {time.monotonic() - t:.1f}s; "
+    test = manifest.scan(data_dir, columns=["row", "label"], split="test", status="ok")
+    print(f"scan(split=test, status=ok, columns row and label, as pandas): {len(test):,} rows in "
+          f"{time.monotonic() - t:.1f}s; "
           f"peak RSS {_peak_mib():,.0f} MiB")
     del test
     t = time.monotonic()
