@@ -53,8 +53,10 @@ def _resolve(rec: tuple) -> tuple:
             size, duplicate_of, shard, offset)
 
 
-def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
-    """Stream the manifest, gather counts on the way, write the report; return both paths and the report."""
+def write_outputs(state: State, data_dir: Path, extra: dict[str, Any], parts: bool = True
+                  ) -> tuple[Path, Path, dict[str, Any]]:
+    """Stream the manifest, gather counts on the way, write the report; return both paths and the report.
+    `parts=False` (an object-storage --out, whose readers take one manifest object): always one file."""
     counts: Counter[str] = Counter()
     by_split: dict[str, Counter[str]] = {}
     by_label: dict[tuple[str, str], Counter[str]] = {}
@@ -74,7 +76,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
         return pa.Table.from_pandas(normalize(pd.DataFrame(resolved, columns=list(COLUMNS))), preserve_index=False)
 
     batches = (add([_resolve(rec) for rec in batch]) for batch in state.manifest_rows())
-    if state.row_count() > _manifest.PART_ROWS:
+    if parts and state.row_count() > _manifest.PART_ROWS:
         manifest = _Parts(data_dir, _manifest.PART_ROWS).write(batches)
     else:
         manifest = _write_one(data_dir / MANIFEST_NAME, batches)
