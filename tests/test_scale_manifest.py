@@ -106,3 +106,15 @@ def test_a_broken_index_or_a_missing_part_is_one_line(source, tmp_path: Path, mo
     index.write_text("{not json")
     with pytest.raises(DataError, match=r"_index.json: unreadable manifest index \(JSONDecodeError\)"):
         manifest.scan(tmp_path / "d", columns=["row"])
+
+
+def test_merge_of_shard_jobs_writes_parts_at_that_size(source, tmp_path: Path, monkeypatch) -> None:
+    src, single, _ = source
+    monkeypatch.setattr(manifest, "PART_ROWS", 7)
+    for i in range(2):
+        download.run([src], tmp_path / f"job{i}", download.DownloadOptions(**FAST, job_shard=f"{i}/2",
+                                                                          job_shard_by="url"))
+    merged = download.merge([tmp_path / "job0", tmp_path / "job1"], tmp_path / "m",
+                            download.DownloadOptions(print_summary=False))
+    assert merged.manifest_path == tmp_path / "m" / "manifest" and not (tmp_path / "m" / "manifest.parquet").exists()
+    pd.testing.assert_frame_equal(manifest.read_manifest(tmp_path / "m"), manifest.normalize(single))
