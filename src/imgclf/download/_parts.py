@@ -12,8 +12,8 @@ The outcomes reach `urls` later, in bulk (`fold`): when the state is opened (so 
 sees exactly what was committed before a kill), when an engine ends, and before the manifest and
 the orphan clean-up read statuses. Folding applies every part and deletes them in one
 transaction: killed mid-fold, nothing is applied and the parts are still there.
-A large fold drops the content-hash index and builds it again afterwards (a sorted build is
-about 5x faster than updating a random-order B-tree row by row).
+A large fold drops the content-hash index and builds it again afterwards (a sorted build: the
+whole fold ran 2.6x faster so in a 1M-row trial than updating the random-order B-tree row by row).
 """
 
 from __future__ import annotations
