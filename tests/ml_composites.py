@@ -1,7 +1,7 @@
 """A multi-label corpus from real images: bundled Fashion-MNIST photos pasted side by side.
 
-Each composite is a 56x28 PNG with two slots; each slot holds one real image of one of `labels` or
-stays black, so the image's label set is what it contains ({} when both slots are empty). Written
+Each composite is a 56x56 PNG with four slots (2x2, square so the eval centre crop keeps every
+slot); each slot holds one real image of one of `labels` or stays black, so the image's label set is what it contains ({} when both slots are empty). Written
 as real encoded files plus a table (path, label) whose label cells join the set with `sep`.
 """
 
@@ -17,11 +17,11 @@ LABELS = ["Bag", "Sneaker", "Trouser"]  # visually distinct: a tiny model learns
 
 
 def composite(parts: list[Path | None]) -> Image.Image:
-    canvas = Image.new("L", (28 * len(parts), 28))
+    canvas = Image.new("L", (56, 56))
     for k, part in enumerate(parts):
         if part is not None:
             with Image.open(part) as im:
-                canvas.paste(im.convert("L"), (28 * k, 0))
+                canvas.paste(im.convert("L"), (28 * (k % 2), 28 * (k // 2)))
     return canvas.convert("RGB")
 
 
@@ -38,7 +38,7 @@ def make_corpus(dest: Path, n: int, split: str = "train", seed: int = 0, sep: st
             chosen: list[str] = []
         else:
             chosen = rng.sample(labels, rng.choice([1, 2]))
-        slots: list[Path | None] = [rng.choice(pool[label]) for label in chosen] + [None] * (2 - len(chosen))
+        slots: list[Path | None] = [rng.choice(pool[label]) for label in chosen] + [None] * (4 - len(chosen))
         rng.shuffle(slots)
         name = f"{split}_{i:04d}.png"
         composite(slots).save(out_dir / name)
