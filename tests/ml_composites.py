@@ -1,8 +1,9 @@
 """A multi-label corpus from real images: bundled Fashion-MNIST photos pasted side by side.
 
-Each composite is a 56x56 PNG with four slots (2x2, square so the eval centre crop keeps every
-slot); each slot holds one real image of one of `labels` or stays black, so the image's label set is what it contains ({} when both slots are empty). Written
-as real encoded files plus a table (path, label) whose label cells join the set with `sep`.
+Each composite is a 56x56 PNG with four slots (2x2, square so the eval centre crop keeps every slot);
+each slot holds one real image of one of `labels` or stays black, so the image's label set is what it
+contains ({} when every slot is empty). Written as real encoded files plus a table (path, label)
+whose label cells join the set with `sep`.
 """
 
 from __future__ import annotations
