@@ -29,13 +29,14 @@ from imgclf.manifest import COLUMNS, MANIFEST_NAME, PARTS_DIR, PARTS_INDEX, REPO
 _EXAMPLES = 20
 
 
-def _resolve(rec: tuple) -> tuple:
-    """One manifest row from a state row: expands same-URL and same-content duplicates."""
+def _resolve(rec: tuple, keep_unlabelled: bool = False) -> tuple:
+    """One manifest row from a state row: expands same-URL and same-content duplicates.
+    `keep_unlabelled` (--label-sep): an empty label is an image without labels, not missing_label."""
     (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
      size, url_first, sha_first, shard, offset) = rec
     duplicate_of = -1
     url = url.removeprefix(INVALID_PREFIX)  # see _state._url_key
-    if not label:  # never fetched for this row: no URL outcome applies
+    if not label and not keep_unlabelled:  # never fetched for this row: no URL outcome applies
         status, error, http_status, attempts = "missing_label", "the row has no label", 0, 0
     elif status is None:
         status, error = "pending", "not attempted yet (interrupted run)"
@@ -75,7 +76,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any], parts: bo
                 duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
         return pa.Table.from_pandas(normalize(pd.DataFrame(resolved, columns=list(COLUMNS))), preserve_index=False)
 
-    batches = (add([_resolve(rec) for rec in batch]) for batch in state.manifest_rows())
+    batches = (add([_resolve(rec, state.keep_unlabelled) for rec in batch]) for batch in state.manifest_rows())
     if parts and state.row_count() > _manifest.PART_ROWS:
         manifest = _Parts(data_dir, _manifest.PART_ROWS).write(batches)
     else:
@@ -205,7 +206,10 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         console.print(f"[bold yellow]leakage:[/] {leak['images']} image(s) appear in more than one split "
                       f"({leak['rows']} rows); see leakage.examples in download_report.json")
     conflicts = report["label_conflicts"]
-    if conflicts["images"]:
+    if conflicts["images"] and report.get("label_sep") is not None:  # multi-label data: expected, merged later
+        console.print(f"multi-label: {conflicts['images']} image(s) appear under several labels; task: multilabel "
+                      "trains each once with the union of its labels")
+    elif conflicts["images"]:
         console.print(f"[yellow]label conflicts:[/] {conflicts['images']} image(s) carry more than one label")
     skipped = report.get("skipped") or {}
     if skipped.get("total"):

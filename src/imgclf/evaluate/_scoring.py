@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,33 @@ class EvalModel:
     """A handle plus the probabilities evaluate scores with (float64, rows summing to 1)."""
 
     handle: ModelHandle
-    # normalised float batch -> (N, K) float64 probabilities
+    # normalised float batch -> (N, K) float64 probabilities (softmax; sigmoid for task: multilabel)
     probabilities: Callable[[torch.Tensor], np.ndarray] = field(repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.handle.path
+
+    @property
+    def arch(self) -> str:
+        return self.handle.arch
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.handle.preprocessing
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training config as plain data ({} for exported files)."""
+        return self.handle.config.to_plain() if self.handle.config is not None else {}
+
+    @property
+    def task(self) -> str:
+        return self.handle.task  # "single_label" or "multilabel" (imgclf.multilabel.TASK)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        return self.handle.thresholds  # task: multilabel: one per class, from the model's metadata
 
     @property
     def class_names(self) -> list[str]:
@@ -48,16 +74,21 @@ class EvalModel:
 def probabilities(handle: ModelHandle) -> Callable[[torch.Tensor], np.ndarray]:
     """The handle's probabilities in float64, as log loss wants them."""
     module = handle.module
+    multilabel = handle.task == "multilabel"
     if module is None:
         def exported(batch: torch.Tensor) -> np.ndarray:
-            # float32 softmax from the exported graph, renormalised in float64 so rows sum to 1 for log loss.
             proba = np.asarray(handle.backend.probabilities(batch), dtype=np.float64)
+            if multilabel:  # independent sigmoid outputs: rows do not sum to 1
+                return proba
+            # float32 softmax from the exported graph, renormalised in float64 so rows sum to 1 for log loss.
             return proba / proba.sum(axis=1, keepdims=True)
 
         return exported
 
     def torch_proba(batch: torch.Tensor) -> np.ndarray:
         logits = module(fast_layout(batch.to(handle.device, non_blocking=True)))
+        if multilabel:  # independent labels: sigmoid per output
+            return torch.sigmoid(logits.double()).cpu().numpy()
         # float64 softmax: probabilities sum to 1 closely enough for log loss.
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
@@ -83,19 +114,21 @@ class _Collate:
 
 
 def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batch_size: int,
-                  num_workers: int | None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) float64 probabilities and (N,) true class indices, in frame order; the rows of images
-    that could not be read (warned about, see data.ImageFolderFrame.read) are NaN."""
+                  num_workers: int | None, progress: bool = True,
+                  label_sep: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float64 probabilities and (N,) true class indices (with `label_sep`, task: multilabel:
+    (N, K) {0, 1} label sets), in frame order; the rows of images that could not be read (warned
+    about, see data.ImageFolderFrame.read) are NaN."""
     pre = model.handle.preprocessing
     dataset = ImageFolderFrame(frame, images_root, model.class_names, ResizeGuard(pre.resize_size),
-                               skip_unreadable=True)
+                               skip_unreadable=True, label_sep=label_sep)
     workers = model.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_Collate(pre), pin_memory=torch.cuda.is_available())
     chunks = []
     try:
         with torch.inference_mode():
-            for images, _ in track(loader, "evaluate", len(dataset), enabled=progress, size=lambda b: len(b[1])):
+            for images, _ in track(loader, "evaluate", len(dataset), enabled=progress, size=lambda b: len(b[0])):
                 chunks.append(model.probabilities(images))
     except (ValueError, OSError) as err:  # a file removed or corrupted since download
         raise DataError(f"cannot read an evaluation image: {first_line(err)}") from None
