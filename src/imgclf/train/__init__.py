@@ -39,7 +39,7 @@ from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find, _transfer
+from imgclf.train import _lr_find, _probe, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
 from imgclf.train._inputs import class_weights, loaders, make_split
 from imgclf.train._loggers import make_loggers
@@ -149,8 +149,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
     module = _make_module(config, model, split, class_names, pre, len(train_loader))
     module.freeze_epochs = _transfer.freeze_plan(config, model)
-    if config.model.head_init == "probe" and not resume:
-        _start_from_probe(config, module, train_loader)
+    probe = _transfer.start_probe(config, module, train_loader, resume)  # (state, fit) or None
     if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
         config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
         if zero:
@@ -174,6 +173,9 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     best = Path(trainer.checkpoint_callback.best_model_path or last)
     score = trainer.checkpoint_callback.best_model_score
     best_score = float(score) if score is not None else None
+    kept = None
+    if probe and config.model.keep == "better" and zero and best.is_file():  # the better of it and the probe
+        kept = _probe.keep_better(module, best, val_loader, *probe)
     epochs = len(read_metrics(run_dir)) if zero else trainer.current_epoch
     seconds = time.perf_counter() - started
     if zero:
@@ -181,7 +183,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
             "status": "done", "best_score": best_score, "monitor": config.trainer.monitor,
             "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
             "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1),
-            "unreadable_images": guard.unreadable})
+            "unreadable_images": guard.unreadable, **({"kept": kept.as_json()} if kept else {})})
         log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
                  f"{best_score:.4f}" if best_score is not None else "n/a", best)
         _warn_if_ended_collapsed(module.collapsed_epochs, epochs)
@@ -194,15 +196,6 @@ def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFram
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
     return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names))
-
-
-def _start_from_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader) -> None:
-    if not _transfer.has_pretrained_backbone(config):
-        raise ConfigError("model.head_init=probe needs a pretrained backbone (model.pretrained=true or "
-                          "model.weights=PATH): a probe on random features is no start")
-    images = train_loader.dataset.with_transform(presets.eval_resize(module.pre))
-    _transfer.probe_head(module, DataLoader(images, batch_size=config.trainer.batch_size * 2,
-                                            num_workers=config.data.num_workers))
 
 
 def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:
