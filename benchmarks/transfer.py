@@ -286,6 +286,20 @@ def summary(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def rules(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean test F1 per set had best.ckpt been chosen by other rules, from each row's two candidates:
+    always fine-tuned, fine-tuned val F1 > the probe's val F1, > the probe's cross-validated F1, the
+    kept one (model.keep=better's paired rule) and the oracle (the better on test)."""
+    if "ft_test" not in results:
+        return pd.DataFrame()
+    ft, lp = results["ft_test"], results["lp_test"]
+    picks = {"finetuned": ft, "ft_val>lp_val": ft.where(results["ft_val"] > results["lp_val"], lp),
+             "ft_val>lp_cv": ft.where(results["ft_val"] > results["lp_cv"].fillna(1.0), lp),
+             "paired (kept)": ft.where(results["kept"] == "finetuned", lp), "probe": lp,
+             "oracle": np.maximum(ft, lp)}
+    return pd.DataFrame(picks).groupby(results["set"]).mean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/"), help="where the Debian packages' files are")
@@ -302,7 +316,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra", action="append", default=[], help="key=value for the imgclf leg (measuring)")
     parser.add_argument("--jsonl", type=Path, default=None, help="append each row here as it is measured")
+    parser.add_argument("--report", type=Path, nargs="*", help="only print the tables of these --jsonl files")
     args = parser.parse_args()
+    if args.report:
+        frame = pd.DataFrame([json.loads(line) for f in args.report for line in f.read_text().splitlines()])
+        print(frame.to_string(index=False, float_format="%.3f"))
+        print(summary(frame).to_string(float_format="%.3f"))
+        print(rules(frame).to_string(float_format="%.3f"))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     legs = args.legs.split(",")
@@ -318,6 +339,7 @@ def main() -> None:
     frame = pd.DataFrame(results)
     print(frame.to_string(index=False, float_format="%.3f"))
     print(summary(frame).to_string(float_format="%.3f"))
+    print(rules(frame).to_string(float_format="%.3f"))
 
 
 if __name__ == "__main__":

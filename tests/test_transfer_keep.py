@@ -47,7 +47,7 @@ def test_a_lead_within_the_noise_and_a_tie_go_to_the_probe() -> None:
     assert tie.kept == "probe" and tie.z == 0.0 and "as good or better" in tie.reason
 
 
-def test_probe_c_is_chosen_by_cross_validation_and_skipped_for_a_class_of_one() -> None:
+def test_probe_c_is_chosen_by_cross_validation_only_with_enough_images_per_class() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 12)
     x = rng.normal(size=(36, 20)).astype(np.float32) + 6.0 * np.eye(3, 20)[y]  # separable along 3 axes
@@ -56,8 +56,11 @@ def test_probe_c_is_chosen_by_cross_validation_and_skipped_for_a_class_of_one() 
     assert fit.weight.shape == (3, 20) and fit.bias.shape == (3,)
     logits = x @ fit.weight.T + fit.bias  # the head reproduces scikit-learn's decisions
     assert (logits.argmax(1) == y).mean() == pytest.approx(fit.train_accuracy)
-    lonely = _probe.fit_probe(x[:25], y[:25], 3)  # class 2 has one image: no stratified folds possible
-    assert lonely.folds == 0 and lonely.cv_f1 is None and lonely.c == 1.0
+    few = np.r_[0:9, 12:24, 24:36]  # class 0 has 9 images: under MIN_CV_PER_CLASS, scikit-learn's default C
+    small = _probe.fit_probe(x[few], y[few], 3)
+    assert small.folds == 0 and small.cv_f1 is None and small.c == 1.0
+    absent = _probe.fit_probe(x[12:], y[12:], 3)  # class 0 has no image: its score is never the highest
+    assert ((x @ absent.weight.T + absent.bias).argmax(1) != 0).all()
 
 
 # ---- in a real run ------------------------------------------------------------------------------

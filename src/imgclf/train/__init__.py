@@ -174,7 +174,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     score = trainer.checkpoint_callback.best_model_score
     best_score = float(score) if score is not None else None
     kept = None
-    if probe and config.model.keep == "better" and zero and best.is_file():  # the better of it and the probe
+    if probe and config.model.keep == "better" and zero and best.is_file() and best != last:  # vs the probe
         kept = _probe.keep_better(module, best, val_loader, *probe)
     epochs = len(read_metrics(run_dir)) if zero else trainer.current_epoch
     seconds = time.perf_counter() - started
