@@ -30,9 +30,12 @@ def test_a_clear_fine_tuned_win_keeps_the_fine_tuned_model() -> None:
     finetuned = y.copy()
     probe = y.copy()
     probe[:8] = (y[:8] + 1) % 3  # the probe is wrong on 8 images the fine-tuned model gets right
-    choice = _probe.choose(finetuned, probe, y, 3)
+    choice = _probe.choose(finetuned, probe, y, 3, train_min_per_class=20)
     assert choice.kept == "finetuned" and choice.only_finetuned_right == 8 and choice.only_probe_right == 0
     assert choice.z == pytest.approx(8 / np.sqrt(8)) and "clearly better" in choice.reason
+    # The same win after training on 6 images per class: too few to trust it, the probe is kept.
+    tiny = _probe.choose(finetuned, probe, y, 3, train_min_per_class=6)
+    assert tiny.kept == "probe" and "6 training images in the smallest class, under 10" in tiny.reason
 
 
 def test_a_lead_within_the_noise_and_a_tie_go_to_the_probe() -> None:
@@ -40,10 +43,13 @@ def test_a_lead_within_the_noise_and_a_tie_go_to_the_probe() -> None:
     finetuned, probe = y.copy(), y.copy()
     finetuned[:3] = (y[:3] + 1) % 3  # 3 images only the probe gets right ...
     probe[3:7] = (y[3:7] + 1) % 3  # ... 4 only the fine-tuned model: higher F1, z = 1/sqrt(7) < 1
-    lead = _probe.choose(finetuned, probe, y, 3)
+    lead = _probe.choose(finetuned, probe, y, 3, train_min_per_class=20)
     assert lead.finetuned_val_f1 > lead.probe_val_f1
     assert lead.kept == "probe" and "within the noise" in lead.reason
-    tie = _probe.choose(y.copy(), y.copy(), y, 3)
+    tie = _probe.choose(y.copy(), y.copy(), y, 3, train_min_per_class=20)
+    one = y.copy()
+    one[0] = 1  # a one-image lead (z = 1): within the noise
+    assert _probe.choose(y.copy(), one, y, 3, train_min_per_class=20).kept == "probe"
     assert tie.kept == "probe" and tie.z == 0.0 and "as good or better" in tie.reason
 
 
@@ -53,6 +59,7 @@ def test_probe_c_is_chosen_by_cross_validation_only_with_enough_images_per_class
     x = rng.normal(size=(36, 20)).astype(np.float32) + 6.0 * np.eye(3, 20)[y]  # separable along 3 axes
     fit = _probe.fit_probe(x, y, 3, seed=0)
     assert fit.folds == 3 and fit.c in _probe.C_GRID and fit.cv_f1 is not None and fit.cv_f1 > 0.9
+    assert fit.train_min_per_class == 12
     assert fit.weight.shape == (3, 20) and fit.bias.shape == (3,)
     logits = x @ fit.weight.T + fit.bias  # the head reproduces scikit-learn's decisions
     assert (logits.argmax(1) == y).mean() == pytest.approx(fit.train_accuracy)

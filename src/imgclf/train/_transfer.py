@@ -106,7 +106,8 @@ def probe_head(module: ImageClassifier, images: DataLoader, apply: bool = True, 
             linear.weight.copy_(torch.from_numpy(fit.weight))
             linear.bias.copy_(torch.from_numpy(fit.bias))
     cv = (f"C={fit.c:g} by {fit.folds}-fold cross-validation, F1-macro {fit.cv_f1:.3f}" if fit.cv_f1 is not None
-          else f"C={fit.c:g}: a class has under 2 images, no cross-validation")
+          else f"C={fit.c:g} (scikit-learn's default: a class has under {_probe.MIN_CV_PER_CLASS} images, "
+               "too few to choose C by cross-validation)")
     log.info("linear probe: a logistic regression on %d frozen feature vectors (%d values each), %s, training "
              "accuracy %.3f%s (%.1fs)", len(y), features.shape[1], cv, fit.train_accuracy,
              "; head_init=probe: the head starts as it" if apply else "", time.perf_counter() - started)
