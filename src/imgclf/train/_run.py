@@ -30,7 +30,7 @@ from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find, _multilabel, _transfer
+from imgclf.train import _lr_find, _multilabel, _probe, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
 from imgclf.train._inputs import class_weights, label_sep, loaders, make_split
 from imgclf.train._loggers import make_loggers
@@ -150,8 +150,7 @@ def _fit(job: FitJob) -> TrainResult:
         write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
     module = _make_module(config, model, split, class_names, pre, len(train_loader), train_loader)
     module.freeze_epochs = _transfer.freeze_plan(config, model)
-    if config.model.head_init == "probe" and not resume:
-        _start_from_probe(config, module, train_loader)
+    probe = _transfer.start_probe(config, module, train_loader, resume)  # (state, fit) or None
     if config.optim.lr == "find":  # the finder's suggestion replaces "find", also in config.yaml
         config = _lr_find.use_suggestion(module, train_loader, config, run_dir, _precision(config), resume)
         if zero:
@@ -173,6 +172,9 @@ def _fit(job: FitJob) -> TrainResult:
             raise KeyboardInterrupt(_resume_hint(run_dir, last)) from None
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
+    kept = None
+    if probe and config.model.keep == "better" and zero and best.is_file() and best != last:  # vs the probe
+        kept = _probe.keep_better(module, best, val_loader, *probe)
     if zero and module.multilabel:  # per-label thresholds, on validation, into best.ckpt and last.ckpt
         _multilabel.fit_thresholds(module, best, val_loader, [best, last])
     score = trainer.checkpoint_callback.best_model_score
@@ -184,7 +186,7 @@ def _fit(job: FitJob) -> TrainResult:
             "status": "done", "best_score": best_score, "monitor": config.trainer.monitor,
             "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
             "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1),
-            "unreadable_images": guard.unreadable})
+            "unreadable_images": guard.unreadable, **({"kept": kept.as_json()} if kept else {})})
         log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
                  f"{best_score:.4f}" if best_score is not None else "n/a", best)
         _warn_if_ended_collapsed(module.collapsed_epochs, epochs)
@@ -200,15 +202,6 @@ def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFram
     # task: multilabel: the train subset's (N, C) targets size loss.pos_weight: auto.
     targets = train_loader.dataset.targets if train_loader is not None and config.task == "multilabel" else None
     return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names), targets)
-
-
-def _start_from_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader) -> None:
-    if not _transfer.has_pretrained_backbone(config):
-        raise ConfigError("model.head_init=probe needs a pretrained backbone (model.pretrained=true or "
-                          "model.weights=PATH): a probe on random features is no start")
-    images = train_loader.dataset.with_transform(presets.eval_resize(module.pre))
-    _transfer.probe_head(module, DataLoader(images, batch_size=config.trainer.batch_size * 2,
-                                            num_workers=config.data.num_workers))
 
 
 def _warn_if_ended_collapsed(collapsed: list[int], epochs: int) -> None:

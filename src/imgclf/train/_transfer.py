@@ -1,29 +1,28 @@
 """Transfer learning: what is frozen and when, said in one log line; a backbone with no
 pretrained weights is never frozen (its random features would only be fitted by the head).
 
-Private to `train`: `freeze_plan` and `probe_head` are called once the model and its module exist.
+Private to `train`: `freeze_plan` and `probe_head` are called once the model and its module exist; the
+probe itself and `model.keep=better` live in `_probe`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imgclf import models
+from imgclf import models, presets
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
+from imgclf.train import _probe
 from imgclf.train._module import ImageClassifier
+from imgclf.train._probe import ProbeFit
 
 log = logging.getLogger("imgclf.train")
-
-# Inverse L2 strength of the probe: scikit-learn's default, the baseline benchmarks/transfer.py compares with.
-PROBE_C = 1.0
-
 
 def has_pretrained_backbone(config: TrainConfig) -> bool:
     return bool(config.model.pretrained or config.model.weights)
@@ -50,6 +49,24 @@ def freeze_plan(config: TrainConfig, model: nn.Module) -> int:
     return epochs
 
 
+def start_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader,
+                resume: bool) -> tuple[dict[str, torch.Tensor], ProbeFit] | None:
+    """The linear probe, for head_init=probe (the head starts as it) and keep=better (the candidate the
+    fine-tuned model is compared with; on resume the model still holds the pretrained weights here)."""
+    wanted = [key for key, on in (("head_init=probe", config.model.head_init == "probe"),
+                                  ("keep=better", config.model.keep == "better")) if on]
+    if not wanted or (resume and config.model.keep != "better"):
+        return None
+    if not has_pretrained_backbone(config):
+        raise ConfigError(f"model.{wanted[0]} needs a pretrained backbone (model.pretrained=true or "
+                          "model.weights=PATH): a probe on random features is no start")
+    images = train_loader.dataset.with_transform(presets.eval_resize(module.pre))
+    fit, state = probe_head(module, DataLoader(images, batch_size=config.trainer.batch_size * 2,
+                                               num_workers=config.data.num_workers),
+                            apply=config.model.head_init == "probe" and not resume, seed=config.seed)
+    return state, fit
+
+
 def final_linear(model: nn.Module) -> nn.Linear:
     """The layer that outputs the class scores: the last nn.Linear of the model."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -58,54 +75,40 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def probe_head(module: ImageClassifier, images: DataLoader, c: float = PROBE_C) -> float:
-    """Set the new head to a logistic regression (scikit-learn, L2, lbfgs) fitted on the frozen backbone's
-    features of `images` (the training images, eval preprocessing: no augmentation). Returns its
-    training accuracy, after one log line.
+def probe_head(module: ImageClassifier, images: DataLoader, apply: bool = True, seed: int = 0,
+               ) -> tuple[ProbeFit, dict[str, torch.Tensor]]:
+    """A linear probe (`_probe.fit_probe`: logistic regression, C by cross-validation) on the frozen backbone's
+    features of `images` (the training images, eval preprocessing: no augmentation). Returns the fit and the
+    model's state with the probe as its head (the candidate `model.keep=better` compares); with `apply`
+    (model.head_init=probe) the new head starts as the probe. One log line.
 
-    Why: a random head on a pretrained backbone learns slowly (timm's init gives logits of several
-    units, a loss of 2x ln(classes)), and while it does, the gradients it sends back distort the
-    pretrained features once they are unfrozen. Starting from the probe, fine-tuning has only
+    Why start from the probe: a random head on a pretrained backbone learns slowly (timm's init gives
+    logits of several units, a loss of 2x ln(classes)), and while it does, the gradients it sends back
+    distort the pretrained features once they are unfrozen. Starting from the probe, fine-tuning has only
     to improve on the linear probe (Kumar et al. 2022, "LP-FT").
     """
     started = time.perf_counter()
     model = module.model
     linear = final_linear(model)
-    captured: list[torch.Tensor] = []
-    hook = linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
     labels: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for batch, targets in images:
+            labels.append(targets)
+            yield module._model_input(batch.to(linear.weight.device))
+
+    features = _probe.features_of(model, linear, inputs())
+    y = torch.cat(labels).numpy()
+    fit = _probe.fit_probe(features, y, linear.out_features, seed)
+    state = _probe.with_head(model, linear, fit)
+    if apply:
         with torch.no_grad():
-            for batch, targets in images:
-                model(module._model_input(batch.to(linear.weight.device)))
-                labels.append(targets)
-    finally:
-        hook.remove()
-        model.train(was_training)
-    features, y = torch.cat(captured).numpy(), torch.cat(labels).numpy()
-    weight, bias, accuracy = _logistic(features, y, linear.out_features, c)
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(weight))
-        linear.bias.copy_(torch.from_numpy(bias))
-    log.info("head_init=probe: a logistic regression on %d frozen feature vectors (%d values each) starts the head "
-             "(training accuracy %.3f, %.1fs)", len(y), features.shape[1], accuracy, time.perf_counter() - started)
-    return accuracy
-
-
-def _logistic(features: np.ndarray, y: np.ndarray, classes: int, c: float) -> tuple[np.ndarray, np.ndarray, float]:
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=c, max_iter=2000).fit(features, y)
-    weight = np.zeros((classes, features.shape[1]), np.float32)
-    bias = np.zeros(classes, np.float32)
-    present = clf.classes_.astype(int)
-    if len(present) == 2:  # scikit-learn's binary model is one score: split it evenly between the two rows
-        weight[present] = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
-        bias[present] = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
-    else:
-        weight[present], bias[present] = clf.coef_, clf.intercept_
-    if len(present) < classes:  # a class with no training image: never the most likely one
-        bias[np.setdiff1d(np.arange(classes), present)] = bias[present].min() - 10.0
-    return weight, bias, float(clf.score(features, y))
+            linear.weight.copy_(torch.from_numpy(fit.weight))
+            linear.bias.copy_(torch.from_numpy(fit.bias))
+    cv = (f"C={fit.c:g} by {fit.folds}-fold cross-validation, F1-macro {fit.cv_f1:.3f}" if fit.cv_f1 is not None
+          else f"C={fit.c:g} (scikit-learn's default: a class has under {_probe.MIN_CV_PER_CLASS} images, "
+               "too few to choose C by cross-validation)")
+    log.info("linear probe: a logistic regression on %d frozen feature vectors (%d values each), %s, training "
+             "accuracy %.3f%s (%.1fs)", len(y), features.shape[1], cv, fit.train_accuracy,
+             "; head_init=probe: the head starts as it" if apply else "", time.perf_counter() - started)
+    return fit, state
