@@ -128,3 +128,16 @@ def test_every_trick_together_trains_and_resumes(tiny_data_dir: Path, tmp_path: 
         resumed = train.run(config, tiny_data_dir, tmp_path / "run", resume=True)
     assert resumed.epochs_run == 2
     assert "stem_init" not in caplog.text  # a resumed run keeps its trained first layer
+
+
+def test_the_ablation_variants_are_valid_configs() -> None:
+    # benchmarks/fashion_mnist_tricks.py: a typo in a variant would only show after an hour of other runs.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fashion_mnist_tricks as ablation
+
+    for name, overrides in ablation.VARIANTS.items():
+        config = load_config(ablation.BASE_CONFIG, ablation.fixed_budget(4, 1) + overrides)
+        assert config.trainer.epochs == 4 and config.trainer.precision == "32", name
+    assert load_config(ablation.BASE_CONFIG, ablation.VARIANTS["all"]).model.stem_init == "whiten"
