@@ -1,11 +1,13 @@
 """Ablation of the training-speed records' tricks (issue 23) at a fixed number of epochs.
 
     nice -n 5 .venv/bin/python benchmarks/fashion_mnist_tricks.py --work /tmp/imgclf_tricks \
-        [--per-class 1000] [--epochs 4] [--threads 1] [--variants baseline,alt_flip,...] [--tta-variants baseline,all]
+        [--per-class 1000 | --demo] [--epochs 4] [--threads 1] [--variants baseline,alt_flip,...] \
+        [--tta-variants baseline,all]
 
 Data: --per-class N Fashion-MNIST images per class and split (1000: 10,000 training images, 9,000
 train + 1,000 val after the split, and all 10,000 test images), written as PNG, served on 127.0.0.1 and
-downloaded with the real download stage once (reused from WORK/data on the next call). Each variant
+downloaded with the real download stage once (reused from WORK/data on the next call); --demo: the
+bundled demo sample (3,000 train images, 1,000 test) instead. Each variant
 trains configs/fashion_mnist_resnet18_half.yaml (the half-width ResNet-18 at 28 px, label smoothing 0.1,
 random flip, AdamW) for a FIXED number of epochs in fp32 on --threads torch threads, with one or more
 trick switched on, and is evaluated on the test images single pass (and with --tta crops, the
@@ -56,10 +58,19 @@ def fixed_budget(epochs: int, threads: int) -> list[str]:
             f"trainer.cpu_threads={threads}", "trainer.progress_bar=false", "data.num_workers=0"]
 
 
-def prepare_data(work: Path, per_class: int) -> Path:
+def prepare_data(work: Path, per_class: int, demo: bool) -> Path:
     data_dir = work / "data"
     if (data_dir / "manifest.parquet").is_file():
         print(f"== reusing {data_dir}", flush=True)
+        return data_dir
+    if demo:  # the bundled sample (3,000 train, 1,000 test, 3 broken links), served and downloaded
+        from imgclf import demo as sample
+        from imgclf._localserver import LocalServer
+        from imgclf.stages import download
+
+        with LocalServer(sample.SAMPLE_ROOT) as server:
+            sources = sample.write_sources(server.base_url, work / "sources")
+            download.run(sources, data_dir, download.DownloadOptions(show_progress=False))
         return data_dir
     args = argparse.Namespace(raw=fashion_mnist.RAW_DIR, limit=per_class)
     fashion_mnist._write_and_download(args, work, data_dir, {})
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/imgclf_tricks"))
     parser.add_argument("--per-class", type=int, default=1000, help="images per class and split")
+    parser.add_argument("--demo", action="store_true", help="the bundled demo sample instead of --per-class")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     args.work.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(args.work, args.per_class)
+    data_dir = prepare_data(args.work, args.per_class, args.demo)
     results = []
     for name in names:
         overrides = fixed_budget(args.epochs, args.threads) + VARIANTS[name] + args.extra
