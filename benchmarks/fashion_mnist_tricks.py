@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -77,20 +77,37 @@ def prepare_data(work: Path, per_class: int, demo: bool) -> Path:
     return data_dir
 
 
-def run_variant(name: str, overrides: list[str], data_dir: Path, work: Path, tta: bool) -> dict:
+def train_once(name: str, overrides: list[str], data_dir: Path, work: Path) -> tuple[Path, dict]:
+    """WORK/run-NAME trained with the variant's config; a finished one (run.json status done) is reused,
+    so a stopped ablation goes on where it was. Returns the run directory and its run.json."""
+    from imgclf import rundir
     from imgclf.config import load_config
-    from imgclf.stages import evaluate, train
+    from imgclf.stages import train
 
-    config = load_config(BASE_CONFIG, overrides)
-    run_dir = work / f"run-{name}-{time.strftime('%H%M%S')}"
-    t0 = time.perf_counter()
-    trained = train.run(config, data_dir, run_dir)
-    seconds = time.perf_counter() - t0
+    run_dir = work / f"run-{name}"
+    info = rundir.RunDir(run_dir).read_info() if run_dir.is_dir() else None
+    if info is not None and info.status == "done":
+        print(f"== {name}: reusing the trained {run_dir}", flush=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped midway: start it over
+        train.run(load_config(BASE_CONFIG, overrides), data_dir, run_dir)
+    return run_dir, json.loads((run_dir / "run.json").read_text())
+
+
+def run_variant(name: str, overrides: list[str], data_dir: Path, work: Path, tta: bool, threads: int) -> dict:
+    import torch
+
+    from imgclf.stages import evaluate
+
+    run_dir, info = train_once(name, overrides, data_dir, work)
     metrics = pd.read_csv(run_dir / "metrics.csv")
+    # train.run restores the process's thread count; evaluate on the same threads as training: on a shared
+    # machine, OpenMP threads beyond the process's share spin-wait (10k test images took 651 s at 2 threads).
+    torch.set_num_threads(threads)
     single = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test"))
-    result = {"variant": name, "overrides": overrides, "epochs": trained.epochs_run,
-              "train_seconds": round(seconds, 1), "images_per_s": round(float(metrics["images_per_s"].mean()), 1),
-              "best_val_f1": trained.best_score, "test_f1": single["f1_macro"],
+    result = {"variant": name, "overrides": overrides, "epochs": info["epochs_run"],
+              "train_seconds": info["last_seconds"], "images_per_s": round(float(metrics["images_per_s"].mean()), 1),
+              "best_val_f1": info["best_score"], "test_f1": single["f1_macro"],
               "test_f1_ci95": single["f1_macro_ci95"], "test_accuracy": single["accuracy"],
               "test_images": single["n_images"], "run_dir": str(run_dir)}
     if tta:
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    parser.add_argument("--tta-variants", default="baseline,all", help="also evaluated with --tta crops")
+    parser.add_argument("--tta-variants", default="", help="also evaluated with --tta crops")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="overrides for every variant")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -134,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in names:
         overrides = fixed_budget(args.epochs, args.threads) + VARIANTS[name] + args.extra
-        result = run_variant(name, overrides, data_dir, args.work, name in args.tta_variants.split(","))
+        result = run_variant(name, overrides, data_dir, args.work, name in args.tta_variants.split(","),
+                             args.threads)
         results.append(result)
         with (args.work / "tricks.jsonl").open("a") as fh:
             fh.write(json.dumps(result) + "\n")
