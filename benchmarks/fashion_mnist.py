@@ -14,7 +14,7 @@
 record attempt (on a quiet 2-core machine; about an hour):
 
     .venv/bin/python benchmarks/fashion_mnist.py --config configs/fashion_mnist_record.yaml \
-        --run-name record --tta crops --ship weights/fashion_mnist_record.pt \
+        --run-name record --tta flip --ship weights/fashion_mnist_record.pt \
         --card weights/MODEL_CARD_record.md
 --tta flip|crops also evaluates the test split with test-time augmentation (same weights; the
 plain single-pass figures are printed too).
