@@ -9,7 +9,13 @@
 3. runs the real stages: download -> train (the named config) -> evaluate on the test split;
 4. prints wall time per stage, test F1-macro and accuracy, and writes WORK/summary.json.
 
---ship PATH writes the best checkpoint as a slim file (no optimizer state) for weights/.
+--ship PATH writes the best checkpoint as a slim file (no optimizer state) for weights/;
+--card PATH then writes its model card from benchmarks/model_card_template.md. The issue-23
+record attempt (on a quiet 2-core machine; about an hour):
+
+    .venv/bin/python benchmarks/fashion_mnist.py --config configs/fashion_mnist_record.yaml \
+        --run-name record --tta flip --ship weights/fashion_mnist_record.pt \
+        --card weights/MODEL_CARD_record.md
 --tta flip|crops also evaluates the test split with test-time augmentation (same weights; the
 plain single-pass figures are printed too).
 --limit N keeps N images per class and split (a smoke test of the pipeline in a minute).
@@ -89,6 +95,45 @@ def ship(best_checkpoint: Path, dest: Path) -> Path:
     return checkpoint.save_slim(dest, state, ckpt["imgclf"])
 
 
+def write_card(dest: Path, summary: dict, args: argparse.Namespace, run_dir: Path) -> Path:
+    """The model card of a shipped run: benchmarks/model_card_template.md with the run's figures."""
+    import datetime
+    import platform
+    import string
+
+    import pandas as pd
+
+    from imgclf.config import load_config
+
+    config = load_config(run_dir / "config.yaml")
+    report = pd.read_csv(run_dir / "classification_report.csv")
+    rows = report[report["class"].isin(CLASSES)]
+    per_class = "\n".join(["| class | precision | recall | F1 |", "|---|---|---|---|"] + [
+        f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} |"
+        for _, r in rows.iterrows()])
+    tta = next((v for k, v in summary.items() if k.startswith("tta_")), None)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    fields = {
+        "weights_name": str(args.ship), "weights_mb": f"{summary['shipped_bytes'] / 1e6:.1f}",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "config": str(args.config), "overrides": " ".join(args.overrides) or "none",
+        "val_fraction": config.data.val_fraction, "test_images": summary["test_images"],
+        "arch": config.model.arch, "seed": config.seed, "epochs": summary["epochs_run"],
+        "train_minutes": f"{summary['seconds']['train'] / 60:.1f}", "budget": config.trainer.max_time_minutes,
+        "best_val": f"{summary['best_val']:.4f}", "host": cpu or "unknown CPU", "cpu_cores": summary["cpu_cores"],
+        "torch_threads": summary["torch_threads"], "date": datetime.date.today().isoformat(),
+        "f1": f"{summary['test_f1_macro']:.4f}", "f1_lo": f"{summary['test_f1_macro_ci95'][0]:.4f}",
+        "f1_hi": f"{summary['test_f1_macro_ci95'][1]:.4f}", "accuracy": f"{summary['test_accuracy']:.4f}",
+        "tta_row": (f"| F1-macro with `--tta {args.tta}` | {tta['test_f1_macro']:.4f} "
+                    f"(95% CI {tta['test_f1_macro_ci95'][0]:.4f}-{tta['test_f1_macro_ci95'][1]:.4f}) |") if tta else "",
+        "per_class_table": per_class,
+    }
+    template = (Path(__file__).resolve().parent / "model_card_template.md").read_text()
+    dest.write_text(string.Template(template).substitute(fields))
+    return dest
+
+
 def _write_and_download(args: argparse.Namespace, work: Path, data_dir: Path,
                         timings: dict[str, float]) -> None:
     from imgclf._localserver import LocalServer
@@ -116,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", type=Path, default=RAW_DIR, help="folder with the four idx .gz files")
     parser.add_argument("--limit", type=int, default=None, help="images per class and split (smoke test)")
     parser.add_argument("--ship", type=Path, default=None, help="write the best model, slim, to this file")
+    parser.add_argument("--card", type=Path, default=None,
+                        help="with --ship: write the shipped model's card to this file (from model_card_template.md)")
     parser.add_argument("--run-name", default="run", help="run directory under WORK (must be new)")
     parser.add_argument("--reuse-data", action="store_true",
                         help="skip writing and downloading when WORK/data already has a manifest "
@@ -124,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also evaluate with this test-time augmentation (into RUN_DIR/tta-MODE/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.card and not args.ship:
+        parser.error("--card describes the shipped file: give --ship PATH too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from imgclf.config import load_config
@@ -170,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         summary["shipped"] = str(ship(trained.best_checkpoint, args.ship))
         summary["shipped_bytes"] = args.ship.stat().st_size
+        if args.card:
+            summary["card"] = str(write_card(args.card, summary, args, run_dir))
     (work / f"summary-{args.run_name}.json").write_text(json.dumps(summary, indent=2))
     print("== summary")
     print(json.dumps(summary, indent=2))

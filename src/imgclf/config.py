@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from imgclf import _yaml
 from imgclf.errors import ConfigError
@@ -48,6 +48,18 @@ class ModelConfig(_Section):
     small_input: bool = False
     # Keyword arguments for timm.create_model (timm/<name> only), e.g. {"drop_path_rate": 0.1}.
     timm_kwargs: dict[str, Any] = {}
+    # The first conv's initial weights (train/_tricks.py): "identity" passes the image through its first
+    # filters, "whiten" sets them to a PCA whitening of training patches. Dense 3-channel first convs only.
+    stem_init: Literal["default", "identity", "whiten"] = "default"
+
+    @field_validator("stem_init")
+    @classmethod
+    def _stem_init_from_scratch(cls, v: str, info: ValidationInfo) -> str:
+        # pretrained and weights are declared above, so they are validated (in info.data) by now.
+        if v != "default" and (info.data.get("pretrained") or info.data.get("weights")):
+            raise ValueError(f"{v} would overwrite the pretrained first layer: use it with pretrained=false "
+                             "and no weights")
+        return v
 
     @field_validator("bn_momentum")
     @classmethod
@@ -58,7 +70,8 @@ class ModelConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    hflip: bool = True
+    # "alternate": each image mirrored in every other epoch (airbench), not by a coin flip each time.
+    hflip: bool | Literal["alternate"] = True
     crop_scale: tuple[float, float] = (0.35, 1.0)
     policy: Literal["none", "randaugment", "trivialaugment"] = "none"
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
@@ -67,6 +80,10 @@ class AugmentConfig(_Section):
     mixup: float = Field(0.0, ge=0.0)
     cutmix: float = Field(0.0, ge=0.0)
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)  # share of training batches that are mixed
+    # Progressive resizing: training batches scaled to this side at the start, growing linearly to
+    # image_size by `progressive_until` of training (validation always at image_size). null = off.
+    progressive_min_size: int | None = Field(None, ge=8)
+    progressive_until: float = Field(0.75, ge=0.0, le=1.0)
 
     @field_validator("crop_scale")
     @classmethod
@@ -131,6 +148,9 @@ class OptimConfig(_Section):
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
+    nesterov: bool = True  # sgd: Nesterov momentum (ignored at momentum 0)
+    # Lookahead around the optimizer (timm's): every k steps the weights move halfway back. 0 = off.
+    lookahead_steps: int = Field(0, ge=0, le=1000)
 
     @field_validator("lr")
     @classmethod

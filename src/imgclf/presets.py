@@ -126,7 +126,7 @@ def train_augment(pre: Preprocessing, augment: AugmentConfig) -> T.Compose:
         T.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
                             interpolation=_interp(pre), antialias=True),
     ]
-    if augment.hflip:
+    if augment.hflip is True:  # "alternate" mirrors by epoch, in train/_tricks.py's sampler
         steps.append(T.RandomHorizontalFlip())
     if augment.policy == "randaugment":
         steps.append(T.RandAugment(interpolation=_interp(pre)))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from imgclf import data, presets
 from imgclf.config import TrainConfig
 from imgclf.errors import DataError
+from imgclf.train import _tricks
 
 log = logging.getLogger("imgclf.train")
 
@@ -59,9 +60,12 @@ def loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_name
         counts = torch.bincount(train_set.targets, minlength=len(class_names)).clamp(min=1)
         sampler = WeightedRandomSampler((1.0 / counts)[train_set.targets].double(), len(train_set),
                                         generator=torch.Generator().manual_seed(config.seed))
+    dataset: Any = train_set
+    if cfg.augment.hflip == "alternate":
+        dataset, sampler = _tricks.alternating_flip(train_set, sampler, config.seed)
     common: dict[str, Any] = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
                               "pin_memory": torch.cuda.is_available()}
-    train_loader = DataLoader(train_set, batch_size=config.trainer.batch_size, shuffle=sampler is None,
+    train_loader = DataLoader(dataset, batch_size=config.trainer.batch_size, shuffle=sampler is None,
                               sampler=sampler, drop_last=len(train_set) > config.trainer.batch_size, **common)
     val_loader = DataLoader(val_set, batch_size=config.trainer.batch_size * 2, shuffle=False, **common)
     return train_loader, val_loader

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from imgclf import models, presets
 from imgclf.checkpoint import make_meta
 from imgclf.config import TrainConfig
-from imgclf.train import _mix
+from imgclf.train import _mix, _optim, _tricks
 from imgclf.train import _multilabel as ml
 
 log = logging.getLogger("imgclf.train")
@@ -107,6 +107,9 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         x = self.normalize(images)
+        if self.config.data.augment.progressive_min_size is not None:  # progressive resizing
+            done = self.progress(self.global_step, max(1, int(self.trainer.estimated_stepping_batches)))
+            x = _tricks.resize_batch(x, _tricks.progressive_size(self.config.data.augment, x.shape[-1], done))
         if self.ml_criterion is not None:
             loss = self.ml_criterion(self.model(self._layout(x)), targets)
             self.train_loss.update(loss.detach(), weight=len(targets))
@@ -138,6 +141,12 @@ class ImageClassifier(pl.LightningModule):
         self.val_accuracy.update(preds, targets)
         self.val_f1.update(preds, targets)
         self.val_confusion.update(preds, targets)
+
+    def on_train_start(self) -> None:
+        if self.trainer.global_step == 0:  # a fresh run, not a resumed one: model.stem_init
+            dataset = self.trainer.train_dataloader.dataset
+            _tricks.init_stem(self.model, self.config, lambda: _tricks.whitening_sample(
+                dataset, self.normalize, self.config.seed, self.device))
 
     # ---- epoch bookkeeping (metrics.csv is written by a callback from these stats) -----------
     def on_train_epoch_start(self) -> None:
@@ -211,12 +220,7 @@ class ImageClassifier(pl.LightningModule):
         # "find" is replaced by the finder's suggestion before training; the finder sets its own LRs.
         lr = opt.lr if isinstance(opt.lr, float) else 1e-3
         groups = _param_groups(self.model, lr, opt.weight_decay, opt.backbone_lr_mult)
-        if opt.name == "sgd":
-            # Not fused: torch 2.14's fused SGD fails on a first step where frozen parameters have no gradient.
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=opt.momentum,
-                                                               nesterov=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=lr, fused=_fused_step_available(groups))
+        optimizer = _optim.make_optimizer(groups, lr, opt, _fused_step_available(groups))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total // max(1, self.config.trainer.epochs))
         warmup = min(total - 1, int(opt.warmup_epochs * steps_per_epoch))
