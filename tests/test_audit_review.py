@@ -24,6 +24,8 @@ pytest.importorskip("imagehash")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+TOKEN = "t0ken-Of-This-Test_run"  # the CLI makes a random one per run (_review.new_token)
+
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set[int]]:
@@ -43,7 +45,7 @@ def _serving(state):
     from imgclf.audit import _review
 
     sock = _review.bind(0)
-    server = _review.server(state)
+    server = _review.server(state, TOKEN)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -51,7 +53,7 @@ def _serving(state):
         time.sleep(0.05)
     assert server.started
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/{TOKEN}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -169,6 +171,70 @@ def test_server_refuses_paths_bad_actions_and_unknown_classes(audited, served) -
     assert post("/api/decide", {"ids": [0], "action": "keep"})[0] == 200
     assert post("/api/undo", {})[1]["decisions"] == {}
     assert _decisions(out).empty
+
+
+def test_every_request_needs_the_token(audited, served) -> None:
+    """Without the run's token in the URL (or with a wrong one) nothing is served and nothing written."""
+    data, out, _ = audited
+    url, _ = served
+    root = url.rsplit("/", 1)[0]
+
+    def request(path: str, body: dict | None = None) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(root + path, data, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    wrong = "t0ken-Of-This-Test_ruN"  # same length, last character differs
+    for prefix in ("", "/" + wrong, "/" + TOKEN[:-1], "/" + TOKEN + "x", "/api", "/img"):
+        for path in ("/", "/api/state", "/img/0", "/img/0/example/0"):
+            code, body = request(prefix + path)
+            assert code == 403 and b"token" in body, (prefix + path, code)
+        assert request(prefix + "/api/decide", {"ids": [0], "action": "drop"})[0] == 403
+        assert request(prefix + "/api/undo", {})[0] == 403
+    assert not (out / auditdir.DECISIONS).exists()
+    assert request(f"/{TOKEN}/")[0] == 200 and b"<html" in request(f"/{TOKEN}/")[1].lower()
+    assert request(f"/{TOKEN}")[0] == 200  # redirected to /TOKEN/, where the page's relative URLs work
+    assert request(f"/{TOKEN}/img/0")[0] == 200
+
+
+def test_the_cli_serves_behind_a_fresh_token_it_prints(audited) -> None:
+    """`imgclf audit --review` in a child process: the URL it prints works, the same port without the
+    token is 403, and a second run prints another token."""
+    import re
+    import subprocess
+    import sys
+
+    data, out, _ = audited
+    tokens = []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf", "audit", "--review", "--data", str(data),
+                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            found = re.search(r"(http://127\.0\.0\.1:\d+)/([A-Za-z0-9_-]{22,})/ ", line)
+            assert found, line
+            base, token = found.groups()
+            tokens.append(token)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/{token}/api/state", timeout=5) as r:
+                        assert r.status == 200 and "findings" in json.load(r)
+                    break
+                except urllib.error.URLError:  # not listening yet
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.2)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}/api/state", timeout=5)
+            assert refused.value.code == 403
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    assert tokens[0] != tokens[1]
 
 
 def test_a_relabel_to_an_unknown_class_is_one_line(audited, tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def audit(data: PathLike, out: PathLike, *, model: PathLike | None = None, confi
     if model is not None and (config is not None or overrides):
         raise ConfigError("audit: config and overrides configure the model trained on the data; "
                           "with model= none is trained")
-    require("cleanlab", "imagehash")
+    require("cleanlab", "imagehash", "faiss")
     with _shown():
         from imgclf.audit import AuditOptions, run
 

@@ -51,7 +51,7 @@ EXTRAS = {
     "onnx": ("export", "ONNX export"), "onnxruntime": ("export", "an ONNX model"),
     "onnxscript": ("export", "ONNX export"),
     "timm": ("timm", "a timm/<name> model"), "mlflow": ("track", "trainer.logger: mlflow"),
-    "cleanlab": ("audit", "audit"), "imagehash": ("audit", "audit"),
+    "cleanlab": ("audit", "audit"), "imagehash": ("audit", "audit"), "faiss": ("audit", "audit"),
     "s3fs": ("s3", "object storage (s3://)"), "ray": ("ray", "--engine ray"),
 }
 

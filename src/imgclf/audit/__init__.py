@@ -8,6 +8,8 @@ ImageNet features, or a model trained briefly on the data itself into AUDIT_DIR/
   acted on only as far as the head proves trustworthy (_trust: calibration, accuracy per class);
 - near-duplicates, train/test leakage and label conflicts: 256-bit perceptual hashes, grouped;
 - outliers: images far from their nearest neighbours.
+Both searches use faiss indexes above 20,000 images (inverted files, not all pairs), and the
+embeddings stream through in batches into float16 cache parts (resumable; _embed).
 Hands on (see imgclf.auditdir and docs/audit.md): audit.csv (one row per finding, with the action
 it proposes), audit.json (summary) and audit.html (gallery). Train reads the findings through
 `data.exclude: AUDIT_DIR/audit.csv`; `--apply` writes them into DATA_DIR's manifest instead;
@@ -75,6 +77,28 @@ class AuditOptions:
     gallery_size: int = 60
 
 
+def _peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far (Linux reports KiB), None where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+@dataclass
+class _Clock:
+    """Seconds per audit step, and the process's peak memory when each step ended (audit.json)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_gb: dict[str, float | None] = field(default_factory=dict)
+
+    def lap(self, step: str, since: float) -> None:
+        self.seconds[step] = time.perf_counter() - since
+        self.peak_rss_gb[step] = _peak_rss_gb()
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; --out must be a folder (AUDIT_DIR)")
@@ -118,7 +142,8 @@ def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
 
 def run(opts: AuditOptions) -> dict[str, Any]:
     """Audit DATA_DIR into AUDIT_DIR; returns the audit.json content."""
-    started = time.perf_counter()
+    clock = _Clock()
+    started = clock.started
     out = Path(opts.out)
     _check_out(out)
     if opts.filter_by not in FILTERS:
@@ -126,14 +151,14 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     ok, names = _audited_rows(opts.data)
     embedder = _embedder(opts, names)
     out.mkdir(parents=True, exist_ok=True)
-    timing: dict[str, float] = {"model": time.perf_counter() - started}
+    clock.lap("model", started)
 
     t0 = time.perf_counter()
     embedded = _embed.embed(ok, opts.data, embedder, out / auditdir.CACHE, opts.batch_size, opts.num_workers)
-    timing["embed"] = time.perf_counter() - t0
+    clock.lap("embed", t0)
     # One BLAS/OpenMP thread: on a shared machine more threads spin-wait on each other (docs/train.md).
     with threadpool_limits(1):
-        findings, summary = _analyse(ok, names, embedded, opts, timing)
+        findings, summary = _analyse(ok, names, embedded, opts, clock)
     audit_csv = out / auditdir.CSV
     # Labels and URLs are scraped data: `=HYPERLINK(...)` must reach a spreadsheet as text (csvfile).
     write_atomic(audit_csv, frame_text(findings, index=False, errors="surrogateescape"))
@@ -158,14 +183,15 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     _html.write(out / auditdir.HTML, result, findings, thumbs, opts.gallery_size)
     if opts.apply:
         result["applied"] = _apply.apply(Path(opts.data), findings, audit_csv)
-    timing["total"] = time.perf_counter() - started
-    result["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    clock.lap("total", started)
+    result["timing"] = {k: round(v, 2) for k, v in clock.seconds.items()}
+    result["peak_rss_gb"] = clock.peak_rss_gb  # after each step: which one made the peak
     write_atomic(out / auditdir.JSON, json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts: AuditOptions,
-             timing: dict[str, float]) -> tuple[pd.DataFrame, dict[str, Any]]:
+             clock: _Clock) -> tuple[pd.DataFrame, dict[str, Any]]:
     readable = embedded.readable
     t0 = time.perf_counter()
     index = {n: i for i, n in enumerate(names)}
@@ -174,26 +200,26 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
     probs = np.zeros((len(ok), len(names)))
     scored = labels >= 0
     if scored.any():
-        probs[scored] = _labels.out_of_sample_probs(embedded.features[scored], labels[scored], len(names),
-                                                    folds, opts.seed)
+        probs[scored] = _labels.out_of_sample_probs(embedded.features[scored].astype(np.float32), labels[scored],
+                                                    len(names), folds, opts.seed)
     found = _labels.find_issues(probs, labels, names, opts.filter_by, opts.max_self_confidence)
     judge, calibrated = _trust.assess(probs, labels, names, found.issues)
-    timing["labels"] = time.perf_counter() - t0
+    clock.lap("labels", t0)
 
     t0 = time.perf_counter()
     pairs, similarity = _duplicates.duplicate_pairs(embedded.phash, readable, opts.duplicates)
     groups = _duplicates.group(len(ok), pairs)
     best = _duplicates.best_similarity(len(ok), pairs, similarity)
-    timing["duplicates"] = time.perf_counter() - t0
+    clock.lap("duplicates", t0)
 
     t0 = time.perf_counter()
     ids = np.flatnonzero(readable)
-    neighbours = _duplicates.nearest_neighbours(embedded.features[ids], opts.duplicates.neighbours)
+    neighbours = _duplicates.nearest_neighbours(embedded.features[ids], opts.duplicates.neighbours, opts.duplicates)
     local = _outliers.find_outliers(neighbours, np.ones(len(ids), dtype=bool), opts.outlier_z)
     distance, zscore = np.zeros(len(ok)), np.zeros(len(ok))
     distance[ids], zscore[ids] = local.distance, local.zscore
     outliers = ids[local.flagged]
-    timing["outliers"] = time.perf_counter() - t0
+    clock.lap("outliers", t0)
 
     confidence = calibrated.max(axis=1)
     parts = [

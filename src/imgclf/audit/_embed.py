@@ -2,8 +2,9 @@
 
 The embedding is the model's penultimate layer (its head removed), on the model's own eval
 preprocessing. Exported models (ONNX, TorchScript) expose no inner layer: their log-probabilities
-are the embedding. Both caches live in AUDIT_DIR/cache and are keyed by image sha256 (and, for
-embeddings, by a fingerprint of the model file and preprocessing), so a rerun decodes only
+are the embedding. Images stream through in batches; every PART_SIZE of them are saved as one
+part of AUDIT_DIR/cache/embeddings-KEY/ (KEY: a fingerprint of the model file and preprocessing;
+each image by its sha256), so a rerun, or an audit resumed after Ctrl-C or a crash, decodes only
 images it has not seen with that model.
 """
 
@@ -28,8 +29,9 @@ from imgclf import presets, storage
 from imgclf._files import atomic_path
 from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
+from imgclf.inference import ModelHandle, load
 from imgclf.manifest import RowRef, row_refs
-from imgclf.modelfile import ModelKind, identify
+from imgclf.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +84,23 @@ def _torch_features(body: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
 
 
 def load_embedder(path: str | Path) -> Embedder:
-    """An embedder from a run directory, checkpoint, .onnx or TorchScript file (modelfile.identify)."""
-    path = Path(path)
-    kind = identify(path)
-    if kind in (ModelKind.RUN, ModelKind.CHECKPOINT):
-        from imgclf.checkpoint import load_model
+    """An embedder from a run directory, checkpoint, .onnx or TorchScript file (inference.load)."""
+    return embedder(load(path))
 
-        loaded = load_model(path)
-        key = _fingerprint(_file_digest(loaded.path), loaded.preprocessing, "penultimate")
-        return Embedder(_torch_features(headless(loaded.model)), loaded.preprocessing, loaded.class_names,
-                        key, str(loaded.path), "penultimate layer")
-    from imgclf.inference import load_classifier
 
-    classifier = load_classifier(path)
+def embedder(handle: ModelHandle) -> Embedder:
+    """The handle's penultimate layer (a torch module), or its log-probabilities (an exported file)."""
+    if handle.module is not None:
+        key = _fingerprint(_file_digest(handle.path), handle.preprocessing, "penultimate")
+        return Embedder(_torch_features(headless(handle.module)), handle.preprocessing, handle.class_names,
+                        key, str(handle.path), "penultimate layer")
+    backend = handle.backend
 
     def logprobs(batch: torch.Tensor) -> np.ndarray:
-        return np.log(np.clip(classifier.backend.probabilities(batch), 1e-7, None)).astype(np.float32)
+        return np.log(np.clip(backend.probabilities(batch), 1e-7, None)).astype(np.float32)
 
-    key = _fingerprint(_file_digest(path), classifier.preprocessing, "logprob")
-    return Embedder(logprobs, classifier.preprocessing, classifier.class_names, key, str(path), "log-probabilities")
+    key = _fingerprint(_file_digest(handle.path), handle.preprocessing, "logprob")
+    return Embedder(logprobs, handle.preprocessing, handle.class_names, key, str(handle.path), "log-probabilities")
 
 
 def _fingerprint(weights_digest: str, pre: presets.Preprocessing, layer: str) -> str:
@@ -159,34 +159,44 @@ class _Images(Dataset):
 
 
 # ---------------------------------------------------------------- cache
+#
+# AUDIT_DIR/cache/embeddings-KEY/ holds numbered parts, part-000000.npz, ..., each with the sha256,
+# float16 embedding and 256-bit hashes of PART_SIZE images as they were embedded. A part is written
+# once and never rewritten, so saving costs the same at any N (rewriting one growing file would be
+# quadratic in N), and an interrupted audit loses at most the part it was filling.
+
+# Images per part: a killed audit re-embeds at most this many.
+PART_SIZE = 4_096
 
 
-def _read_cache(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        return {}
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.npz"))
+
+
+def _part_shas(path: Path) -> np.ndarray | None:
+    """The sha256 column of one part (npz reads arrays lazily: not its vectors); None when damaged."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:  # a damaged cache is recomputed, never trusted
-        log.warning("ignoring damaged cache %s (%s)", path, err.__class__.__name__)
-        return {}
+            return npz["sha256"]
+    except (OSError, ValueError, KeyError) as err:  # a damaged part is recomputed, never trusted
+        log.warning("ignoring damaged cache part %s (%s)", path, err.__class__.__name__)
+        return None
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+def _write_part(folder: Path, shas: list[str], vectors: list[np.ndarray], hashes: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = _parts(folder)
+    number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+    with atomic_path(folder / f"part-{number:06d}.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-
-# Newly embedded images between two cache writes: a killed audit of 70,000 images loses at most
-# this many (a write of the whole cache costs about a second per 100,000 images).
-SAVE_EVERY = 10_000
+            np.savez(fh, sha256=np.array(shas, dtype=str), vectors=np.stack(vectors).astype(np.float16),
+                     phash=np.stack(hashes))
 
 
 @dataclass
 class Embedded:
-    features: np.ndarray  # (N, D) float32, rows in frame order
+    features: np.ndarray  # (N, D) float16 (half the memory of float32; cosine and the linear head do not
+    #                       need more digits), rows in frame order
     phash: np.ndarray  # (N, len(CROPS), 4) uint64
     readable: np.ndarray  # (N,) bool
     reused: int  # images taken from the cache
@@ -194,52 +204,78 @@ class Embedded:
 
 def embed(frame: pd.DataFrame, data_dir: str | Path, embedder: Embedder, cache_dir: Path,
           batch_size: int = 128, num_workers: int = 0) -> Embedded:
-    """Embeddings and hashes for every row of `frame` (manifest rows), from cache when possible."""
-    emb_path, hash_path = cache_dir / f"embeddings-{embedder.key}.npz", cache_dir / "phash256.npz"
-    emb_cache, hash_cache = _read_cache(emb_path), _read_cache(hash_path)
-    known_emb = dict(zip(emb_cache.get("sha256", np.array([], str)).tolist(), emb_cache.get("vectors", []),
-                         strict=True))
-    known_hash = dict(zip(hash_cache.get("sha256", np.array([], str)).tolist(),
-                          hash_cache.get("phash", np.zeros((0, len(CROPS), HASH_WORDS), np.uint64)), strict=True))
-    shas = frame["sha256"].tolist()
-    todo = sorted({s for s in shas if s not in known_emb or s not in known_hash})
-    first_ref = dict(zip(shas, row_refs(frame), strict=True))
+    """Embeddings and hashes for every row of `frame` (manifest rows), from cache when possible.
+
+    Memory holds the result (N x D float16) and at most one part in the making, never a second copy
+    of all embeddings; progress is a line every few seconds (imgclf.progress) with rate and time left.
+    """
+    folder = cache_dir / f"embeddings-{embedder.key}"
+    shas = frame["sha256"].to_numpy(dtype=str)
+    uniq = np.unique(shas)
+    cached = [c for c in map(_part_shas, _parts(folder)) if c is not None]
+    known = np.unique(np.concatenate(cached)) if cached else np.array([], str)
+    todo = uniq[~np.isin(uniq, known)].tolist()
+    unreadable = _embed_missing(todo, frame, data_dir, embedder, folder, batch_size, num_workers)
+    return _assemble(shas, uniq, _parts(folder), unreadable, reused=len(uniq) - len(todo))
+
+
+def _embed_missing(todo: list[str], frame: pd.DataFrame, data_dir: str | Path, embedder: Embedder,
+                   folder: Path, batch_size: int, num_workers: int) -> set[str]:
+    """Embed the images of `todo` (sha256s) into new cache parts; the sha256s that could not be read."""
     unreadable: set[str] = set()
-    if todo:
-        log.info("embedding %d image(s) (%d from cache)", len(todo), len(set(shas)) - len(todo))
-        dataset = _Images(data_dir, [first_ref[s] for s in todo], embedder.preprocessing)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        done, saved = 0, 0
-        for images, hashes, ok in loader:
-            vectors = embedder.features(images)
-            for j in range(len(ok)):
-                sha = todo[done + j]
-                if bool(ok[j]):
-                    known_emb[sha] = vectors[j].astype(np.float32)
-                    known_hash[sha] = hashes[j].numpy().view(np.uint64)
-                else:
-                    unreadable.add(sha)
-            done += len(ok)
-            if done - saved >= SAVE_EVERY:  # an interrupted audit resumes from here (the cache is by sha256)
-                _save(emb_path, hash_path, known_emb, known_hash)
-                saved = done
-                log.info("embedded %d / %d image(s)", done, len(todo))
-        _save(emb_path, hash_path, known_emb, known_hash)
-    dim = len(next(iter(known_emb.values()))) if known_emb else 1
-    blank = np.zeros(dim, np.float32)
-    no_hash = np.zeros((len(CROPS), HASH_WORDS), np.uint64)
-    return Embedded(
-        features=np.stack([known_emb.get(s, blank) for s in shas]) if shas else np.zeros((0, dim), np.float32),
-        phash=np.stack([known_hash.get(s, no_hash) for s in shas]) if shas else no_hash[None][:0],
-        readable=np.array([s not in unreadable and s in known_emb for s in shas], dtype=bool),
-        reused=len(set(shas)) - len(todo))
+    if not todo:
+        return unreadable
+    log.info("embedding %d image(s) (%d from cache)", len(todo), frame["sha256"].nunique() - len(todo))
+    first_ref = dict(zip(frame["sha256"].tolist(), row_refs(frame), strict=True))
+    dataset = _Images(data_dir, [first_ref[s] for s in todo], embedder.preprocessing)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    done = 0
+    part: tuple[list[str], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for images, hashes, ok in track(loader, "embed", total=len(todo), unit="images", size=lambda b: len(b[2])):
+        vectors = embedder.features(images)
+        for j in range(len(ok)):
+            sha = todo[done + j]
+            if bool(ok[j]):
+                part[0].append(sha)
+                part[1].append(vectors[j])
+                part[2].append(hashes[j].numpy().view(np.uint64))
+            else:
+                unreadable.add(sha)  # not cached: a file fixed later is read again
+        done += len(ok)
+        if len(part[0]) >= PART_SIZE:  # an interrupted audit resumes from here (the cache is by sha256)
+            _write_part(folder, *part)
+            part = ([], [], [])
+    if part[0]:
+        _write_part(folder, *part)
+    return unreadable
 
 
-def _save(emb_path: Path, hash_path: Path, emb: dict[str, np.ndarray], hashes: dict[str, np.ndarray]) -> None:
-    keys = sorted(emb)
-    _write_cache(emb_path, {"sha256": np.array(keys, dtype=str),
-                            "vectors": np.stack([emb[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)})
-    hkeys = sorted(hashes)
-    _write_cache(hash_path, {"sha256": np.array(hkeys, dtype=str),
-                             "phash": np.stack([hashes[k] for k in hkeys]) if hkeys
-                             else np.zeros((0, len(CROPS), HASH_WORDS), np.uint64)})
+def _assemble(shas: np.ndarray, uniq: np.ndarray, parts: list[Path], unreadable: set[str],
+              reused: int) -> Embedded:
+    """Rows in frame order, filled part by part (one part in memory besides the result)."""
+    _, inverse = np.unique(shas, return_inverse=True)  # row -> its sha's position in `uniq`
+    order = np.argsort(inverse, kind="stable")  # rows grouped by sha, so a sha's rows are one slice
+    starts = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    features: np.ndarray | None = None
+    phash = np.zeros((len(shas), len(CROPS), HASH_WORDS), np.uint64)
+    readable = np.zeros(len(shas), dtype=bool)
+    for path in parts:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                part_shas, vectors, hashes = npz["sha256"], npz["vectors"], npz["phash"]
+        except (OSError, ValueError, KeyError):
+            continue  # warned about in embed(); its images were embedded again into a new part
+        if features is None:
+            features = np.zeros((len(shas), vectors.shape[1]), np.float16)
+        pos = np.searchsorted(uniq, part_shas)
+        wanted = (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == part_shas)
+        # The rows of sha k are order[starts[k]:starts[k + 1]] (usually one): spread each part row over them.
+        ks = np.flatnonzero(wanted)
+        first, count = starts[pos[ks]], starts[pos[ks] + 1] - starts[pos[ks]]
+        src = np.repeat(ks, count)
+        rows = order[np.repeat(first, count) + np.arange(len(src)) - np.repeat(np.cumsum(count) - count, count)]
+        features[rows], phash[rows], readable[rows] = vectors[src], hashes[src], True
+    if features is None:
+        features = np.zeros((len(shas), 1), np.float16)
+    readable &= ~np.isin(shas, list(unreadable))
+    return Embedded(features=features, phash=phash, readable=readable, reused=reused)

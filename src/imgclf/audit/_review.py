@@ -1,7 +1,10 @@
 """`imgclf audit --review`: a local page to decide each finding (keep / relabel / drop), saved as
 AUDIT_DIR/decisions.csv after every decision, which train's `data.exclude` reads.
 
-The server binds 127.0.0.1 only (it reads the data's images and writes a file: not for a network).
+The server binds 127.0.0.1 only (it reads the data's images and writes a file: not for a network),
+and every request must start with a random per-run token, `/TOKEN/...`, printed in the URL: another
+local user or a web page in the browser that guesses the port gets 403 (the token is compared in
+constant time), as Jupyter does. The page uses relative URLs, so it never has to know the token.
 A request names a finding by its number in audit.csv's order (label issues first) and an example
 image by (finding, k): never a path, so nothing outside the manifest's images can be read.
 Decisions are per manifest row (an image in two findings is decided once), undo is a stack of
@@ -12,7 +15,9 @@ atomically through imgclf.csvfile, so a closed tab or a killed server loses noth
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import io
+import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -170,8 +175,45 @@ class ReviewState:
         auditdir.write_decisions(frame, self.audit_dir)
 
 
-def app(state: ReviewState) -> Any:
-    """The FastAPI application over one ReviewState (no docs pages: nothing but the review)."""
+def new_token() -> str:
+    """A per-run secret for the URL: 128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+class TokenGate:
+    """ASGI middleware: only `/TOKEN/...` reaches the app (with the prefix removed); anything else is 403.
+
+    The token is the first path segment rather than a query parameter so that the page's relative
+    URLs (images, api calls) carry it without the page knowing it.
+    """
+
+    def __init__(self, inner: Any, token: str) -> None:
+        self.inner = inner
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # lifespan: startup and shutdown of the server itself
+            await self.inner(scope, receive, send)
+            return
+        first, slash, rest = scope["path"].lstrip("/").partition("/")
+        # compare_digest: the time taken does not tell how many leading characters were right.
+        if not hmac.compare_digest(first.encode(errors="surrogateescape"), self.token):
+            await _plain(send, 403, b"forbidden: open the URL that imgclf audit --review printed (with its token)\n")
+        elif not slash:  # /TOKEN -> /TOKEN/, so that the page's relative URLs resolve under the token
+            await _plain(send, 307, b"", [(b"location", b"/" + self.token + b"/")])
+        else:
+            await self.inner({**scope, "path": "/" + rest, "raw_path": ("/" + rest).encode()}, receive, send)
+
+
+async def _plain(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def app(state: ReviewState, token: str) -> Any:
+    """The review application over one ReviewState, behind its token (no docs pages: nothing but the review)."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, Response
 
@@ -210,7 +252,7 @@ def app(state: ReviewState) -> Any:
     def undo() -> dict[str, Any]:
         return state.undo()
 
-    return api
+    return TokenGate(api, token)
 
 
 def bind(port: int = 0) -> socket.socket:
@@ -222,17 +264,18 @@ def bind(port: int = 0) -> socket.socket:
     return sock
 
 
-def server(state: ReviewState) -> Any:
-    """A uvicorn Server for the page; run it with `.run(sockets=[bind()])`, stop it with `.should_exit = True`."""
+def server(state: ReviewState, token: str) -> Any:
+    """A uvicorn Server for the page at /TOKEN/; `.run(sockets=[bind()])` runs it, `.should_exit = True` stops it."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app(state), log_level="warning", access_log=False))
+    return uvicorn.Server(uvicorn.Config(app(state, token), log_level="warning", access_log=False))
 
 
 def serve(audit_dir: Path, data_dir: str | Path, port: int = 0) -> None:
     """Serve the review until Ctrl-C, printing where."""
     state = ReviewState.load(audit_dir, data_dir)
     sock = bind(port)
-    print(f"review {len(state.findings)} finding(s) at http://127.0.0.1:{sock.getsockname()[1]}/ "
+    token = new_token()
+    print(f"review {len(state.findings)} finding(s) at http://127.0.0.1:{sock.getsockname()[1]}/{token}/ "
           f"(decisions saved to {audit_dir / auditdir.DECISIONS}; Ctrl-C to stop)", flush=True)
-    server(state).run(sockets=[sock])
+    server(state, token).run(sockets=[sock])

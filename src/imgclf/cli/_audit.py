@@ -60,7 +60,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    require("cleanlab", "imagehash")  # a missing extra: one line, before any work
+    require("cleanlab", "imagehash", "faiss")  # a missing extra: one line, before any work
     data, overrides = _data_and_overrides(args)
     if args.review:
         return _review(args, data, overrides)

@@ -13,11 +13,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="image folders, archives or URL lists -> validated images + manifest",
                        description="Validate and store images from image folders (ImageFolder layout: "
                                    "[train|val|test/]<label>/<image>), archives of them (.zip, .tar, .tar.gz, "
-                                   ".tar.zst, ...) and CSV/TSV/Parquet tables (columns label and url and/or "
+                                   ".tar.zst, ...) and CSV/TSV/Parquet/JSONL tables (columns label and url and/or "
                                    "path[, split]) into a data directory; resumable and incremental: run the "
                                    "same command again.")
     p.add_argument("sources", nargs="+", type=Path,
-                   help="folders, archives, CSV/TSV/Parquet tables, mixed freely; a source named "
+                   help="folders, archives, CSV/TSV/Parquet/JSONL tables, mixed freely; a source named "
                         "train/val/test names the split when nothing else does")
     p.add_argument("--out", required=True, type=location,
                    help="data directory to write images and manifest into: a folder or an object-store URL "
@@ -81,6 +81,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None,
                    help="object-storage --out: local folder for the resume state "
                         "(by default ~/.cache/imgclf/state/<hash of --out>)")
+    p.add_argument("--label-sep", default=None, metavar="SEP",
+                   help="multi-label data: label cells hold several labels joined by SEP (e.g. '|'); a list "
+                        "column (Parquet) is stored joined by it, and an empty cell is an image with no label "
+                        "(kept, not missing_label). Train with task: multilabel (docs/multilabel.md)")
     for name, default in (("url", "url"), ("label", "label"), ("split", "split"), ("path", "path")):
         p.add_argument(f"--{name}-col", default=None, metavar="NAME",
                        help=f"table column holding the {name} (default: {default})")

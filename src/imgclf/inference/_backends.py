@@ -54,8 +54,9 @@ class _TorchModel:
 class TorchBackend(_TorchModel):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
         self.model = model.eval()
+        self.device = device  # where the model's weights are (inference.load moved them)
         self._threads = _TorchThreads()
 
     def probabilities(self, batch: Any) -> np.ndarray:
@@ -65,7 +66,10 @@ class TorchBackend(_TorchModel):
 
         self._threads.ensure()
         with torch.inference_mode():
-            return torch.softmax(self.model(fast_layout(torch.as_tensor(batch))), dim=1).numpy()
+            inputs = torch.as_tensor(batch)
+            if self.device != "cpu":
+                inputs = inputs.to(self.device, non_blocking=True)
+            return torch.softmax(self.model(fast_layout(inputs)), dim=1).cpu().numpy()
 
 
 class TorchScriptBackend(_TorchModel):
