@@ -173,7 +173,8 @@ def _fit(job: FitJob) -> TrainResult:
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
     kept = None
-    if probe and config.model.keep == "better" and zero and best.is_file() and best != last:  # vs the probe
+    if probe and config.model.keep == "better" and zero and not module.multilabel and best.is_file() \
+            and best != last:  # the better of it and the linear probe (single-label)
         kept = _probe.keep_better(module, best, val_loader, *probe)
     if zero and module.multilabel:  # per-label thresholds, on validation, into best.ckpt and last.ckpt
         _multilabel.fit_thresholds(module, best, val_loader, [best, last])
