@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf import _yaml
 from imgclf.errors import ConfigError
@@ -90,6 +90,8 @@ class DataConfig(_Section):
     # one GET per shard instead of one per image. Never evicted: needs disk for the shards read.
     shard_cache: str | None = None
     balanced_sampler: bool = False
+    # task: multilabel: the separator between the labels of one manifest label cell ("dress|red").
+    label_sep: str = Field("|", min_length=1, max_length=8)
     # Share of stored images that may be unreadable (skipped with a warning) before a run stops.
     max_unreadable: float = Field(0.05, ge=0.0, le=1.0)
     # Rows left out of training: an `imgclf audit` audit.csv (its drop/relabel rows), a review's
@@ -135,15 +137,25 @@ class OptimConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["cross_entropy"] = "cross_entropy"
+    # cross_entropy: single-label. bce (sigmoid + binary cross-entropy) and asl (asymmetric loss,
+    # Ridnik et al. 2021): task: multilabel, which takes bce when name is left at its default.
+    name: Literal["cross_entropy", "bce", "asl"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] = "none"
+    # bce: "auto" weighs each label's positives by negatives / positives in the train subset (rare tags).
+    pos_weight: Literal["none", "auto"] = "none"
+    # asl: negatives' focusing exponent, positives' exponent, and the probability margin below which
+    # an easy negative counts for nothing (the paper's defaults).
+    gamma_neg: float = Field(4.0, ge=0.0, le=20.0)
+    gamma_pos: float = Field(1.0, ge=0.0, le=20.0)
+    clip: float = Field(0.05, ge=0.0, lt=1.0)
 
 
 class TrainerConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    monitor: Literal["val_f1_macro", "val_accuracy", "val_loss"] = "val_f1_macro"
+    # task: multilabel: val_f1_macro is the macro F1 at 0.5, val_accuracy the subset accuracy, val_map mAP.
+    monitor: Literal["val_f1_macro", "val_accuracy", "val_loss", "val_map"] = "val_f1_macro"
     early_stopping_patience: int | None = Field(None, ge=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1
@@ -174,13 +186,47 @@ class TrainerConfig(_Section):
         return v
 
 
+# What task: multilabel cannot combine with, and why (one line each, naming the key).
+_SINGLE_LABEL_ONLY = {
+    "loss.class_weights": ("balanced", "weighs classes of a softmax; use loss.pos_weight: auto"),
+    "loss.label_smoothing": (None, "smooths one-hot targets; not used with sigmoid outputs"),
+    "data.balanced_sampler": (True, "samples by one label per image"),
+    "data.augment.mixup": (None, "mixes one class index per image"),
+    "data.augment.cutmix": (None, "mixes one class index per image"),
+}
+
+
 class TrainConfig(_Section):
     seed: int = 42
+    # single_label: one class per image (softmax). multilabel: a set of labels per image (sigmoid),
+    # the manifest's label cell split at data.label_sep; see docs/multilabel.md.
+    task: Literal["single_label", "multilabel"] = "single_label"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _task_fits_loss(self) -> TrainConfig:
+        if self.task == "single_label":
+            if self.loss.name != "cross_entropy":
+                raise ValueError(f"loss.name: {self.loss.name} needs task: multilabel "
+                                 "(single-label uses cross_entropy)")
+            if self.trainer.monitor == "val_map":
+                raise ValueError("trainer.monitor: val_map needs task: multilabel")
+            return self
+        if self.loss.name == "cross_entropy":
+            if "name" in self.loss.model_fields_set:
+                raise ValueError("loss.name: cross_entropy is single-label; task: multilabel uses bce or asl")
+            self.loss.name = "bce"  # the multi-label default
+        for key, (bad, why) in _SINGLE_LABEL_ONLY.items():
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            if (value == bad) if bad is not None else bool(value):
+                raise ValueError(f"{key}: {value!r} does not work with task: multilabel ({why})")
+        return self
 
     def to_plain(self) -> dict[str, Any]:
         """Plain, YAML- and torch.load(weights_only=True)-safe data (tuples become lists)."""
@@ -250,6 +296,8 @@ def _nearest_key(key: str) -> str:
 def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])[:120] or "<root>"
+    if not first["loc"] and first["type"] == "value_error":  # a check across sections names its keys itself
+        return f"{origin}: {str(first.get('ctx', {}).get('error', first['msg']))[:300]}"
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}'{_nearest_key(key)}"
     got = first.get("input")

@@ -1,0 +1,122 @@
+"""Multi-label core: label sets <-> indicator matrices, thresholds, and sets <-> reported labels.
+
+`task: multilabel` (config) gives each image a *set* of labels. The manifest keeps the label cell
+as text (`dress|red|outdoor`); `parse_labels` splits it with `data.label_sep` at train and evaluate
+time, `encode` turns sets into the (N, C) {0, 1} targets of a sigmoid model, `choose_thresholds`
+picks one threshold per label on the validation split (stored in the checkpoint), and `decode`
+turns probabilities (`sigmoid(logits)`) back into the labels above their thresholds.
+
+A core module: numpy and scikit-learn only, no stage imported (predict, serve, export, evaluate and
+train all use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from imgclf.errors import DataError
+
+TASK = "multilabel"  # the value of `task` in configs and in checkpoint / export metadata
+SINGLE_LABEL = "single_label"
+DEFAULT_THRESHOLD = 0.5  # a label with no positive in validation keeps this one
+
+
+def is_multilabel(meta: dict | None) -> bool:
+    """Whether checkpoint or export metadata describe a multi-label model (absent `task` = single-label)."""
+    return bool(meta) and meta.get("task") == TASK
+
+
+def parse_labels(cell: object, sep: str = "|") -> tuple[str, ...]:
+    """The label set of one cell, sorted, without duplicates or blanks: `"red| dress|red"` ->
+    `("dress", "red")`. An empty or missing cell is the empty set (an image with no label)."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return ()
+    if isinstance(cell, (list, tuple, np.ndarray)):  # a list column read as such
+        parts: Iterable[object] = cell
+    else:
+        parts = str(cell).split(sep)
+    return tuple(sorted({str(p).strip() for p in parts if str(p).strip()}))
+
+
+def join_labels(labels: Iterable[str], sep: str = "|") -> str:
+    """The cell text of a label set (sorted, so equal sets give equal cells)."""
+    return sep.join(sorted(set(labels)))
+
+
+def vocabulary(sets: Iterable[Sequence[str]]) -> list[str]:
+    """The sorted labels that occur in any set: a multi-label model's `classes`."""
+    return sorted({label for labels in sets for label in labels})
+
+
+def encode(sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+    """(N, C) uint8 indicator matrix: row i has a 1 in column j when classes[j] is in sets[i].
+    A label outside `classes` is a DataError naming it (the model cannot score it)."""
+    index = {name: j for j, name in enumerate(classes)}
+    out = np.zeros((len(sets), len(classes)), dtype=np.uint8)
+    for i, labels in enumerate(sets):
+        for label in labels:
+            j = index.get(label)
+            if j is None:
+                shown = ", ".join(map(repr, list(classes)[:20])) + (", ..." if len(classes) > 20 else "")
+                raise DataError(f"label {label!r} (row {i}) is not known to the model; "
+                                f"its {len(classes)} labels: {shown}")
+            out[i, j] = 1
+    return out
+
+
+def decode(probs: np.ndarray, classes: Sequence[str], thresholds: Sequence[float],
+           top_k: int | None = None) -> list[list[tuple[str, float]]]:
+    """Per row, the (label, probability) pairs whose probability is >= the label's threshold,
+    highest first; at most `top_k` of them when given."""
+    probs = np.asarray(probs, dtype=np.float64)
+    above = probs >= np.asarray(thresholds, dtype=np.float64)[None, :]
+    out = []
+    for row, keep in zip(probs, above, strict=True):
+        picked = np.flatnonzero(keep)
+        # Stable sort on -score: ties keep the vocabulary's order, so output is deterministic.
+        picked = picked[np.argsort(-row[picked], kind="stable")]
+        if top_k is not None:
+            picked = picked[:top_k]
+        out.append([(classes[j], float(row[j])) for j in picked])
+    return out
+
+
+def choose_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
+    """One threshold per label: the probability cut that maximises that label's F1 on (validation)
+    `probs` (N, C) against `targets` (N, C); DEFAULT_THRESHOLD where a label has no positive.
+
+    The cut is placed halfway between the lowest kept score and the next lower score, so a score a
+    hair below the lowest validation positive (other images, other hardware) is not flipped."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    return [_best_cut(probs[:, j], targets[:, j]) for j in range(probs.shape[1])]
+
+
+def _best_cut(scores: np.ndarray, positive: np.ndarray) -> float:
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return DEFAULT_THRESHOLD
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], positive[order]
+    tp = np.cumsum(hits)
+    kept = np.arange(1, len(ranked) + 1)
+    f1 = 2 * tp / (kept + n_pos)
+    # Only cut between distinct scores: equal scores are kept or dropped together.
+    distinct = np.append(ranked[1:] < ranked[:-1], True)
+    best = int(np.flatnonzero(distinct)[np.argmax(f1[distinct])])
+    lower = ranked[best + 1] if best + 1 < len(ranked) else 0.0
+    return float((ranked[best] + lower) / 2)
+
+
+def frequencies(targets: np.ndarray) -> np.ndarray:
+    """Share of images carrying each label: the frequency baseline's scores."""
+    targets = np.asarray(targets, dtype=np.float64)
+    return targets.mean(axis=0) if len(targets) else np.zeros(targets.shape[1])
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities of a multi-label model's logits (float64, no overflow warnings)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))
