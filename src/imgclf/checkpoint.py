@@ -30,7 +30,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     config: TrainConfig
     path: Path
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's "imgclf" dict (task, thresholds, ...)
 
 
 def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing | None = None) -> dict[str, Any]:
@@ -185,7 +186,7 @@ def load_model(path: str | Path) -> LoadedModel:
         raise DataError(f"{resolved}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
                         f"({first_line(err)})") from None
     model.eval()
-    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved)
+    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved, ckpt["imgclf"])
 
 
 def _build(desc: Description, where: Path) -> nn.Module:

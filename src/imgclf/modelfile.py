@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ExportedMeta:
     preprocessing: Preprocessing
     arch: str
     exporter: str
+    plain: dict[str, Any] = field(default_factory=dict)  # the whole metadata dict (task, thresholds, ...)
 
 
 # First bytes of files people point --model at by mistake, so the error can say what they are.
@@ -117,7 +118,7 @@ def _parse_meta(plain: Any, path: Path) -> ExportedMeta:
     try:
         pre = Preprocessing.from_plain(plain["preprocessing"])
         return ExportedMeta([str(n) for n in plain["class_names"]], pre, str(plain.get("arch", "")),
-                            str(plain.get("exporter", "")))
+                            str(plain.get("exporter", "")), dict(plain))
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: imgclf metadata is incomplete ({err.__class__.__name__}: {err})") from None
 

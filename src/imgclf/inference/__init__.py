@@ -38,6 +38,7 @@ __all__ = ["BACKENDS", "PREDICT_LIMITS", "Backend", "Classifier", "load_classifi
 BACKENDS = ("auto", "torch", "onnx", "torchscript")
 # Prediction accepts any size an image viewer would show; the bomb limit still applies.
 PREDICT_LIMITS = ImageLimits(min_side=1)
+Scores = list[tuple[str, float]]  # (label, probability), highest first
 _BACKEND_OF = {ModelKind.RUN: "torch", ModelKind.CHECKPOINT: "torch", ModelKind.ONNX: "onnx",
                ModelKind.TORCHSCRIPT: "torchscript"}
 
@@ -51,6 +52,9 @@ class Classifier:
     preprocessing: Preprocessing
     source: str  # the model path, for logs and /health
     tta: str = "none"  # test-time augmentation, averaged over views (inference/_tta.py): none, flip, crops
+    # task: multilabel: probabilities are per-label sigmoids and a label is predicted at or above its
+    # threshold (chosen on the validation split at training, stored with the model); None: single-label.
+    thresholds: list[float] | None = None
     preprocessor: Preprocessor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,19 @@ class Classifier:
         setter = getattr(self.backend, "set_threads", None)
         if setter is not None:
             setter(threads)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def outputs(self, probs: np.ndarray, k: int) -> list[tuple[Scores, Scores | None]]:
+        """(N, C) probabilities -> per row (top-k, the labels above their thresholds or None when single-label)."""
+        tops = self.top_k_batch(probs, k)
+        if self.thresholds is None:
+            return [(top, None) for top in tops]
+        from imgclf.multilabel import decode
+
+        return list(zip(tops, decode(probs, self.class_names, self.thresholds), strict=True))
 
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
         return self.top_k_batch(probs[None, :], k)[0]
@@ -121,16 +138,28 @@ def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier
         # The session holds the metadata too: no second parse of the file, no `onnx` import.
         session = OnnxBackend(path)
         meta = onnx_metadata(session.metadata(), path)
-        return Classifier(session, meta.class_names, meta.preprocessing, str(path))
+        return Classifier(session, meta.class_names, meta.preprocessing, str(path),
+                          thresholds=_thresholds(meta.plain, meta.class_names, path))
     if chosen == "torchscript":
         from imgclf.modelfile import load_torchscript
 
         module, meta = load_torchscript(path)
-        return Classifier(TorchScriptBackend(module), meta.class_names, meta.preprocessing, str(path))
+        return Classifier(TorchScriptBackend(module), meta.class_names, meta.preprocessing, str(path),
+                          thresholds=_thresholds(meta.plain, meta.class_names, path))
     from imgclf.checkpoint import load_model
 
     loaded = load_model(path)
-    return Classifier(TorchBackend(loaded.model), loaded.class_names, loaded.preprocessing, str(loaded.path))
+    thresholds = _thresholds(loaded.meta, loaded.class_names, loaded.path)
+    # An exported file holds its own activation; a checkpoint's logits get sigmoid when multi-label.
+    backend = TorchBackend(loaded.model, sigmoid=thresholds is not None)
+    return Classifier(backend, loaded.class_names, loaded.preprocessing, str(loaded.path), thresholds=thresholds)
+
+
+def _thresholds(meta: dict[str, Any], class_names: list[str], where: Path) -> list[float] | None:
+    """A multi-label model's per-label thresholds from its metadata; None for a single-label one."""
+    from imgclf.multilabel import thresholds_of
+
+    return thresholds_of(meta, class_names, where)
 
 
 def _single_threaded_torch() -> None:

@@ -54,8 +54,9 @@ class _TorchModel:
 class TorchBackend(_TorchModel):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, sigmoid: bool = False) -> None:
         self.model = model.eval()
+        self.sigmoid = sigmoid  # a multi-label model: one independent probability per label
         self._threads = _TorchThreads()
 
     def probabilities(self, batch: Any) -> np.ndarray:
@@ -65,7 +66,8 @@ class TorchBackend(_TorchModel):
 
         self._threads.ensure()
         with torch.inference_mode():
-            return torch.softmax(self.model(fast_layout(torch.as_tensor(batch))), dim=1).numpy()
+            logits = self.model(fast_layout(torch.as_tensor(batch)))
+            return (torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)).numpy()
 
 
 class TorchScriptBackend(_TorchModel):
