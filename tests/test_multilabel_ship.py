@@ -146,7 +146,7 @@ def test_exported_files_carry_task_and_thresholds(ckpt: Path, exported: dict[str
     from imgclf.modelfile import load_torchscript
 
     _, ts_meta = load_torchscript(exported["torchscript"])
-    assert ts_meta.plain["task"] == "multilabel" and ts_meta.plain["thresholds"] == thresholds
+    assert ts_meta.task == "multilabel" and ts_meta.thresholds == thresholds
     for path in exported.values():
         assert load_classifier(path).thresholds == thresholds
 
@@ -167,7 +167,7 @@ def test_single_label_export_metadata_has_no_task(tiny_run: Path, tmp_path: Path
     from imgclf.modelfile import load_torchscript
 
     _, meta = load_torchscript(result.path)
-    assert "task" not in meta.plain and "thresholds" not in meta.plain
+    assert meta.task == "single_label" and meta.thresholds is None
     assert load_classifier(result.path).thresholds is None
 
 

@@ -4,6 +4,8 @@ A checkpoint is a dict loadable with `torch.load(path, weights_only=True)`:
 
     state_dict   model tensors, keys prefixed "model." (Lightning's layout)
     imgclf       {"format": 2, "class_names": [str], "config": {...}}   # config is TrainConfig.to_plain()
+                 task: multilabel adds "task": "multilabel" and "thresholds": [float] (one per class,
+                 chosen on the validation split after training); absent task = single-label
 
 Each fact is held once: the architecture is config.model.arch and the eval preprocessing is
 derived from config.data by `Preprocessing.from_config` (`describe` gives both). Format 1
@@ -30,13 +32,14 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from imgclf import multilabel
 from imgclf._files import atomic_path
 from imgclf.config import TrainConfig
 from imgclf.errors import DataError, first_line
@@ -55,13 +58,20 @@ class LoadedModel:
     preprocessing: Preprocessing
     config: TrainConfig
     path: Path
-    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's "imgclf" dict (task, thresholds, ...)
+    task: str = multilabel.SINGLE_LABEL  # or multilabel.TASK: sigmoid outputs, labels above `thresholds`
+    thresholds: list[float] | None = None  # task: multilabel: one per class
 
 
-def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing | None = None) -> dict[str, Any]:
+def make_meta(config: TrainConfig, class_names: list[str], pre: Preprocessing | None = None,
+              thresholds: list[float] | None = None) -> dict[str, Any]:
     if pre is not None and pre != Preprocessing.from_config(config.data):
         raise ValueError(f"preprocessing {pre} is not the one config.data defines")  # a bug, not a user error
-    return {"format": FORMAT_VERSION, "class_names": list(class_names), "config": config.to_plain()}
+    meta: dict[str, Any] = {"format": FORMAT_VERSION, "class_names": list(class_names), "config": config.to_plain()}
+    if config.task == multilabel.TASK:  # single-label metadata stays exactly as before
+        meta["task"] = multilabel.TASK
+        meta["thresholds"] = [float(t) for t in thresholds] if thresholds is not None else \
+            [multilabel.DEFAULT_THRESHOLD] * len(class_names)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,23 @@ class Description:
     class_names: list[str]
     preprocessing: Preprocessing
     config: TrainConfig
+    task: str = multilabel.SINGLE_LABEL
+    thresholds: list[float] | None = None
+
+
+def _task_of(meta: dict[str, Any], n_classes: int, where: str | Path) -> tuple[str, list[float] | None]:
+    """The metadata's task and thresholds, checked: one threshold per class, each in [0, 1]."""
+    task = meta.get("task", multilabel.SINGLE_LABEL)
+    if task == multilabel.SINGLE_LABEL:
+        return task, None
+    if task != multilabel.TASK:
+        raise DataError(f"{where}: imgclf metadata: task {str(task)[:40]!r} is not single_label or multilabel")
+    thresholds = meta.get("thresholds")
+    if (not isinstance(thresholds, list) or len(thresholds) != n_classes
+            or not all(isinstance(t, int | float) and 0.0 <= t <= 1.0 for t in thresholds)):
+        raise DataError(f"{where}: imgclf metadata: task multilabel needs 'thresholds', one number in [0, 1] "
+                        f"per class ({n_classes})")
+    return task, [float(t) for t in thresholds]
 
 
 def describe(meta: Any, where: str | Path = "checkpoint") -> Description:
@@ -93,7 +120,9 @@ def describe(meta: Any, where: str | Path = "checkpoint") -> Description:
         class_names = [str(name) for name in meta["class_names"]]
         if version == 1:
             return Description(str(meta["arch"]), class_names, Preprocessing.from_plain(meta["preprocessing"]), config)
-        return Description(config.model.arch, class_names, Preprocessing.from_config(config.data), config)
+        task, thresholds = _task_of(meta, len(class_names), where)
+        return Description(config.model.arch, class_names, Preprocessing.from_config(config.data), config,
+                           task, thresholds)
     except DataError:
         raise
     except Exception as err:  # pydantic ValidationError, KeyError/TypeError/ValueError from bad metadata
@@ -186,7 +215,7 @@ def load_model(path: str | Path) -> LoadedModel:
         raise DataError(f"{resolved}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
                         f"({first_line(err)})") from None
     model.eval()
-    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved, ckpt["imgclf"])
+    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved, desc.task, desc.thresholds)
 
 
 def _build(desc: Description, where: Path) -> nn.Module:

@@ -190,6 +190,7 @@ class TrainerConfig(_Section):
 _SINGLE_LABEL_ONLY = {
     "loss.class_weights": ("balanced", "weighs classes of a softmax; use loss.pos_weight: auto"),
     "loss.label_smoothing": (None, "smooths one-hot targets; not used with sigmoid outputs"),
+    "model.head_init": ("probe", "fits a softmax logistic regression as the head"),
     "data.balanced_sampler": (True, "samples by one label per image"),
     "data.augment.mixup": (None, "mixes one class index per image"),
     "data.augment.cutmix": (None, "mixes one class index per image"),

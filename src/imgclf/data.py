@@ -6,6 +6,10 @@ evaluation and resumed runs use exactly the same images.
 Split rule per class with n images in the training pool: n_val = round(n * val_fraction),
 at least 1 when n >= 2, and never all of them. A class with a single image stays in train
 (and a warning names it): it cannot be validated, but dropping it would hide it from the model.
+
+`task: multilabel` (`label_sep` given): copies of one image (same sha256; rows with status duplicate
+too) become one sample whose label cell is the union of their sets, an empty cell is an image with
+no label, and the split is iteratively stratified on the label sets (imgclf.multilabel).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from imgclf import rundir, storage
+from imgclf import multilabel, rundir, storage
 from imgclf._files import atomic_path
 from imgclf.csvfile import write_frame
 from imgclf.errors import DataError, first_line
@@ -50,14 +54,16 @@ def stratified_split(labels: pd.Series, val_fraction: float, seed: int) -> np.nd
     return is_val
 
 
-def make_split(data_dir: str | Path, val_fraction: float, seed: int, exclude: str | Path | None = None) -> pd.DataFrame:
+def make_split(data_dir: str | Path, val_fraction: float, seed: int, exclude: str | Path | None = None,
+               label_sep: str | None = None) -> pd.DataFrame:
     """Train pool = manifest rows with status ok and split train (val rows, if given, are used as val).
 
     `exclude` (config data.exclude): a CSV whose rows are left out first (auditdir.excluded_rows);
     a review's decisions.csv also relabels its `relabel` rows (auditdir.relabelled_rows).
+    `label_sep` (task: multilabel): label cells are sets; see the module docstring.
     """
     manifest = read_manifest(data_dir)
-    ok = usable_rows(manifest)
+    ok = usable_rows(manifest) if label_sep is None else _multilabel_rows(manifest, label_sep)
     if exclude is not None:
         from imgclf.auditdir import excluded_rows, relabelled_rows
 
@@ -73,14 +79,41 @@ def make_split(data_dir: str | Path, val_fraction: float, seed: int, exclude: st
     if pool.empty:
         raise DataError(f"{data_dir}: no downloaded images with split 'train' in the manifest")
     if given_val.empty:
-        subset = np.where(stratified_split(pool["label"], val_fraction, seed), "val", "train")
+        if label_sep is None:
+            is_val = stratified_split(pool["label"], val_fraction, seed)
+        else:
+            is_val = multilabel.stratified_split(_sets(pool, label_sep), val_fraction, seed)
+        subset = np.where(is_val, "val", "train")
         frame = pool.assign(subset=subset)
     else:
         frame = pd.concat([pool.assign(subset="train"), given_val.assign(subset="val")], ignore_index=True)
     return frame[["row", "path", "label", "subset"]]
 
 
-def class_names_of(split: pd.DataFrame) -> list[str]:
+def _multilabel_rows(manifest: pd.DataFrame, sep: str) -> pd.DataFrame:
+    """One row per image, its label set merged over its copies; images without labels counted."""
+    rows = manifest[manifest["status"].isin(["ok", "duplicate"])]
+    merged = multilabel.merge_by_content(rows, sep)
+    copies = int((rows["status"] == "ok").sum()) + int((rows["status"] == "duplicate").sum()) - len(merged)
+    if copies:
+        log.info("multilabel: %d copies of images merged into their first row (label sets united)", copies)
+    empty = int((merged["label"] == "").sum())
+    if empty:
+        log.info("multilabel: %d of %d images have no label (trained as all-negative)", empty, len(merged))
+    return merged
+
+
+def _sets(frame: pd.DataFrame, sep: str) -> list[tuple[str, ...]]:
+    return [multilabel.parse_labels(cell, sep) for cell in frame["label"].tolist()]
+
+
+def class_names_of(split: pd.DataFrame, label_sep: str | None = None) -> list[str]:
+    """The sorted class names (single-label) or label vocabulary (task: multilabel, `label_sep`)."""
+    if label_sep is not None:
+        names = multilabel.vocabulary(_sets(split, label_sep))
+        if not names:
+            raise DataError("task: multilabel: no image carries a label; need at least 1 label to train")
+        return names
     names = sorted(split["label"].unique().tolist())
     if len(names) < 2:
         raise DataError(f"need at least 2 classes to train, found {len(names)}: {names}")
@@ -162,11 +195,18 @@ class ImageFolderFrame(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
-                 transform: Callable, skip_unreadable: bool = False, shard_cache: str | None = None) -> None:
+                 transform: Callable, skip_unreadable: bool = False, shard_cache: str | None = None,
+                 label_sep: str | None = None) -> None:
         self.data_dir = storage.location(data_dir)
         self.shard_cache = shard_cache  # data.shard_cache: remote tar shards are read from local copies
         self.refs = image_refs(frame, self.data_dir)
         self.paths = [ref.path for ref in self.refs]
+        self.transform = transform
+        self.failures = ReadFailures(len(self.paths))
+        self.skip_unreadable = skip_unreadable  # else an unreadable image raises (ValueError, OSError)
+        if label_sep is not None:  # task: multilabel: (N, C) float {0, 1} targets for BCE
+            self.targets = torch.from_numpy(multilabel.encode(_sets(frame, label_sep), class_names)).float()
+            return
         index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:
@@ -174,9 +214,6 @@ class ImageFolderFrame(Dataset):
             raise DataError(f"labels not known to the model: {', '.join(map(repr, unknown[:5]))}"
                             f"{', ...' if len(unknown) > 5 else ''}; the model's {len(class_names)} classes: {shown}")
         self.targets = torch.tensor([index[label] for label in frame["label"]], dtype=torch.long)
-        self.transform = transform
-        self.failures = ReadFailures(len(self.paths))
-        self.skip_unreadable = skip_unreadable  # else an unreadable image raises (ValueError, OSError)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -246,8 +283,9 @@ class DecodedImages(Dataset):
 
     def __init__(self, frame: pd.DataFrame, data_dir: str | Path, class_names: list[str],
                  resize_size: int, transform: Callable | None = None, shard_cache: str | None = None,
-                 interpolation: str = "bilinear") -> None:
-        self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity, shard_cache=shard_cache)
+                 interpolation: str = "bilinear", label_sep: str | None = None) -> None:
+        self.files = ImageFolderFrame(frame, data_dir, class_names, transform=_identity, shard_cache=shard_cache,
+                                      label_sep=label_sep)
         self.targets = self.files.targets
         self.resize_size = resize_size
         self.interpolation = interpolation

@@ -71,17 +71,11 @@ class WithProbabilities(nn.Module):
 
 
 def _wrapped(loaded: LoadedModel) -> WithProbabilities:
-    return WithProbabilities(loaded.model, sigmoid=_thresholds(loaded) is not None).eval()
-
-
-def _thresholds(loaded: LoadedModel) -> list[float] | None:
-    from imgclf.multilabel import thresholds_of
-
-    return thresholds_of(loaded.meta, loaded.class_names, loaded.path)
+    return WithProbabilities(loaded.model, sigmoid=loaded.thresholds is not None).eval()
 
 
 def metadata(loaded: LoadedModel, exporter: str) -> dict[str, Any]:
-    thresholds = _thresholds(loaded)
+    thresholds = loaded.thresholds
     # A multi-label file says so, with the thresholds predict and serve apply; a single-label file's
     # metadata stays exactly as before (no task key).
     task = {} if thresholds is None else {"task": "multilabel", "thresholds": thresholds}
@@ -403,7 +397,7 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
                         "or checkpoint (PyTorch weights)")
     loaded = load_model(model_path)
     if quantize and quantize_options is not None and quantize_options.calibration_data is not None \
-            and _thresholds(loaded) is not None:
+            and loaded.thresholds is not None:
         raise ConfigError("export: --calibration-data judges int8 by top-1 agreement, which a multilabel model "
                           "does not have; quantise it without calibration data (dynamic)")
     out_path = out_arg if out_arg is not None else default_out(model_path, fmt, quantize)

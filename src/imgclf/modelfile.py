@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ class ExportedMeta:
     preprocessing: Preprocessing
     arch: str
     exporter: str
-    plain: dict[str, Any] = field(default_factory=dict)  # the whole metadata dict (task, thresholds, ...)
+    task: str = "single_label"  # or "multilabel": sigmoid outputs, labels at or above `thresholds`
+    thresholds: list[float] | None = None  # multilabel: one per class, checked when the file is read
 
 
 # First bytes of files people point --model at by mistake, so the error can say what they are.
@@ -115,10 +116,14 @@ def identify(path: str | Path) -> ModelKind:
 
 
 def _parse_meta(plain: Any, path: Path) -> ExportedMeta:
+    from imgclf.multilabel import TASK, thresholds_of
+
     try:
         pre = Preprocessing.from_plain(plain["preprocessing"])
-        return ExportedMeta([str(n) for n in plain["class_names"]], pre, str(plain.get("arch", "")),
-                            str(plain.get("exporter", "")), dict(plain))
+        names = [str(n) for n in plain["class_names"]]
+        thresholds = thresholds_of(plain, names, path)  # None for a single-label file
+        return ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")),
+                            *((TASK, thresholds) if thresholds is not None else ()))
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: imgclf metadata is incomplete ({err.__class__.__name__}: {err})") from None
 

@@ -6,7 +6,8 @@ time, `encode` turns sets into the (N, C) {0, 1} targets of a sigmoid model, `ch
 picks one threshold per label on the validation split (stored in the checkpoint), and `decode`
 turns probabilities (`sigmoid(logits)`) back into the labels above their thresholds.
 
-A core module: numpy and scikit-learn only, no stage imported (predict, serve, export, evaluate and
+`merge_by_content` and `stratified_split` are the data side (data.make_split calls them).
+A core module: numpy, pandas and scikit-learn only, no stage imported (predict, serve, export, evaluate and
 train all use it).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from imgclf.errors import DataError
 
@@ -120,6 +122,44 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Probabilities of a multi-label model's logits (float64, no overflow warnings)."""
     logits = np.asarray(logits, dtype=np.float64)
     return 0.5 * (1.0 + np.tanh(0.5 * logits))
+
+
+# ---- the data side: manifest rows -> one sample per image with its label set, and the split ---------
+def merge_by_content(rows: pd.DataFrame, sep: str) -> pd.DataFrame:
+    """One row per stored image (sha256) from manifest rows with status ok or duplicate: the first
+    ok row (its row number, path, split) carrying the union of every copy's label set, joined with
+    `sep`. This is what makes "the same photo in the `red/` and the `dress/` folder" one image
+    labelled {dress, red}, and a list that names a URL twice with different tags one sample."""
+    if rows.empty:
+        return rows.copy()
+    rows = rows.assign(_set=[parse_labels(cell, sep) for cell in rows["label"].tolist()])
+    # A row without a hash (old manifests) is its own group.
+    key = rows["sha256"].where(rows["sha256"] != "", "row:" + rows["row"].astype(str))
+    merged = rows.groupby(key, sort=False)["_set"].agg(lambda sets: join_labels(
+        (label for labels in sets for label in labels), sep))
+    first_ok = rows[rows["status"] == "ok"].assign(_key=key).drop_duplicates("_key")
+    out = first_ok.assign(label=first_ok["_key"].map(merged)).drop(columns=["_set", "_key"])
+    return out.reset_index(drop=True)
+
+
+def stratified_split(sets: Sequence[Sequence[str]], val_fraction: float, seed: int) -> np.ndarray:
+    """True where an image goes to validation: iterative stratification on the label sets (Sechidis
+    et al. 2011, the `iterative-stratification` package), so each label's share, rare labels
+    first, is about the same in train and validation; images without labels are spread too."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    n = len(sets)
+    is_val = np.zeros(n, dtype=bool)
+    if n < 2:
+        return is_val
+    # A column for "no label": type_of_target needs 2+ columns, and unlabelled images are spread too.
+    targets = encode(sets, vocabulary(sets))
+    targets = np.hstack([targets, (targets.sum(axis=1) == 0)[:, None].astype(np.uint8)])
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    _, val_idx = next(splitter.split(np.zeros((n, 1)), targets))
+    is_val[val_idx] = True
+    return is_val
 
 
 def thresholds_of(meta: dict | None, classes: Sequence[str], where: object) -> list[float] | None:

@@ -136,6 +136,10 @@ class Columns:
     label: str | None = None
     split: str | None = None
     path: str | None = None
+    # `download --label-sep`: label cells hold sets joined by this (multi-label data). A list column
+    # (Parquet) is stored joined with it, and an empty cell is an image with no label (fetched and
+    # kept), not a row with status missing_label. None: one label per cell; a list is joined with "|".
+    label_sep: str | None = None
 
 
 def archive_format(path: Path) -> str | None:
@@ -187,6 +191,8 @@ def _resolve_columns(path: Path, found: list[str], columns: Columns) -> dict[str
                        ("path", "--path-col")):
         given = getattr(columns, ours)
         name = _norm(given) if given else ours
+        if ours == "label" and not given and name not in present and "labels" in present:
+            name = "labels"  # a multi-label table's list (or joined) column
         if name in present:
             wanted[ours] = name
         elif given:
@@ -237,6 +243,26 @@ def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.Da
         if wanted is None:
             wanted = _resolve_columns(path, list(chunk.columns), columns)
         yield pd.DataFrame({ours: chunk[theirs] for ours, theirs in wanted.items()})
+
+
+def _joined_lists(labels: pd.Series, sep: str, where: Callable[[int], str]) -> pd.Series:
+    """A list column of labels (Parquet list<string>) as text cells joined with `sep`; other columns as
+    they are. A label holding the separator itself would split into other labels later: refused."""
+    cells = labels.tolist()
+    if not any(isinstance(cell, list | tuple | np.ndarray) for cell in cells):
+        return labels
+    out = []
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, list | tuple | np.ndarray):
+            out.append("" if cell is None else str(cell))
+            continue
+        parts = [str(part).strip() for part in cell if part is not None and str(part).strip()]
+        bad = next((part for part in parts if sep in part), None)
+        if bad is not None:
+            raise DataError(f"{where(i)}: label {shown(bad, 60)} contains the label separator "
+                            f"{sep!r}; choose another with --label-sep")
+        out.append(sep.join(parts))
+    return pd.Series(out, index=labels.index, dtype=object)
 
 
 def _parquet_rows(path: Path, pfile: pq.ParquetFile, names: list[str], chunk_rows: int) -> int:
@@ -305,6 +331,9 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
         try:
             for chunk in _raw_chunks(path, chunk_rows, columns):
                 n = len(chunk)
+                where = lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}"  # noqa: E731
+                if "label" in chunk:  # a list column (multi-label) becomes joined text
+                    chunk = chunk.assign(label=_joined_lists(chunk["label"], columns.label_sep or "|", where))
                 out = pd.DataFrame({
                     "row": range(row, row + n),
                     "source": str(path),
@@ -320,7 +349,6 @@ def iter_sources(paths: list[str | Path], chunk_rows: int = 50_000,
                 # Labels are data: one with a control character is refused, never cut (imgclf.untrusted).
                 # Checked before stripping: str.strip() would silently drop a trailing \x1f or \x85.
                 raw = chunk["label"].fillna("").astype(str) if "label" in chunk else out["label"]
-                where = lambda i, at=row - first, p=path: f"{p}: data row {at + i + 1}"  # noqa: E731
                 check_labels(raw, where)
                 used += _budget_chunk(out, where)
                 if used > budget:

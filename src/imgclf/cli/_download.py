@@ -81,6 +81,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None,
                    help="object-storage --out: local folder for the resume state "
                         "(by default ~/.cache/imgclf/state/<hash of --out>)")
+    p.add_argument("--label-sep", default=None, metavar="SEP",
+                   help="multi-label data: label cells hold several labels joined by SEP (e.g. '|'); a list "
+                        "column (Parquet) is stored joined by it, and an empty cell is an image with no label "
+                        "(kept, not missing_label). Train with task: multilabel (docs/multilabel.md)")
     for name, default in (("url", "url"), ("label", "label"), ("split", "split"), ("path", "path")):
         p.add_argument(f"--{name}-col", default=None, metavar="NAME",
                        help=f"table column holding the {name} (default: {default})")

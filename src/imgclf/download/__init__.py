@@ -85,7 +85,8 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
         extra = {"fetched_this_run": fetched, "ok_this_run": ok, "fetch_s": round(fetch_s, 3),
                  "images_per_s": round(ok / fetch_s, 2) if fetched and fetch_s > 0 else 0.0,
                  "interrupted": interrupted, "options": options.storage_key(),
-                 "skipped": state.skipped_report(), **({"job_note": crowded} if crowded else {})}
+                 "skipped": state.skipped_report(), **({"job_note": crowded} if crowded else {}),
+                 **({"label_sep": options.label_sep} if options.label_sep is not None else {})}
         manifest, report_path, report = write_outputs(state, data_dir, extra)
         target.publish(MANIFEST_NAME, REPORT_NAME)  # a URL --out: upload them (local: already there)
     finally:

@@ -73,6 +73,9 @@ class DownloadOptions:
     label_col: str | None = None
     split_col: str | None = None
     path_col: str | None = None
+    # --label-sep: multi-label data (label cells are sets joined by it; empty = no label, kept).
+    # Recorded in download_report.json; train/evaluate split the cells with the config's data.label_sep.
+    label_sep: str | None = None
     # Storage (see _writers, _sink): --out may be an object-store URL; its state then lives locally
     layout: Literal["files", "tar"] = "files"
     shard_size: int = 1000  # --layout tar: images per tar shard (a kill loses at most one open shard)
@@ -114,6 +117,8 @@ class DownloadOptions:
         if self.job_shard_by not in ("host", "url"):
             raise ConfigError(f"download: --shard-by must be host or url (got {self.job_shard_by!r})")
         self.job()  # --shard i/n: a one-line error now
+        if self.label_sep is not None and not 1 <= len(self.label_sep) <= 8:
+            raise ConfigError(f"download: --label-sep must be 1 to 8 characters (got {self.label_sep!r})")
         if self.layout not in ("files", "tar"):
             raise ConfigError(f"download: --layout must be files or tar (got {self.layout!r})")
 
@@ -138,7 +143,8 @@ class DownloadOptions:
                              quality=self.quality, max_bytes=self.max_bytes, layout=self.layout)
 
     def columns(self) -> Columns:
-        return Columns(url=self.url_col, label=self.label_col, split=self.split_col, path=self.path_col)
+        return Columns(url=self.url_col, label=self.label_col, split=self.split_col, path=self.path_col,
+                       label_sep=self.label_sep)
 
     def storage_key(self) -> str:
         """Options that change the stored files: a resumed run must use the same ones."""

@@ -23,13 +23,14 @@ from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, norma
 _EXAMPLES = 20
 
 
-def _resolve(rec: tuple) -> tuple:
-    """One manifest row from a state row: expands same-URL and same-content duplicates."""
+def _resolve(rec: tuple, keep_unlabelled: bool = False) -> tuple:
+    """One manifest row from a state row: expands same-URL and same-content duplicates.
+    `keep_unlabelled` (--label-sep): an empty label is an image without labels, not missing_label."""
     (row, source, url, label, split, status, error, http_status, attempts, sha, path, width, height,
      size, url_first, sha_first, shard, offset) = rec
     duplicate_of = -1
     url = url.removeprefix(INVALID_PREFIX)  # see _state._url_key
-    if not label:  # never fetched for this row: no URL outcome applies
+    if not label and not keep_unlabelled:  # never fetched for this row: no URL outcome applies
         status, error, http_status, attempts = "missing_label", "the row has no label", 0, 0
     elif status is None:
         status, error = "pending", "not attempted yet (interrupted run)"
@@ -59,7 +60,7 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
         writer: pq.ParquetWriter | None = None
         try:
             for batch in state.manifest_rows():
-                resolved = [_resolve(rec) for rec in batch]
+                resolved = [_resolve(rec, state.keep_unlabelled) for rec in batch]
                 frame = normalize(pd.DataFrame(resolved, columns=list(COLUMNS)))
                 # Counted from the tuples: iterating the frame's Arrow-backed columns costs 3x more.
                 for _, _, _, label, split, status, error, *_ in resolved:

@@ -80,7 +80,7 @@ WITH first_by_sha AS (
     WHERE status = 'ok' AND first_row IS NOT NULL GROUP BY sha256)
 SELECT r.row, r.source, r.url, r.label, r.split, u.status, u.error, u.http_status, u.attempts,
        u.sha256, u.path, u.width, u.height, u.bytes, u.first_row, f.first, u.shard, u.shard_offset
-FROM rows r LEFT JOIN urls u ON u.url = r.url AND r.label <> ''
+FROM rows r LEFT JOIN urls u ON u.url = r.url AND (r.label <> '' OR ?)
 LEFT JOIN first_by_sha f ON u.status = 'ok' AND f.sha256 = u.sha256
 ORDER BY r.row
 """
@@ -143,6 +143,7 @@ def _lock_dir(data_dir: Path) -> IO[bytes] | None:
 class State:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE_NAME
+        self.keep_unlabelled = False  # set by ingest: --label-sep given
         self._lock = _lock_dir(data_dir)
         db: sqlite3.Connection | None = None
         try:
@@ -203,6 +204,9 @@ class State:
         `keep(url)` (--shard i/n): only those rows are loaded; they keep their input row numbers.
         """
         columns = columns or sources.Columns()
+        # --label-sep (multi-label data): a row with an empty label cell is an image without labels,
+        # fetched like any other; without it such a row ends missing_label and is never fetched.
+        self.keep_unlabelled = columns.label_sep is not None
         fingerprint = _fingerprint(paths, (columns, max_bytes, keep, follow_links))
         if self._meta("ingested") == fingerprint:
             return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
@@ -244,12 +248,12 @@ class State:
                 problem = _url_problem(item.url)
                 key = _url_key(item.url, problem)
                 rows.append((row, item.source, key, item.label, item.split))
-                if item.label:
+                if item.label or self.keep_unlabelled:
                     url_rows.append((key, row, "invalid_url" if problem else None, problem))
             else:
                 rows.append((row, item.source, item.url, item.label, item.split))
                 files = files or item.kind == "file"
-                if item.label:
+                if item.label or self.keep_unlabelled:
                     local_rows.append((item.url, row, item.status, item.error, item.kind, item.file, item.member,
                                        item.offset, item.size, item.stamp))
             row += 1
@@ -274,7 +278,7 @@ class State:
                 problems[url] = _url_problem(url)
             problem = problems[url]
             keys.append(_url_key(url, problem))
-            if not label:
+            if not label and not self.keep_unlabelled:
                 continue  # status missing_label, set per row in the manifest; its URL is not fetched
             url_rows.append((keys[-1], row, "invalid_url" if problem else None, problem))
         self.db.execute("BEGIN")
@@ -349,7 +353,7 @@ class State:
         self.db.execute("COMMIT")
 
     def manifest_rows(self, batch: int = 20_000) -> Iterator[list[tuple]]:
-        cur = self.db.execute(_MANIFEST_QUERY)
+        cur = self.db.execute(_MANIFEST_QUERY, (int(self.keep_unlabelled),))  # --label-sep: unlabelled rows too
         while rows := cur.fetchmany(batch):
             yield rows
 

@@ -38,7 +38,7 @@ from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, read_split
 from imgclf.errors import ConfigError, DataError
-from imgclf.evaluate import _html, _metrics, _plots
+from imgclf.evaluate import _html, _metrics, _multilabel, _plots
 from imgclf.evaluate._scoring import open_model, predict_proba
 from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
@@ -322,6 +322,8 @@ def run(opts: EvaluateOptions) -> dict[str, Any]:
     tta.check_mode(opts.tta)
     loaded = open_model(plan.model_source, opts.device)
     loaded = replace(loaded, probabilities=tta.wrap(loaded.probabilities, opts.tta))
+    if loaded.task == "multilabel":  # label sets: other metrics, baseline and report (evaluate/_multilabel.py)
+        return _multilabel.run(opts, plan, loaded)
     manifest = read_manifest(plan.data_dir)
     split_csv = _read_split_csv(plan.run_dir)
     eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
@@ -388,6 +390,8 @@ def _pct(x: float) -> str:
 
 def format_summary(metrics: dict[str, Any]) -> str:
     """A few lines for the terminal: scores with intervals beside the weighted-random baseline."""
+    if metrics.get("task") == "multilabel":
+        return _multilabel.format_summary(metrics)
     wr = metrics["baselines"]["weighted_random"]
     lo_f, hi_f = metrics["f1_macro_ci95"]
     lo_a, hi_a = metrics["accuracy_ci95"]

@@ -139,27 +139,20 @@ def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier
         session = OnnxBackend(path)
         meta = onnx_metadata(session.metadata(), path)
         return Classifier(session, meta.class_names, meta.preprocessing, str(path),
-                          thresholds=_thresholds(meta.plain, meta.class_names, path))
+                          thresholds=meta.thresholds)
     if chosen == "torchscript":
         from imgclf.modelfile import load_torchscript
 
         module, meta = load_torchscript(path)
         return Classifier(TorchScriptBackend(module), meta.class_names, meta.preprocessing, str(path),
-                          thresholds=_thresholds(meta.plain, meta.class_names, path))
+                          thresholds=meta.thresholds)
     from imgclf.checkpoint import load_model
 
     loaded = load_model(path)
-    thresholds = _thresholds(loaded.meta, loaded.class_names, loaded.path)
     # An exported file holds its own activation; a checkpoint's logits get sigmoid when multi-label.
-    backend = TorchBackend(loaded.model, sigmoid=thresholds is not None)
-    return Classifier(backend, loaded.class_names, loaded.preprocessing, str(loaded.path), thresholds=thresholds)
-
-
-def _thresholds(meta: dict[str, Any], class_names: list[str], where: Path) -> list[float] | None:
-    """A multi-label model's per-label thresholds from its metadata; None for a single-label one."""
-    from imgclf.multilabel import thresholds_of
-
-    return thresholds_of(meta, class_names, where)
+    backend = TorchBackend(loaded.model, sigmoid=loaded.thresholds is not None)
+    return Classifier(backend, loaded.class_names, loaded.preprocessing, str(loaded.path),
+                      thresholds=loaded.thresholds)
 
 
 def _single_threaded_torch() -> None:

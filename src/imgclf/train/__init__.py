@@ -39,9 +39,9 @@ from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import MANIFEST_NAME, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find, _transfer
+from imgclf.train import _lr_find, _multilabel, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
-from imgclf.train._inputs import class_weights, loaders, make_split
+from imgclf.train._inputs import class_weights, label_sep, loaders, make_split
 from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary  # noqa: F401 - for the CLI
@@ -108,7 +108,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
     split = make_split(config, data_dir, run_dir, resume)
-    class_names = data.class_names_of(split)
+    class_names = data.class_names_of(split, label_sep(config))
     if resume:
         _check_resumable(config, last, class_names)
     # The model first: its initial weights then depend on the seed only, not on data loading.
@@ -123,7 +123,7 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     guard.datasets = [train_loader.dataset, val_loader.dataset]
     guard.check()  # with the RAM cache every image has been read once already
     if lr_find_only:  # writes lr_find.png/json only: never a config or split over a trained run's
-        module = _make_module(config, model, split, class_names, pre, len(train_loader))
+        module = _make_module(config, model, split, class_names, pre, len(train_loader), train_loader)
         return _lr_find.find_lr(module, train_loader, config, run_dir, _precision(config))
     created = not run_dir.exists()
     try:
@@ -147,7 +147,7 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
         if not resume or not (run_dir / data.SPLIT_NAME).is_file():
             data.write_split(split, run_dir)
         write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
-    module = _make_module(config, model, split, class_names, pre, len(train_loader))
+    module = _make_module(config, model, split, class_names, pre, len(train_loader), train_loader)
     module.freeze_epochs = _transfer.freeze_plan(config, model)
     if config.model.head_init == "probe" and not resume:
         _start_from_probe(config, module, train_loader)
@@ -172,6 +172,8 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
             raise KeyboardInterrupt(_resume_hint(run_dir, last)) from None
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
+    if zero and module.multilabel:  # per-label thresholds, on validation, into best.ckpt and last.ckpt
+        _multilabel.fit_thresholds(module, best, val_loader, [best, last])
     score = trainer.checkpoint_callback.best_model_score
     best_score = float(score) if score is not None else None
     epochs = len(read_metrics(run_dir)) if zero else trainer.current_epoch
@@ -189,11 +191,14 @@ def _fit(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
 
 
 def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFrame, class_names: list[str],
-            pre: presets.Preprocessing, steps_per_epoch: int) -> ImageClassifier:
+            pre: presets.Preprocessing, steps_per_epoch: int, train_loader: DataLoader | None = None
+                 ) -> ImageClassifier:
     _tune_batchnorm(model, config, steps_per_epoch)
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
-    return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names))
+    # task: multilabel: the train subset's (N, C) targets size loss.pos_weight: auto.
+    targets = train_loader.dataset.targets if train_loader is not None and config.task == "multilabel" else None
+    return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names), targets)
 
 
 def _start_from_probe(config: TrainConfig, module: ImageClassifier, train_loader: DataLoader) -> None:

@@ -45,9 +45,13 @@ class MetricsLog(pl.Callback):
         row: dict[str, Any] = {"epoch": epoch, **train_stats}
         for key in ("val_loss", "val_accuracy", "val_f1_macro"):
             row[key] = pl_module.val_stats.get(key, math.nan)
+        columns = METRIC_COLUMNS
+        if pl_module.multilabel:  # one more column, after the single-label ones (task: multilabel)
+            row["val_map"] = pl_module.val_stats.get("val_map", math.nan)
+            columns = [*METRIC_COLUMNS, "val_map"]
         frame = read_metrics(self.run_dir)
         frame = frame[frame["epoch"] < epoch]
-        frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)[METRIC_COLUMNS]
+        frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)[columns]
         write_frame(frame, self.run_dir / METRICS_CSV, index=False)
         plot_curves(frame, self.run_dir / CURVES)
         log.info(epoch_line(row, trainer.max_epochs))
@@ -58,7 +62,8 @@ def epoch_line(row: dict[str, Any], max_epochs: int | None) -> str:
     of = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
     return (f"epoch {int(row['epoch']) + 1}{of}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
             f"val accuracy {row['val_accuracy']:.4f}, val F1-macro {row['val_f1_macro']:.4f}, lr {row['lr']:.3g}, "
-            f"{row['epoch_seconds']:.1f}s, {row['images_per_s']:.0f} images/s")
+            f"{row['epoch_seconds']:.1f}s, {row['images_per_s']:.0f} images/s"
+            + (f", val mAP {row['val_map']:.4f}" if "val_map" in row else ""))
 
 
 def plot_curves(frame: pd.DataFrame, path: Path) -> None:

@@ -27,10 +27,16 @@ def make_split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool)
     """
     split = data.read_split(run_dir) if resume else None
     if split is None:
-        split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude)
+        split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude,
+                                label_sep(config))
     if not (split["subset"] == "val").any():
         raise DataError(f"{data_dir}: no validation images (every class has a single image); add images")
     return split
+
+
+def label_sep(config: TrainConfig) -> str | None:
+    """data.label_sep under task: multilabel (label cells are sets), else None (one label per cell)."""
+    return config.data.label_sep if config.task == "multilabel" else None
 
 
 def loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_names: list[str],
@@ -39,9 +45,10 @@ def loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_name
     train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
     train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
                                    presets.train_augment(pre, cfg.augment), shard_cache=cfg.shard_cache,
-                                   interpolation=pre.interpolation)
+                                   interpolation=pre.interpolation, label_sep=label_sep(config))
     val_set = data.DecodedImages(val_rows, data_dir, class_names, pre.resize_size, presets.eval_resize(pre),
-                                 shard_cache=cfg.shard_cache, interpolation=pre.interpolation)
+                                 shard_cache=cfg.shard_cache, interpolation=pre.interpolation,
+                                 label_sep=label_sep(config))
     if _use_cache(cfg, data_dir, split, pre):
         t0 = time.perf_counter()
         for dataset in (train_set, val_set):

@@ -22,6 +22,7 @@ from imgclf import models, presets
 from imgclf.checkpoint import make_meta
 from imgclf.config import TrainConfig
 from imgclf.train import _mix
+from imgclf.train import _multilabel as ml
 
 log = logging.getLogger("imgclf.train")
 
@@ -31,7 +32,8 @@ COLLAPSE_SHARE = 0.9
 
 class ImageClassifier(pl.LightningModule):
     def __init__(self, model: nn.Module, config: TrainConfig, class_names: list[str],
-                 pre: presets.Preprocessing, class_weights: torch.Tensor | None = None) -> None:
+                 pre: presets.Preprocessing, class_weights: torch.Tensor | None = None,
+                 train_targets: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
@@ -39,6 +41,10 @@ class ImageClassifier(pl.LightningModule):
         self.pre = pre
         self.normalize = presets.normalize(pre)
         n = len(class_names)
+        # task: multilabel: sigmoid outputs, BCE or ASL, its own validation metrics (train/_multilabel.py).
+        self.multilabel = config.task == "multilabel"
+        self.ml_criterion = ml.make_criterion(config, train_targets) if self.multilabel else None
+        self.ml_metrics = ml.ValMetrics(n) if self.multilabel else None
         self.criterion = nn.CrossEntropyLoss(weight=class_weights,
                                              label_smoothing=config.loss.label_smoothing)
         # MixUp / CutMix on the normalised batch (None when off); validation never mixes.
@@ -101,6 +107,11 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         x = self.normalize(images)
+        if self.ml_criterion is not None:
+            loss = self.ml_criterion(self.model(self._layout(x)), targets)
+            self.train_loss.update(loss.detach(), weight=len(targets))
+            self.images_seen += len(targets)
+            return loss
         if self.mixer is not None:
             x, targets = self.mixer(x, targets)  # soft (N, K) targets when this batch was mixed
         # The criterion's weight and smoothing, for hard and soft targets alike.
@@ -119,6 +130,9 @@ class ImageClassifier(pl.LightningModule):
         images, targets = batch
         net = self.ema.module if self.ema is not None else self.model
         logits = net(self._model_input(images))
+        if self.ml_metrics is not None:
+            self.ml_metrics.update(logits, targets)
+            return
         self.val_loss.update(nn.functional.cross_entropy(logits, targets), weight=len(targets))
         preds = logits.argmax(1)
         self.val_accuracy.update(preds, targets)
@@ -148,6 +162,10 @@ class ImageClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
+            return
+        if self.ml_metrics is not None:
+            self.val_stats = self.ml_metrics.compute_and_reset()
+            self.log_dict(self.val_stats, prog_bar=True, sync_dist=False)
             return
         stats = {
             "val_loss": float(self.val_loss.compute()),

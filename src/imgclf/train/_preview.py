@@ -42,6 +42,14 @@ def write_batch_preview(dataset: Dataset, class_names: list[str], run_dir: Path,
         np.random.set_state(np_state)
 
 
+def _title(target: torch.Tensor, class_names: list[str]) -> str:
+    """A class name, or for task: multilabel (a {0, 1} row) the labels joined by ' | ' ('-' for none)."""
+    if target.ndim == 0:
+        return class_names[int(target)]
+    labels = [class_names[j] for j in torch.nonzero(target).flatten().tolist()]
+    return " | ".join(labels) if labels else "-"
+
+
 @literal_text()  # class names are data: `$\frac{$` is drawn as written, not parsed as mathtext
 def _write(dataset: Dataset, class_names: list[str], run_dir: Path, count: int, seed: int) -> Path:
     from matplotlib.figure import Figure
@@ -55,7 +63,7 @@ def _write(dataset: Dataset, class_names: list[str], run_dir: Path, count: int, 
     for k, (image, target) in enumerate(items):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_title(class_names[int(target)], fontsize=9)
+        ax.set_title(_title(target, class_names), fontsize=9)
         ax.axis("off")
     fig.suptitle("training batch after augmentation")
     fig.tight_layout()
