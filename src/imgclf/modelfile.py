@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -116,14 +116,17 @@ def identify(path: str | Path) -> ModelKind:
 
 
 def _parse_meta(plain: Any, path: Path) -> ExportedMeta:
-    from imgclf.multilabel import TASK, thresholds_of
-
     try:
         pre = Preprocessing.from_plain(plain["preprocessing"])
         names = [str(n) for n in plain["class_names"]]
-        thresholds = thresholds_of(plain, names, path)  # None for a single-label file
-        return ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")),
-                            *((TASK, thresholds) if thresholds is not None else ()))
+        meta = ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")))
+        if plain.get("task") != "multilabel":
+            return meta
+        # Imported for multi-label files only: imgclf.multilabel brings pandas, which single-label ONNX
+        # predict never loads (tests/test_inference.py).
+        from imgclf.multilabel import TASK, thresholds_of
+
+        return replace(meta, task=TASK, thresholds=thresholds_of(plain, names, path))
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: imgclf metadata is incomplete ({err.__class__.__name__}: {err})") from None
 
