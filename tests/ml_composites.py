@@ -17,8 +17,12 @@ from PIL import Image
 LABELS = ["Bag", "Sneaker", "Trouser"]  # visually distinct: a tiny model learns them in seconds
 
 
-def composite(parts: list[Path | None]) -> Image.Image:
+def composite(parts: list[Path | None], uid: int = 0) -> Image.Image:
     canvas = Image.new("L", (56, 56))
+    # Two faint pixels from `uid` in the corner: every composite is distinct content (two all-black
+    # ones would otherwise be one image to the downloader and to training, which merge by sha256).
+    canvas.putpixel((uid % 56, 55), 9)
+    canvas.putpixel(((uid // 56) % 56, 54), 9)
     for k, part in enumerate(parts):
         if part is not None:
             with Image.open(part) as im:
@@ -42,7 +46,7 @@ def make_corpus(dest: Path, n: int, split: str = "train", seed: int = 0, sep: st
         slots: list[Path | None] = [rng.choice(pool[label]) for label in chosen] + [None] * (4 - len(chosen))
         rng.shuffle(slots)
         name = f"{split}_{i:04d}.png"
-        composite(slots).save(out_dir / name)
+        composite(slots, uid=seed * 100_000 + i).save(out_dir / name)
         rows.append((f"{split}/{name}", tuple(sorted(chosen))))
     return rows
 

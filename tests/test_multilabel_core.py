@@ -67,7 +67,10 @@ def test_sigmoid_and_frequencies():
 
 def test_config_task_multilabel_defaults_to_bce():
     config = build_config({"task": "multilabel"})
-    assert config.loss.name == "bce" and config.data.label_sep == "|"
+    assert config.loss.name == "bce" and config.data.label_sep == "|" and config.trainer.monitor == "val_map"
+    chosen = build_config({"task": "multilabel", "trainer": {"monitor": "val_f1_macro"}})
+    assert chosen.trainer.monitor == "val_f1_macro"  # a monitor the user set is kept
+    assert build_config({}).trainer.monitor == "val_f1_macro"
     assert build_config({}).task == "single_label" and build_config({}).loss.name == "cross_entropy"
     assert load_config(None, ["task=multilabel", "loss.name=asl", "loss.gamma_neg=2"]).loss.gamma_neg == 2.0
 

@@ -109,3 +109,20 @@ def test_no_label_anywhere_is_one_clear_error():
     frame = pd.DataFrame({"label": ["", ""], "subset": ["train", "val"]})
     with pytest.raises(DataError, match="no image carries a label"):
         data.class_names_of(frame, "|")
+
+
+def test_json_lines_with_a_labels_list(tmp_path):
+    files = demo_images("train", "Bag", 3)
+    table = tmp_path / "tags.jsonl"
+    lines = [f'{{"path": "{files[0]}", "labels": ["red", "dress"]}}',
+             f'{{"path": "{files[1]}", "labels": []}}',
+             f'{{"path": "{files[2]}", "labels": ["outdoor"], "split": "test"}}']
+    table.write_text("\n".join(lines) + "\n")
+    manifest = _download([table], tmp_path / "data", label_sep="|")
+    assert manifest["label"].tolist() == ["red|dress", "", "outdoor"]
+    assert manifest["split"].tolist() == ["train", "train", "test"] and (manifest["status"] == "ok").all()
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"path": "a.png", "labels": ["x"]}\n{"path": \n')
+    with pytest.raises(DataError, match="broken.jsonl: cannot parse as JSON Lines"):
+        _download([broken], tmp_path / "broken")

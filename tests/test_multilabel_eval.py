@@ -86,3 +86,18 @@ def test_asl_without_focusing_or_clipping_is_bce_and_pos_weight():
     assert tml.AsymmetricLoss()(logits, targets).item() < asl(logits, targets).item()
     weights = tml.pos_weight(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
     assert weights.tolist() == [1.0, 3.0, 1.0]  # 2 neg / 2 pos, 3 neg / 1 pos, no positive -> 1
+
+
+def test_labels_the_model_does_not_know_are_left_out_and_counted(caplog):
+    import pandas as pd
+
+    from imgclf.evaluate import _multilabel
+
+    frame = pd.DataFrame({"row": [0, 1, 2], "path": ["a", "b", "c"], "url": ["", "", ""],
+                          "label": ["red|new_tag", "new_tag", "dress"]})
+    images = _multilabel.Images(frame, ".", "test", "manifest")
+    with caplog.at_level("WARNING", logger="imgclf.evaluate"):
+        kept, unknown = _multilabel.known_labels_only(images, ["dress", "red"], "|")
+    assert kept.frame["label"].tolist() == ["red", "", "dress"]
+    assert unknown == {"new_tag": 2}
+    assert "'new_tag' (2)" in caplog.text

@@ -154,7 +154,8 @@ class LossConfig(_Section):
 class TrainerConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    # task: multilabel: val_f1_macro is the macro F1 at 0.5, val_accuracy the subset accuracy, val_map mAP.
+    # task: multilabel: val_map (mAP, its default), val_f1_macro (macro F1 at 0.5), val_accuracy (subset
+    # accuracy) or val_loss.
     monitor: Literal["val_f1_macro", "val_accuracy", "val_loss", "val_map"] = "val_f1_macro"
     early_stopping_patience: int | None = Field(None, ge=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
@@ -221,6 +222,9 @@ class TrainConfig(_Section):
             if "name" in self.loss.model_fields_set:
                 raise ValueError("loss.name: cross_entropy is single-label; task: multilabel uses bce or asl")
             self.loss.name = "bce"  # the multi-label default
+        if "monitor" not in self.trainer.model_fields_set:
+            # Threshold-free: the thresholds are chosen after training, on the checkpoint this picks.
+            self.trainer.monitor = "val_map"
         for key, (bad, why) in _SINGLE_LABEL_ONLY.items():
             value = self
             for part in key.split("."):

@@ -94,7 +94,7 @@ def _multilabel_rows(manifest: pd.DataFrame, sep: str) -> pd.DataFrame:
     """One row per image, its label set merged over its copies; images without labels counted."""
     rows = manifest[manifest["status"].isin(["ok", "duplicate"])]
     merged = multilabel.merge_by_content(rows, sep)
-    copies = int((rows["status"] == "ok").sum()) + int((rows["status"] == "duplicate").sum()) - len(merged)
+    copies = len(rows) - len(merged)
     if copies:
         log.info("multilabel: %d copies of images merged into their first row (label sets united)", copies)
     empty = int((merged["label"] == "").sum())

@@ -1,8 +1,9 @@
 """What a download source is, and reading the user's tables (CSV, TSV, Parquet) in bounded chunks.
 
 A source is one of (see `source_kind`):
-  - a table (.csv, .tsv, .tab, .txt, .parquet) with a `label` column and a `url` and/or `path`
-    column (a path is relative to the table's folder), and optionally `split`; `Columns` maps
+  - a table (.csv, .tsv, .tab, .txt, .parquet, or JSON Lines .jsonl/.ndjson) with a `label` column
+    (or `labels`, which may hold lists) and a `url` and/or `path` column (a path is relative to the
+    table's folder), and optionally `split`; `Columns` maps
     other column names (`--url-col`, `--label-col`, `--split-col`, `--path-col`);
   - a folder in ImageFolder layout (read by imgclf.download._local);
   - an archive (.zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst) of such a folder
@@ -42,7 +43,8 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
 }
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".parquet", ".jsonl", ".ndjson")
+JSON_LINES = (".jsonl", ".ndjson")  # one JSON object per line; a `labels` value may be a list
 # Archive suffix -> format; the longest matching suffix wins (".tar.gz" before ".gz").
 ARCHIVE_SUFFIXES = {
     ".zip": "zip", ".tar": "tar",
@@ -231,6 +233,9 @@ def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.Da
         for batch in pfile.iter_batches(batch_size=rows, columns=list(rename)):
             yield batch.to_pandas().rename(columns=rename)
         return
+    if suffix in JSON_LINES:
+        yield from _json_lines_chunks(path, chunk_rows, columns)
+        return
     sep = "\t" if suffix in (".tsv", ".tab") else ","
     # A column named twice, or a first row longer than the header (pandas would shift it: the URL
     # becomes an index), is refused naming the line; index_col=False makes longer rows errors too.
@@ -245,6 +250,30 @@ def _raw_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.Da
         yield pd.DataFrame({ours: chunk[theirs] for ours, theirs in wanted.items()})
 
 
+def _json_lines_chunks(path: Path, chunk_rows: int, columns: Columns) -> Iterator[pd.DataFrame]:
+    """JSON Lines in chunks (rows per chunk from the longest line, as CSV); text cells as strings,
+    missing keys and nulls as "", a list in the label column kept for `_joined_lists`."""
+    try:
+        reader = pd.read_json(path, lines=True, chunksize=_text_rows(path, chunk_rows), dtype=False)
+        wanted: dict[str, str] | None = None
+        for chunk in reader:
+            chunk.columns = [_norm(str(c)) for c in chunk.columns]
+            if wanted is None:
+                _refuse_duplicates(path, list(chunk.columns), columns)
+                wanted = _resolve_columns(path, list(chunk.columns), columns)
+            yield pd.DataFrame({ours: chunk[theirs].map(_json_cell) if ours != "label" else chunk[theirs]
+                                for ours, theirs in wanted.items()})
+    except ValueError as err:  # pandas' JSON parser: malformed line, not an object per line
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: cannot parse as JSON Lines ({first[:200]})") from None
+
+
+def _json_cell(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
+
+
 def _joined_lists(labels: pd.Series, sep: str, where: Callable[[int], str]) -> pd.Series:
     """A list column of labels (Parquet list<string>) as text cells joined with `sep`; other columns as
     they are. A label holding the separator itself would split into other labels later: refused."""
@@ -254,7 +283,7 @@ def _joined_lists(labels: pd.Series, sep: str, where: Callable[[int], str]) -> p
     out = []
     for i, cell in enumerate(cells):
         if not isinstance(cell, list | tuple | np.ndarray):
-            out.append("" if cell is None else str(cell))
+            out.append(_json_cell(cell))
             continue
         parts = [str(part).strip() for part in cell if part is not None and str(part).strip()]
         bad = next((part for part in parts if sep in part), None)

@@ -13,11 +13,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="image folders, archives or URL lists -> validated images + manifest",
                        description="Validate and store images from image folders (ImageFolder layout: "
                                    "[train|val|test/]<label>/<image>), archives of them (.zip, .tar, .tar.gz, "
-                                   ".tar.zst, ...) and CSV/TSV/Parquet tables (columns label and url and/or "
+                                   ".tar.zst, ...) and CSV/TSV/Parquet/JSONL tables (columns label and url and/or "
                                    "path[, split]) into a data directory; resumable and incremental: run the "
                                    "same command again.")
     p.add_argument("sources", nargs="+", type=Path,
-                   help="folders, archives, CSV/TSV/Parquet tables, mixed freely; a source named "
+                   help="folders, archives, CSV/TSV/Parquet/JSONL tables, mixed freely; a source named "
                         "train/val/test names the split when nothing else does")
     p.add_argument("--out", required=True, type=location,
                    help="data directory to write images and manifest into: a folder or an object-store URL "

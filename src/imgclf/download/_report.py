@@ -139,7 +139,10 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         console.print(f"[bold yellow]leakage:[/] {leak['images']} image(s) appear in more than one split "
                       f"({leak['rows']} rows); see leakage.examples in download_report.json")
     conflicts = report["label_conflicts"]
-    if conflicts["images"]:
+    if conflicts["images"] and report.get("label_sep") is not None:  # multi-label data: expected, merged later
+        console.print(f"multi-label: {conflicts['images']} image(s) appear under several labels; task: multilabel "
+                      "trains each once with the union of its labels")
+    elif conflicts["images"]:
         console.print(f"[yellow]label conflicts:[/] {conflicts['images']} image(s) carry more than one label")
     skipped = report.get("skipped") or {}
     if skipped.get("total"):

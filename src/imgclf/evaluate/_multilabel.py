@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,25 @@ def train_frequencies(plan: Any, manifest: pd.DataFrame, images: Images, sep: st
     known = set(classes)
     sets = [tuple(x for x in multilabel.parse_labels(c, sep) if x in known) for c in cells]
     return multilabel.frequencies(multilabel.encode(sets, classes)), source
+
+
+def known_labels_only(images: Images, classes: list[str], sep: str) -> tuple[Images, dict[str, int]]:
+    """The split's label cells without labels the model does not know (it cannot score them), and
+    how many images carried each of those: a tag seen only in the test split is common in tag data,
+    so it is reported (metrics.json `labels_unknown_to_model`, a warning), not a stop."""
+    known, unknown = set(classes), Counter()
+    cells = []
+    for cell in images.frame["label"].tolist():
+        labels = multilabel.parse_labels(cell, sep)
+        unknown.update(label for label in labels if label not in known)
+        cells.append(multilabel.join_labels((label for label in labels if label in known), sep))
+    if not unknown:
+        return images, {}
+    shown = ", ".join(f"{label!r} ({n})" for label, n in unknown.most_common(5))
+    log.warning("%d label(s) of split '%s' are not known to the model and are left out of the scores: %s%s",
+                len(unknown), images.split, shown, ", ..." if len(unknown) > 5 else "")
+    frame = images.frame.assign(label=cells)
+    return Images(frame, images.root, images.split, images.source, images.note), dict(unknown.most_common())
 
 
 def _drop_unreadable(proba: np.ndarray, y: np.ndarray, images: Images,
@@ -234,6 +254,7 @@ def run(opts: Any, plan: Any, model: EvalModel) -> dict[str, Any]:
     thresholds = model.thresholds or [multilabel.DEFAULT_THRESHOLD] * len(classes)
     manifest = read_manifest(plan.data_dir)
     images = select_images(plan, manifest, opts.split, sep)
+    images, unknown = known_labels_only(images, classes, sep)
     train_freq, freq_source = train_frequencies(plan, manifest, images, sep, classes)
     t0 = time.perf_counter()
     proba, y = predict_proba(model, images.frame, images.root, opts.batch_size, opts.num_workers, opts.progress,
@@ -248,6 +269,7 @@ def run(opts: Any, plan: Any, model: EvalModel) -> dict[str, Any]:
         "class_names": classes, "thresholds": [float(t) for t in thresholds], "label_sep": sep, "tta": opts.tta,
         **compute(y, proba, classes, thresholds, train_freq, opts),
         "train_frequency_source": freq_source,
+        "labels_unknown_to_model": unknown,
         "model": {"checkpoint": str(Path(model.path).resolve()), "arch": model.arch,
                   "image_size": model.preprocessing.image_size},
         "data_dir": storage.display(plan.data_dir),
