@@ -1,7 +1,7 @@
 """How fast the download's bookkeeping commits outcomes, without network (issue 25, item 1).
 
     .venv/bin/python benchmarks/commit_scale.py                       # 1,000,000 rows, shards of 1,000
-    .venv/bin/python benchmarks/commit_scale.py --rows 10000000 --workers 2
+    .venv/bin/python benchmarks/commit_scale.py --rows 10000000 --workers 2 --only parts
 
 1. today: the real commit path. A resume state (download/_state.State) holds --rows pending
    URLs (inserted with one SQL statement: the CSV ingest is not what is measured here, see
@@ -10,10 +10,12 @@
    with `State.record`, one transaction per shard of --shard-size: exactly what the Ray driver does
    per returned shard. Printed: rows/s overall and per tenth of the run (does it slow as the
    state grows?), state bytes per row.
-2. the scale-out design (NOT built into imgclf; a prototype of docs/scale.md's design): --workers
-   processes each write their shards' outcomes as one Parquet part per shard (temporary name,
-   then os.replace: a part exists whole or not at all), and the driver only records each shard's
-   completion (one row per shard in SQLite, one transaction per shard). Printed: rows/s.
+2. the parts path (built, download/_parts.py; what `--engine ray` does since issue 25): --workers
+   processes each turn a shard's pending URLs into synthetic outcomes and encode them with
+   `Part.of` (what a Ray worker does), and the driver commits each part with `State.commit_part`
+   (one row, one transaction per shard), reading the pending list with `State.iter_pending` and
+   `iter_shards` as the Ray driver does. Printed: rows/s of the run, the driver's own time, then
+   the time of `State.fold` (the bulk apply into `urls`, once at the end) and rows/s with it.
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
-import os
+import resource
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from imgclf.download._parts import Part  # noqa: E402
+from imgclf.download._shards import iter_shards  # noqa: E402
 from imgclf.download._state import STATE_NAME, Outcome, State  # noqa: E402
 
 
@@ -77,46 +78,65 @@ def single_writer(work: Path, rows: int, shard_size: int) -> None:
     print("  rows/s per tenth of the run: " + ", ".join(f"{m:,.0f}" for m in marks))
 
 
-def write_part(args: tuple[str, int, int, int]) -> tuple[int, int, str]:
-    """A worker: one shard's outcomes as one Parquet part, published whole by os.replace."""
-    parts, shard, first, count = args
-    ids = list(range(first, first + count))
-    shas = [_sha(i) for i in ids]
-    table = pa.table({"url_id": ids, "status": ["ok"] * count, "error": [""] * count,
-                      "http_status": [200] * count, "attempts": [1] * count, "sha256": shas,
-                      "path": [f"images/{s[:2]}/{s}.jpg" for s in shas], "width": [64] * count,
-                      "height": [64] * count, "bytes": [2000] * count})
-    name = f"shard-{shard:09d}.parquet"
-    tmp = Path(parts) / f".{name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, Path(parts) / name)
-    return shard, count, name
+def make_part(items: list[tuple[int, str]]) -> Part:
+    """A worker: the shard's outcomes (one per URL, as ShardRunner returns them), encoded as a part."""
+    outcomes = []
+    for url_id, _ in items:
+        sha = _sha(url_id)
+        outcomes.append(Outcome(url_id, "ok", "", 200, 1, sha, f"images/{sha[:2]}/{sha}.jpg", 64, 64, 2000))
+    return Part.of(outcomes)
 
 
-def scale_out(work: Path, rows: int, shard_size: int, workers: int) -> None:
-    parts = work / "parts"
-    parts.mkdir(parents=True)
-    db = sqlite3.connect(work / "driver.sqlite", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("CREATE TABLE shards(shard INTEGER PRIMARY KEY, rows INTEGER NOT NULL, part TEXT NOT NULL)")
-    jobs = [(str(parts), k, k * shard_size + 1, min(shard_size, rows - k * shard_size))
-            for k in range((rows + shard_size - 1) // shard_size)]
+def parts_path(work: Path, rows: int, shard_size: int, workers: int) -> None:
+    state = State(work)
     started = time.monotonic()
-    driver_s = 0.0
+    fill_pending(state, rows)
+    print(f"state: {rows:,} pending URLs inserted in {time.monotonic() - started:.1f}s")
+    started, cpu_started = time.monotonic(), time.process_time()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    driver_s, parts_bytes, done = 0.0, 0, 0
+
+    def commit(part: Part) -> None:
+        nonlocal driver_s, parts_bytes, done
+        t = time.monotonic()
+        state.commit_part(part)  # the driver's whole commit: one row, one transaction
+        driver_s += time.monotonic() - t
+        parts_bytes += len(part.data)
+        done += part.rows
+
+    # The pending list is read in this thread (SQLite's rule), a bounded window of shards in flight
+    # (the Ray driver keeps OPEN_PER_WORKER per worker).
+    window: deque = deque()
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for shard, count, name in pool.imap_unordered(write_part, jobs, chunksize=4):
-            t = time.monotonic()
-            db.execute("BEGIN")  # the driver's whole commit: this shard is done
-            db.execute("INSERT INTO shards VALUES (?, ?, ?)", (shard, count, name))
-            db.execute("COMMIT")
-            driver_s += time.monotonic() - t
-    elapsed = time.monotonic() - started
-    size = sum(p.stat().st_size for p in parts.iterdir()) + (work / "driver.sqlite").stat().st_size
-    print(f"scale-out prototype ({workers} worker processes write per-shard parts, the driver records shards): "
-          f"{rows:,} rows in {elapsed:.1f}s = {rows / elapsed:,.0f} rows/s; the driver's own time "
+        for shard in iter_shards(state.iter_pending(page=shard_size), shard_size):
+            window.append(pool.apply_async(make_part, (shard.items,)))
+            if len(window) >= 3 * workers:
+                commit(window.popleft().get())
+        while window:
+            commit(window.popleft().get())
+        pool.close()
+        pool.join()  # (so that the workers' CPU time is counted below)
+    run_s, driver_cpu = time.monotonic() - started, time.process_time() - cpu_started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (after.ru_utime + after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    t, c = time.monotonic(), time.process_time()
+    folded = state.fold()
+    fold_s, fold_cpu = time.monotonic() - t, time.process_time() - c
+    state.close()
+    assert done == folded == rows, (done, folded, rows)
+    size = (work / STATE_NAME).stat().st_size
+    print(f"parts path ({workers} worker process(es) encode parts, the driver commits one row per shard): "
+          f"{rows:,} rows in {run_s:.1f}s = {rows / run_s:,.0f} rows/s; the driver's commits "
           f"{driver_s:.2f}s = {rows / max(driver_s, 1e-9):,.0f} rows/s of driver capacity "
-          f"({len(jobs) / max(driver_s, 1e-9):,.0f} shards/s); parts + driver state {size / rows:.0f} bytes/row")
+          f"({rows / shard_size / max(driver_s, 1e-9):,.0f} shards/s); parts {parts_bytes / rows:.0f} bytes/row")
+    # CPU seconds do not depend on how many other processes share the cores (the shared machine's
+    # load was 10-20 while these ran): they give the capacity of an idle core.
+    print(f"  CPU: the driver {driver_cpu:.1f}s (reading the pending list, sending shards, committing) = "
+          f"{rows / driver_cpu:,.0f} rows per driver CPU-second; the workers {workers_cpu:.1f}s = "
+          f"{rows / workers_cpu:,.0f} rows per worker CPU-second (spawn start-up included)")
+    print(f"  fold (State.fold, once at the end): {fold_s:.1f}s = {rows / fold_s:,.0f} rows/s ({fold_cpu:.1f} CPU-s = "
+          f"{rows / fold_cpu:,.0f} rows per CPU-second); run + fold "
+          f"{rows / (run_s + fold_s):,.0f} rows/s; state after the fold {size / rows:.0f} bytes/row")
 
 
 def main() -> None:
@@ -124,15 +144,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", choices=("today", "scale-out"), default=None)
+    ap.add_argument("--only", choices=("today", "parts"), default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="commit-scale-"))
     try:
-        if args.only != "scale-out":
+        if args.only != "parts":
             (work / "today").mkdir()
             single_writer(work / "today", args.rows, args.shard_size)
         if args.only != "today":
-            scale_out(work / "scale", args.rows, args.shard_size, args.workers)
+            (work / "parts").mkdir()
+            parts_path(work / "parts", args.rows, args.shard_size, args.workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -122,16 +122,18 @@ echo "== download --engine ray --address $ADDR --workers 2 --processes 2 ($ROWS 
 DL=$!
 committed() { "$PY" -c "
 import sqlite3, sys
+from imgclf.download._state import committed_urls
 try:
     db = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True, timeout=5)
-    print(db.execute('SELECT COUNT(*) FROM urls WHERE status IS NOT NULL').fetchone()[0])
+    print(len(committed_urls(db)))
 except sqlite3.Error:
     print(0)" "$WORK/data/.state.sqlite"; }
 while kill -0 "$DL" 2>/dev/null && [ "$(committed)" -lt $((ROWS * 3 / 10)) ]; do sleep 0.3; done
 "$PY" -c "
 import sqlite3, sys
+from imgclf.download._state import committed_urls
 db = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True, timeout=5)
-print('\n'.join(u.rsplit('/', 1)[1] for (u,) in db.execute('SELECT url FROM urls WHERE status IS NOT NULL')))
+print('\n'.join(u.rsplit('/', 1)[1] for u in sorted(committed_urls(db))))
 " "$WORK/data/.state.sqlite" > "$WORK/committed_at_kill"
 LOST="$NODE2 $("$PY" -c 'import sys; from imgclf import _reaper; print(*_reaper.descendants(int(sys.argv[1])))' "$NODE2")"
 echo "SIGKILL the second node: its raylet (pid $NODE2) and the $(($(echo $LOST | wc -w) - 1)) processes it started," \

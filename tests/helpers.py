@@ -94,8 +94,12 @@ def real_images() -> dict[str, bytes]:
 def state_urls(state: Path, where: str = "status IS NOT NULL") -> set[str]:
     """The URLs a download's resume state (.state.sqlite) holds an outcome for, read-only while the
     download may still be writing it; empty before the state exists."""
+    from imgclf.download._state import committed_urls
+
     try:
         with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
+            if where == "status IS NOT NULL":  # committed: folded into `urls`, or in a part (Ray engine)
+                return committed_urls(db)
             return {u for (u,) in db.execute(f"SELECT url FROM urls WHERE {where}")}
     except sqlite3.OperationalError:
         return set()

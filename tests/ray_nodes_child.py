@@ -47,8 +47,10 @@ def _png(i: int) -> bytes:
 
 def _committed(state: Path) -> list[str]:
     try:
+        from imgclf.download._state import committed_urls
+
         db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
-        return [u for (u,) in db.execute("SELECT url FROM urls WHERE status IS NOT NULL")]
+        return sorted(committed_urls(db))  # folded or still in a part
     except sqlite3.Error:
         return []
 

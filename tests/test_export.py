@@ -22,6 +22,7 @@ from helpers import CLASSES, demo_images, make_data_dir
 from imgclf import cli, modelfile
 from imgclf.checkpoint import load_model
 from imgclf.errors import DataError
+from imgclf.export import _run as export_run
 from imgclf.images import open_image_file
 from imgclf.inference import load_classifier
 from imgclf.presets import eval_transform
@@ -140,7 +141,7 @@ def test_exporter_crash_leaves_no_tmp_file_and_one_line_error(tiny_run: Path, tm
         path.write_bytes(b"half an onnx file")
         raise RuntimeError("exporter blew up\nwith a long internal traceback")
 
-    monkeypatch.setattr(export, "_onnx_export", crash)
+    monkeypatch.setattr(export_run, "_onnx_export", crash)
     out = tmp_path / "model.onnx"
     assert cli.main(["export", "--model", str(tiny_run), "--format", "onnx", "-o", str(out)]) != 0
     err = capsys.readouterr().err.strip()

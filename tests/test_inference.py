@@ -78,6 +78,39 @@ def test_pillow_path_is_within_one_level_of_eval_transform(pre: Preprocessing) -
     assert np.abs(floats - reference).max() <= 1 / (255 * min(pre.std)) + 1e-6
 
 
+def _grey_pngs(n: int = 12, seed: int = 5) -> list[bytes]:
+    """Real grey PNGs (the demo's) at several sizes, so both upscaling and downscaling run."""
+    rng = np.random.default_rng(seed)
+    paths = sorted((DEMO_ROOT / "test").rglob("*.png"))
+    out = []
+    for i in rng.choice(len(paths), n, replace=False):
+        image = Image.open(paths[i])
+        side = int(rng.integers(8, 400))
+        out.append(encode_image(image.resize((side, int(side * rng.uniform(0.5, 2.0)))), "PNG"))
+    return out
+
+
+@pytest.mark.parametrize("pre", PRESETS, ids=lambda p: f"{p.image_size}-{p.resize_size}")
+@pytest.mark.parametrize("resizer", [PillowResize, TorchResize], ids=["pillow", "torch"])
+def test_grey_images_kept_grey_give_bitwise_the_rgb_result(pre: Preprocessing, resizer: type) -> None:
+    """predict and serve decode with keep_grey: one channel resized, repeated, same floats as RGB."""
+    datas = _grey_pngs()
+    grey = [decode_image(data, LIMITS, keep_grey=True).image for data in datas]  # type: ignore[union-attr]
+    rgb = [decode_image(data, LIMITS).image for data in datas]  # type: ignore[union-attr]
+    assert {image.mode for image in grey} == {"L"} and {image.mode for image in rgb} == {"RGB"}
+    mixed = grey + rgb[:3]  # a batch may hold both kinds, same sizes included
+    got = Preprocessor(pre, resizer(pre))(mixed)
+    expected = Preprocessor(pre, resizer(pre))(rgb + rgb[:3])
+    assert np.array_equal(got, expected)  # bitwise, not close
+
+
+def test_keep_grey_leaves_every_other_mode_rgb() -> None:
+    for name, data in real_images().items():
+        decoded = decode_image(data, LIMITS, keep_grey=True)
+        assert isinstance(decoded, Decoded), name
+        assert decoded.image.mode == ("L" if decoded.source_mode == "L" else "RGB"), name
+
+
 def _generated_photos(n: int, seed: int = 17) -> list[Image.Image]:
     """Held-out test images as JPEG photos would arrive: enlarged to 100-1200 px, any aspect, re-encoded."""
     rng = np.random.default_rng(seed)

@@ -26,6 +26,7 @@ from imgclf.errors import ConfigError, DataError
 from imgclf.presets import Preprocessing
 from imgclf.stages import train
 from imgclf.train import _inputs as train_inputs
+from imgclf.train import _run as train_run
 from imgclf.train._callbacks import METRIC_COLUMNS
 from imgclf.train._module import ImageClassifier, _lr_factor
 
@@ -293,11 +294,11 @@ def test_auto_bn_momentum_fits_steps_per_epoch() -> None:
     from imgclf.models import create_model
 
     model = create_model("mobilenet_v3_small", 3)
-    train._tune_batchnorm(model, tiny_config("model.arch=mobilenet_v3_small"), steps_per_epoch=40)
+    train_run._tune_batchnorm(model, tiny_config("model.arch=mobilenet_v3_small"), steps_per_epoch=40)
     moms = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert moms and all(m == pytest.approx(1 - 0.01 ** (1 / 40)) for m in moms)  # 0.01 replaced everywhere
     kept = create_model("mobilenet_v3_small", 3)
-    train._tune_batchnorm(kept, tiny_config("model.bn_momentum=library"), steps_per_epoch=40)
+    train_run._tune_batchnorm(kept, tiny_config("model.bn_momentum=library"), steps_per_epoch=40)
     assert {m.momentum for m in kept.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
 
 
@@ -325,7 +326,7 @@ def test_collapse_to_one_class_is_warned_when_it_persists(caplog: pytest.LogCapt
     for collapsed, epochs, warned in (([0], 1, True), ([0, 1], 2, False), ([0], 3, False), ([1, 4], 5, True)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="imgclf.train"):
-            train._warn_if_ended_collapsed(collapsed, epochs)
+            train_run._warn_if_ended_collapsed(collapsed, epochs)
         assert bool(caplog.records) == warned, (collapsed, epochs)
 
 
@@ -373,9 +374,9 @@ def test_cpu_threads_leave_room_for_loader_workers() -> None:
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     try:
-        train._set_cpu_threads(tiny_config("data.num_workers=1", "trainer.accelerator=cpu"))
+        train_run._set_cpu_threads(tiny_config("data.num_workers=1", "trainer.accelerator=cpu"))
         assert torch.get_num_threads() == max(1, cores - 1)
-        train._set_cpu_threads(tiny_config("trainer.cpu_threads=3", "trainer.accelerator=cpu"))
+        train_run._set_cpu_threads(tiny_config("trainer.cpu_threads=3", "trainer.accelerator=cpu"))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

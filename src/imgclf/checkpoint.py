@@ -32,7 +32,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     config: TrainConfig
     path: Path
+    meta: dict[str, Any] = field(default_factory=dict)  # ckpt["imgclf"] as stored, fields unknown here included
     task: str = multilabel.SINGLE_LABEL  # or multilabel.TASK: sigmoid outputs, labels above `thresholds`
     thresholds: list[float] | None = None  # task: multilabel: one per class
 
@@ -215,7 +216,8 @@ def load_model(path: str | Path) -> LoadedModel:
         raise DataError(f"{resolved}: weights do not match {desc.arch} with {len(desc.class_names)} classes "
                         f"({first_line(err)})") from None
     model.eval()
-    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved, desc.task, desc.thresholds)
+    return LoadedModel(model, desc.class_names, desc.preprocessing, desc.config, resolved, dict(ckpt["imgclf"]),
+                       desc.task, desc.thresholds)
 
 
 def _build(desc: Description, where: Path) -> nn.Module:

@@ -32,7 +32,7 @@ from imgclf._files import atomic_path
 from imgclf.csvfile import write_frame
 from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
-from imgclf.manifest import read_manifest, row_refs, usable_rows
+from imgclf.manifest import read_manifest, row_refs, scan, usable_rows
 from imgclf.presets import ImageTooLarge
 from imgclf.untrusted import check_labels, csv_raw_frame
 
@@ -144,7 +144,7 @@ def image_refs(frame: pd.DataFrame, data_dir: str | Path) -> list[storage.RowRef
     chosen columns) take them from DATA_DIR's manifest by `row`; a files-layout manifest has none."""
     if "shard" in frame or "row" not in frame:
         return row_refs(frame)
-    located = read_manifest(data_dir)[["row", "shard", "offset", "bytes"]]
+    located = scan(data_dir, columns=["row", "shard", "offset", "bytes"])
     if not (located["shard"] != "").any():
         return row_refs(frame)
     return row_refs(frame[["row", "path"]].merge(located, on="row", how="left", validate="many_to_one"))
@@ -360,7 +360,7 @@ def check_unreadable(datasets: list[DecodedImages], max_share: float) -> int:
 
 def cache_bytes(data_dir: str | Path, frame: pd.DataFrame, resize_size: int) -> int:
     """Upper estimate of the RAM the decoded cache of `frame` needs (from manifest sizes)."""
-    manifest = read_manifest(data_dir)[["row", "width", "height"]]
+    manifest = scan(data_dir, columns=["row", "width", "height"])
     sizes = frame[["row"]].merge(manifest, on="row", how="left").fillna(resize_size)
     short = np.minimum(sizes["width"], sizes["height"]).clip(lower=1)
     scale = np.minimum(1.0, resize_size / short)

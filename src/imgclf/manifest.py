@@ -31,6 +31,14 @@ would give the file), so `path` stays a unique, content-addressed key in both la
 image with `imgclf.storage.read_row(data_dir, ref)` (refs from `row_refs(frame)`), which handles both. DATA_DIR may
 be a local folder or an object-store URL (`s3://bucket/prefix`, see imgclf.storage).
 
+A large manifest (more than PART_ROWS rows) is written as parts: `DATA_DIR/manifest/_index.json`
+names the Parquet parts of one write (`manifest/<write id>/part-00000.parquet`, ...) with their row
+counts; the index, replaced atomically, is the commit point of a write, and when present it is
+the manifest (`manifest.parquet` is then absent). `read_manifest` reads either as one frame;
+`scan(data_dir, columns=..., split=..., status=...)` reads only the columns and rows asked for
+(filters pushed down to each part's row groups), and `epoch_batches` walks one split in a seeded
+shuffled order holding a few parts at a time, so a billion-row DATA_DIR is never in memory whole.
+
 Rows with status "duplicate" still have a valid `path` (the shared file), so a
 consumer may choose to use them; training uses only status "ok". Local files that get no
 row (hidden, outside class folders, not regular files, unsafe archive members) are listed
@@ -41,6 +49,7 @@ under `skipped` in download_report.json. Manifests written before local sources,
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +60,9 @@ from imgclf.storage import RowRef
 from imgclf.untrusted import check_labels
 
 MANIFEST_NAME = "manifest.parquet"
+PARTS_DIR = "manifest"  # a manifest written as parts: PARTS_DIR/_index.json names them
+PARTS_INDEX = "_index.json"
+PART_ROWS = 5_000_000  # a manifest of more rows is written as parts of this many rows
 REPORT_NAME = "download_report.json"
 
 # Every status a row can end with. Stable: other tooling reads these strings.
@@ -153,6 +165,8 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
 
     if storage.is_url(data_dir):
         return _read_remote_manifest(str(data_dir))
+    if (Path(data_dir) / PARTS_DIR / PARTS_INDEX).is_file():
+        return scan(data_dir)
     path = Path(data_dir) / MANIFEST_NAME
     if not Path(data_dir).exists():  # a typo: say so, rather than "no manifest here; run download"
         raise DataError(f"{data_dir}: no such data directory (the folder does not exist)")
@@ -164,6 +178,108 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
         raise DataError(f"{path}: unreadable manifest ({err.__class__.__name__})") from None
     return _checked(frame, path)
+
+
+def part_files(data_dir: str | Path) -> list[Path]:
+    """The Parquet files of a local manifest: the parts its index names, or manifest.parquet."""
+    index = Path(data_dir) / PARTS_DIR / PARTS_INDEX
+    if not index.is_file():
+        return [_local_file(Path(data_dir))]
+    import json
+
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))["parts"]
+        files = [index.parent / str(part["path"]) for part in listed]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{index}: unreadable manifest index ({err.__class__.__name__})") from None
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{index}: names a part that is missing: {missing[0]}")
+    return files
+
+
+def _local_file(data_dir: Path) -> Path:
+    """DATA_DIR/manifest.parquet, or the one-line error read_manifest gives for a wrong folder."""
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        read_manifest(data_dir)  # raises: no such folder, an image folder, no manifest
+    return path
+
+
+def dataset(data_dir: str | Path):  # noqa: ANN201 - pyarrow.dataset.Dataset, imported lazily
+    """A lazy handle on a local manifest, one file or many parts (pyarrow.dataset): nothing read yet."""
+    import pyarrow.dataset as ds
+
+    files = part_files(data_dir)
+    try:
+        return ds.dataset([str(f) for f in files], format="parquet")
+    except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{files[0].parent}: unreadable manifest ({err.__class__.__name__})") from None
+
+
+def _filter(split: str | None, status: str | None):  # noqa: ANN202 - a pyarrow expression or None
+    import pyarrow.dataset as ds
+
+    expr = None
+    for name, value in (("split", split), ("status", status)):
+        if value is not None:
+            term = ds.field(name) == value
+            expr = term if expr is None else expr & term
+    return expr
+
+
+def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | None = None,
+         status: str | None = None) -> pd.DataFrame:
+    """The manifest's rows of one split and/or status, only the columns asked for (all by default),
+    typed as the contract says. Reads only those columns, part by part (filters pushed down)."""
+    from imgclf import storage
+
+    if storage.is_url(data_dir):  # one object: read it, then select
+        frame = read_manifest(data_dir)
+        keep = pd.Series(True, index=frame.index)
+        for name, value in (("split", split), ("status", status)):
+            if value is not None:
+                keep &= frame[name] == value
+        return frame.loc[keep, columns or list(frame.columns)].reset_index(drop=True)
+    data = dataset(data_dir)
+    present = [c for c in (columns or list(COLUMNS)) if c in data.schema.names]
+    try:
+        # One part and a few batches read ahead: pyarrow's defaults hold 4 parts x 16 batches in flight.
+        table = data.scanner(columns=present, filter=_filter(split, status), batch_readahead=2,
+                             fragment_readahead=1).to_table()
+    except Exception as err:  # a corrupt part: pyarrow's own types
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
+    frame = table.to_pandas()
+    if columns is None:
+        return _checked(frame, Path(data_dir) / PARTS_DIR)
+    for name in columns:  # typed as normalize() does, only the columns asked for
+        dtype = COLUMNS.get(name, "string")
+        default = _DEFAULTS.get(name, "" if dtype == "string" else 0)
+        col = frame[name] if name in frame else pd.Series(default, index=frame.index)
+        frame[name] = col.fillna("" if dtype == "string" else 0).astype(dtype)
+    return frame[columns]
+
+
+def epoch_batches(data_dir: str | Path, split: str, seed: int, columns: list[str], batch_rows: int = 65_536,
+                  groups_in_memory: int = 64) -> Iterator[pd.DataFrame]:
+    """One epoch over the usable rows (status ok) of `split`, shuffled with `seed`: the row groups
+    (20,000 rows each as download writes them) of every part in a shuffled order, `groups_in_memory`
+    of them at a time shuffled together (the block shuffle of WebDataset and LitData), yielded
+    `batch_rows` rows at a time. Memory holds those groups' selected columns, never the manifest."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = dataset(data_dir)
+    groups = [g for frag in data.get_fragments() for g in frag.split_by_row_group()]
+    rng = np.random.default_rng(seed)
+    expr = _filter(split, "ok")
+    order = rng.permutation(len(groups))
+    for start in range(0, len(order), groups_in_memory):
+        tables = [groups[i].to_table(columns=columns, filter=expr) for i in order[start:start + groups_in_memory]]
+        block = pa.concat_tables(tables)
+        block = block.take(rng.permutation(block.num_rows))
+        for first in range(0, block.num_rows, batch_rows):
+            yield block.slice(first, batch_rows).to_pandas()
 
 
 def _read_remote_manifest(data_dir: str) -> pd.DataFrame:

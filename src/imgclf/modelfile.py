@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ExportedMeta:
     preprocessing: Preprocessing
     arch: str
     exporter: str
+    plain: dict[str, Any] = field(default_factory=dict, compare=False)  # the metadata JSON as stored
     task: str = "single_label"  # or "multilabel": sigmoid outputs, labels at or above `thresholds`
     thresholds: list[float] | None = None  # multilabel: one per class, checked when the file is read
 
@@ -119,7 +120,7 @@ def _parse_meta(plain: Any, path: Path) -> ExportedMeta:
     try:
         pre = Preprocessing.from_plain(plain["preprocessing"])
         names = [str(n) for n in plain["class_names"]]
-        meta = ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")))
+        meta = ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")), dict(plain))
         if plain.get("task") != "multilabel":
             return meta
         # Imported for multi-label files only: imgclf.multilabel brings pandas, which single-label ONNX

@@ -28,8 +28,8 @@ from imgclf import presets, storage
 from imgclf._files import atomic_path
 from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
+from imgclf.inference import ModelHandle, load
 from imgclf.manifest import RowRef, row_refs
-from imgclf.modelfile import ModelKind, identify
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +82,23 @@ def _torch_features(body: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
 
 
 def load_embedder(path: str | Path) -> Embedder:
-    """An embedder from a run directory, checkpoint, .onnx or TorchScript file (modelfile.identify)."""
-    path = Path(path)
-    kind = identify(path)
-    if kind in (ModelKind.RUN, ModelKind.CHECKPOINT):
-        from imgclf.checkpoint import load_model
+    """An embedder from a run directory, checkpoint, .onnx or TorchScript file (inference.load)."""
+    return embedder(load(path))
 
-        loaded = load_model(path)
-        key = _fingerprint(_file_digest(loaded.path), loaded.preprocessing, "penultimate")
-        return Embedder(_torch_features(headless(loaded.model)), loaded.preprocessing, loaded.class_names,
-                        key, str(loaded.path), "penultimate layer")
-    from imgclf.inference import load_classifier
 
-    classifier = load_classifier(path)
+def embedder(handle: ModelHandle) -> Embedder:
+    """The handle's penultimate layer (a torch module), or its log-probabilities (an exported file)."""
+    if handle.module is not None:
+        key = _fingerprint(_file_digest(handle.path), handle.preprocessing, "penultimate")
+        return Embedder(_torch_features(headless(handle.module)), handle.preprocessing, handle.class_names,
+                        key, str(handle.path), "penultimate layer")
+    backend = handle.backend
 
     def logprobs(batch: torch.Tensor) -> np.ndarray:
-        return np.log(np.clip(classifier.backend.probabilities(batch), 1e-7, None)).astype(np.float32)
+        return np.log(np.clip(backend.probabilities(batch), 1e-7, None)).astype(np.float32)
 
-    key = _fingerprint(_file_digest(path), classifier.preprocessing, "logprob")
-    return Embedder(logprobs, classifier.preprocessing, classifier.class_names, key, str(path), "log-probabilities")
+    key = _fingerprint(_file_digest(handle.path), handle.preprocessing, "logprob")
+    return Embedder(logprobs, handle.preprocessing, handle.class_names, key, str(handle.path), "log-probabilities")
 
 
 def _fingerprint(weights_digest: str, pre: presets.Preprocessing, layer: str) -> str:

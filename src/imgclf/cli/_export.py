@@ -37,12 +37,5 @@ def handle(args: argparse.Namespace) -> int:
         require("onnx", "onnxruntime")  # a missing extra: one line before the export starts
     options = export.QuantizeOptions(args.calibration_data, args.calibration_images, args.held_out_images)
     result = export.run(model, args.format, args.output, args.quantize, options)
-    print(f"wrote {result.path} ({result.format}, {result.exporter}); "
-          f"max |exported - torch| probability on a probe batch: {result.max_abs_diff:.2e}"
-          + (" (fp32, before quantisation)" if result.quantization else ""))
-    if (q := result.quantization) is not None:
-        print(f"quantised: {q.method}; {q.calibration_images} calibration images; held out: {q.held_out}")
-        if q.top1_agreement is not None:
-            print(f"int8 vs fp32: top-1 agreement {q.top1_agreement:.2%}; F1-macro {q.f1_fp32:.4f} -> "
-                  f"{q.f1_int8:.4f} ({100 * q.f1_change:+.2f} points)")
+    print(result.summary())
     return 0

@@ -87,7 +87,7 @@ def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | Non
                  "interrupted": interrupted, "options": options.storage_key(),
                  "skipped": state.skipped_report(), **({"job_note": crowded} if crowded else {}),
                  **({"label_sep": options.label_sep} if options.label_sep is not None else {})}
-        manifest, report_path, report = write_outputs(state, data_dir, extra)
+        manifest, report_path, report = write_outputs(state, data_dir, extra, parts=not target.remote)
         target.publish(MANIFEST_NAME, REPORT_NAME)  # a URL --out: upload them (local: already there)
     finally:
         state.close()

@@ -8,8 +8,10 @@ does and is its only writer. Pending URLs are cut into shards by URL id (`_shard
 goes to a worker actor (`_Worker`: one event loop, one aiohttp session, one process pool for its
 lifetime, running `_worker.ShardRunner`, i.e. the single-machine fetch/validate/store code). At
 most `OPEN_PER_WORKER` shards per worker are in flight: the next one is sent when one comes back,
-never the whole list at once. A shard's outcomes come back together and are committed in one
-transaction: that is the commit point. A worker killed mid-shard (its node lost, OOM) costs its
+never the whole list at once. A shard's outcomes come back together, encoded by the worker as one
+Parquet part (`_parts.Part`), and the driver commits the part as one row in one small transaction:
+that is the commit point, O(1) per shard for the driver (the per-row work is the workers').
+A worker killed mid-shard (its node lost, OOM) costs its
 open shards' uncommitted rows, nothing committed; those shards go back to the queue and the
 live workers take them. Ray restarts the lost worker when it can place it; the run does not wait
 for that (a lost node's worker may have nowhere to go), except when no worker is left at all
@@ -44,10 +46,11 @@ from typing import Any
 from imgclf._ray import connect, import_ray
 from imgclf.download._leases import SYNC_S, LeaseBook, LeasedLimiter
 from imgclf.download._options import DownloadOptions, StoreSettings
+from imgclf.download._parts import Part
 from imgclf.download._progress import Progress
 from imgclf.download._shards import Shard, iter_shards
 from imgclf.download._sink import Target, next_shard_number
-from imgclf.download._state import Outcome, State
+from imgclf.download._state import State
 from imgclf.download._store import TMP_DIR, die_with_parent
 from imgclf.download._worker import ShardRunner
 from imgclf.download._writers import shard_name
@@ -91,10 +94,11 @@ class _Worker:
         self.runner = ShardRunner(options, settings, self.limiter, self.pool)
         self.syncing: asyncio.Task[None] | None = None
 
-    async def run(self, items: list[tuple[int, str]], tar_name: str | None) -> list[Outcome]:
+    async def run(self, items: list[tuple[int, str]], tar_name: str | None) -> Part:
         if self.syncing is None:
             self.syncing = asyncio.create_task(self._sync_forever())
-        return await self.runner.run(items, tar_name)
+        outcomes = await self.runner.run(items, tar_name)
+        return await asyncio.to_thread(Part.of, outcomes)  # encoded here, off the loop: not the driver's work
 
     async def pid(self) -> int:
         return os.getpid()
@@ -122,7 +126,10 @@ def fetch_pending(state: State, settings: StoreSettings, options: DownloadOption
             workers = max(1, int(ray_.cluster_resources().get("CPU", 1)) // processes)
         driver = _Driver(state, settings, dataclasses.replace(options, processes=processes), size, workers,
                          Progress(pending, options.show_progress), target)
-        return driver.run()
+        try:
+            return driver.run()
+        finally:
+            state.fold()  # the committed parts into `urls`, for the local engine and the manifest
 
 
 def _layout(options: DownloadOptions) -> tuple[int, int]:
@@ -294,15 +301,16 @@ class _Driver:
         index, shard = self.inflight.pop(ref)
         self.open[index] -= 1
         try:
-            outcomes = ray.get(ref)
+            part = ray.get(ref)
         except ray.exceptions.RayError as err:
             self._failed(index, shard, err)
             return
-        self.state.record(outcomes)  # one transaction per shard: the commit point
-        self.done += len(outcomes)
-        for outcome in outcomes:
-            self.ok += outcome.status == "ok"
-            self.progress.advance(outcome.status)
+        self.state.commit_part(part)  # one small transaction per shard: the commit point
+        self.done += part.rows
+        self.ok += part.counts.get("ok", 0)
+        for status, n in part.counts.items():
+            for _ in range(n):
+                self.progress.advance(status)
 
     def _failed(self, index: int, shard: Shard, err: BaseException) -> None:
         if isinstance(err, ray.exceptions.RayActorError):

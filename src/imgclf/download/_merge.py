@@ -81,6 +81,7 @@ def _check_jobs(jobs: list[Path], out: Path) -> str:
         if job.resolve() == out.resolve():
             raise DataError(f"{job}: --out must be a new folder, not one of the jobs")
         _check_not_running(job)
+        State(job).close()  # opening a state applies the parts a killed job committed (see _parts)
         with sqlite3.connect(f"file:{job / STATE_NAME}?mode=ro", uri=True) as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'storage'").fetchone()
         match = _JOB.search(row[0]) if row else None

@@ -2,12 +2,17 @@
 
 The manifest is streamed in row order in batches (bounded memory for millions of rows) and
 written atomically (`_files.atomic_path`): a temporary file renamed over the previous manifest.
+More than `manifest.PART_ROWS` rows are written as parts (`_Parts`): files of one write in a
+folder of their own, published by replacing `manifest/_index.json` (see imgclf.manifest).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgclf import manifest as _manifest
 from imgclf._files import atomic_path, write_atomic
 from imgclf.download._state import INVALID_PREFIX, State
 from imgclf.images import too_large_kind
-from imgclf.manifest import COLUMNS, MANIFEST_NAME, REPORT_NAME, STATUSES, normalize
+from imgclf.manifest import COLUMNS, MANIFEST_NAME, PARTS_DIR, PARTS_INDEX, REPORT_NAME, STATUSES, normalize
 
 _EXAMPLES = 20
 
@@ -48,39 +54,34 @@ def _resolve(rec: tuple, keep_unlabelled: bool = False) -> tuple:
             size, duplicate_of, shard, offset)
 
 
-def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
-    """Stream the manifest, gather counts on the way, write the report; return both paths and the report."""
+def write_outputs(state: State, data_dir: Path, extra: dict[str, Any], parts: bool = True
+                  ) -> tuple[Path, Path, dict[str, Any]]:
+    """Stream the manifest, gather counts on the way, write the report; return both paths and the report.
+    `parts=False` (an object-storage --out, whose readers take one manifest object): always one file."""
     counts: Counter[str] = Counter()
     by_split: dict[str, Counter[str]] = {}
     by_label: dict[tuple[str, str], Counter[str]] = {}
     duplicates = Counter()
     too_large: Counter[str] = Counter()  # why, by kind (images.too_large_kind)
-    manifest = data_dir / MANIFEST_NAME
-    with atomic_path(manifest) as tmp:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for batch in state.manifest_rows():
-                resolved = [_resolve(rec, state.keep_unlabelled) for rec in batch]
-                frame = normalize(pd.DataFrame(resolved, columns=list(COLUMNS)))
-                # Counted from the tuples: iterating the frame's Arrow-backed columns costs 3x more.
-                for _, _, _, label, split, status, error, *_ in resolved:
-                    counts[status] += 1
-                    by_split.setdefault(split, Counter())[status] += 1
-                    by_label.setdefault((split, label), Counter())[status] += 1
-                    if status == "too_large":
-                        too_large[too_large_kind(error)] += 1
-                    if status == "duplicate":
-                        duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
-                table = pa.Table.from_pandas(frame, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            if writer is None:  # no rows at all: still a valid, empty manifest
-                table = pa.Table.from_pandas(normalize(pd.DataFrame(columns=list(COLUMNS))), preserve_index=False)
-                writer = pq.ParquetWriter(tmp, table.schema)
-        finally:
-            if writer is not None:
-                writer.close()  # before atomic_path renames it (or removes it, on an error)
+
+    def add(resolved: list[tuple]) -> pa.Table:
+        # Counted from the tuples: iterating the frame's Arrow-backed columns costs 3x more.
+        for _, _, _, label, split, status, error, *_ in resolved:
+            counts[status] += 1
+            by_split.setdefault(split, Counter())[status] += 1
+            by_label.setdefault((split, label), Counter())[status] += 1
+            if status == "too_large":
+                too_large[too_large_kind(error)] += 1
+            if status == "duplicate":
+                duplicates["same_url" if error.startswith("same URL") else "same_content"] += 1
+        return pa.Table.from_pandas(normalize(pd.DataFrame(resolved, columns=list(COLUMNS))), preserve_index=False)
+
+    batches = (add([_resolve(rec, state.keep_unlabelled) for rec in batch]) for batch in state.manifest_rows())
+    if parts and state.row_count() > _manifest.PART_ROWS:
+        manifest = _Parts(data_dir, _manifest.PART_ROWS).write(batches)
+    else:
+        manifest = _write_one(data_dir / MANIFEST_NAME, batches)
+        _Parts.remove(data_dir)  # a manifest written as parts before: this one replaces it
 
     report = {
         "total_rows": sum(counts.values()),
@@ -95,6 +96,72 @@ def write_outputs(state: State, data_dir: Path, extra: dict[str, Any]) -> tuple[
     }
     report_path = write_atomic(data_dir / REPORT_NAME, json.dumps(report, indent=2, default=str))
     return manifest, report_path, report
+
+
+def _write_one(manifest: Path, tables: Iterator[pa.Table]) -> Path:
+    with atomic_path(manifest) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            if writer is None:  # no rows at all: still a valid, empty manifest
+                table = pa.Table.from_pandas(normalize(pd.DataFrame(columns=list(COLUMNS))), preserve_index=False)
+                writer = pq.ParquetWriter(tmp, table.schema)
+        finally:
+            if writer is not None:
+                writer.close()  # before atomic_path renames it (or removes it, on an error)
+    return manifest
+
+
+class _Parts:
+    """A manifest as parts of `rows` rows: DATA_DIR/manifest/<write id>/part-NNNNN.parquet, published
+    by replacing manifest/_index.json (the commit point: killed before it, the previous manifest
+    stands); then manifest.parquet and the folders of earlier writes are removed."""
+
+    def __init__(self, data_dir: Path, rows: int) -> None:
+        self.data_dir, self.rows = data_dir, rows
+        self.folder = data_dir / PARTS_DIR / uuid.uuid4().hex[:12]
+        self.parts: list[dict[str, Any]] = []
+
+    def write(self, tables: Iterator[pa.Table]) -> Path:
+        self.folder.mkdir(parents=True)
+        writer: pq.ParquetWriter | None = None
+        try:
+            for table in tables:
+                while table.num_rows:
+                    if writer is None:
+                        name = f"part-{len(self.parts):05d}.parquet"
+                        writer = pq.ParquetWriter(self.folder / name, table.schema, compression="zstd")
+                        self.parts.append({"path": f"{self.folder.name}/{name}", "rows": 0})
+                    chunk = table.slice(0, self.rows - self.parts[-1]["rows"])
+                    writer.write_table(chunk)
+                    self.parts[-1]["rows"] += chunk.num_rows
+                    table = table.slice(chunk.num_rows)
+                    if self.parts[-1]["rows"] == self.rows:
+                        writer.close()
+                        writer = None
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        if writer is not None:
+            writer.close()
+        index = {"parts": self.parts, "total_rows": sum(p["rows"] for p in self.parts)}
+        path = write_atomic(self.folder.parent / PARTS_INDEX, json.dumps(index, indent=1))
+        (self.data_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for old in self.folder.parent.iterdir():
+            if old.is_dir() and old != self.folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return path.parent
+
+    @staticmethod
+    def remove(data_dir: Path) -> None:
+        """Drop a parts manifest (its index first: from then on it is no manifest)."""
+        (data_dir / PARTS_DIR / PARTS_INDEX).unlink(missing_ok=True)
+        shutil.rmtree(data_dir / PARTS_DIR, ignore_errors=True)
 
 
 def _shared_images(state: State) -> dict[str, Any]:

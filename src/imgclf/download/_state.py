@@ -1,6 +1,6 @@
 """Resume state: DATA_DIR/.state.sqlite (SQLite in WAL mode), the durable truth of a download.
 
-Two tables. `rows` is the input, one line per input row (re-read when the sources change).
+Two tables (and `parts`, see _parts). `rows` is the input, one line per input row (re-read when the sources change).
 `urls` holds one line per distinct URL with its outcome: `status` NULL means not finished.
 A local file or archive member is a "URL" too: its locator (see imgclf.manifest) is the key,
 `kind` says how to read it, and `size`/`stamp` are its signature when it was listed, so a
@@ -8,7 +8,9 @@ file that changed is validated again while an unchanged one is not. `skipped` li
 of local sources that get no row (hidden, outside class folders, ...), for the report.
 A result is committed only after its image file is in place, so after a kill (even SIGKILL)
 a URL is either finished, with its file, or fetched again; a finished URL is never fetched
-again. The manifest is a join of the two, streamed in row order.
+again. The Ray driver commits a shard as one part (`commit_part`), applied to `urls` in bulk when
+the state is opened and when statuses are read (`fold`). The manifest is a join of the two,
+streamed in row order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import IO
 import pandas as pd
 
 from imgclf import sources
+from imgclf.download import _parts
 from imgclf.download._fetch import RETRY_STATUSES
 from imgclf.download._items import iter_items
 from imgclf.download._local import Item, LocalRef, Skipped
@@ -33,19 +36,20 @@ from imgclf.untrusted import check_label, shown
 
 STATE_NAME = ".state.sqlite"
 
-_SCHEMA = """
+_SHA_INDEX = "CREATE INDEX IF NOT EXISTS urls_by_sha ON urls(sha256) WHERE sha256 <> ''"
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS urls(
     id INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE, first_row INTEGER,
     status TEXT, error TEXT NOT NULL DEFAULT '', http_status INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, sha256 TEXT NOT NULL DEFAULT '', path TEXT NOT NULL DEFAULT '',
     width INTEGER NOT NULL DEFAULT 0, height INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS urls_by_sha ON urls(sha256) WHERE sha256 <> '';
+{_SHA_INDEX};
 CREATE TABLE IF NOT EXISTS rows(row INTEGER PRIMARY KEY, source TEXT NOT NULL, url TEXT NOT NULL,
                                 label TEXT NOT NULL, split TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS skipped(source TEXT NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL,
                                    reason TEXT NOT NULL);
-"""
+""" + _parts.PARTS_SCHEMA + ";\n"
 # Columns of local items, added to `urls` (also to a state written before local sources existed).
 _LOCAL_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'url'"), ("file", "TEXT NOT NULL DEFAULT ''"),
                   ("member", "TEXT NOT NULL DEFAULT ''"), ("pos", "INTEGER NOT NULL DEFAULT -1"),
@@ -154,6 +158,7 @@ class State:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             _add_local_columns(db)
+            _parts.fold(db, _SHA_INDEX)  # what a killed run committed, before anything reads a status
         except BaseException as err:
             # Release the database and the flock, or this process would keep DATA_DIR locked.
             if db is not None:
@@ -300,6 +305,7 @@ class State:
         return cur.rowcount
 
     def pending_count(self) -> int:
+        self.fold()  # after the Ray engine, before the local one counts what is left
         return self.db.execute(
             "SELECT COUNT(*) FROM urls WHERE status IS NULL AND first_row IS NOT NULL").fetchone()[0]
 
@@ -352,7 +358,19 @@ class State:
               o.shard, o.offset, o.url_id) for o in outcomes])
         self.db.execute("COMMIT")
 
+    def commit_part(self, part: _parts.Part) -> None:
+        """A shard's outcomes, committed in one small transaction (the Ray driver's commit point)."""
+        _parts.commit(self.db, part)
+
+    def fold(self) -> int:
+        """Apply the committed parts to `urls` (before reading statuses); return the rows applied."""
+        return _parts.fold(self.db, _SHA_INDEX)
+
+    def row_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
     def manifest_rows(self, batch: int = 20_000) -> Iterator[list[tuple]]:
+        self.fold()
         cur = self.db.execute(_MANIFEST_QUERY, (int(self.keep_unlabelled),))  # --label-sep: unlabelled rows too
         while rows := cur.fetchmany(batch):
             yield rows
@@ -370,9 +388,10 @@ class State:
 
     def shards(self) -> set[str]:
         """Tar shards holding committed images (--layout tar): any other tar is an orphan."""
+        self.fold()
         return {s for (s,) in self.db.execute("SELECT DISTINCT shard FROM urls WHERE shard <> ''")}
 
-    def is_referenced(self, rel_path: str) -> bool:
+    def is_referenced(self, rel_path: str) -> bool:  # (remove_orphans folds first, via shards())
         sha = Path(rel_path).stem
         return self.db.execute("SELECT 1 FROM urls WHERE sha256 = ? AND path = ? LIMIT 1",
                                (sha, rel_path)).fetchone() is not None
@@ -391,6 +410,18 @@ def _url_key(url: str, problem: str) -> str:
 def _url_problem(url: str) -> str:
     """Why a URL cell is not fetched ("" when it is): cut for its size (sources), or not http(s)."""
     return sources.cut_problem(url, "URL", sources.MAX_URL_BYTES) or check_url(url)
+
+
+def committed_urls(db: sqlite3.Connection) -> set[str]:
+    """The URLs holding a committed outcome, folded or not; read-only, for a reader watching a running
+    download (tests, benchmarks/ray_two_nodes.sh) through its own connection."""
+    ids = sorted(_parts.committed_ids(db))
+    urls = {u for (u,) in db.execute("SELECT url FROM urls WHERE status IS NOT NULL")}
+    for start in range(0, len(ids), 10_000):
+        chunk = ids[start:start + 10_000]
+        urls.update(u for (u,) in db.execute(f"SELECT url FROM urls WHERE id IN ({','.join('?' * len(chunk))})",
+                                              chunk))
+    return urls
 
 
 def _add_local_columns(db: sqlite3.Connection) -> None:

@@ -1,8 +1,10 @@
-"""The model side of evaluate: open any model (run, checkpoint, ONNX, TorchScript), score a split.
+"""The model side of evaluate: any model `inference.load` opens, scored over a split.
 
-Evaluate takes a model wherever predict, export and serve do (`imgclf.modelfile.identify`).
+Evaluate takes a model wherever predict, export and serve do, through the same loader.
 PyTorch weights run on the chosen device; an exported file runs on its own backend
-(onnxruntime or TorchScript), through the same eval preprocessing stored with it.
+(onnxruntime or TorchScript). Images are decoded by DataLoader workers and preprocessed a batch
+at a time by predict's preprocessor (`inference.eval_preprocessor`, bitwise `presets.eval_transform`
+on torchvision's kernel, whatever the backend).
 """
 
 from __future__ import annotations
@@ -15,93 +17,100 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from imgclf.data import ImageFolderFrame
-from imgclf.errors import ConfigError, DataError, first_line
-from imgclf.modelfile import ModelKind, identify
+from imgclf.errors import DataError, first_line
+from imgclf.inference import ModelHandle, Preprocessor, eval_preprocessor, load
 from imgclf.models import fast_layout
-from imgclf.presets import Preprocessing, eval_transform
+from imgclf.presets import Preprocessing, ResizeGuard
 from imgclf.progress import track
 
 
 @dataclass
 class EvalModel:
-    """What evaluate needs to know about a model, whatever file it came from."""
+    """A handle plus the probabilities evaluate scores with (float64, rows summing to 1)."""
 
-    path: Path
-    class_names: list[str]
-    preprocessing: Preprocessing
-    arch: str
-    config: dict[str, Any]  # the training config as plain data ({} for exported files)
-    num_workers: int  # the run's data.num_workers (decoding processes), 0 for exported files
+    handle: ModelHandle
     # normalised float batch -> (N, K) float64 probabilities (softmax; sigmoid for task: multilabel)
     probabilities: Callable[[torch.Tensor], np.ndarray] = field(repr=False)
-    task: str = "single_label"  # or "multilabel" (imgclf.multilabel.TASK)
-    thresholds: list[float] | None = None  # task: multilabel: one per class, from the checkpoint
+
+    @property
+    def path(self) -> Path:
+        return self.handle.path
+
+    @property
+    def arch(self) -> str:
+        return self.handle.arch
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.handle.preprocessing
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training config as plain data ({} for exported files)."""
+        return self.handle.config.to_plain() if self.handle.config is not None else {}
+
+    @property
+    def task(self) -> str:
+        return self.handle.task  # "single_label" or "multilabel" (imgclf.multilabel.TASK)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        return self.handle.thresholds  # task: multilabel: one per class, from the model's metadata
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.handle.class_names
+
+    @property
+    def num_workers(self) -> int:
+        """The run's data.num_workers (decoding processes); 0 for exported files."""
+        return self.handle.config.data.num_workers if self.handle.config is not None else 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: no such CUDA device here "
-                          f"({torch.cuda.device_count()} visible); use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
+def probabilities(handle: ModelHandle) -> Callable[[torch.Tensor], np.ndarray]:
+    """The handle's probabilities in float64, as log loss wants them."""
+    module = handle.module
+    multilabel = handle.task == "multilabel"
+    if module is None:
+        def exported(batch: torch.Tensor) -> np.ndarray:
+            proba = np.asarray(handle.backend.probabilities(batch), dtype=np.float64)
+            if multilabel:  # independent sigmoid outputs: rows do not sum to 1
+                return proba
+            # float32 softmax from the exported graph, renormalised in float64 so rows sum to 1 for log loss.
+            return proba / proba.sum(axis=1, keepdims=True)
 
+        return exported
 
-def _torch_model(path: Path, device: torch.device) -> EvalModel:
-    from imgclf.checkpoint import load_model
-
-    loaded = load_model(path)
-    model = loaded.model.to(device).eval()
-    multilabel = loaded.task == "multilabel"
-
-    def probabilities(batch: torch.Tensor) -> np.ndarray:
-        logits = model(fast_layout(batch.to(device, non_blocking=True)))
+    def torch_proba(batch: torch.Tensor) -> np.ndarray:
+        logits = module(fast_layout(batch.to(handle.device, non_blocking=True)))
         if multilabel:  # independent labels: sigmoid per output
             return torch.sigmoid(logits.double()).cpu().numpy()
         # float64 softmax: probabilities sum to 1 closely enough for log loss.
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
-    return EvalModel(loaded.path, loaded.class_names, loaded.preprocessing, loaded.config.model.arch,
-                     loaded.config.to_plain(), loaded.config.data.num_workers, probabilities,
-                     loaded.task, loaded.thresholds)
-
-
-def _exported_model(path: Path, kind: ModelKind, device_name: str) -> EvalModel:
-    from imgclf.inference import load_classifier
-    from imgclf.modelfile import load_torchscript, read_onnx_metadata
-
-    if device_name not in ("auto", "cpu"):
-        raise ConfigError(f"--device {device_name}: {path} is an exported {kind.value} file, which runs on its "
-                          "own backend; evaluate the run directory or checkpoint to choose a device")
-    meta = read_onnx_metadata(path) if kind == ModelKind.ONNX else load_torchscript(path)[1]
-    backend = load_classifier(path).backend
-    # Exported multi-label files carry task and thresholds in their metadata (absent: single-label).
-    task, thresholds = getattr(meta, "task", "single_label"), getattr(meta, "thresholds", None)
-
-    def probabilities(batch: torch.Tensor) -> np.ndarray:
-        proba = np.asarray(backend.probabilities(batch), dtype=np.float64)
-        if task == "multilabel":  # independent sigmoid outputs: rows do not sum to 1
-            return proba
-        # float32 softmax from the exported graph, renormalised in float64 so rows sum to 1 for log loss.
-        return proba / proba.sum(axis=1, keepdims=True)
-
-    return EvalModel(path, meta.class_names, meta.preprocessing, meta.arch, {}, 0, probabilities, task, thresholds)
+    return torch_proba
 
 
 def open_model(path: Path, device: str) -> EvalModel:
-    kind = identify(path)
-    if kind in (ModelKind.RUN, ModelKind.CHECKPOINT):
-        return _torch_model(path, _device(device))
-    return _exported_model(path, kind, device)
+    handle = load(path, device=device)
+    return EvalModel(handle, probabilities(handle))
+
+
+class _Collate:
+    """A DataLoader worker's batch: decoded images -> one preprocessed float32 tensor (N, 3, S, S)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        self._prepare: Preprocessor | None = None  # built where it runs (a worker): torch modules do not pickle
+
+    def __call__(self, items: list[tuple[Image.Image, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._prepare is None:
+            self._prepare = eval_preprocessor(self.pre)
+        return torch.from_numpy(self._prepare([image for image, _ in items])), torch.stack([t for _, t in items])
 
 
 def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batch_size: int,
@@ -110,11 +119,12 @@ def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batc
     """(N, K) float64 probabilities and (N,) true class indices (with `label_sep`, task: multilabel:
     (N, K) {0, 1} label sets), in frame order; the rows of images that could not be read (warned
     about, see data.ImageFolderFrame.read) are NaN."""
-    dataset = ImageFolderFrame(frame, images_root, model.class_names, eval_transform(model.preprocessing),
+    pre = model.handle.preprocessing
+    dataset = ImageFolderFrame(frame, images_root, model.class_names, ResizeGuard(pre.resize_size),
                                skip_unreadable=True, label_sep=label_sep)
     workers = model.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.cuda.is_available())
+                        collate_fn=_Collate(pre), pin_memory=torch.cuda.is_available())
     chunks = []
     try:
         with torch.inference_mode():

@@ -1,9 +1,10 @@
 """A model ready to classify images, whatever file it came from (core layer).
 
-`load_classifier(path)` opens a run directory or checkpoint (PyTorch), or a file written by
-`imgclf export` (ONNX through onnxruntime, or TorchScript); `modelfile.identify` decides which
-by content. A `Classifier` is a backend plus the class names and eval preprocessing stored
-with the model. predict, serve and the Python API classify through it:
+`load(path, backend, device) -> ModelHandle` (inference/_handle.py) is the one way every stage
+opens a run directory or checkpoint (PyTorch), or a file written by `imgclf export` (ONNX through
+onnxruntime, or TorchScript); `modelfile.identify` decides which by content. A `Classifier`
+(`load_classifier(path)`, or `Classifier.of(handle)`) is a handle's backend plus the class names
+and eval preprocessing stored with the model. predict, serve and the Python API classify through it:
 
     batch = classifier.prepare_batch(images)    # RGB images -> float32 (N, 3, S, S)
     probs = classifier.probabilities(batch)     # -> (N, C), what TTA or ensembles can wrap
@@ -25,22 +26,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.errors import ConfigError
 from imgclf.images import ImageLimits
 from imgclf.inference import _tta
-from imgclf.inference._backends import Backend, OnnxBackend, TorchBackend, TorchScriptBackend
+from imgclf.inference._backends import Backend
+from imgclf.inference._handle import BACKENDS, ModelHandle, load
 from imgclf.inference._preprocess import PillowResize, Preprocessor, TorchResize, torch_free
-from imgclf.modelfile import ModelKind, identify
 from imgclf.presets import Preprocessing
 
-__all__ = ["BACKENDS", "PREDICT_LIMITS", "Backend", "Classifier", "load_classifier", "preprocess_pool"]
+__all__ = ["BACKENDS", "PREDICT_LIMITS", "Backend", "Classifier", "ModelHandle", "Preprocessor", "eval_preprocessor",
+           "load", "load_classifier", "preprocess_pool"]
 
-BACKENDS = ("auto", "torch", "onnx", "torchscript")
 # Prediction accepts any size an image viewer would show; the bomb limit still applies.
 PREDICT_LIMITS = ImageLimits(min_side=1)
 Scores = list[tuple[str, float]]  # (label, probability), highest first
-_BACKEND_OF = {ModelKind.RUN: "torch", ModelKind.CHECKPOINT: "torch", ModelKind.ONNX: "onnx",
-               ModelKind.TORCHSCRIPT: "torchscript"}
 
 
 @dataclass
@@ -52,6 +50,7 @@ class Classifier:
     preprocessing: Preprocessing
     source: str  # the model path, for logs and /health
     tta: str = "none"  # test-time augmentation, averaged over views (inference/_tta.py): none, flip, crops
+    handle: ModelHandle | None = field(default=None, repr=False)  # what `load` opened (arch, meta, module)
     # task: multilabel: probabilities are per-label sigmoids and a label is predicted at or above its
     # threshold (chosen on the validation split at training, stored with the model); None: single-label.
     thresholds: list[float] | None = None
@@ -59,10 +58,28 @@ class Classifier:
 
     def __post_init__(self) -> None:
         # ONNX runs without torch, so its inputs are resized by Pillow; the torch backends have
-        # torch at hand and use torchvision's own kernel, exactly as evaluation did.
+        # torch at hand and use torchvision's own kernel, exactly as evaluation does.
         pillow = self.backend.name == "onnx" and torch_free(self.preprocessing)
-        resize = PillowResize(self.preprocessing) if pillow else TorchResize(self.preprocessing)
-        self.preprocessor = Preprocessor(self.preprocessing, resize)
+        self.preprocessor = Preprocessor(self.preprocessing, PillowResize(self.preprocessing)) if pillow \
+            else eval_preprocessor(self.preprocessing)
+
+    @classmethod
+    def of(cls, handle: ModelHandle) -> Classifier:
+        return cls(handle.backend, handle.class_names, handle.preprocessing, str(handle.path), handle=handle,
+                   thresholds=handle.thresholds)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def outputs(self, probs: np.ndarray, k: int) -> list[tuple[Scores, Scores | None]]:
+        """(N, C) probabilities -> per row (top-k, the labels above their thresholds or None when single-label)."""
+        tops = self.top_k_batch(probs, k)
+        if self.thresholds is None:
+            return [(top, None) for top in tops]
+        from imgclf.multilabel import decode
+
+        return list(zip(tops, decode(probs, self.class_names, self.thresholds), strict=True))
 
     @property
     def uses_torch(self) -> bool:
@@ -89,19 +106,6 @@ class Classifier:
         if setter is not None:
             setter(threads)
 
-    @property
-    def multilabel(self) -> bool:
-        return self.thresholds is not None
-
-    def outputs(self, probs: np.ndarray, k: int) -> list[tuple[Scores, Scores | None]]:
-        """(N, C) probabilities -> per row (top-k, the labels above their thresholds or None when single-label)."""
-        tops = self.top_k_batch(probs, k)
-        if self.thresholds is None:
-            return [(top, None) for top in tops]
-        from imgclf.multilabel import decode
-
-        return list(zip(tops, decode(probs, self.class_names, self.thresholds), strict=True))
-
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
         return self.top_k_batch(probs[None, :], k)[0]
 
@@ -117,42 +121,14 @@ class Classifier:
                 for row, vals in zip(order.tolist(), values, strict=True)]
 
 
-def _chosen_backend(path: Path, kind: ModelKind, backend: str) -> str:
-    natural = _BACKEND_OF[kind]
-    if backend in ("auto", natural):
-        return natural
-    hint = "; export it first: imgclf export --model " + str(path) if natural == "torch" else ""
-    raise ConfigError(f"--backend {backend}: {path} is a {kind.value}, which runs with --backend {natural}{hint}")
+def eval_preprocessor(pre: Preprocessing) -> Preprocessor:
+    """The batched eval preprocessing on torchvision's kernel: bitwise `presets.eval_transform`."""
+    return Preprocessor(pre, TorchResize(pre))
 
 
 def load_classifier(model_path: str | Path, backend: str = "auto") -> Classifier:
-    """Open a run directory, checkpoint, .onnx or TorchScript file as a Classifier."""
-    path = Path(model_path)
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    kind = identify(path)
-    chosen = _chosen_backend(path, kind, backend)
-    if chosen == "onnx":
-        from imgclf.modelfile import onnx_metadata
-
-        # The session holds the metadata too: no second parse of the file, no `onnx` import.
-        session = OnnxBackend(path)
-        meta = onnx_metadata(session.metadata(), path)
-        return Classifier(session, meta.class_names, meta.preprocessing, str(path),
-                          thresholds=meta.thresholds)
-    if chosen == "torchscript":
-        from imgclf.modelfile import load_torchscript
-
-        module, meta = load_torchscript(path)
-        return Classifier(TorchScriptBackend(module), meta.class_names, meta.preprocessing, str(path),
-                          thresholds=meta.thresholds)
-    from imgclf.checkpoint import load_model
-
-    loaded = load_model(path)
-    # An exported file holds its own activation; a checkpoint's logits get sigmoid when multi-label.
-    backend = TorchBackend(loaded.model, sigmoid=loaded.thresholds is not None)
-    return Classifier(backend, loaded.class_names, loaded.preprocessing, str(loaded.path),
-                      thresholds=loaded.thresholds)
+    """Open a run directory, checkpoint, .onnx or TorchScript file as a Classifier (on CPU)."""
+    return Classifier.of(load(model_path, backend))
 
 
 def _single_threaded_torch() -> None:

@@ -54,8 +54,9 @@ class _TorchModel:
 class TorchBackend(_TorchModel):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, sigmoid: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", sigmoid: bool = False) -> None:
         self.model = model.eval()
+        self.device = device  # where the model's weights are (inference.load moved them)
         self.sigmoid = sigmoid  # a multi-label model: one independent probability per label
         self._threads = _TorchThreads()
 
@@ -66,8 +67,11 @@ class TorchBackend(_TorchModel):
 
         self._threads.ensure()
         with torch.inference_mode():
-            logits = self.model(fast_layout(torch.as_tensor(batch)))
-            return (torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)).numpy()
+            inputs = torch.as_tensor(batch)
+            if self.device != "cpu":
+                inputs = inputs.to(self.device, non_blocking=True)
+            logits = self.model(fast_layout(inputs))
+            return (torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)).cpu().numpy()
 
 
 class TorchScriptBackend(_TorchModel):

@@ -15,8 +15,11 @@ transform machinery, about 0.4 ms an image). This module applies the same steps 
   the whole batch. Normalising is elementwise, so checking all 256 levels of each channel
   (`normalize_table`, tests/test_inference.py) proves it bitwise equal for every image.
 
-Both take RGB PIL images (as `images.decode_image` returns them) and return a contiguous
-float32 array (N, 3, image_size, image_size). torch is imported by `TorchResize` only.
+Both take RGB or 8-bit grey ("L") PIL images (as `images.decode_image` returns them, the latter
+with `keep_grey`) and return a contiguous float32 array (N, 3, image_size, image_size): a grey
+image is resized once and its channel repeated, which is bitwise what resizing its RGB
+conversion gives (each channel is resized alike; tests/test_inference.py checks it) at a third
+of the work. torch is imported by `TorchResize` only.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class PillowResize:
             resized = image.resize((width, height), Image.Resampling.BILINEAR)
             if (width, height) != (crop, crop):  # resized to the crop already: no copy to make
                 resized = resized.crop((left, top, left + crop, top + crop))
-            out[i] = np.asarray(resized)
+            pixels = np.asarray(resized)
+            out[i] = pixels[..., None] if pixels.ndim == 2 else pixels  # grey: the channel, three times
         return out
 
 
@@ -103,12 +107,18 @@ class TorchResize:
             groups.setdefault(image.size, []).append(i)
         for indices in groups.values():
             # (N, H, W, 3) viewed as (N, 3, H, W): channels_last, the layout the uint8 kernel prefers.
-            stacked = np.stack([np.asarray(images[i]) for i in indices])
+            stacked = np.stack([_rgb_pixels(images[i]) for i in indices])
             batch = self._torch.from_numpy(stacked).permute(0, 3, 1, 2)
             batch = self._F.resize_image(batch, [self.pre.resize_size], self._mode, antialias=True)
             batch = self._F.center_crop_image(batch, [crop, crop])
             out[indices] = batch.permute(0, 2, 3, 1).numpy()
         return out
+
+
+def _rgb_pixels(image: Image.Image) -> np.ndarray:
+    # torchvision's kernel takes 3 channels; a grey image becomes what its RGB conversion would be.
+    pixels = np.asarray(image)
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
 def normalize(crops: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -135,8 +145,8 @@ def normalize_table(pre: Preprocessing) -> np.ndarray:
 def _check(image: Image.Image, pre: Preprocessing) -> None:
     # Callers decode with images.decode_image, which already refused oversized resizes from the
     # header (ImageLimits.for_resize); this second line covers images handed in directly.
-    if image.mode != "RGB":
-        raise ValueError(f"expected an RGB image (as images.decode_image returns), got mode {image.mode}")
+    if image.mode not in ("RGB", "L"):
+        raise ValueError(f"expected an RGB or L image (as images.decode_image returns), got mode {image.mode}")
     refused = check_resize(*image.size, pre.resize_size)
     if refused is not None:
         raise ImageTooLarge(f"{refused.status}: {refused.reason}")

@@ -1,19 +1,7 @@
-"""Export stage: a run's checkpoint -> one self-describing ONNX or TorchScript file.
-
-    imgclf export --model RUN_DIR --format onnx          # RUN_DIR/model.onnx
-    imgclf export --model RUN_DIR --format torchscript   # RUN_DIR/model.torchscript
-
-The exported graph takes a normalised float batch (N, 3, H, W), N dynamic, and returns
-`logits` and `probabilities` (softmax). Everything else inference needs travels inside the
-file as metadata (class names, input size, resize/crop sizes, mean/std, interpolation):
-ONNX `metadata_props` (key "imgclf", JSON, plus readable flat keys) or a TorchScript extra
-file `imgclf.json`. `predict --backend onnx|torchscript` and `serve` read it back with
-`imgclf.modelfile` and preprocess with `presets.eval_transform`, exactly as training evaluated.
-
-ONNX uses torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, the default in
-torch 2.9+) with a dynamic batch dimension; if it fails on an unusual architecture we fall
-back to the legacy TorchScript-based exporter and record which one ran in the metadata.
-After writing, the file is loaded back and compared with PyTorch on a probe batch.
+"""The export stage's work: trace or export the handle's torch module, write the metadata, check
+parity by reading the file back through `inference.load`, and (`--quantize int8`) quantise the
+ONNX file with onnxruntime and judge it on held-out data. The export package's docstring says what
+the file holds.
 """
 
 from __future__ import annotations
@@ -33,13 +21,13 @@ import torch
 from torch import nn
 
 from imgclf._files import atomic_path
-from imgclf.checkpoint import LoadedModel, load_model
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
-from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify, load_torchscript
+from imgclf.inference import ModelHandle, load
+from imgclf.modelfile import METADATA_KEY, TORCHSCRIPT_EXTRA, ModelKind, identify
 from imgclf.presets import Preprocessing, normalize
 from imgclf.version import __version__
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("imgclf.export")  # the stage's logger, as before this module was split out
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 # What each output suffix means; anything else is refused rather than written in the wrong format.
@@ -54,6 +42,18 @@ class ExportResult:
     exporter: str
     max_abs_diff: float  # exported vs PyTorch probabilities on a probe batch (fp32, before any quantisation)
     quantization: QuantizeReport | None = None  # `--quantize int8`: method and int8-vs-fp32 parity report
+
+    def summary(self) -> str:
+        """What `imgclf export` prints: the file, its exporter and parity, and how int8 compares."""
+        fp32 = " (fp32, before quantisation)" if self.quantization else ""
+        lines = [f"wrote {self.path} ({self.format}, {self.exporter}); max |exported - torch| probability on a "
+                 f"probe batch: {self.max_abs_diff:.2e}{fp32}"]
+        if (q := self.quantization) is not None:
+            lines.append(f"quantised: {q.method}; {q.calibration_images} calibration images; held out: {q.held_out}")
+            if q.top1_agreement is not None:
+                lines.append(f"int8 vs fp32: top-1 agreement {q.top1_agreement:.2%}; F1-macro {q.f1_fp32:.4f} -> "
+                             f"{q.f1_int8:.4f} ({100 * q.f1_change:+.2f} points)")
+        return "\n".join(lines)
 
 
 class WithProbabilities(nn.Module):
@@ -70,11 +70,7 @@ class WithProbabilities(nn.Module):
         return logits, torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)
 
 
-def _wrapped(loaded: LoadedModel) -> WithProbabilities:
-    return WithProbabilities(loaded.model, sigmoid=loaded.thresholds is not None).eval()
-
-
-def metadata(loaded: LoadedModel, exporter: str) -> dict[str, Any]:
+def metadata(loaded: ModelHandle, exporter: str) -> dict[str, Any]:
     thresholds = loaded.thresholds
     # A multi-label file says so, with the thresholds predict and serve apply; a single-label file's
     # metadata stays exactly as before (no task key).
@@ -82,7 +78,7 @@ def metadata(loaded: LoadedModel, exporter: str) -> dict[str, Any]:
     return {
         "format": 1,
         "imgclf_version": __version__,
-        "arch": loaded.config.model.arch,
+        "arch": loaded.arch,
         "class_names": list(loaded.class_names),
         "preprocessing": loaded.preprocessing.to_plain(),
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "normalized": True},
@@ -129,11 +125,10 @@ def _onnx_export(wrapped: nn.Module, probe: torch.Tensor, path: Path, dynamo: bo
                               dynamic_axes=axes, **names)
 
 
-def export_onnx(loaded: LoadedModel, out: Path) -> ExportResult:
+def export_onnx(loaded: ModelHandle, out: Path) -> ExportResult:
     import onnx
-    import onnxruntime as ort
 
-    wrapped = _wrapped(loaded)
+    wrapped = WithProbabilities(_module(loaded), sigmoid=loaded.thresholds is not None).eval()
     probe = _probe(loaded.preprocessing)
     try:
         _onnx_export(wrapped, probe, out, dynamo=True)
@@ -158,13 +153,12 @@ def export_onnx(loaded: LoadedModel, out: Path) -> ExportResult:
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
 
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"input": probe.numpy()})[0]
+    got = load(out, "onnx").backend.probabilities(probe.numpy())  # read back as every stage reads it
     return ExportResult(out, "onnx", exporter, _max_diff(wrapped, probe, got))
 
 
-def export_torchscript(loaded: LoadedModel, out: Path) -> ExportResult:
-    wrapped = _wrapped(loaded)
+def export_torchscript(loaded: ModelHandle, out: Path) -> ExportResult:
+    wrapped = WithProbabilities(_module(loaded), sigmoid=loaded.thresholds is not None).eval()
     probe = _probe(loaded.preprocessing)
     with _quiet(), torch.no_grad():
         # The traced graph keeps no fixed batch size: convolutions and linear layers are shape-generic.
@@ -173,11 +167,15 @@ def export_torchscript(loaded: LoadedModel, out: Path) -> ExportResult:
     extra = {TORCHSCRIPT_EXTRA: json.dumps(metadata(loaded, exporter))}
     with _quiet():
         torch.jit.save(traced, str(out), _extra_files=extra)
-    module, _ = load_torchscript(out)
     other_batch = _probe(loaded.preprocessing, n=5)  # not the traced batch size: proves it is dynamic
-    with torch.no_grad():
-        got = module(other_batch)[1].numpy()
+    got = load(out, "torchscript").backend.probabilities(other_batch)  # read back as every stage reads it
     return ExportResult(out, "torchscript", exporter, _max_diff(wrapped, other_batch, got))
+
+
+def _module(loaded: ModelHandle) -> nn.Module:
+    if loaded.module is None:  # run() refuses exported files first; this is for direct callers
+        raise DataError(f"{loaded.path}: an exported {loaded.kind.value} file has no PyTorch weights to export")
+    return loaded.module
 
 
 def _max_diff(wrapped: nn.Module, probe: torch.Tensor, got: np.ndarray) -> float:
@@ -395,7 +393,7 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
     if kind not in (ModelKind.RUN, ModelKind.CHECKPOINT):
         raise DataError(f"{model_path}: already an exported {kind.value} file; export reads a run directory "
                         "or checkpoint (PyTorch weights)")
-    loaded = load_model(model_path)
+    loaded = load(model_path)
     if quantize and quantize_options is not None and quantize_options.calibration_data is not None \
             and loaded.thresholds is not None:
         raise ConfigError("export: --calibration-data judges int8 by top-1 agreement, which a multilabel model "
@@ -421,7 +419,7 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
     return ExportResult(out_path, result.format, result.exporter, result.max_abs_diff, report)
 
 
-def _checked_export(exporter: Any, loaded: LoadedModel, path: Path, fmt: str) -> ExportResult:
+def _checked_export(exporter: Any, loaded: ModelHandle, path: Path, fmt: str) -> ExportResult:
     result = exporter(loaded, path)
     if result.max_abs_diff > PARITY_TOLERANCE:
         raise ImgclfError(f"export: {fmt} output differs from PyTorch by {result.max_abs_diff:.2e} "
