@@ -293,6 +293,17 @@ class Model:
     def class_names(self) -> list[str]:
         return list(self.classifier.class_names)
 
+    @property
+    def task(self) -> str:
+        """"multilabel" (a set of labels per image, `Prediction.labels`) or "single_label"."""
+        return "multilabel" if self.classifier.multilabel else "single_label"
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label model's per-label thresholds (chosen on the validation split); None otherwise."""
+        t = self.classifier.thresholds
+        return None if t is None else dict(zip(self.classifier.class_names, t, strict=True))
+
     def __repr__(self) -> str:
         return (f"Model({self.classifier.source!r}, backend={self.classifier.backend.name}, "
                 f"classes={len(self.classifier.class_names)})")
@@ -318,7 +329,7 @@ class Model:
         from_files = iter(predict_stage(named, self.classifier, options) if named else [])
         in_memory = [_prepare_in_memory(i, self.classifier) for i in items if not isinstance(i, str | Path)]
         tensors = [t for t in in_memory if not isinstance(t, str)]
-        probs = iter(self.classifier.probabilities(tensors) if tensors else [])
+        outs = iter(self.classifier.outputs(self.classifier.probabilities(tensors), top_k) if tensors else [])
         prepared = iter(in_memory)
         out = []
         for item in items:
@@ -327,8 +338,11 @@ class Model:
                 out.append(pred)
                 continue
             value = next(prepared)
-            out.append(Prediction(_describe(item), [], value) if isinstance(value, str)
-                       else Prediction(_describe(item), self.classifier.top_k(next(probs), top_k)))
+            if isinstance(value, str):
+                out.append(Prediction(_describe(item), [], value))
+            else:
+                top, labels = next(outs)  # labels: a multi-label model's set above its thresholds
+                out.append(Prediction(_describe(item), top, labels=labels))
         return out
 
 

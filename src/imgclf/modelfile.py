@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class ExportedMeta:
     arch: str
     exporter: str
     plain: dict[str, Any] = field(default_factory=dict, compare=False)  # the metadata JSON as stored
+    task: str = "single_label"  # or "multilabel": sigmoid outputs, labels at or above `thresholds`
+    thresholds: list[float] | None = None  # multilabel: one per class, checked when the file is read
 
 
 # First bytes of files people point --model at by mistake, so the error can say what they are.
@@ -117,8 +119,15 @@ def identify(path: str | Path) -> ModelKind:
 def _parse_meta(plain: Any, path: Path) -> ExportedMeta:
     try:
         pre = Preprocessing.from_plain(plain["preprocessing"])
-        return ExportedMeta([str(n) for n in plain["class_names"]], pre, str(plain.get("arch", "")),
-                            str(plain.get("exporter", "")), dict(plain))
+        names = [str(n) for n in plain["class_names"]]
+        meta = ExportedMeta(names, pre, str(plain.get("arch", "")), str(plain.get("exporter", "")), dict(plain))
+        if plain.get("task") != "multilabel":
+            return meta
+        # Imported for multi-label files only: imgclf.multilabel brings pandas, which single-label ONNX
+        # predict never loads (tests/test_inference.py).
+        from imgclf.multilabel import TASK, thresholds_of
+
+        return replace(meta, task=TASK, thresholds=thresholds_of(plain, names, path))
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: imgclf metadata is incomplete ({err.__class__.__name__}: {err})") from None
 

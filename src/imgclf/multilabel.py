@@ -160,3 +160,19 @@ def stratified_split(sets: Sequence[Sequence[str]], val_fraction: float, seed: i
     _, val_idx = next(splitter.split(np.zeros((n, 1)), targets))
     is_val[val_idx] = True
     return is_val
+
+
+def thresholds_of(meta: dict | None, classes: Sequence[str], where: object) -> list[float] | None:
+    """A multi-label model's per-label thresholds from its checkpoint or export metadata, checked
+    (one per class, each in [0, 1]); None for a single-label model. DataError (one line naming the
+    file) when the metadata says multilabel but the thresholds cannot be used: a model file may come
+    from anyone, and a wrong-length list would silently shift every label's cut."""
+    if not is_multilabel(meta):
+        return None
+    values = meta.get("thresholds")  # type: ignore[union-attr]
+    if not isinstance(values, list | tuple) or len(values) != len(classes):
+        got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
+        raise DataError(f"{where}: multilabel metadata needs 'thresholds', one per class ({len(classes)}); got {got}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values):
+        raise DataError(f"{where}: multilabel 'thresholds' must be numbers between 0 and 1")
+    return [float(v) for v in values]

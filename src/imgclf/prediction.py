@@ -32,7 +32,8 @@ def split_failure(text: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The classification of one input: `label`, its `probability`, and the `top` (label, probability) list.
+    """The classification of one input: `label`, its `probability`, and the `top` (label, probability) list;
+    for a multi-label model also `labels`, the (label, probability) pairs above their thresholds.
 
     An input that could not be used has `label` None, `status` saying why in one word (the download
     manifest's words: `not_image`, `too_large`, `timeout`, `unreadable`, ...) and `error` the message.
@@ -42,6 +43,9 @@ class Prediction:
     top: list[tuple[str, float]]
     failed: str = ""  # "" or "<status>: <message>", as the readers return it
     columns: tuple[tuple[str, str], ...] = ()  # the input table row's other cells, passed through to the output
+    # A multi-label model's answer: every (label, probability) at or above its label's threshold, highest
+    # first (possibly none); None for a single-label model, whose answer is `label`.
+    labels: list[tuple[str, float]] | None = None
 
     @functools.cached_property
     def _outcome(self) -> tuple[str, str]:  # parsed once: writers read both fields of every row

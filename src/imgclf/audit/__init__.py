@@ -39,6 +39,7 @@ from imgclf.audit import (
     _findings,
     _html,
     _labels,
+    _multilabel,
     _outliers,
     _selftrain,
     _trust,
@@ -75,6 +76,12 @@ class AuditOptions:
     duplicates: _duplicates.DuplicateSettings = field(default_factory=_duplicates.DuplicateSettings)
     outlier_z: float = _outliers.MODIFIED_Z
     gallery_size: int = 60
+    task: str = "single_label"  # multilabel: label cells are sets split at label_sep (audit/_multilabel.py)
+    label_sep: str = "|"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == _multilabel.TASK
 
 
 def _peak_rss_gb() -> float | None:
@@ -104,10 +111,13 @@ def _check_out(out: Path) -> None:
         raise DataError(f"{out}: exists and is not a folder; --out must be a folder (AUDIT_DIR)")
 
 
-def _audited_rows(data: Path) -> tuple[pd.DataFrame, list[str]]:
+def _audited_rows(data: Path, sep: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The ok rows and the class names; with `sep` (multilabel), one row per image content and its label set."""
     ok = usable_rows(read_manifest(data))
     if ok.empty:
         raise DataError(f"{data}: no images with status ok in the manifest; nothing to audit")
+    if sep is not None:
+        return _multilabel.audited_rows(ok, sep, data)
     names = sorted(ok["label"].unique().tolist())
     if len(names) < 2:
         raise DataError(f"{data}: one class only ({names[0]!r}); label issues need at least 2 classes")
@@ -129,7 +139,8 @@ def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
     if backbone is not None:
         return _backbone.load_backbone(*backbone)
     if kind == "self-trained":
-        config = _selftrain.embedder_config(opts.config, opts.overrides)
+        extra = _multilabel.EMBEDDER_OVERRIDES if opts.multilabel else []
+        config = _selftrain.embedder_config(opts.config, extra + opts.overrides)
         return _embed.load_embedder(_selftrain.train_embedder(opts.data, opts.out, config, names))
     embedder = _embed.load_embedder(opts.model)
     unknown = sorted(set(names) - set(embedder.class_names))
@@ -148,7 +159,7 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     _check_out(out)
     if opts.filter_by not in FILTERS:
         raise DataError(f"--filter-by {opts.filter_by!r}: choose from {', '.join(FILTERS)}")
-    ok, names = _audited_rows(opts.data)
+    ok, names = _audited_rows(opts.data, opts.label_sep if opts.multilabel else None)
     embedder = _embedder(opts, names)
     out.mkdir(parents=True, exist_ok=True)
     clock.lap("model", started)
@@ -194,16 +205,12 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
              clock: _Clock) -> tuple[pd.DataFrame, dict[str, Any]]:
     readable = embedded.readable
     t0 = time.perf_counter()
-    index = {n: i for i, n in enumerate(names)}
-    labels = np.where(readable, ok["label"].map(index).to_numpy(), -1)
-    labels, folds = _labels.scorable_labels(labels, opts.folds)
-    probs = np.zeros((len(ok), len(names)))
-    scored = labels >= 0
-    if scored.any():
-        probs[scored] = _labels.out_of_sample_probs(embedded.features[scored].astype(np.float32), labels[scored],
-                                                    len(names), folds, opts.seed)
-    found = _labels.find_issues(probs, labels, names, opts.filter_by, opts.max_self_confidence)
-    judge, calibrated = _trust.assess(probs, labels, names, found.issues)
+    if opts.multilabel:
+        features = embedded.features.astype(np.float32)  # the cache keeps float16
+        label_rows, calibrated, label_summary = _multilabel.judge(ok, names, features, readable,
+                                                                  opts.label_sep, opts.folds, opts.seed)
+    else:
+        label_rows, calibrated, label_summary = _single_label_judge(ok, names, embedded, opts)
     clock.lap("labels", t0)
 
     t0 = time.perf_counter()
@@ -223,22 +230,42 @@ def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts
 
     confidence = calibrated.max(axis=1)
     parts = [
-        _findings.label_issue_rows(ok, found.issues, calibrated, names, opts.relabel, judge),
+        label_rows,
         _findings.group_rows(ok, groups, best),
         _findings.outlier_rows(ok, outliers, distance, zscore, confidence, calibrated, names),
         _findings.unreadable_rows(ok, np.flatnonzero(~readable)),
     ]
     findings = _findings.assemble(parts)
-    summary = {
+    # Keys in the order audit.json always had: the label part's, with suggested_pairs second.
+    # (multi-label: label_issues_by_class is empty; label_issues_by_label has the missing / extra tags per label)
+    summary = ({"label_issues_by_class": label_summary.get("label_issues_by_class", []),
+                "suggested_pairs": _suggested_pairs(findings)} | label_summary
+               | {"duplicate_groups": int(groups.max() + 1) if len(groups) else 0})
+    return findings, summary
+
+
+def _single_label_judge(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded,
+                        opts: AuditOptions) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """Single-label label issues: (rows, calibrated out-of-sample probabilities, the summary's label keys)."""
+    readable = embedded.readable
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.where(readable, ok["label"].map(index).to_numpy(), -1)
+    labels, folds = _labels.scorable_labels(labels, opts.folds)
+    probs = np.zeros((len(ok), len(names)))
+    scored = labels >= 0
+    if scored.any():
+        probs[scored] = _labels.out_of_sample_probs(embedded.features[scored].astype(np.float32), labels[scored],
+                                                    len(names), folds, opts.seed)
+    found = _labels.find_issues(probs, labels, names, opts.filter_by, opts.max_self_confidence)
+    judge, calibrated = _trust.assess(probs, labels, names, found.issues)
+    rows = _findings.label_issue_rows(ok, found.issues, calibrated, names, opts.relabel, judge)
+    return rows, calibrated, {
         "label_issues_by_class": found.class_summary,
-        "suggested_pairs": _suggested_pairs(findings),
         "overlapping_classes": found.overlapping,
         "out_of_sample_accuracy": judge.accuracy_all if scored.any() else None,
         "judge": judge.to_plain(),
         "unscored_classes": sorted({names[i] for i in set(ok["label"].map(index)[~scored & readable])}),
-        "duplicate_groups": int(groups.max() + 1) if len(groups) else 0,
     }
-    return findings, summary
 
 
 def _suggested_pairs(findings: pd.DataFrame, top: int = 15) -> list[dict[str, Any]]:

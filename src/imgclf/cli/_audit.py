@@ -40,6 +40,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-self-confidence", type=float, default=None,
                    help="flag a label only when its out-of-sample probability is below this (default: a fifth "
                         "of chance, 0.2 / classes; 1 keeps all that cleanlab finds)")
+    p.add_argument("--task", choices=("single_label", "multilabel"), default="single_label",
+                   help="multilabel: each label cell is a set (split at --label-sep); label issues are missing "
+                        "and extra tags (cleanlab's multi-label finder), proposed for review")
+    p.add_argument("--label-sep", default="|", help="--task multilabel: the separator of the labels in a cell")
     p.add_argument("--hash-distance", type=int, default=24,
                    help="near-duplicates: perceptual-hash bits (of 256) two copies may differ by")
     p.add_argument("--relabel", action="store_true",
@@ -84,7 +88,8 @@ def handle(args: argparse.Namespace) -> int:
         backbone=args.backbone, backbone_weights=args.backbone_weights, folds=args.folds, filter_by=args.filter_by,
         max_self_confidence=args.max_self_confidence, seed=args.seed,
         batch_size=args.batch_size,
-        num_workers=args.num_workers, relabel=args.relabel, apply=args.apply,
+        num_workers=args.num_workers, relabel=args.relabel, apply=args.apply, task=args.task,
+        label_sep=args.label_sep,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
     print(audit.format_summary(audit.run(opts)))
     return 0

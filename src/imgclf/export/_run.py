@@ -57,18 +57,24 @@ class ExportResult:
 
 
 class WithProbabilities(nn.Module):
-    """The classifier plus its softmax, so an exported file answers with probabilities directly."""
+    """The classifier plus its softmax (a multi-label model: its per-label sigmoid), so an exported file
+    answers with probabilities directly."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sigmoid: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.sigmoid = sigmoid
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
-        return logits, torch.softmax(logits, dim=1)
+        return logits, torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)
 
 
 def metadata(loaded: ModelHandle, exporter: str) -> dict[str, Any]:
+    thresholds = loaded.thresholds
+    # A multi-label file says so, with the thresholds predict and serve apply; a single-label file's
+    # metadata stays exactly as before (no task key).
+    task = {} if thresholds is None else {"task": "multilabel", "thresholds": thresholds}
     return {
         "format": 1,
         "imgclf_version": __version__,
@@ -78,7 +84,7 @@ def metadata(loaded: ModelHandle, exporter: str) -> dict[str, Any]:
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "normalized": True},
         "outputs": ["logits", "probabilities"],
         "exporter": exporter,
-    }
+    } | task
 
 
 def _probe(pre: Preprocessing, n: int = 3) -> torch.Tensor:
@@ -122,7 +128,7 @@ def _onnx_export(wrapped: nn.Module, probe: torch.Tensor, path: Path, dynamo: bo
 def export_onnx(loaded: ModelHandle, out: Path) -> ExportResult:
     import onnx
 
-    wrapped = WithProbabilities(_module(loaded)).eval()
+    wrapped = WithProbabilities(_module(loaded), sigmoid=loaded.thresholds is not None).eval()
     probe = _probe(loaded.preprocessing)
     try:
         _onnx_export(wrapped, probe, out, dynamo=True)
@@ -138,6 +144,8 @@ def export_onnx(loaded: ModelHandle, out: Path) -> ExportResult:
             "image_size": str(pre["image_size"]), "resize_size": str(pre["resize_size"]),
             "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]),
             "interpolation": pre["interpolation"]}
+    if "task" in meta:  # readable flat keys for a multi-label file, as for the preprocessing
+        flat |= {"task": meta["task"], "thresholds": json.dumps(meta["thresholds"])}
     del model.metadata_props[:]
     for key, value in flat.items():
         model.metadata_props.add(key=key, value=value)
@@ -150,7 +158,7 @@ def export_onnx(loaded: ModelHandle, out: Path) -> ExportResult:
 
 
 def export_torchscript(loaded: ModelHandle, out: Path) -> ExportResult:
-    wrapped = WithProbabilities(_module(loaded)).eval()
+    wrapped = WithProbabilities(_module(loaded), sigmoid=loaded.thresholds is not None).eval()
     probe = _probe(loaded.preprocessing)
     with _quiet(), torch.no_grad():
         # The traced graph keeps no fixed batch size: convolutions and linear layers are shape-generic.
@@ -386,6 +394,10 @@ def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None =
         raise DataError(f"{model_path}: already an exported {kind.value} file; export reads a run directory "
                         "or checkpoint (PyTorch weights)")
     loaded = load(model_path)
+    if quantize and quantize_options is not None and quantize_options.calibration_data is not None \
+            and loaded.thresholds is not None:
+        raise ConfigError("export: --calibration-data judges int8 by top-1 agreement, which a multilabel model "
+                          "does not have; quantise it without calibration data (dynamic)")
     out_path = out_arg if out_arg is not None else default_out(model_path, fmt, quantize)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     exporter = export_onnx if fmt == "onnx" else export_torchscript

@@ -38,6 +38,7 @@ __all__ = ["BACKENDS", "PREDICT_LIMITS", "Backend", "Classifier", "ModelHandle",
 
 # Prediction accepts any size an image viewer would show; the bomb limit still applies.
 PREDICT_LIMITS = ImageLimits(min_side=1)
+Scores = list[tuple[str, float]]  # (label, probability), highest first
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Classifier:
     source: str  # the model path, for logs and /health
     tta: str = "none"  # test-time augmentation, averaged over views (inference/_tta.py): none, flip, crops
     handle: ModelHandle | None = field(default=None, repr=False)  # what `load` opened (arch, meta, module)
+    # task: multilabel: probabilities are per-label sigmoids and a label is predicted at or above its
+    # threshold (chosen on the validation split at training, stored with the model); None: single-label.
+    thresholds: list[float] | None = None
     preprocessor: Preprocessor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +65,21 @@ class Classifier:
 
     @classmethod
     def of(cls, handle: ModelHandle) -> Classifier:
-        return cls(handle.backend, handle.class_names, handle.preprocessing, str(handle.path), handle=handle)
+        return cls(handle.backend, handle.class_names, handle.preprocessing, str(handle.path), handle=handle,
+                   thresholds=handle.thresholds)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def outputs(self, probs: np.ndarray, k: int) -> list[tuple[Scores, Scores | None]]:
+        """(N, C) probabilities -> per row (top-k, the labels above their thresholds or None when single-label)."""
+        tops = self.top_k_batch(probs, k)
+        if self.thresholds is None:
+            return [(top, None) for top in tops]
+        from imgclf.multilabel import decode
+
+        return list(zip(tops, decode(probs, self.class_names, self.thresholds), strict=True))
 
     @property
     def uses_torch(self) -> bool:

@@ -54,9 +54,10 @@ class _TorchModel:
 class TorchBackend(_TorchModel):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", sigmoid: bool = False) -> None:
         self.model = model.eval()
         self.device = device  # where the model's weights are (inference.load moved them)
+        self.sigmoid = sigmoid  # a multi-label model: one independent probability per label
         self._threads = _TorchThreads()
 
     def probabilities(self, batch: Any) -> np.ndarray:
@@ -69,7 +70,8 @@ class TorchBackend(_TorchModel):
             inputs = torch.as_tensor(batch)
             if self.device != "cpu":
                 inputs = inputs.to(self.device, non_blocking=True)
-            return torch.softmax(self.model(fast_layout(inputs)), dim=1).cpu().numpy()
+            logits = self.model(fast_layout(inputs))
+            return (torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)).cpu().numpy()
 
 
 class TorchScriptBackend(_TorchModel):

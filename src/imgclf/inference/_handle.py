@@ -68,7 +68,9 @@ def _open_torch(path: Path, kind: ModelKind, device: str) -> ModelHandle:
 
     loaded = load_model(path)
     module = loaded.model if device == "cpu" else loaded.model.to(device).eval()
-    return ModelHandle(loaded.path, kind, TorchBackend(module, device), loaded.class_names, loaded.preprocessing,
+    # An exported file holds its own activation; a checkpoint's logits get sigmoid when multi-label.
+    backend = TorchBackend(module, device, sigmoid=loaded.thresholds is not None)
+    return ModelHandle(loaded.path, kind, backend, loaded.class_names, loaded.preprocessing,
                        loaded.config.model.arch, loaded.meta, device, loaded.config, module)
 
 

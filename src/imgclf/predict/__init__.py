@@ -58,24 +58,28 @@ def predict(items: Iterable[Input], classifier: Classifier, options: PredictOpti
     """
     plan = LoadPlan(options.batch_size, options.read_threads, options.timeout)
     for batch in load_batches(items, classifier, plan):
-        tops = iter(classifier.top_k_batch(classifier.probabilities(batch.inputs), options.top_k)
+        outs = iter(classifier.outputs(classifier.probabilities(batch.inputs), options.top_k)
                     if batch.inputs is not None else ())
         for item, error in zip(batch.items, batch.errors, strict=True):
             if error:
                 yield Prediction(item.source, [], error, item.columns)
             else:
-                yield Prediction(item.source, next(tops), columns=item.columns)
+                top, labels = next(outs)
+                yield Prediction(item.source, top, columns=item.columns, labels=labels)
 
 
 class CsvWriter:
     """input,status,error,label_1,probability_1,...[,the input tables' other columns]: one row per input,
-    spreadsheet-safe. A passed-through column named like one of ours is written as input_<name>."""
+    spreadsheet-safe. A passed-through column named like one of ours is written as input_<name>.
+    A multi-label model adds `labels,scores` after `error`: the labels above their thresholds joined by
+    `|`, and their probabilities in the same order."""
 
-    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None) -> None:
+    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None, multilabel: bool = False) -> None:
         self._writer = RowWriter(stream)
         self._k = k
         self._passed = list(passed or [])
-        header = ["input", "status", "error"]
+        self._multilabel = multilabel
+        header = ["input", "status", "error"] + (["labels", "scores"] if multilabel else [])
         for i in range(1, k + 1):
             header += [f"label_{i}", f"probability_{i}"]
         self._writer.writerow(header + [f"input_{c}" if c in header else c for c in self._passed])
@@ -84,6 +88,9 @@ class CsvWriter:
         # Inputs, errors and labels are user data: a cell a spreadsheet would run as a formula gets a
         # leading apostrophe (RowWriter: imgclf.csvfile); JSONL keeps the raw text.
         row: list[Any] = [pred.input, pred.status, pred.error]
+        if self._multilabel:
+            chosen = pred.labels or []
+            row += ["|".join(label for label, _ in chosen), "|".join(f"{p:.6f}" for _, p in chosen)]
         for label, probability in pred.top[: self._k]:
             row += (label, f"{probability:.6f}")
         row += ("", "") * (self._k - min(len(pred.top), self._k))
@@ -94,14 +101,19 @@ class CsvWriter:
 
 class JsonlWriter:
     """One JSON object per line: {"input", "status", "error", "top": [{"label", "probability"}]},
-    and "columns": {name: value} with an input table row's other cells."""
+    and "columns": {name: value} with an input table row's other cells. A multi-label model adds
+    "task": "multilabel" and "labels": [{"label", "score"}] (the labels above their thresholds)."""
 
-    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None) -> None:
+    def __init__(self, stream: IO[str], k: int, passed: list[str] | None = None, multilabel: bool = False) -> None:
         self._stream = stream
+        self._multilabel = multilabel
 
     def write(self, pred: Prediction) -> None:
         top = [{"label": label, "probability": round(p, 6)} for label, p in pred.top]
         row: dict[str, Any] = {"input": pred.input, "status": pred.status, "error": pred.error, "top": top}
+        if self._multilabel:
+            row["task"] = "multilabel"
+            row["labels"] = [{"label": label, "score": round(p, 6)} for label, p in pred.labels or []]
         if pred.columns:
             row["columns"] = dict(pred.columns)
         # ensure_ascii: a file name that is not UTF-8 (surrogate escapes) stays a valid JSON escape.
@@ -109,9 +121,10 @@ class JsonlWriter:
 
 
 def write_predictions(preds: Iterable[Prediction], stream: IO[str], fmt: str, k: int,
-                      passed: list[str] | None = None) -> tuple[int, int]:
-    """Write rows as they come; returns (ok, failed) counts. `passed`: the table columns carried through."""
-    writer = JsonlWriter(stream, k, passed) if fmt == "jsonl" else CsvWriter(stream, k, passed)
+                      passed: list[str] | None = None, multilabel: bool = False) -> tuple[int, int]:
+    """Write rows as they come; returns (ok, failed) counts. `passed`: the table columns carried through;
+    `multilabel`: the model's predictions carry label sets (the labels/scores columns)."""
+    writer = (JsonlWriter if fmt == "jsonl" else CsvWriter)(stream, k, passed, multilabel)
     ok = failed = 0
     for pred in preds:
         writer.write(pred)
@@ -144,7 +157,7 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
     if out is None:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="surrogateescape")
-        return write_predictions(preds, sys.stdout, fmt, options.top_k, passed)
+        return write_predictions(preds, sys.stdout, fmt, options.top_k, passed, classifier.multilabel)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
-        return write_predictions(preds, stream, fmt, options.top_k, passed)
+        return write_predictions(preds, stream, fmt, options.top_k, passed, classifier.multilabel)

@@ -126,10 +126,13 @@ def _predict_rows(rows: list[RowInput], classifier: Classifier, options: Predict
             except (OSError, ValueError, DataError) as err:  # removed or cut since download: its row says so
                 prepared.append(f"unreadable: {first_line(err)}")
         good = [p for p in prepared if not isinstance(p, str)]
-        probs = iter(classifier.probabilities(good) if good else [])
+        outs = iter(classifier.outputs(classifier.probabilities(good), options.top_k) if good else [])
         for row, value in zip(batch, prepared, strict=True):
-            yield (Prediction(row.source, [], value) if isinstance(value, str)
-                   else Prediction(row.source, classifier.top_k(next(probs), options.top_k)))
+            if isinstance(value, str):
+                yield Prediction(row.source, [], value)
+            else:
+                top, labels = next(outs)
+                yield Prediction(row.source, top, labels=labels)
 
 
 def predict_shard(model: str, backend: str, units: list[Unit], options: PredictOptions, fmt: str,
@@ -145,7 +148,8 @@ def predict_shard(model: str, backend: str, units: list[Unit], options: PredictO
     for (i, _), pred in zip(rows, _predict_rows([u for _, u in rows], classifier, options), strict=True):
         found[i] = pred
     text = io.StringIO()
-    ok, failed = write_predictions((found[i] for i in range(len(units))), text, fmt, options.top_k)
+    ok, failed = write_predictions((found[i] for i in range(len(units))), text, fmt, options.top_k,
+                                   multilabel=classifier.multilabel)
     return text.getvalue(), ok, failed
 
 

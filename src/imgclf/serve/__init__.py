@@ -3,7 +3,9 @@
     imgclf serve --model RUN_DIR --host 127.0.0.1 --port 8000
 
     POST /predict   an image as multipart field `file`, a raw image body (image/*), or JSON
-                    {"url": "https://..."}; `?top_k=5`. Answers {"predictions": [{label, probability}]}.
+                    {"url": "https://..."}; `?top_k=5`. Answers {"predictions": [{label, probability}]};
+                    a multi-label model {"task": "multilabel", "labels": [{label, score}] (those at or
+                    above their thresholds), "top_k": [{label, probability}]}.
     GET  /health    {"status": "ok", ...}        GET /labels   {"labels": [...]}
     GET  /metrics   Prometheus text format       GET /docs     Swagger UI (no CDN)
     GET  /          a page: drop an image, see the top-5

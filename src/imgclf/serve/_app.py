@@ -83,6 +83,21 @@ class PredictResponse(BaseModel):
     model: str
 
 
+class TagScore(BaseModel):
+    label: str
+    score: float
+
+
+class MultilabelResponse(BaseModel):
+    """A multi-label model's answer: the labels at or above their thresholds, and the top-k scores."""
+
+    task: str = "multilabel"
+    labels: list[TagScore]
+    top_k: list[LabelScore]
+    source: str
+    model: str
+
+
 class UrlRequest(BaseModel):
     url: str
 
@@ -209,18 +224,21 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
             raise ApiError(413 if decoded.status == "too_large" else 400, decoded.status, decoded.reason)
         return classifier.prepare(decoded.image)
 
-    @app.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY_DOC,
+    @app.post("/predict", response_model=PredictResponse | MultilabelResponse, openapi_extra=_PREDICT_BODY_DOC,
               summary="Classify one image (upload, raw body, or URL)")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse | MultilabelResponse:
         try:
             data, source = await _image_bytes(request)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
         image = await asyncio.get_running_loop().run_in_executor(prep, _decode_and_transform, data)
         probs = await batcher.probabilities(image)
-        top = classifier.top_k(probs, top_k)
-        return PredictResponse(predictions=[LabelScore(label=lbl, probability=p) for lbl, p in top],
-                               source=source, model=classifier.source)
+        [(top, chosen)] = classifier.outputs(probs[None, :], top_k)
+        scores = [LabelScore(label=lbl, probability=p) for lbl, p in top]
+        if chosen is not None:
+            return MultilabelResponse(labels=[TagScore(label=lbl, score=p) for lbl, p in chosen], top_k=scores,
+                                      source=source, model=classifier.source)
+        return PredictResponse(predictions=scores, source=source, model=classifier.source)
 
     @app.get("/metrics", summary="Prometheus metrics: requests, latency, errors by code, batch sizes",
              response_class=PlainTextResponse)
@@ -232,11 +250,12 @@ def create_app(classifier: Classifier, options: ServeOptions = ServeOptions()) -
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": classifier.source, "backend": classifier.backend.name,
                 "classes": len(classifier.class_names), "image_size": classifier.preprocessing.image_size,
-                "version": __version__}
+                "version": __version__} | ({"task": "multilabel"} if classifier.multilabel else {})
 
-    @app.get("/labels", summary="Class names, in the model's output order")
-    async def labels() -> dict[str, list[str]]:
-        return {"labels": list(classifier.class_names)}
+    @app.get("/labels", summary="Class names, in the model's output order (and a multi-label model's thresholds)")
+    async def labels() -> dict[str, list[Any]]:
+        extra = {"thresholds": list(classifier.thresholds)} if classifier.thresholds is not None else {}
+        return {"labels": list(classifier.class_names)} | extra
 
     page = resources.files("imgclf").joinpath("_static/index.html").read_text(encoding="utf-8")
 
