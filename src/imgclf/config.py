@@ -221,6 +221,9 @@ _SINGLE_LABEL_ONLY = {
     "data.augment.cutmix": (None, "mixes one class index per image"),
 }
 
+# Set by the single-label photo preset: its multi-label twin is the answer to these two.
+_PHOTO_PRESET_KEYS = ("loss.label_smoothing", "model.head_init")
+
 
 class TrainConfig(_Section):
     seed: int = 42
@@ -254,7 +257,8 @@ class TrainConfig(_Section):
             for part in key.split("."):
                 value = getattr(value, part)
             if (value == bad) if bad is not None else bool(value):
-                raise ValueError(f"{key}: {value!r} does not work with task: multilabel ({why})")
+                hint = "; photos: --config finetune_photos_multilabel" if key in _PHOTO_PRESET_KEYS else ""
+                raise ValueError(f"{key}: {value!r} does not work with task: multilabel ({why}{hint})")
         return self
 
     def to_plain(self) -> dict[str, Any]:
