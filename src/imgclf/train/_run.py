@@ -202,6 +202,8 @@ def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFram
         model.compile()  # in place: state_dict keys stay those of the plain model
     # task: multilabel: the train subset's (N, C) targets size loss.pos_weight: auto.
     targets = train_loader.dataset.targets if train_loader is not None and config.task == "multilabel" else None
+    if targets is not None and _transfer.has_pretrained_backbone(config):  # a new head on pretrained features
+        _multilabel.init_head(model, targets, config.seed)  # (a resumed run's checkpoint replaces it)
     return ImageClassifier(model, config, class_names, pre, class_weights(config, split, class_names), targets)
 
 
