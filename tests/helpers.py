@@ -103,3 +103,28 @@ def state_urls(state: Path, where: str = "status IS NOT NULL") -> set[str]:
             return {u for (u,) in db.execute(f"SELECT url FROM urls WHERE {where}")}
     except sqlite3.OperationalError:
         return set()
+
+
+class ThreadedServer:
+    """uvicorn serving an ASGI app in a background thread on a port the OS picks (127.0.0.1)."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        import threading
+
+        import uvicorn  # here: most tests never serve, and helpers is imported by all of them
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

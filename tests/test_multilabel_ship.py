@@ -14,8 +14,6 @@ import csv
 import io
 import json
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
+from helpers import ThreadedServer
 
 from imgclf import cli
 from imgclf.images import open_image_file
@@ -171,27 +169,12 @@ def test_single_label_export_metadata_has_no_task(tiny_run: Path, tmp_path: Path
     assert load_classifier(result.path).thresholds is None
 
 
-class _Server:
-    def __init__(self, app) -> None:  # noqa: ANN001
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def served(exported: dict[str, Path]) -> Iterator[str]:
     from imgclf.serve import create_app
 
-    with _Server(create_app(load_classifier(exported["torchscript"]))) as base:
+    with ThreadedServer(create_app(load_classifier(exported["torchscript"]))) as base:
         yield base
 
 

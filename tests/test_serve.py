@@ -9,15 +9,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from helpers import DEMO_ROOT, demo_images
+from helpers import DEMO_ROOT, ThreadedServer, demo_images
 
 from imgclf._localserver import LocalServer
 from imgclf.inference import load_classifier
@@ -76,24 +74,6 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         proc.terminate()
         proc.wait(timeout=20)
 
-
-class ThreadedServer:
-    """uvicorn serving an app in a background thread on a port the OS picks."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from imgclf.data import read_split
 from imgclf.errors import DataError
 from imgclf.evaluate import _multilabel_metrics as mm
 from imgclf.evaluate import _plots
-from imgclf.evaluate._scoring import EvalModel, predict_proba
+from imgclf.evaluate._scoring import EvalModel, drop_unreadable, predict_proba
 from imgclf.manifest import read_manifest
 from imgclf.rundir import RunDir
 from imgclf.version import __version__
@@ -124,19 +124,6 @@ def known_labels_only(images: Images, classes: list[str], sep: str) -> tuple[Ima
     frame = images.frame.assign(label=cells)
     return Images(frame, images.root, images.split, images.source, images.note), dict(unknown.most_common())
 
-
-def _drop_unreadable(proba: np.ndarray, y: np.ndarray, images: Images,
-                     max_share: float) -> tuple[np.ndarray, np.ndarray, Images, int]:
-    bad = np.isnan(proba).any(axis=1)
-    n = int(bad.sum())
-    if n and n / len(bad) > max_share:
-        raise DataError(f"{n} of {len(bad)} images of split '{images.split}' are unreadable "
-                        f"({n / len(bad):.1%}, more than {max_share:.0%}); see the warnings above")
-    if n:
-        log.warning("%d unreadable image(s) left out of the evaluation (unreadable_images in metrics.json)", n)
-        images = Images(images.frame[~bad].reset_index(drop=True), images.root, images.split, images.source,
-                        images.note)
-    return proba[~bad], y[~bad], images, n
 
 
 def compute(y: np.ndarray, proba: np.ndarray, classes: list[str], thresholds: list[float],
@@ -260,7 +247,7 @@ def run(opts: Any, plan: Any, model: EvalModel) -> dict[str, Any]:
     proba, y = predict_proba(model, images.frame, images.root, opts.batch_size, opts.num_workers, opts.progress,
                              label_sep=sep)
     seconds = time.perf_counter() - t0
-    proba, y, images, unreadable = _drop_unreadable(proba, y, images, opts.max_unreadable)
+    proba, y, images, unreadable = drop_unreadable(proba, y, images, opts.max_unreadable)
     y = y.astype(np.uint8)
     metrics: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "imgclf_version": __version__, "task": multilabel.TASK,

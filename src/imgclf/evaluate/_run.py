@@ -24,7 +24,7 @@ from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, read_split
 from imgclf.errors import ConfigError, DataError
 from imgclf.evaluate import _html, _metrics, _multilabel, _plots
-from imgclf.evaluate._scoring import open_model, predict_proba
+from imgclf.evaluate._scoring import drop_unreadable, open_model, predict_proba
 from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
 from imgclf.rundir import RunDir
@@ -116,20 +116,6 @@ def resolve(opts: EvaluateOptions) -> Plan:
 def _read_split_csv(run_dir: Path | None) -> pd.DataFrame | None:
     return None if run_dir is None else read_split(run_dir)
 
-
-def drop_unreadable(proba: np.ndarray, y_true: np.ndarray, eval_set: EvalSet,
-                    max_share: float) -> tuple[np.ndarray, np.ndarray, EvalSet, int]:
-    """Leave out the images that could not be read (NaN rows; each was warned about); a one-line
-    DataError when they are more than `max_share` of the split: scores on the rest would mislead."""
-    bad = np.isnan(proba).any(axis=1)
-    n = int(bad.sum())
-    if n and n / len(bad) > max_share:
-        raise DataError(f"{n} of {len(bad)} images of split '{eval_set.split}' are unreadable "
-                        f"({n / len(bad):.1%}, more than {max_share:.0%}); see the warnings above")
-    if n:
-        log.warning("%d unreadable image(s) left out of the evaluation (unreadable_images in metrics.json)", n)
-        eval_set = replace(eval_set, frame=eval_set.frame[~bad].reset_index(drop=True))
-    return proba[~bad], y_true[~bad], eval_set, n
 
 
 def select_eval_set(plan: Plan, manifest: pd.DataFrame, split: str,

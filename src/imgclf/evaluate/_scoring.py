@@ -9,8 +9,9 @@ on torchvision's kernel, whatever the backend).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from imgclf.inference import ModelHandle, Preprocessor, eval_preprocessor, load
 from imgclf.models import fast_layout
 from imgclf.presets import Preprocessing, ResizeGuard
 from imgclf.progress import track
+
+log = logging.getLogger("imgclf.evaluate")
 
 
 @dataclass
@@ -135,3 +138,20 @@ def predict_proba(model: EvalModel, frame: pd.DataFrame, images_root: Path, batc
     proba = np.concatenate(chunks)
     proba[dataset.failures.mask()] = np.nan
     return proba, dataset.targets.numpy()
+
+
+def drop_unreadable(proba: np.ndarray, y_true: np.ndarray, images: Any,
+                    max_share: float) -> tuple[np.ndarray, np.ndarray, Any, int]:
+    """Leave out the images that could not be read (NaN rows; each was warned about); a one-line
+    DataError when they are more than `max_share` of the split: scores on the rest would mislead.
+    Single-label and multi-label evaluation alike: `images` is either's dataclass of the split's rows
+    (`frame`, one row an image, and `split`); the same kind comes back, without the unreadable rows."""
+    bad = np.isnan(proba).any(axis=1)
+    n = int(bad.sum())
+    if n and n / len(bad) > max_share:
+        raise DataError(f"{n} of {len(bad)} images of split '{images.split}' are unreadable "
+                        f"({n / len(bad):.1%}, more than {max_share:.0%}); see the warnings above")
+    if n:
+        log.warning("%d unreadable image(s) left out of the evaluation (unreadable_images in metrics.json)", n)
+        images = replace(images, frame=images.frame[~bad].reset_index(drop=True))
+    return proba[~bad], y_true[~bad], images, n
