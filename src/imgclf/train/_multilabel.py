@@ -62,9 +62,9 @@ def init_head(model: nn.Module, train_targets: torch.Tensor, seed: int) -> None:
     a few hundred steps at the head's lr the model only learns each label's prevalence (measured:
     `benchmarks/multilabel.py --recipe finetune`, 240 composites, val mAP at the frequency baseline).
     The prior bias (Lin et al., focal loss, 2017) starts the loss at the labels' entropy instead."""
-    from imgclf.train._transfer import final_linear
-
-    linear = final_linear(model)
+    # The layer that outputs the label scores: the last nn.Linear (as _transfer.final_linear finds it for
+    # the probe; not imported from there, since _transfer imports the module that imports this one).
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     prevalence = train_targets.float().mean(dim=0).clamp(1e-3, 1 - 1e-3)
     generator = torch.Generator().manual_seed(seed)  # its own RNG: the run's random stream is untouched
     with torch.no_grad():
