@@ -128,3 +128,32 @@ class ThreadedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1 (for a server a test starts as a child process)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(base: str, proc=None, seconds: float = 90, log_path: Path | None = None) -> None:  # noqa: ANN001
+    """Poll BASE/health until it answers 200; fail at once if the server process `proc` has exited."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            said = log_path.read_text() if log_path else (proc.stderr.read() if proc.stderr else "")
+            raise RuntimeError(f"server exited early: {said}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{base} never became healthy")

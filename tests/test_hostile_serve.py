@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import demo_images
+from helpers import demo_images, free_port
 from hostile import (
     extreme_aspect_png,
     huge_header_jpeg,
@@ -30,15 +30,10 @@ from hostile import (
 HEAD_TIMEOUT, BODY_TIMEOUT, CONCURRENCY = 2.0, 3.0, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(tiny_run: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port", str(port),
                "--max-upload-mb", "1", "--max-concurrency", str(CONCURRENCY),
                "--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
@@ -286,7 +281,7 @@ def test_past_max_connections_the_longest_idle_connection_is_closed(tiny_run: Pa
 @pytest.fixture(scope="module")
 def served_logged(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`imgclf serve` with default options, its log in a file (many access lines: a pipe would fill)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port",

@@ -13,15 +13,14 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
+from helpers import free_port, wait_healthy
 
 from imgclf._localserver import LocalServer
 from imgclf.cli import main
@@ -124,13 +123,13 @@ def test_predict_export_and_serve_report_the_same_sets(corpus, pipeline, tmp_pat
     same = sum(set(from_onnx[k]) == set(predicted[k]) for k in predicted) / len(predicted)
     assert same >= 0.97, same  # ONNX resizes with Pillow (within 1 level in 255): a score on a threshold may flip
 
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", "--model", str(onnx_file), "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc, seconds=120, log_path=tmp_path / "serve.log")
         for c in test[:8]:
             reply = httpx.post(f"{base}/predict", content=(corpus.images / c.name).read_bytes(),
                                headers={"content-type": "image/png"}, timeout=30)
@@ -144,21 +143,3 @@ def test_predict_export_and_serve_report_the_same_sets(corpus, pipeline, tmp_pat
         proc.wait(timeout=20)
         log.close()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "imgclf serve exited"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("imgclf serve did not become healthy")

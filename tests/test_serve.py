@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DEMO_ROOT, ThreadedServer, demo_images
+from helpers import DEMO_ROOT, ThreadedServer, demo_images, free_port, wait_healthy
 
 from imgclf._localserver import LocalServer
 from imgclf.inference import load_classifier
@@ -28,27 +27,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless=new", "--disable-b
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen | None = None, seconds: float = 90,
-                  log_path: Path | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            said = log_path.read_text() if log_path else (proc.stderr.read() if proc.stderr else "")
-            raise RuntimeError(f"server exited early: {said}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{base} never became healthy")
-
 
 SERVER_LOG: dict[str, Path] = {}
 
@@ -59,7 +37,7 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     Its log goes to a file (a pipe nobody reads would fill with access-log lines and block the server).
     """
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "imgclf", "serve", "--model", str(tiny_run), "--port", str(port),
                "--max-upload-mb", "1"]
@@ -68,7 +46,7 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc, log_path=log_path)
+        wait_healthy(base, proc, log_path=log_path)
         yield base
     finally:
         proc.terminate()
