@@ -156,8 +156,8 @@ def compare_training(data: Path, audit_csv: Path, work: Path, minutes: float, se
         config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", base + extra)
         run_dir = work / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        trained = train.run(config, data, run_dir)
-        m = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, seed=seed))
+        trained = train.run(train.TrainOptions(config, data, run_dir))
+        m = evaluate.run(evaluate.EvaluateOptions(model=run_dir, seed=seed))
         out[name] = {"f1_macro": m["f1_macro"], "f1_macro_ci95": m["f1_macro_ci95"], "accuracy": m["accuracy"],
                      "epochs": trained.epochs_run, "train_images": int((pd.read_csv(run_dir / "split.csv")["subset"]
                                                                         == "train").sum())}

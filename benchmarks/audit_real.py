@@ -119,7 +119,8 @@ def main() -> int:
     classes = build_folder(folder, args.min_images)
     clean = work / "data-clean"
     if not (clean / "manifest.parquet").is_file():
-        download.run([folder], clean, DownloadOptions(show_progress=False, print_summary=False, processes=2))
+        download.run(DownloadOptions(sources=[folder], out=clean, show_progress=False, print_summary=False,
+                                     processes=2))
     noisy = work / "data-noisy"
     shutil.rmtree(noisy, ignore_errors=True)
     shutil.copytree(clean, noisy, symlinks=True)

@@ -148,7 +148,7 @@ def _write_and_download(args: argparse.Namespace, work: Path, data_dir: Path,
     with LocalServer(work / "images") as server:
         sources = write_sources(listing, server.base_url, work / "sources")
         t0 = time.perf_counter()
-        result = download.run(sources, data_dir, download.DownloadOptions(show_progress=False))
+        result = download.run(download.DownloadOptions(sources=sources, out=data_dir, show_progress=False))
         timings["download"] = time.perf_counter() - t0
     print(f"== download: {result.counts} in {timings['download']:.0f}s", flush=True)
 
@@ -189,18 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         _write_and_download(args, work, data_dir, timings)
 
     t0 = time.perf_counter()
-    trained = train.run(config, data_dir, run_dir)
+    trained = train.run(train.TrainOptions(config, data_dir, run_dir))
     timings["train"] = time.perf_counter() - t0
     print(f"== train: {trained.epochs_run} epochs in {timings['train']:.0f}s, best val "
           f"{config.trainer.monitor} {trained.best_score}", flush=True)
 
     t0 = time.perf_counter()
-    metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test"))
+    metrics = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test"))
     timings["evaluate"] = time.perf_counter() - t0
     tta = None
     if args.tta != "none":
         t0 = time.perf_counter()
-        tta = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test", tta=args.tta,
+        tta = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test", tta=args.tta,
                                                     out=run_dir / f"tta-{args.tta}"))
         timings[f"evaluate_tta_{args.tta}"] = time.perf_counter() - t0
 

@@ -72,7 +72,7 @@ def prepare_data(work: Path, per_class: int, demo: bool) -> Path:
 
         with LocalServer(sample.SAMPLE_ROOT) as server:
             sources = sample.write_sources(server.base_url, work / "sources")
-            download.run(sources, data_dir, download.DownloadOptions(show_progress=False))
+            download.run(download.DownloadOptions(sources=sources, out=data_dir, show_progress=False))
         return data_dir
     args = argparse.Namespace(raw=fashion_mnist.RAW_DIR, limit=per_class)
     fashion_mnist._write_and_download(args, work, data_dir, {})
@@ -92,7 +92,7 @@ def train_once(name: str, overrides: list[str], data_dir: Path, work: Path) -> t
         print(f"== {name}: reusing the trained {run_dir}", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped midway: start it over
-        train.run(load_config(BASE_CONFIG, overrides), data_dir, run_dir)
+        train.run(train.TrainOptions(load_config(BASE_CONFIG, overrides), data_dir, run_dir))
     return run_dir, json.loads((run_dir / "run.json").read_text())
 
 
@@ -106,14 +106,14 @@ def run_variant(name: str, overrides: list[str], data_dir: Path, work: Path, tta
     # train.run restores the process's thread count; evaluate on the same threads as training: on a shared
     # machine, OpenMP threads beyond the process's share spin-wait (10k test images took 651 s at 2 threads).
     torch.set_num_threads(threads)
-    single = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test"))
+    single = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test"))
     result = {"variant": name, "overrides": overrides, "epochs": info["epochs_run"],
               "train_seconds": info["last_seconds"], "images_per_s": round(float(metrics["images_per_s"].mean()), 1),
               "best_val_f1": info["best_score"], "test_f1": single["f1_macro"],
               "test_f1_ci95": single["f1_macro_ci95"], "test_accuracy": single["accuracy"],
               "test_images": single["n_images"], "run_dir": str(run_dir)}
     if tta:
-        crops = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=data_dir, split="test", tta="crops",
+        crops = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test", tta="crops",
                                                       out=run_dir / "tta-crops"))
         result["tta_crops_f1"], result["tta_crops_f1_ci95"] = crops["f1_macro"], crops["f1_macro_ci95"]
     return result

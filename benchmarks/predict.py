@@ -230,7 +230,7 @@ def main() -> None:
     trees = ([("before", str(Path(args.baseline_src).resolve()))] if args.baseline_src else []) + [("now", None)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export.run(model, "onnx", Path(tmp) / "model.onnx").path
+        onnx_path = export.run(export.ExportOptions(model, "onnx", Path(tmp) / "model.onnx")).path
         models = {"torch": str(model), "onnx": str(onnx_path)}
         image = str(sorted(DEMO_TEST.rglob("*.png"))[0])
         print(f"model: {model}, batch {args.batch_size}, {args.images} images; {platform.machine()}, "

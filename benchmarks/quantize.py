@@ -6,7 +6,7 @@
 1. Fashion-MNIST as a data directory (Debian package dataset-fashion-mnist, idx files under
    /usr/share/datasets/fashion-mnist): all 10,000 test images and --train-per-class training
    images as PNG files, stored by `imgclf download FOLDER` into WORK/data (reused when present);
-2. per shipped model, `export.run(..., quantize="int8")` with that directory as calibration data
+2. per shipped model, `export.run(export.ExportOptions(..., quantize="int8"))` with that directory as calibration data
    (calibration images sampled from train, the parity report on the held-out test split: top-1
    agreement int8 vs fp32, and F1-macro of both against the labels);
 3. throughput: the same 64 preprocessed test images through the fp32 and the int8 file, as
@@ -143,9 +143,9 @@ def main() -> None:
     options = export.QuantizeOptions(data, args.calibration_images, args.held_out_images)
     for model in args.models:
         out = args.work / "models"
-        fp32 = export.run(model, "onnx", out / f"{model.stem}.onnx").path
+        fp32 = export.run(export.ExportOptions(model, "onnx", out / f"{model.stem}.onnx")).path
         t0 = time.perf_counter()
-        result = export.run(model, "onnx", out / f"{model.stem}.int8.onnx", "int8", options)
+        result = export.run(export.ExportOptions(model, "onnx", out / f"{model.stem}.int8.onnx", "int8", options))
         q = result.quantization
         print(f"{model.name}: {q.method}; held out: {q.held_out}; export + quantise + judge "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -39,7 +39,7 @@ def _data(work: Path) -> Path:
 
     data_dir = work / "data"
     if not (data_dir / "manifest.parquet").is_file():
-        download.run([SAMPLE], data_dir, download.DownloadOptions(show_progress=False))
+        download.run(download.DownloadOptions(sources=[SAMPLE], out=data_dir, show_progress=False))
     return data_dir
 
 
@@ -47,7 +47,7 @@ def _evaluate(run_dir: Path, tta: str) -> dict:
     from imgclf.stages import evaluate
 
     out = run_dir if tta == "none" else run_dir / f"tta-{tta}"
-    m = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, out=out, split="test", tta=tta, progress=False))
+    m = evaluate.run(evaluate.EvaluateOptions(model=run_dir, out=out, split="test", tta=tta, progress=False))
     return {"f1_macro": m["f1_macro"], "f1_macro_ci95": m["f1_macro_ci95"], "accuracy": m["accuracy"],
             "log_loss": m["log_loss"], "predict_seconds": m["timing"]["predict_seconds"]}
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, ["trainer.progress_bar=false", *args.overrides, *PIECES[piece]])
         run_dir = args.work / piece
         t0 = time.perf_counter()
-        trained = train.run(config, data_dir, run_dir)
+        trained = train.run(train.TrainOptions(config, data_dir, run_dir))
         row = {"train_seconds": round(time.perf_counter() - t0, 1), "epochs": trained.epochs_run,
                "optim_lr": load_config(run_dir / "config.yaml").optim.lr}
         for tta in (("none", "flip", "crops") if piece == "baseline" else ("none",)):

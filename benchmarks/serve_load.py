@@ -135,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = {"torch": args.model}
         if "onnx" in args.backends:
-            models["onnx"] = export.run(args.model, "onnx", Path(tmp) / "model.onnx").path
+            models["onnx"] = export.run(export.ExportOptions(args.model, "onnx", Path(tmp) / "model.onnx")).path
         for backend in args.backends:
             for label, src in trees:
                 results = asyncio.run(_measure(models[backend], src, bodies, args.requests, args.clients))

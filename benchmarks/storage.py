@@ -23,6 +23,7 @@ predict   images/s of `imgclf predict` in one process vs `--engine ray --workers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -137,7 +138,7 @@ def predict(args: argparse.Namespace) -> None:
         for f in files:
             (folder / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
         t0 = time.perf_counter()
-        single.run([str(folder)], model, Path(tmp_name) / "one.csv", options=options)
+        single.run(dataclasses.replace(options, inputs=[str(folder)], model=model, out=Path(tmp_name) / "one.csv"))
         base = len(files) / (time.perf_counter() - t0)
         print(f"{len(files)} images; one process: {base:.1f} images/s")
         for workers in args.workers:
@@ -145,8 +146,9 @@ def predict(args: argparse.Namespace) -> None:
             with _ray.connect(None, workers):
                 started = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                on_ray.run([str(folder)], model, Path(tmp_name) / f"ray{workers}.csv", options=options,
-                           ray_options=on_ray.RayOptions(workers=workers, shard_size=args.shard_size))
+                on_ray.run(dataclasses.replace(options, inputs=(str(folder),), model=model,
+                                               out=Path(tmp_name) / f"ray{workers}.csv"),
+                           on_ray.RayOptions(workers=workers, shard_size=args.shard_size))
                 work = time.perf_counter() - t1
             total = time.perf_counter() - t0
             print(f"  --engine ray --workers {workers}: {len(files) / total:.1f} images/s with Ray's start-up "

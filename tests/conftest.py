@@ -34,5 +34,5 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> P
     from imgclf.stages import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train.run(tiny_config(), tiny_data_dir, run_dir)
+    train.run(train.TrainOptions(tiny_config(), tiny_data_dir, run_dir))
     return run_dir

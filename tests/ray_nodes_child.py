@@ -145,7 +145,8 @@ def main(work: Path, rows: int) -> None:
 
             def run() -> None:
                 try:
-                    res = download.run([work / "urls.csv"], work / "data", download.DownloadOptions(
+                    res = download.run(download.DownloadOptions(
+                        sources=[work / "urls.csv"], out=work / "data",
                         timeout=3.0, read_timeout=2.0, connect_timeout=1.0, retries=1, backoff=0.05,
                         show_progress=False, print_summary=False, engine="ray", address=cluster.address,
                         ray_workers=2, processes=1, shard_size=50))

@@ -39,7 +39,7 @@ def write_sources(dest: Path, srv: LocalServer, splits: dict[str, list[Path]]) -
 
 def download_demo(out: str | Path, sources: list[Path], **options: object) -> download.DownloadResult:
     quiet = {"show_progress": False, "print_summary": False, "processes": 1, **options}
-    return download.run(sources, out, download.DownloadOptions(**quiet))
+    return download.run(download.DownloadOptions(sources=sources, out=out, **quiet))
 
 
 def port_open(host: str, port: int) -> bool:

@@ -135,7 +135,8 @@ def test_keyboard_review_writes_decisions_that_train_reads(audited, served, tmp_
 
     # A tiny retrain reads the decisions: the dropped row is gone, the relabelled one has its new label.
     run = tmp_path / "run"
-    train.run(tiny_config(f"data.exclude={out / auditdir.DECISIONS}", "trainer.epochs=1"), data, run)
+    train.run(train.TrainOptions(tiny_config(f"data.exclude={out / auditdir.DECISIONS}", "trainer.epochs=1"), data,
+                                 run))
     split = pd.read_csv(run / "split.csv", keep_default_na=False).set_index("row")
     assert int(f0["row"]) not in split.index
     assert split.at[int(f1["row"]), "label"] == f1["suggested"] != f1["label"]

@@ -21,8 +21,8 @@ def model_files(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """The four ways to name one model: run directory, checkpoint, ONNX file, TorchScript file."""
     out = tmp_path_factory.mktemp("models")
     return {"run": tiny_run, "checkpoint": tiny_run / "checkpoints" / "best.ckpt",
-            "onnx": export.run(tiny_run, None, out / "m.onnx").path,
-            "torchscript": export.run(tiny_run, None, out / "m.torchscript").path}
+            "onnx": export.run(export.ExportOptions(tiny_run, None, out / "m.onnx")).path,
+            "torchscript": export.run(export.ExportOptions(tiny_run, None, out / "m.torchscript")).path}
 
 
 def test_identify_tells_models_apart_and_names_other_files(model_files: dict[str, Path], tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ changed sources, changed storage options.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -99,7 +100,7 @@ def faults(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
              for name, (spec, _) in CASES.items()]
     pd.DataFrame(rows).to_csv(tmp / "train.csv", index=False)
     started = time.monotonic()
-    result = download.run([tmp / "train.csv"], tmp / "data", download.DownloadOptions(**FAST))
+    result = download.run(download.DownloadOptions(sources=[tmp / "train.csv"], out=tmp / "data", **FAST))
     elapsed = time.monotonic() - started
     manifest = pd.read_parquet(result.manifest_path)
     manifest.index = [r["case"] for r in rows]
@@ -197,7 +198,8 @@ def test_resize_and_reencode(server: FaultServer, tmp_path: Path) -> None:
                  ).to_csv(tmp_path / "s.csv", index=False)
     options = download.DownloadOptions(**{**FAST, "max_bytes": 1_000_000}, resize="longer", size=100,
                                        image_format="webp", quality=70)
-    manifest = pd.read_parquet(download.run([tmp_path / "s.csv"], tmp_path / "d", options).manifest_path)
+    manifest = pd.read_parquet(download.run(dataclasses.replace(options, sources=[tmp_path / "s.csv"],
+                                                                out=tmp_path / "d")).manifest_path)
     assert manifest["status"].tolist() == ["ok", "ok"]
     assert manifest[["width", "height"]].values.tolist() == [[100, 100], [64, 48]]  # never enlarged
     for path in manifest["path"]:
@@ -209,10 +211,10 @@ def test_resize_and_reencode(server: FaultServer, tmp_path: Path) -> None:
 def test_rerun_fetches_nothing_and_keeps_the_manifest(server: FaultServer, tmp_path: Path) -> None:
     urls = [server.url("file/other.png"), server.url("status/404"), server.url("file/cmyk.jpg")]
     pd.DataFrame({"url": urls, "label": ["a", "b", "c"]}).to_csv(tmp_path / "train.csv", index=False)
-    first = download.run([tmp_path / "train.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+    first = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "d", **FAST))
     before = pd.read_parquet(first.manifest_path)
     counts = dict(server.counts)
-    second = download.run([tmp_path / "train.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+    second = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "d", **FAST))
     assert dict(server.counts) == counts and second.fetched == 0
     pd.testing.assert_frame_equal(before, pd.read_parquet(second.manifest_path))
 
@@ -221,10 +223,10 @@ def test_retry_failed_retries_only_retryable(server: FaultServer, tmp_path: Path
     flaky, missing = server.url("flaky/retry-me/503/1/other.png"), server.url("status/404?x=retry")
     pd.DataFrame({"url": [flaky, missing], "label": ["a", "b"]}).to_csv(tmp_path / "t.csv", index=False)
     no_retry = download.DownloadOptions(**{**FAST, "retries": 0})
-    first = download.run([tmp_path / "t.csv"], tmp_path / "d", no_retry)
+    first = download.run(dataclasses.replace(no_retry, sources=[tmp_path / "t.csv"], out=tmp_path / "d"))
     assert first.counts == {"http_error": 2}
-    again = download.run([tmp_path / "t.csv"], tmp_path / "d",
-                         download.DownloadOptions(**{**FAST, "retries": 0, "retry_failed": True}))
+    again = download.run(download.DownloadOptions(sources=[tmp_path / "t.csv"], out=tmp_path / "d",
+                                                  **{**FAST, "retries": 0, "retry_failed": True}))
     assert again.counts == {"ok": 1, "http_error": 1}
     assert server.counts["/status/404"] >= 1 and again.fetched == 1  # the 404 was not asked again
     assert pd.read_parquet(again.manifest_path).loc[0, "attempts"] == 2  # attempts add up over runs
@@ -234,11 +236,11 @@ def test_changed_sources_fetch_only_new_urls(server: FaultServer, tmp_path: Path
     src = tmp_path / "train.csv"
     pd.DataFrame({"url": [server.url("file/webp-a?x=1")], "label": ["a"]}).to_csv(src, index=False)
     server.add("webp-a", sample_images()["image.webp"])
-    download.run([src], tmp_path / "d", download.DownloadOptions(**FAST))
+    download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **FAST))
     server.add("extra.png", sample_images()["other.png"])
     pd.DataFrame({"url": [server.url("file/webp-a?x=1"), server.url("file/extra.png")], "label": ["a", "b"]}
                  ).to_csv(src, index=False)
-    result = download.run([src], tmp_path / "d", download.DownloadOptions(**FAST))
+    result = download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **FAST))
     assert result.fetched == 1 and result.counts == {"ok": 2}
     assert server.counts["/file/webp-a"] == 1
 
@@ -246,17 +248,17 @@ def test_changed_sources_fetch_only_new_urls(server: FaultServer, tmp_path: Path
 def test_other_storage_options_on_the_same_dir_are_refused(server: FaultServer, tmp_path: Path) -> None:
     src = tmp_path / "s.csv"
     pd.DataFrame({"url": [server.url("file/other.png")], "label": ["a"]}).to_csv(src, index=False)
-    download.run([tmp_path / "s.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+    download.run(download.DownloadOptions(sources=[tmp_path / "s.csv"], out=tmp_path / "d", **FAST))
     with pytest.raises(ConfigError, match="size=64"):
-        download.run([tmp_path / "s.csv"], tmp_path / "d", download.DownloadOptions(**FAST, size=64))
+        download.run(download.DownloadOptions(sources=[tmp_path / "s.csv"], out=tmp_path / "d", **FAST, size=64))
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
-        download.run([tmp_path / "missing.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+        download.run(download.DownloadOptions(sources=[tmp_path / "missing.csv"], out=tmp_path / "d", **FAST))
     (tmp_path / "bad.csv").write_text("link,label\nhttp://a/b.jpg,x\n")
     with pytest.raises(DataError, match="url"):
-        download.run([tmp_path / "bad.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+        download.run(download.DownloadOptions(sources=[tmp_path / "bad.csv"], out=tmp_path / "d", **FAST))
     with pytest.raises(ConfigError, match="--quality"):
         download.DownloadOptions(quality=0)
 
@@ -269,8 +271,8 @@ def test_defaults_work_with_a_plain_static_server(tmp_path: Path) -> None:
     with LocalServer(DEMO_ROOT) as srv:
         pd.DataFrame({"url": [srv.url(str(f.relative_to(DEMO_ROOT))) for f in files],
                       "label": [f.parent.name for f in files]}).to_csv(tmp_path / "train.csv", index=False)
-        result = download.run([tmp_path / "train.csv"], tmp_path / "d",
-                              download.DownloadOptions(show_progress=False, print_summary=False))
+        result = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "d",
+                                                       show_progress=False, print_summary=False))
     assert result.counts == {"ok": 12}
     manifest = pd.read_parquet(result.manifest_path)
     # Fashion-MNIST PNGs are already clean: stored byte for byte.
@@ -354,7 +356,7 @@ def test_blank_label_rows_get_missing_label_and_are_not_fetched(server: FaultSer
     labelled, unlabelled = server.url("file/labelled.png"), server.url("file/unlabelled.png")
     (tmp_path / "train.csv").write_text(
         f"url,label\n{unlabelled},\n{labelled},a\n{labelled},   \nnot a url,\n{server.url('status/404')},b\n")
-    result = download.run([tmp_path / "train.csv"], tmp_path / "d", download.DownloadOptions(**FAST))
+    result = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "d", **FAST))
     manifest = pd.read_parquet(result.manifest_path)
     assert manifest["status"].tolist() == ["missing_label", "ok", "missing_label", "missing_label", "http_error"]
     assert manifest.loc[0, "error"] == "the row has no label" and "missing_label" in STATUSES

@@ -99,10 +99,10 @@ def test_ray_download_gives_the_laptop_manifest(cluster, tmp_path: Path) -> None
         urls = _urls(srv, 90)
         urls += [srv.url("status/404"), srv.url("flaky/k/503/1/0.png"), urls[4], "ftp://x/y.png"]
         src = _write(tmp_path, urls)
-        result = download.run([src], tmp_path / "ray", download.DownloadOptions(
-            **FAST, engine="ray", ray_workers=2, shard_size=16))
+        result = download.run(download.DownloadOptions(sources=[src], out=tmp_path / "ray", **FAST, engine="ray",
+                                                       ray_workers=2, shard_size=16))
         fetched_once = dict(srv.counts)
-        local = download.run([src], tmp_path / "local", download.DownloadOptions(**FAST))
+        local = download.run(download.DownloadOptions(sources=[src], out=tmp_path / "local", **FAST))
     columns = ["row", "url", "status", "error", "http_status", "sha256", "path", "duplicate_of"]
     manifest = pd.read_parquet(result.manifest_path)
     pd.testing.assert_frame_equal(manifest[columns], pd.read_parquet(local.manifest_path)[columns])
@@ -132,8 +132,8 @@ def test_worker_sigkill_costs_at_most_its_open_shards(cluster, tmp_path: Path) -
 
         killer = threading.Thread(target=kill_one_worker)
         killer.start()
-        result = download.run([src], tmp_path / "d", download.DownloadOptions(
-            **FAST, engine="ray", ray_workers=2, shard_size=shard, concurrency=4))
+        result = download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **FAST, engine="ray",
+                                                       ray_workers=2, shard_size=shard, concurrency=4))
         killer.join()
     assert "pid" in killed, "no Ray worker process found to kill"
     done = killed["done"]
@@ -158,8 +158,8 @@ def test_a_failing_shard_is_retried_then_named(cluster, tmp_path: Path) -> None:
         src = _write(tmp_path, urls)
         failing = keep.index(25) // 10  # URL ids follow the input order, from 1
         with pytest.raises(ImgclfError, match=rf"1 shard\(s\) failed 2 times; first shard {failing} \(URL ids"):
-            download.run([src], tmp_path / "d", download.DownloadOptions(
-                **FAST, engine="ray", ray_workers=2, shard_size=10, shard_retries=1))
+            download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **FAST, engine="ray",
+                                                  ray_workers=2, shard_size=10, shard_retries=1))
         assert srv.counts["/file/25.png"] == 2  # the first attempt and one retry
     finished = state_urls(tmp_path / "d" / download.STATE_NAME)
     assert len(finished) == len(urls) - len(urls[failing * 10:(failing + 1) * 10])  # every other shard committed
@@ -177,8 +177,8 @@ def test_a_worker_that_cannot_be_placed_ends_the_run_in_one_line(cluster, tmp_pa
 
         def run() -> None:  # in a thread: the old driver waited for ever here
             try:
-                download.run([src], tmp_path / "d", download.DownloadOptions(
-                    **{**FAST, "processes": 3}, engine="ray", ray_workers=1, shard_size=10))
+                download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **{**FAST, "processes": 3},
+                                                      engine="ray", ray_workers=1, shard_size=10))
             except BaseException as err:  # noqa: BLE001 - checked below
                 raised.append(err)
 
@@ -197,8 +197,8 @@ def test_tar_layout_writes_one_tar_per_shard(cluster, tmp_path: Path) -> None:
 
     with FaultServer() as srv:
         src = _write(tmp_path, _urls(srv, 40))
-        result = download.run([src], tmp_path / "d", download.DownloadOptions(
-            **FAST, engine="ray", ray_workers=2, shard_size=10, layout="tar"))
+        result = download.run(download.DownloadOptions(sources=[src], out=tmp_path / "d", **FAST, engine="ray",
+                                                       ray_workers=2, shard_size=10, layout="tar"))
     manifest = pd.read_parquet(result.manifest_path)
     assert result.counts == {"ok": 40}
     assert manifest.groupby("shard")["row"].apply(list).tolist() == [list(range(i, i + 10)) for i in range(0, 40, 10)]
@@ -319,8 +319,8 @@ def test_the_laptop_path_never_imports_ray(tmp_path: Path) -> None:
     with FaultServer() as srv:
         src = _write(tmp_path, _urls(srv, 3))
         code = ("import sys; from pathlib import Path; from imgclf.stages import download\n"
-                f"download.run([Path({str(src)!r})], Path({str(tmp_path / 'd')!r}), "
-                "download.DownloadOptions(show_progress=False, print_summary=False))\n"
+                f"download.run(download.DownloadOptions(sources=[Path({str(src)!r})], "
+                f"out=Path({str(tmp_path / 'd')!r}), show_progress=False, print_summary=False))\n"
                 "assert 'ray' not in sys.modules, 'ray imported'\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -90,8 +90,8 @@ def test_merged_manifest_equals_one_single_machine_download(jobs, server: FaultS
     tmp, counts = jobs
     merged = pd.read_parquet(tmp / "merged" / "manifest.parquet")
     assert all(n == 1 for path, n in counts.items() if path.startswith("/file/")), counts  # each URL once
-    single = download.run([source], tmp_path / "one", download.DownloadOptions(
-        processes=1, timeout=2, retries=0, show_progress=False, print_summary=False))
+    single = download.run(download.DownloadOptions(sources=[source], out=tmp_path / "one", processes=1, timeout=2,
+                                                   retries=0, show_progress=False, print_summary=False))
     expected = pd.read_parquet(single.manifest_path)
     pd.testing.assert_frame_equal(merged[COMPARED], expected[COMPARED])
     assert set(merged["status"]) >= {"ok", "duplicate", "http_error", "not_image", "invalid_url", "missing_label"}
@@ -121,19 +121,19 @@ def test_merge_refuses_a_missing_or_repeated_job(jobs, tmp_path: Path) -> None:
 
 def test_merge_refuses_jobs_with_other_options(server: FaultServer, source: Path, tmp_path: Path) -> None:
     fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False, job_shard_by="url")
-    download.run([source], tmp_path / "a", download.DownloadOptions(**fast, job_shard="0/2"))
-    download.run([source], tmp_path / "b", download.DownloadOptions(**fast, job_shard="1/2", size=64))
+    download.run(download.DownloadOptions(sources=[source], out=tmp_path / "a", **fast, job_shard="0/2"))
+    download.run(download.DownloadOptions(sources=[source], out=tmp_path / "b", **fast, job_shard="1/2", size=64))
     with pytest.raises(DataError, match="different options"):
         download.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     with pytest.raises(ConfigError, match="shard=0/2"):  # a job's folder belongs to that job
-        download.run([source], tmp_path / "a", download.DownloadOptions(**fast, job_shard="1/2"))
+        download.run(download.DownloadOptions(sources=[source], out=tmp_path / "a", **fast, job_shard="1/2"))
 
 
 def test_tar_shards_are_renumbered_and_still_read(server: FaultServer, source: Path, tmp_path: Path) -> None:
     fast = dict(processes=1, timeout=2, retries=0, show_progress=False, print_summary=False, layout="tar",
                 job_shard_by="url")
     for i in range(2):
-        download.run([source], tmp_path / f"p{i}", download.DownloadOptions(**fast, job_shard=f"{i}/2"))
+        download.run(download.DownloadOptions(sources=[source], out=tmp_path / f"p{i}", **fast, job_shard=f"{i}/2"))
     result = download.merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / "m")
     manifest = pd.read_parquet(result.manifest_path)
     ok = manifest[manifest["status"] == "ok"]

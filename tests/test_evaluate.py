@@ -29,7 +29,7 @@ EXPECTED_FILES = ("metrics.json", "predictions.csv", "classification_report.csv"
 @pytest.fixture(scope="module")
 def run_metrics(tiny_run: Path) -> dict:
     """Evaluate tiny_run with the defaults: test split, output into the run directory."""
-    return evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, bootstrap_resamples=400,
+    return evaluate.run(evaluate.EvaluateOptions(model=tiny_run, bootstrap_resamples=400,
                                                  baseline_simulations=400))
 
 
@@ -131,7 +131,7 @@ def test_summary_compares_with_the_baseline_and_warns(run_metrics: dict) -> None
 def test_falls_back_to_the_run_validation_subset(tiny_run: Path, tmp_path: Path) -> None:
     # A data directory without a test split (what a user with a single CSV has).
     train_only = make_data_dir(tmp_path / "single", ["Ankle_boot", "Bag", "Coat"], n_train=24, n_test=0)
-    m = evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, data=train_only, out=tmp_path / "ev",
+    m = evaluate.run(evaluate.EvaluateOptions(model=tiny_run, data=train_only, out=tmp_path / "ev",
                                               bootstrap_resamples=100, baseline_simulations=100))
     split = pd.read_csv(tiny_run / "split.csv")
     assert m["split"] == "val" and m["split_requested"] == "test"
@@ -156,7 +156,7 @@ def test_gallery_and_predictions_name_the_users_file_or_url(tiny_run: Path, tmp_
     manifest["url"] = [f"https://user:secret@shop.example/img/{r}.png?sig=abc" if r % 2 else f"photos/Bag/{r}.jpg"
                        for r in manifest["row"]]
     write_manifest(manifest, data)
-    evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, data=data, out=tmp_path / "ev",
+    evaluate.run(evaluate.EvaluateOptions(model=tiny_run, data=data, out=tmp_path / "ev",
                                           bootstrap_resamples=50, baseline_simulations=50))
     preds = pd.read_csv(tmp_path / "ev" / "predictions.csv", keep_default_na=False)
     assert preds["url"].tolist() == manifest.set_index("row")["url"].loc[preds["row"]].tolist()
@@ -173,7 +173,7 @@ def test_a_missing_split_that_is_not_held_out_is_an_error(tiny_run: Path, tiny_d
                                                           tmp_path: Path) -> None:
     # A typo must not silently evaluate something else: only test/val fall back to the run's val subset.
     with pytest.raises(DataError, match=r"split 'tset' \(splits here: test, train\)"):
-        evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, data=tiny_data_dir, split="tset",
+        evaluate.run(evaluate.EvaluateOptions(model=tiny_run, data=tiny_data_dir, split="tset",
                                               out=tmp_path / "ev"))
 
 
@@ -229,12 +229,13 @@ def test_the_model_has_one_name_in_every_spelling(tmp_path: Path, monkeypatch: p
 
 
 def test_errors_are_one_line(tmp_path: Path, tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="--data"):
-        evaluate.resolve(evaluate.EvaluateOptions(weights=tmp_path / "w.pt"))
-    with pytest.raises(DataError, match="no such run directory"):
-        evaluate.run(evaluate.EvaluateOptions(run_dir=tmp_path / "missing"))
+        evaluate.resolve(evaluate.EvaluateOptions(model=tmp_path / "w.pt"))
+    with pytest.raises(DataError, match="missing: no such model"):  # named before anything asks for --data
+        evaluate.run(evaluate.EvaluateOptions(model=tmp_path / "missing"))
     with pytest.raises(DataError, match="no downloaded images with split 'holdout'"):
-        evaluate.run(evaluate.EvaluateOptions(weights=tiny_run / "checkpoints" / "best.ckpt",
+        evaluate.run(evaluate.EvaluateOptions(model=tiny_run / "checkpoints" / "best.ckpt",
                                               data=make_data_dir(tmp_path / "d", ["Bag", "Coat"], 2, 1),
                                               split="holdout"))
     assert main(["evaluate"]) == 2  # no model: a usage error, like every command

@@ -38,7 +38,7 @@ def held_out_batch(pre, per_class: int = 8) -> tuple[torch.Tensor, list[Path]]:
 
 @pytest.fixture(scope="module")
 def onnx_file(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export.run(tiny_run, "onnx", tmp_path_factory.mktemp("export") / "model.onnx").path
+    return export.run(export.ExportOptions(tiny_run, "onnx", tmp_path_factory.mktemp("export") / "model.onnx")).path
 
 
 def test_onnx_parity_on_held_out_real_images(tiny_run: Path, onnx_file: Path) -> None:
@@ -101,7 +101,7 @@ def test_onnx_file_alone_predicts_like_the_run(onnx_file: Path, tiny_run: Path, 
 
 
 def test_torchscript_export_parity_and_metadata(tiny_run: Path, tmp_path: Path) -> None:
-    result = export.run(tiny_run, "torchscript", tmp_path / "model.torchscript")
+    result = export.run(export.ExportOptions(tiny_run, "torchscript", tmp_path / "model.torchscript"))
     assert result.max_abs_diff <= 1e-5 and modelfile.is_torchscript(result.path)
     module, meta = modelfile.load_torchscript(result.path)
     loaded = load_model(tiny_run)
@@ -172,9 +172,9 @@ def int8_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, export.
     """The shipped resnet, fp32 and int8, calibrated on bundled *train* images, judged on bundled *test* ones."""
     tmp = tmp_path_factory.mktemp("int8")
     data = make_data_dir(tmp / "data", CLASSES, n_train=10, n_test=20)
-    fp32 = export.run(SHIPPED, "onnx", tmp / "model.onnx").path
+    fp32 = export.run(export.ExportOptions(SHIPPED, "onnx", tmp / "model.onnx")).path
     options = export.QuantizeOptions(data, calibration_images=64)
-    return fp32, export.run(SHIPPED, "onnx", tmp / "model.int8.onnx", "int8", options)
+    return fp32, export.run(export.ExportOptions(SHIPPED, "onnx", tmp / "model.int8.onnx", "int8", options))
 
 
 def test_int8_export_is_static_int8_with_metadata_and_a_parity_report(int8_export) -> None:
@@ -238,7 +238,7 @@ def test_int8_model_predicts_and_serves_like_fp32(int8_export, tmp_path: Path) -
 
 
 def test_int8_without_calibration_data_is_dynamic(tiny_run: Path, tmp_path: Path) -> None:
-    result = export.run(tiny_run, "onnx", tmp_path / "m.int8.onnx", "int8")
+    result = export.run(export.ExportOptions(tiny_run, "onnx", tmp_path / "m.int8.onnx", "int8"))
     q = result.quantization
     assert q is not None and q.method.startswith("dynamic") and q.top1_agreement is None
     assert "no calibration data" in q.held_out

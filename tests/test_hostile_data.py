@@ -70,7 +70,7 @@ def hostile_run(hostile_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from imgclf.stages import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "hostile"
-    train.run(tiny_config("trainer.epochs=1", "data.max_unreadable=0.1"), hostile_data, run_dir)
+    train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "data.max_unreadable=0.1"), hostile_data, run_dir))
     return run_dir
 
 
@@ -99,8 +99,8 @@ def test_without_the_cache_the_guard_stops_mid_epoch_and_cleans_up(hostile_data:
 
     run_dir = tmp_path / "run"
     with pytest.raises(DataError, match="unreadable"):
-        train.run(tiny_config("trainer.epochs=1", "data.cache=false", "data.max_unreadable=0.01"), hostile_data,
-                  run_dir)
+        train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "data.cache=false", "data.max_unreadable=0.01"),
+                                     hostile_data, run_dir))
     assert not run_dir.exists()
 
 
@@ -128,7 +128,7 @@ def test_the_decoder_refuses_an_image_whose_eval_resize_would_be_huge(tmp_path: 
 def test_evaluate_draws_and_writes_markup_and_formula_labels_as_data(hostile_run: Path) -> None:
     from imgclf.stages import evaluate
 
-    metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=hostile_run, bootstrap_resamples=50,
+    metrics = evaluate.run(evaluate.EvaluateOptions(model=hostile_run, bootstrap_resamples=50,
                                                     baseline_simulations=50))
     # The truncated test image, and the strip whose eval resize would be huge, are left out and counted.
     assert metrics["unreadable_images"] == 2 and metrics["n_images"] == 42

@@ -7,6 +7,7 @@ the costly cases run `imgclf download` as a child under RLIMIT_AS and read its p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import sqlite3
@@ -92,7 +93,7 @@ def test_a_label_over_the_limit_is_refused_with_one_line(tmp_path: Path) -> None
     table = tmp_path / "urls.csv"
     table.write_text("url,label\nhttp://127.0.0.1:9/a.png,cat\nhttp://127.0.0.1:9/b.png," + "L" * 2000 + "\n")
     with pytest.raises(DataError, match=r"urls.csv: data row 2: label of 2000 bytes \(limit 1024\)"):
-        download.run([table], tmp_path / "data", _quiet())
+        download.run(dataclasses.replace(_quiet(), sources=[table], out=tmp_path / "data"))
 
 
 def test_archive_with_long_member_names_is_bounded(bombs: dict[str, Path], tmp_path: Path) -> None:
@@ -158,8 +159,9 @@ def test_each_valid_url_is_fetched_once_among_hostile_rows_over_two_tables(tmp_p
         second = [(f"{h}#b{j}", "b") for j in range(10) for h in hostile_rows] + [(u, "b") for u in valid[n // 2:]]
         pd.DataFrame(first, columns=["url", "label"]).to_csv(tmp_path / "one.csv", index=False)
         pd.DataFrame(second, columns=["url", "label"]).to_csv(tmp_path / "two.csv", index=False)
-        result = download.run([tmp_path / "one.csv", tmp_path / "two.csv"], tmp_path / "data",
-                              _quiet(retries=1, backoff=0.05, read_timeout=3, timeout=5))
+        result = download.run(dataclasses.replace(_quiet(retries=1, backoff=0.05, read_timeout=3, timeout=5),
+                                                  sources=[tmp_path / "one.csv",
+                                                           tmp_path / "two.csv"], out=tmp_path / "data"))
         counts = dict(srv.counts)
     assert result.counts["ok"] == n
     fetched = {p: c for p, c in counts.items() if p.startswith("/file/v")}
@@ -189,7 +191,7 @@ def _folder_with_links(tmp_path: Path) -> Path:
 
 def test_links_that_leave_the_source_folder_are_not_followed(tmp_path: Path) -> None:
     root = _folder_with_links(tmp_path)
-    result = download.run([root], tmp_path / "data", _quiet())
+    result = download.run(dataclasses.replace(_quiet(), sources=[root], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     assert sorted(manifest["label"]) == ["cats", "cats", "cats"]  # 1.png, again.png, notes
     assert not manifest["url"].str.contains("secret|passwd|/dev/").any()
@@ -202,7 +204,7 @@ def test_links_that_leave_the_source_folder_are_not_followed(tmp_path: Path) -> 
 
 def test_follow_links_reads_outside_folders_but_never_dev(tmp_path: Path) -> None:
     root = _folder_with_links(tmp_path)
-    result = download.run([root], tmp_path / "data", _quiet(follow_links=True))
+    result = download.run(dataclasses.replace(_quiet(follow_links=True), sources=[root], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     etc = manifest[manifest["label"] == "etc"]
     etc = etc.set_index(etc["url"].str.rsplit("/", n=1).str[-1])
@@ -221,7 +223,7 @@ def test_a_url_cell_equal_to_a_local_path_does_not_borrow_the_file(tmp_path: Pat
     table = tmp_path / "urls.csv"
     pd.DataFrame([(locator, "dogs")], columns=["url", "label"]).to_csv(table, index=False)
     sources = [table, root] if table_first else [root, table]
-    result = download.run(sources, tmp_path / "data", _quiet())
+    result = download.run(dataclasses.replace(_quiet(), sources=sources, out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path).set_index("label")
     assert manifest.loc["cats", "status"] == "ok" and manifest.loc["cats", "url"] == locator
     assert manifest.loc["dogs", "status"] == "invalid_url" and manifest.loc["dogs", "url"] == locator
@@ -251,7 +253,7 @@ def _same_name_archive(path: Path, fmt: str) -> Path:
 @pytest.mark.parametrize("fmt", ["zip", "tar", "tar.gz"])
 def test_two_members_with_one_name_are_two_images(tmp_path: Path, fmt: str) -> None:
     archive = _same_name_archive(tmp_path / f"pets.{fmt}", fmt)
-    result = download.run([archive], tmp_path / "data", _quiet())
+    result = download.run(dataclasses.replace(_quiet(), sources=[archive], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     assert list(manifest["status"]) == ["ok", "ok", "ok"]
     assert manifest["sha256"].nunique() == 3
@@ -314,7 +316,7 @@ def test_a_tar_row_whose_offset_or_bytes_exceed_the_shard_is_refused(tmp_path: P
     for i in range(3):
         (root / "cats" / f"{i}.png").write_bytes(_png(i))
     out = tmp_path / "data"
-    result = download.run([root], out, _quiet(layout="tar"))
+    result = download.run(dataclasses.replace(_quiet(layout="tar"), sources=[root], out=out))
     ref = row_refs(pd.read_parquet(result.manifest_path))[0]
     assert ref.shard and storage.read_row(out, ref)[:8] == b"\x89PNG\r\n\x1a\n"
     shard_size = (out / ref.shard).stat().st_size
@@ -331,7 +333,7 @@ def test_table_paths_into_proc_dev_sys_are_never_read(tmp_path: Path) -> None:
     (tmp_path / "devlink").symlink_to("/dev", target_is_directory=True)  # realpath alone would miss it
     pd.DataFrame({"path": ["/dev/fd/3", "/proc/self/environ", "/sys/kernel/notes", "/dev/stdin", "devlink/fd/3"],
                   "label": "x"}).to_csv(table, index=False)
-    result = download.run([table], tmp_path / "data", _quiet())
+    result = download.run(dataclasses.replace(_quiet(), sources=[table], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     assert set(manifest["status"]) == {"unreadable"}
     assert manifest["error"].str.contains("never read").all()
@@ -350,7 +352,7 @@ def test_a_huge_tar_header_is_not_read(tmp_path: Path, fmt: int) -> None:
         tar.addfile(good, io.BytesIO(data))
         tar.addfile(tarfile.TarInfo("a/" + "n" * 20_000_000 + ".png"), io.BytesIO(b""))
     assert archive.stat().st_size < 200_000
-    result = download.run([archive], tmp_path / "data", _quiet())
+    result = download.run(dataclasses.replace(_quiet(), sources=[archive], out=tmp_path / "data"))
     assert result.counts == {"ok": 1}  # what came before is kept
     files = result.report["skipped"]["files"]
     assert [f["kind"] for f in files] == ["unreadable_archive"]
@@ -359,4 +361,4 @@ def test_a_huge_tar_header_is_not_read(tmp_path: Path, fmt: int) -> None:
     with tarfile.open(first, "w:gz", format=fmt) as tar:
         tar.addfile(tarfile.TarInfo("a/" + "n" * 20_000_000 + ".png"), io.BytesIO(b""))
     with pytest.raises(DataError, match="extended header .* over 1048576"):
-        download.run([first], tmp_path / "data2", _quiet())
+        download.run(dataclasses.replace(_quiet(), sources=[first], out=tmp_path / "data2"))

@@ -164,7 +164,7 @@ def test_onnx_predict_of_one_image_never_imports_torch(tiny_run: Path, tmp_path:
     """`imgclf predict --model model.onnx one.png` in a fresh process: the answer, and no torch in sys.modules."""
     from imgclf.stages import export
 
-    onnx_file = export.run(tiny_run, "onnx", tmp_path / "model.onnx").path
+    onnx_file = export.run(export.ExportOptions(tiny_run, "onnx", tmp_path / "model.onnx")).path
     image = demo_images("test", "Coat", 1)[0]
     command = f"['predict', '--model', {str(onnx_file)!r}, {str(image)!r}, '--format', 'jsonl', '--no-progress']"
     heavy, stdout = _run_and_list_modules(f"from imgclf import cli\nassert cli.main({command}) == 0")
@@ -176,6 +176,6 @@ def test_onnx_predict_of_one_image_never_imports_torch(tiny_run: Path, tmp_path:
     assert row["status"] == "ok" and row["top"][0]["label"] == reference.class_names[int(probs[0].argmax())]
     # The stage itself (inputs, loader, inference, writers) needs neither torch nor pandas.
     heavy, _ = _run_and_list_modules(
-        f"from imgclf.stages import predict\nprint(predict.run([{str(image)!r}], {str(onnx_file)!r}, "
-        f"options=predict.PredictOptions(progress=False)))")
+        f"from imgclf.stages import predict\nprint(predict.run(predict.PredictOptions(inputs=[{str(image)!r}], "
+        f"model={str(onnx_file)!r}, progress=False)))")
     assert heavy == [], heavy

@@ -7,6 +7,7 @@ resume is tested by SIGKILL of a real `python -m imgclf download` subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -62,7 +63,7 @@ def split_tree(root: Path, n: int = 3) -> Path:
 
 
 def _run(srcs: list[Path], out: Path, **kw) -> tuple[download.DownloadResult, pd.DataFrame]:
-    result = download.run(srcs, out, _opts(**kw))
+    result = download.run(dataclasses.replace(_opts(**kw), sources=srcs, out=out))
     return result, pd.read_parquet(result.manifest_path)
 
 
@@ -146,7 +147,7 @@ def test_same_validation_and_storage_as_downloads(tmp_path: Path) -> None:
     for name, body in samples.items():
         (cls / name).write_bytes(body)
     options = _opts(max_bytes=200_000)
-    result = download.run([tmp_path / "tree"], tmp_path / "data", options)
+    result = download.run(dataclasses.replace(options, sources=[tmp_path / "tree"], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     settings = options.store_settings(str(tmp_path / "reference"))
     seen_sha: set[str] = set()
@@ -212,7 +213,7 @@ def test_a_class_folder_named_with_a_control_character_is_one_line(tmp_path: Pat
     else:
         source = _write_archive(tmp_path / "t.zip", {"ok/a.png": png, "new\nline/b.png": png})
     with pytest.raises(DataError, match="control character") as err:
-        download.run([source], tmp_path / "data", _opts())
+        download.run(dataclasses.replace(_opts(), sources=[source], out=tmp_path / "data"))
     assert "\n" not in str(err.value) and str(source) in str(err.value)
 
 
@@ -231,7 +232,7 @@ def test_special_files_are_never_opened(tmp_path: Path) -> None:
 def test_out_inside_the_source_is_refused(tmp_path: Path) -> None:
     tree = split_tree(tmp_path / "photos", n=1)
     with pytest.raises(DataError, match="inside the source folder"):
-        download.run([tree], tree / "data", _opts())
+        download.run(dataclasses.replace(_opts(), sources=[tree], out=tree / "data"))
     assert not (tree / "data").exists()
 
 
@@ -311,7 +312,7 @@ def test_archives_read_like_the_folder(tmp_path: Path, name: str) -> None:
     assert written <= {"images", ".tmp", "manifest.parquet", "download_report.json", ".state.sqlite",
                        ".state.sqlite-wal", ".state.sqlite-shm", ".state.sqlite.lock"}
     assert archive.stat().st_mtime_ns == before
-    again = download.run([archive], tmp_path / "data", _opts())
+    again = download.run(dataclasses.replace(_opts(), sources=[archive], out=tmp_path / "data"))
     assert again.fetched == 0 and again.counts == result.counts
 
 
@@ -321,24 +322,25 @@ def test_the_first_bytes_decide_how_an_archive_is_read(tmp_path: Path) -> None:
     plain = _write_archive(tmp_path / "x.tar", members).rename(tmp_path / "plain.tgz")
     gzipped = _write_archive(tmp_path / "y.tar.gz", members).rename(tmp_path / "gzipped.tar")
     for archive in (plain, gzipped):
-        result = download.run([archive], tmp_path / archive.stem, _opts())
+        result = download.run(dataclasses.replace(_opts(), sources=[archive], out=tmp_path / archive.stem))
         assert result.counts == {"ok": 1}, archive
 
 
 def test_a_data_dir_is_not_an_image_folder(tmp_path: Path) -> None:
     tree = split_tree(tmp_path / "tree", n=1)
-    download.run([tree], tmp_path / "data", _opts())
+    download.run(dataclasses.replace(_opts(), sources=[tree], out=tmp_path / "data"))
     with pytest.raises(DataError, match="is a data directory .* use it as --data"):
-        download.run([tmp_path / "data"], tmp_path / "again", _opts())
+        download.run(dataclasses.replace(_opts(), sources=[tmp_path / "data"], out=tmp_path / "again"))
 
 
 def test_a_corrupt_archive_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "bad.zip").write_bytes(b"PK\3\4 definitely not a zip")
     with pytest.raises(DataError, match=r"bad\.zip: not a readable zip archive"):
-        download.run([tmp_path / "bad.zip"], tmp_path / "d", _opts())
+        download.run(dataclasses.replace(_opts(), sources=[tmp_path / "bad.zip"], out=tmp_path / "d"))
     good = _write_archive(tmp_path / "cut.tar.gz", _tree_members())
     good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    result = download.run([good], tmp_path / "d2", _opts())  # what was read stays; the cut is listed
+    result = download.run(dataclasses.replace(_opts(), sources=[good],
+                                              out=tmp_path / "d2"))  # what was read stays; the cut is listed
     assert result.counts.get("ok", 0) > 0
     assert result.report["skipped"]["by_kind"].get("unreadable_archive") == 1
 
@@ -409,7 +411,7 @@ from imgclf.stages import download
 from imgclf.download import _archive
 _archive.TOTAL_FLOOR = 64_000_000  # the cap of a small archive: max(floor, 100 x its size)
 srcs, out = [Path(p) for p in sys.argv[2:]], Path(sys.argv[1])
-result = download.run(srcs, out, download.DownloadOptions(show_progress=False, print_summary=False,
+result = download.run(download.DownloadOptions(sources=srcs, out=out, show_progress=False, print_summary=False,
                                                           processes=1, max_bytes=20_000_000))
 print(json.dumps(result.counts))
 """
@@ -460,16 +462,16 @@ def test_table_with_paths_and_column_mapping(tmp_path: Path) -> None:
                   "Class": ["a", "a", "b", "b", "a", "b", "a"],
                   "Subset": ["train", "valid", "test", "", "train", "train", "train"]}).to_csv(table, index=False)
     options = _opts(path_col="file", label_col="CLASS", split_col="subset")
-    result = download.run([table], tmp_path / "data", options)
+    result = download.run(dataclasses.replace(options, sources=[table], out=tmp_path / "data"))
     manifest = pd.read_parquet(result.manifest_path)
     assert manifest["status"].tolist() == ["ok"] * 4 + ["unreadable", "unreadable", "duplicate"]
     assert manifest["split"].tolist() == ["train", "val", "test", "train", "train", "train", "train"]
     assert manifest["url"].iloc[0] == str(tmp_path / "lists" / "img" / files[0].name)  # relative to the table
     assert "FIFO" in manifest["error"].iloc[5] and manifest["error"].iloc[4]
     with pytest.raises(DataError, match=r"no column 'image' \(--path-col\); columns: file, class, subset"):
-        download.run([table], tmp_path / "d2", _opts(path_col="image"))
+        download.run(dataclasses.replace(_opts(path_col="image"), sources=[table], out=tmp_path / "d2"))
     with pytest.raises(DataError, match=r"missing column\(s\) url \(or path\), label"):
-        download.run([table], tmp_path / "d3", _opts())
+        download.run(dataclasses.replace(_opts(), sources=[table], out=tmp_path / "d3"))
 
 
 def test_parquet_paths_mixed_with_a_folder_and_an_archive(tmp_path: Path) -> None:
@@ -498,7 +500,7 @@ def test_rerun_processes_only_new_and_changed_files(tmp_path: Path) -> None:
     first = _copy(_pngs(6), tree / "a")
     result, _ = _run([tree], tmp_path / "data")
     assert result.fetched == 6
-    assert download.run([tree], tmp_path / "data", _opts()).fetched == 0
+    assert download.run(dataclasses.replace(_opts(), sources=[tree], out=tmp_path / "data")).fetched == 0
     _copy(_pngs(3, 6), tree / "b")  # added
     shutil.copy(_pngs(1, 20)[0], first[0])  # changed content (size/mtime differ)
     os.utime(first[0], ns=(1, 1))

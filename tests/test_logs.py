@@ -55,7 +55,7 @@ def test_mlflow_run_is_written_offline(tmp_path: Path, tiny_data_dir: Path) -> N
     from imgclf.stages import train
 
     run_dir = tmp_path / "run"
-    train.run(tiny_config("trainer.epochs=1", "trainer.logger=mlflow"), tiny_data_dir, run_dir)
+    train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "trainer.logger=mlflow"), tiny_data_dir, run_dir))
     client = MlflowClient((run_dir / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("imgclf")
     runs = client.search_runs([experiment.experiment_id])

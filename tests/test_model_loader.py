@@ -90,7 +90,7 @@ def test_stages_open_models_only_through_the_loader(tiny_run: Path, tiny_data_di
     from imgclf.audit import _embed
     from imgclf.stages import evaluate, export, predict
 
-    exported = export.run(tiny_run, "torchscript", tmp_path / "model.torchscript").path
+    exported = export.run(export.ExportOptions(tiny_run, "torchscript", tmp_path / "model.torchscript")).path
     assert reads == {("_handle.py", "load_model"): 1, ("_handle.py", "load_torchscript"): 1}  # + the read-back
     reads.clear()
     metrics = evaluate.run(evaluate.EvaluateOptions(model=exported, data=tiny_data_dir, out=tmp_path / "ev",
@@ -100,9 +100,9 @@ def test_stages_open_models_only_through_the_loader(tiny_run: Path, tiny_data_di
     assert reads == {("_handle.py", "load_torchscript"): 1}  # an exported file is read once (it was twice)
     reads.clear()
     assert _embed.load_embedder(tiny_run).kind == "penultimate layer"
-    ok, failed = predict.run([str(demo_images("test", CLASSES[0], 1)[0])], tiny_run, tmp_path / "p.csv",
-                             options=predict.PredictOptions(progress=False))
-    assert (ok, failed) == (1, 0)
+    result = predict.run(predict.PredictOptions(inputs=[str(demo_images("test", CLASSES[0], 1)[0])],
+                                                model=tiny_run, out=tmp_path / "p.csv", progress=False))
+    assert (result.ok, result.failed) == (1, 0)
     api.load(exported)
     assert reads == {("_handle.py", "load_model"): 2, ("_handle.py", "load_torchscript"): 1}
 
@@ -118,7 +118,7 @@ def test_the_handle_carries_what_the_stages_need(tiny_run: Path, tmp_path: Path)
     # Fields the loader does not know flow through `meta` (the multi-label task, its thresholds).
     tagged = dataclasses.replace(handle, meta={**handle.meta, "task": "multilabel", "thresholds": [0.5, 0.25, 1]})
     assert tagged.task == "multilabel" and tagged.thresholds == [0.5, 0.25, 1.0]
-    exported = load(export.run(tiny_run, "torchscript", tmp_path / "m.torchscript").path)
+    exported = load(export.run(export.ExportOptions(tiny_run, "torchscript", tmp_path / "m.torchscript")).path)
     assert exported.exported and exported.config is None and exported.meta["arch"] == "resnet18"
     assert exported.meta["exporter"] == "torch.jit.trace" and exported.class_names == handle.class_names
     batch = load_classifier(tiny_run).prepare_batch([])  # the classifier is a view of the same handle

@@ -49,7 +49,8 @@ def test_a_timm_model_trains_and_reloads(tmp_path: Path, tiny_data_dir: Path) ->
     from imgclf import checkpoint
     from imgclf.stages import train
 
-    result = train.run(tiny_config("model.arch=timm/resnet10t", "trainer.epochs=1"), tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(tiny_config("model.arch=timm/resnet10t", "trainer.epochs=1"), tiny_data_dir,
+                                          tmp_path / "run"))
     loaded = checkpoint.load_model(result.run_dir)
     assert loaded.config.model.arch == "timm/resnet10t"
     assert loaded.model(torch.zeros(2, 3, 32, 32)).shape == (2, len(result.class_names))

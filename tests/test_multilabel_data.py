@@ -21,7 +21,7 @@ QUIET = dict(show_progress=False, print_summary=False, processes=1)
 
 
 def _download(sources: list[Path], out: Path, **kw) -> pd.DataFrame:
-    download.run(sources, out, download.DownloadOptions(**{**QUIET, **kw}))
+    download.run(download.DownloadOptions(sources=sources, out=out, **{**QUIET, **kw}))
     return read_manifest(out)
 
 

@@ -121,13 +121,13 @@ def test_predict_writes_label_sets_above_thresholds(ckpt: Path, corpus, tmp_path
 
 @pytest.fixture(scope="module")
 def exported(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from imgclf.export import PARITY_TOLERANCE
+    from imgclf.export import PARITY_TOLERANCE, ExportOptions
     from imgclf.export import run as export_run
 
     folder = tmp_path_factory.mktemp("export")
     out = {}
     for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.torchscript")):
-        result = export_run(ckpt, fmt, folder / name)
+        result = export_run(ExportOptions(ckpt, fmt, folder / name))
         assert result.max_abs_diff <= PARITY_TOLERANCE  # the parity check single-label has
         out[fmt] = result.path
     return out
@@ -159,9 +159,10 @@ def test_exported_files_predict_the_same_sets(ckpt: Path, exported: dict[str, Pa
 
 
 def test_single_label_export_metadata_has_no_task(tiny_run: Path, tmp_path: Path) -> None:
+    from imgclf.export import ExportOptions
     from imgclf.export import run as export_run
 
-    result = export_run(tiny_run, "torchscript", tmp_path / "single.torchscript")
+    result = export_run(ExportOptions(tiny_run, "torchscript", tmp_path / "single.torchscript"))
     from imgclf.modelfile import load_torchscript
 
     _, meta = load_torchscript(result.path)

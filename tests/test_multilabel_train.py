@@ -16,7 +16,7 @@ from imgclf.stages import download, train
 def data_dir(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mltrain")
     table = write_table(root, make_corpus(root, 48, "train", seed=5), "train.csv")
-    download.run([table], root / "D", download.DownloadOptions(show_progress=False, print_summary=False,
+    download.run(download.DownloadOptions(sources=[table], out=root / "D", show_progress=False, print_summary=False,
                                                                 processes=1, label_sep="|"))
     return root / "D"
 
@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory):
 def test_losses_train_and_thresholds_are_stored(data_dir, tmp_path, loss, caplog):
     config = tiny_config("task=multilabel", "trainer.epochs=1", *loss)
     with caplog.at_level("INFO", logger="imgclf.train"):
-        result = train.run(config, data_dir, tmp_path / "run")
+        result = train.run(train.TrainOptions(config, data_dir, tmp_path / "run"))
     assert result.class_names == LABELS
     assert "per-label thresholds chosen on" in caplog.text
     if "loss.pos_weight=auto" in loss:
@@ -41,7 +41,8 @@ def test_losses_train_and_thresholds_are_stored(data_dir, tmp_path, loss, caplog
 
 def test_resume_keeps_the_label_vocabulary(data_dir, tmp_path):
     run = tmp_path / "run"
-    train.run(tiny_config("task=multilabel", "trainer.epochs=1"), data_dir, run)
-    resumed = train.run(tiny_config("task=multilabel", "trainer.epochs=2"), data_dir, run, resume=True)
+    train.run(train.TrainOptions(tiny_config("task=multilabel", "trainer.epochs=1"), data_dir, run))
+    resumed = train.run(train.TrainOptions(tiny_config("task=multilabel", "trainer.epochs=2"), data_dir, run,
+                                           resume=True))
     assert resumed.class_names == LABELS and resumed.epochs_run == 2
     assert checkpoint.load_model(run).thresholds is not None

@@ -134,7 +134,7 @@ def _distinct_pngs(server: FaultServer, n: int) -> list[str]:
 def _run(urls: list[str], out, **options) -> pd.DataFrame:  # noqa: ANN001 - a tmp path
     out.mkdir(parents=True)
     pd.DataFrame({"url": urls, "label": "x"}).to_csv(out / "train.csv", index=False)
-    result = download.run([out / "train.csv"], out / "d", download.DownloadOptions(**{**FAST, **options}))
+    result = download.run(download.DownloadOptions(sources=[out / "train.csv"], out=out / "d", **{**FAST, **options}))
     return pd.read_parquet(result.manifest_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -42,9 +43,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_predictions_equal_the_checkpoint_model_on_eval_preprocessing(tiny_run: Path, tmp_path: Path) -> None:
     images = demo_images("test", "Coat", 5) + demo_images("test", "Bag", 5)
     out = tmp_path / "preds.csv"
-    ok, failed = predict.run([str(p) for p in images], tiny_run, out, options=predict.PredictOptions(
-        top_k=3, batch_size=4, progress=False))
-    assert (ok, failed) == (10, 0)
+    result = predict.run(predict.PredictOptions(inputs=[str(p) for p in images], model=tiny_run, out=out, top_k=3,
+                                                batch_size=4, progress=False))
+    assert (result.ok, result.failed, result.out, result.summary()) == (10, 0, out, "")
     rows = _rows(out)
     loaded = load_model(tiny_run)
     transform = eval_transform(loaded.preprocessing)
@@ -82,9 +83,11 @@ def test_mixed_inputs_keep_order_and_errors_stay_in_their_rows(tiny_run: Path, t
     ]
     out = tmp_path / "preds.jsonl"
     options = predict.PredictOptions(batch_size=4, progress=False)
-    ok, failed = predict.run(inputs, tiny_run, out, options=options)
+    result = predict.run(dataclasses.replace(options, inputs=inputs, model=tiny_run, out=out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 + n_glob + 7 and (ok, failed) == (3 + n_glob + 2, 5)
+    assert len(rows) == 3 + n_glob + 7 and (result.ok, result.failed) == (3 + n_glob + 2, 5)
+    assert result.summary() == (f"imgclf predict: 5 of {len(rows)} inputs could not be classified "
+                                "(see the error column)")
     assert [Path(r["input"]).name for r in rows[:3]] == sorted(p.name for p in folder.glob("*.png"))
     tail = rows[3 + n_glob:]
     # The download manifest's shape: a status word, and the message in `error`.
@@ -218,13 +221,13 @@ def test_folder_of_mixed_formats_predicts_as_the_old_per_image_path(tiny_run: Pa
     for name, data in real_images().items():
         (folder / name).write_bytes(data)
     paths = sorted(folder.iterdir())
-    onnx_file = export.run(tiny_run, "onnx", tmp_path / "model.onnx").path
+    onnx_file = export.run(export.ExportOptions(tiny_run, "onnx", tmp_path / "model.onnx")).path
     for model, tolerance in ((tiny_run, 1e-5), (onnx_file, 2e-2)):
         classifier = load_classifier(model)
         old = _old_path(paths, classifier)
         out = tmp_path / f"{Path(model).name}.jsonl"
-        assert predict.run([str(folder)], model, out, options=predict.PredictOptions(
-            top_k=3, batch_size=5, progress=False)) == (len(paths), 0)
+        assert predict.run(predict.PredictOptions(inputs=[str(folder)], model=model, out=out, top_k=3, batch_size=5,
+                                                  progress=False)) == predict.PredictResult(len(paths), 0, out)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["input"] for r in rows] == [str(p) for p in paths]
         for row, want in zip(rows, old, strict=True):
@@ -241,10 +244,10 @@ def test_folder_of_mixed_formats_predicts_as_the_old_per_image_path(tiny_run: Pa
 _PEAK_RSS = """
 import sys
 from imgclf.stages import predict
-ok, failed = predict.run([sys.argv[1]], sys.argv[2], __import__("pathlib").Path(sys.argv[3]),
-                         options=predict.PredictOptions(batch_size=64, progress=False))
+result = predict.run(predict.PredictOptions(inputs=[sys.argv[1]], model=sys.argv[2], out=sys.argv[3], batch_size=64,
+                                            progress=False))
 peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(ok, failed, int(peak.split()[1]))
+print(result.ok, result.failed, int(peak.split()[1]))
 """
 
 

@@ -6,6 +6,7 @@ its finished parts, and no Ray process left behind (checked by pid).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -95,19 +96,19 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
 def test_ray_predict_gives_the_single_process_rows_in_input_order(cluster, inputs, tiny_run: Path) -> None:
     tmp, folder, train = inputs
     out = tmp / "ray.csv"
-    ok, failed = _ray.run([str(folder), str(tmp / "data"), str(tmp / "missing.png")], tiny_run, out,
-                          options=QUIET, ray_options=_ray.RayOptions(workers=2, shard_size=4))
-    assert (ok, failed) == (21, 1)
+    result = _ray.run(dataclasses.replace(QUIET, inputs=(str(folder), str(tmp / "data"), str(tmp / "missing.png")),
+                                          model=tiny_run, out=out), _ray.RayOptions(workers=2, shard_size=4))
+    assert (result.ok, result.failed) == (21, 1) and result.out == out
     assert not out.with_name("ray.csv.parts").exists()  # merged, parts removed
     got = _rows(out)
     # The folder and a missing file, as the single-process predict writes them.
     single = tmp / "single.csv"
-    predict.run([str(folder), str(tmp / "missing.png")], tiny_run, single, options=QUIET)
+    predict.run(dataclasses.replace(QUIET, inputs=[str(folder), str(tmp / "missing.png")], model=tiny_run, out=single))
     want = _rows(single)
     assert _same(got[:9] + got[-1:], want)
     # The data directory's rows (read from its tar shards), named by url: the originals' predictions.
     originals = tmp / "originals.csv"
-    predict.run([str(f) for f in train], tiny_run, originals, options=QUIET)
+    predict.run(dataclasses.replace(QUIET, inputs=[str(f) for f in train], model=tiny_run, out=originals))
     by_url = got[9:21]
     assert [r["input"].rsplit("/", 1)[-1] for r in by_url] == [f.name for f in train]
     assert _same(by_url, _rows(originals), names=False)
@@ -115,7 +116,8 @@ def test_ray_predict_gives_the_single_process_rows_in_input_order(cluster, input
 
 def test_a_bad_model_is_one_line_before_ray_starts(inputs, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such model"):
-        _ray.run([str(inputs[1])], tmp_path / "nothing.ckpt", tmp_path / "o.csv", options=QUIET)
+        _ray.run(dataclasses.replace(QUIET, inputs=(str(inputs[1]),), model=tmp_path / "nothing.ckpt",
+                                     out=tmp_path / "o.csv"))
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_lr_find_writes_its_curve_and_a_finite_suggestion(tiny_data_dir: Path, t
 def test_lr_find_then_train_with_its_suggestion(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("optim.lr=find", "optim.lr_find_steps=20", "trainer.epochs=1", "optim.warmup_epochs=0",
                          "optim.schedule=constant")
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     suggestion = json.loads((tmp_path / "run" / LR_FIND_JSON).read_text())["suggestion"]
     assert math.isfinite(suggestion)
     assert config.optim.lr == "find"  # the caller's config is left as it was
@@ -74,7 +74,7 @@ def test_lr_find_then_train_with_its_suggestion(tiny_data_dir: Path, tmp_path: P
 def test_lr_find_refuses_several_devices_before_anything_is_written(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("optim.lr=find", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu")
     with pytest.raises(ConfigError, match="one device"):
-        train.run(config, tiny_data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -112,15 +112,17 @@ def test_mixing_trains_on_soft_targets_while_validation_uses_hard_labels(tiny_da
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
     # A real run: validation accuracy is computed on hard labels, as evaluate computes it.
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
-    last = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[-1]
-    assert math.isfinite(last["train_loss"])
-    metrics = evaluate.run(evaluate.EvaluateOptions(run_dir=tmp_path / "run", weights=result.last_checkpoint,
-                                                    split="val", out=tmp_path / "eval", bootstrap_resamples=50,
-                                                    baseline_simulations=50))
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert math.isfinite(history.iloc[-1]["train_loss"])
+    # The run directory evaluates its best checkpoint: the first epoch with the top val_f1_macro (the monitor).
+    best = history.loc[history["val_f1_macro"].idxmax()]
+    assert best["val_f1_macro"] == pytest.approx(result.best_score, abs=1e-6)
+    metrics = evaluate.run(evaluate.EvaluateOptions(model=tmp_path / "run", split="val", out=tmp_path / "eval",
+                                                    bootstrap_resamples=50, baseline_simulations=50))
     assert metrics["split"] == "val" and metrics["n_images"] == 12
-    assert last["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
-    assert last["val_f1_macro"] == pytest.approx(metrics["f1_macro"], abs=1e-6)
+    assert best["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert best["val_f1_macro"] == pytest.approx(metrics["f1_macro"], abs=1e-6)
 
 
 def _pre(config):  # noqa: ANN001, ANN202 - a test shortcut
@@ -156,7 +158,7 @@ def test_tta_views_are_the_same_for_numpy_and_torch_batches() -> None:
 
 def test_evaluate_with_flip_tta_averages_the_mirror_image_and_records_it(tiny_run: Path, tiny_data_dir: Path,
                                                                         tmp_path: Path) -> None:
-    plain = evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, out=tmp_path / "plain", bootstrap_resamples=50,
+    plain = evaluate.run(evaluate.EvaluateOptions(model=tiny_run, out=tmp_path / "plain", bootstrap_resamples=50,
                                                   baseline_simulations=50))
     code = main(["evaluate", "--model", str(tiny_run), "--out", str(tmp_path / "flip"), "--tta", "flip",
                  "--no-progress"])
@@ -211,12 +213,13 @@ def test_finetune_from_a_local_state_dict_trains_head_first_then_the_backbone_sl
     torch.save(imagenet_like.state_dict(), path)
     stem = imagenet_like.features[0][0].weight
 
-    frozen = train.run(_finetune("trainer.epochs=1", f"model.weights={path}"), tiny_data_dir, tmp_path / "frozen")
+    frozen = train.run(train.TrainOptions(_finetune("trainer.epochs=1", f"model.weights={path}"), tiny_data_dir,
+                                          tmp_path / "frozen"))
     state = checkpoint.load_model(frozen.last_checkpoint).model.state_dict()
     assert torch.equal(state["features.0.0.weight"], stem)  # loaded, and untouched while frozen
     assert state["classifier.3.weight"].shape == (3, 1280)  # a new head for 3 classes
 
-    result = train.run(_finetune(f"model.weights={path}"), tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(_finetune(f"model.weights={path}"), tiny_data_dir, tmp_path / "run"))
     ckpt = torch.load(result.last_checkpoint, weights_only=True)
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert len(groups) == 4  # head and backbone, each with and without weight decay
@@ -277,7 +280,8 @@ def test_small_input_halves_the_stem_downsampling(arch: str) -> None:
 
 
 def test_small_input_checkpoints_reload_with_their_stem(tiny_data_dir: Path, tmp_path: Path) -> None:
-    result = train.run(tiny_config("trainer.epochs=1", "model.small_input=true"), tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "model.small_input=true"), tiny_data_dir,
+                                          tmp_path / "run"))
     loaded = checkpoint.load_model(result.run_dir)
     assert loaded.model.conv1.kernel_size == (3, 3) and loaded.model.conv1.stride == (1, 1)
     with pytest.raises(ConfigError, match="small_input"):

@@ -107,7 +107,7 @@ def wide_eval(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     data, names = make_wide_data_dir(root / "data", 60, per_split=2)
     weights = untrained_weights(root / "wide.pt", names)
     out = root / "eval"
-    metrics = evaluate.run(evaluate.EvaluateOptions(weights=weights, data=data, out=out, batch_size=64,
+    metrics = evaluate.run(evaluate.EvaluateOptions(model=weights, data=data, out=out, batch_size=64,
                                                     bootstrap_resamples=200, baseline_simulations=200))
     return out, metrics
 
@@ -115,7 +115,7 @@ def wide_eval(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tiny_eval")
-    return out, evaluate.run(evaluate.EvaluateOptions(run_dir=tiny_run, out=out, bootstrap_resamples=200,
+    return out, evaluate.run(evaluate.EvaluateOptions(model=tiny_run, out=out, bootstrap_resamples=200,
                                                       baseline_simulations=200))
 
 
@@ -199,12 +199,12 @@ def test_report_renders_in_chromium(which: str, request: pytest.FixtureRequest, 
 def test_report_without_a_download_report_says_so(tmp_path: Path) -> None:
     data = make_data_dir(tmp_path / "d", ["Bag", "Coat"], n_train=3, n_test=3)
     weights = untrained_weights(tmp_path / "w.pt", ["Bag", "Coat"])
-    evaluate.run(evaluate.EvaluateOptions(weights=weights, data=data, bootstrap_resamples=50,
+    evaluate.run(evaluate.EvaluateOptions(model=weights, data=data, bootstrap_resamples=50,
                                           baseline_simulations=50))
     html = (data / "evaluations" / "w-test" / "report.html").read_text()
     assert "No download_report.json" in html
     (data / "download_report.json").write_text('{"counts": {"ok": 12}, "leakage": {"test_in_train": 0}}')
-    evaluate.run(evaluate.EvaluateOptions(weights=weights, data=data, bootstrap_resamples=50,
+    evaluate.run(evaluate.EvaluateOptions(model=weights, data=data, bootstrap_resamples=50,
                                           baseline_simulations=50))
     html = (data / "evaluations" / "w-test" / "report.html").read_text()
     assert "download_report.json</summary>" in html and "test_in_train: 0" in html

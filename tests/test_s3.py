@@ -111,8 +111,8 @@ def test_ddp_epoch_from_tar_shards_on_s3_then_evaluate_gives_the_local_metrics(s
     assert ckpt["global_step"] == 1
 
     options = {"split": "test", "num_workers": 0, "bootstrap_resamples": 50, "baseline_simulations": 50}
-    remote = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=TAR, out=tmp_path / "e-s3", **options))
-    local = evaluate.run(evaluate.EvaluateOptions(run_dir=run_dir, data=tmp / "local", out=tmp_path / "e-local",
+    remote = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=TAR, out=tmp_path / "e-s3", **options))
+    local = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=tmp / "local", out=tmp_path / "e-local",
                                                   **options))
     assert remote["n_images"] == local["n_images"] == 12
     for key in ("f1_macro", "accuracy", "log_loss", "confusion_matrix", "f1_macro_ci95"):

@@ -209,8 +209,9 @@ def test_ray_sigkill_at_a_random_point_then_resume_gives_the_unkilled_manifest(s
         urls += [srv.url("status/404"), urls[3]]  # a failure and a duplicate row
         src = tmp_path / "urls.csv"
         pd.DataFrame({"url": urls, "label": [f"c{i % 3}" for i in range(len(urls))]}).to_csv(src, index=False)
-        reference = download.run([src], tmp_path / "ref", download.DownloadOptions(
-            timeout=3.0, retries=1, backoff=0.05, processes=1, show_progress=False, print_summary=False))
+        reference = download.run(download.DownloadOptions(
+            sources=[src], out=tmp_path / "ref", timeout=3.0, retries=1, backoff=0.05, processes=1, show_progress=False,
+            print_summary=False))
         srv.counts.clear()
 
         state = tmp_path / "d" / STATE_NAME

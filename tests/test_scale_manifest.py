@@ -36,13 +36,13 @@ def source(tmp_path_factory: pytest.TempPathFactory):
         splits = ["test" if i % 4 == 0 else "train" for i in range(len(urls))]
         pd.DataFrame({"url": urls, "label": [f"c{i % 3}" for i in range(len(urls))], "split": splits}).to_csv(
             tmp / "urls.csv", index=False)
-        one = download.run([tmp / "urls.csv"], tmp / "one", download.DownloadOptions(**FAST))
+        one = download.run(download.DownloadOptions(sources=[tmp / "urls.csv"], out=tmp / "one", **FAST))
         yield tmp / "urls.csv", pd.read_parquet(one.manifest_path), srv
 
 
 def _parts_run(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, rows: int = 7):
     monkeypatch.setattr(manifest, "PART_ROWS", rows)
-    return download.run([src], out, download.DownloadOptions(**FAST))
+    return download.run(download.DownloadOptions(sources=[src], out=out, **FAST))
 
 
 def test_a_large_manifest_is_parts_with_an_index_and_reads_as_one(source, tmp_path: Path, monkeypatch) -> None:
@@ -112,7 +112,7 @@ def test_merge_of_shard_jobs_writes_parts_at_that_size(source, tmp_path: Path, m
     src, single, _ = source
     monkeypatch.setattr(manifest, "PART_ROWS", 7)
     for i in range(2):
-        download.run([src], tmp_path / f"job{i}", download.DownloadOptions(**FAST, job_shard=f"{i}/2",
+        download.run(download.DownloadOptions(sources=[src], out=tmp_path / f"job{i}", **FAST, job_shard=f"{i}/2",
                                                                           job_shard_by="url"))
     merged = download.merge([tmp_path / "job0", tmp_path / "job1"], tmp_path / "m",
                             download.DownloadOptions(print_summary=False))

@@ -39,7 +39,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
 
 def test_each_host_lands_in_one_job_and_every_row_in_exactly_one(corpus, tmp_path: Path) -> None:
     path, a, b = corpus
-    results = [download.run([path], tmp_path / f"job{i}", download.DownloadOptions(**FAST, job_shard=f"{i}/4"))
+    results = [download.run(download.DownloadOptions(sources=[path], out=tmp_path / f"job{i}", **FAST,
+                                                     job_shard=f"{i}/4"))
                for i in range(4)]
     parts = [pd.read_parquet(r.manifest_path) for r in results]
     owners = {}
@@ -61,10 +62,11 @@ def test_each_host_lands_in_one_job_and_every_row_in_exactly_one(corpus, tmp_pat
 
 def test_a_resumed_job_refuses_the_other_partition(corpus, tmp_path: Path) -> None:
     path, _, _ = corpus
-    download.run([path], tmp_path / "j", download.DownloadOptions(**FAST, job_shard="0/2", job_shard_by="url"))
+    download.run(download.DownloadOptions(sources=[path], out=tmp_path / "j", **FAST, job_shard="0/2",
+                                          job_shard_by="url"))
     with pytest.raises(ConfigError, match="shard=0/2; now .* by=host shard=0/2"):
-        download.run([path], tmp_path / "j", download.DownloadOptions(**FAST, job_shard="0/2"))
-    download.run([path], tmp_path / "k", download.DownloadOptions(**FAST, job_shard="1/2"))
+        download.run(download.DownloadOptions(sources=[path], out=tmp_path / "j", **FAST, job_shard="0/2"))
+    download.run(download.DownloadOptions(sources=[path], out=tmp_path / "k", **FAST, job_shard="1/2"))
     with pytest.raises(DataError, match="different options"):  # the two partitions do not merge
         download.merge([tmp_path / "j", tmp_path / "k"], tmp_path / "m")
 

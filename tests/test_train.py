@@ -95,7 +95,7 @@ def test_last_checkpoint_is_the_last_epoch_when_the_monitor_stops_improving(tiny
     # A learning rate of ~0 and frozen BatchNorm statistics: epoch 1 predicts what epoch 0 did, so
     # `best` stays at epoch 0. Lightning's own save_last would then leave last.ckpt at epoch 0 too.
     config = tiny_config("optim.lr=1e-12", "model.bn_momentum=1e-6", "trainer.monitor=val_accuracy")
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     assert torch.load(result.best_checkpoint, weights_only=True)["epoch"] == 0
     last = torch.load(result.last_checkpoint, weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 6)  # 2 epochs of 3 batches
@@ -104,22 +104,22 @@ def test_last_checkpoint_is_the_last_epoch_when_the_monitor_stops_improving(tiny
 def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_run: Path, tiny_data_dir: Path,
                                                           tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--resume"):
-        train.run(tiny_config(), tiny_data_dir, tiny_run)
+        train.run(train.TrainOptions(tiny_config(), tiny_data_dir, tiny_run))
     with pytest.raises(DataError, match="nothing to resume"):
-        train.run(tiny_config(), tiny_data_dir, tmp_path / "new", resume=True)
+        train.run(train.TrainOptions(tiny_config(), tiny_data_dir, tmp_path / "new", resume=True))
 
 
 # ---- reproducibility ------------------------------------------------------------------------------
 def test_same_seed_same_validation_metrics(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("trainer.epochs=1", "model.arch=mobilenet_v3_small")
     columns = ["train_loss", "val_loss", "val_accuracy", "val_f1_macro"]
-    runs = [train.run(config, tiny_data_dir, tmp_path / f"r{i}") for i in range(2)]
+    runs = [train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / f"r{i}")) for i in range(2)]
     first, second = (pd.read_csv(r.run_dir / "metrics.csv")[columns] for r in runs)
     pd.testing.assert_frame_equal(first, second)
     a, b = (torch.load(r.best_checkpoint, weights_only=True)["state_dict"] for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = train.run(tiny_config("trainer.epochs=1", "model.arch=mobilenet_v3_small", "seed=7"),
-                      tiny_data_dir, tmp_path / "other")
+    other = train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "model.arch=mobilenet_v3_small", "seed=7"),
+                                         tiny_data_dir, tmp_path / "other"))
     c = torch.load(other.best_checkpoint, weights_only=True)["state_dict"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -224,7 +224,7 @@ def test_options_together_train_and_save_ema_weights(tiny_data_dir: Path, tmp_pa
                          "optim.schedule=onecycle", "optim.grad_clip=1.0", "trainer.ema=true",
                          "trainer.ema_decay=0.9", "data.augment.policy=trivialaugment",
                          "data.augment.random_erasing=0.5", "data.cache=false")
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     ckpt = torch.load(result.last_checkpoint, weights_only=True)
     state = ckpt["state_dict"]
     # The shipped weights are the EMA ones; the raw weights are kept (under raw.) to resume.
@@ -244,7 +244,7 @@ def test_freeze_backbone_trains_only_the_head(tiny_data_dir: Path, tmp_path: Pat
     torch.save(before, weights)
     config = tiny_config("trainer.epochs=1", "model.freeze_backbone_epochs=1", "trainer.batch_size=32",
                          f"model.weights={weights}")
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     after = {k.removeprefix("model."): v for k, v in
              torch.load(result.last_checkpoint, weights_only=True)["state_dict"].items()}
     assert torch.equal(after["conv1.weight"], before["conv1.weight"])  # backbone frozen
@@ -265,7 +265,7 @@ def test_pretrained_offline_fails_with_one_line_pointing_to_model_weights(tiny_d
                                                                           tmp_path: Path) -> None:
     config = tiny_config("model.pretrained=true", f"model.cache_dir={tmp_path / 'hub'}")
     with pytest.raises(ConfigError) as err:
-        train.run(config, tiny_data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     message = str(err.value)
     assert "model.weights" in message and "\n" not in message
 
@@ -277,14 +277,14 @@ def test_weights_file_is_loaded_with_weights_only(tiny_run: Path, tiny_data_dir:
     path = tmp_path / "resnet18_backbone.pth"
     torch.save(backbone, path)
     config = tiny_config("trainer.epochs=1", f"model.weights={path}", "model.freeze_backbone_epochs=1")
-    result = train.run(config, tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     after = torch.load(result.last_checkpoint, weights_only=True)["state_dict"]
     assert torch.equal(after["model.layer1.0.conv1.weight"], backbone["layer1.0.conv1.weight"])
 
     pickled = tmp_path / "pickled.pth"
     torch.save({"conv1.weight": backbone["conv1.weight"], "note": Path("not/plain/data")}, pickled)
     with pytest.raises(ConfigError, match="model.weights"):
-        train.run(tiny_config(f"model.weights={pickled}"), tiny_data_dir, tmp_path / "bad")
+        train.run(train.TrainOptions(tiny_config(f"model.weights={pickled}"), tiny_data_dir, tmp_path / "bad"))
 
 
 def test_auto_bn_momentum_fits_steps_per_epoch() -> None:
@@ -387,7 +387,7 @@ def test_cpu_threads_leave_room_for_loader_workers() -> None:
 def test_missing_manifest_fails_before_creating_the_run_dir(tmp_path: Path) -> None:
     (tmp_path / "no_data").mkdir()  # a folder without a manifest (a missing folder is named as such)
     with pytest.raises(DataError, match="no manifest"):
-        train.run(tiny_config(), tmp_path / "no_data", tmp_path / "run")
+        train.run(train.TrainOptions(tiny_config(), tmp_path / "no_data", tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -406,7 +406,7 @@ def test_unusable_data_fails_before_creating_the_run_dir(tmp_path: Path, tiny_da
     data_dir.mkdir()
     write_manifest(pd.concat([train_rows, failed], ignore_index=True), data_dir)
     with pytest.raises(DataError, match=message):
-        train.run(tiny_config(), data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(tiny_config(), data_dir, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -416,7 +416,7 @@ def test_unusable_data_fails_before_creating_the_run_dir(tmp_path: Path, tiny_da
 def test_a_device_request_lightning_refuses_is_a_config_error_before_the_run_dir(
         tmp_path: Path, tiny_data_dir: Path, override: str, said: str) -> None:
     with pytest.raises(ConfigError, match=said) as exc:
-        train.run(tiny_config(override), tiny_data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(tiny_config(override), tiny_data_dir, tmp_path / "run"))
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "run").exists()
 
@@ -429,7 +429,7 @@ def test_resume_with_another_architecture_is_refused_and_keeps_the_config(tiny_r
     shutil.copytree(tiny_run, run_dir)
     before = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="model.arch=resnet18, resumed with mobilenet_v3_small"):
-        train.run(tiny_config("model.arch=mobilenet_v3_small"), tiny_data_dir, run_dir, resume=True)
+        train.run(train.TrainOptions(tiny_config("model.arch=mobilenet_v3_small"), tiny_data_dir, run_dir, resume=True))
     assert (run_dir / "config.yaml").read_text() == before
 
 
@@ -440,7 +440,7 @@ def test_a_fresh_run_replaces_a_split_left_by_an_attempt_that_died_early(tiny_da
     # What an attempt on other data leaves when killed before its first checkpoint.
     pd.DataFrame({"row": [0, 1], "path": ["gone/a.png", "gone/b.png"], "label": ["x", "y"],
                   "subset": ["train", "val"]}).to_csv(run_dir / "split.csv", index=False)
-    train.run(tiny_config("trainer.epochs=1"), tiny_data_dir, run_dir)
+    train.run(train.TrainOptions(tiny_config("trainer.epochs=1"), tiny_data_dir, run_dir))
     split = pd.read_csv(run_dir / "split.csv")
     assert not split["path"].str.startswith("gone/").any()
     assert sorted(split["label"].unique()) == ["Ankle_boot", "Bag", "Coat"]
@@ -450,7 +450,7 @@ def test_resume_of_an_ema_run_trains_the_raw_weights_and_keeps_averaging(tiny_da
                                                                          tmp_path: Path) -> None:
     ema = ("trainer.ema=true", "trainer.ema_decay=0.5")
     run_dir = tmp_path / "ema"
-    first = train.run(tiny_config("trainer.epochs=1", *ema), tiny_data_dir, run_dir)
+    first = train.run(train.TrainOptions(tiny_config("trainer.epochs=1", *ema), tiny_data_dir, run_dir))
     saved = torch.load(first.last_checkpoint, weights_only=True)
 
     # What --resume loads: the raw weights go back into the trained model, the average into the EMA.
@@ -463,7 +463,7 @@ def test_resume_of_an_ema_run_trains_the_raw_weights_and_keeps_averaging(tiny_da
     assert all(torch.equal(v, raw["raw." + k]) for k, v in module.model.state_dict().items())
     assert all(torch.equal(v, raw["model." + k]) for k, v in module.ema.module.state_dict().items())
 
-    second = train.run(config, tiny_data_dir, run_dir, resume=True)
+    second = train.run(train.TrainOptions(config, tiny_data_dir, run_dir, resume=True))
     resumed = torch.load(second.last_checkpoint, weights_only=True)
     assert resumed["global_step"] == 2 * saved["global_step"]
     # One EMA update per step over both sessions: the average was not restarted on resume.
@@ -473,7 +473,8 @@ def test_resume_of_an_ema_run_trains_the_raw_weights_and_keeps_averaging(tiny_da
 
 def test_compile_trains_and_saves_plain_state_dict_keys(tiny_data_dir: Path, tmp_path: Path) -> None:
     # torch.compile on CPU (inductor, a C++ compiler): slow to start (~30 s), so one tiny epoch.
-    result = train.run(tiny_config("trainer.epochs=1", "trainer.compile=true"), tiny_data_dir, tmp_path / "run")
+    result = train.run(train.TrainOptions(tiny_config("trainer.epochs=1", "trainer.compile=true"), tiny_data_dir,
+                                          tmp_path / "run"))
     state = torch.load(result.best_checkpoint, weights_only=True)["state_dict"]
     assert "model.conv1.weight" in state and not any("_orig_mod" in k for k in state)
     loaded = checkpoint.load_model(result.run_dir)  # a plain, uncompiled model
@@ -515,7 +516,7 @@ def test_lr_finder_suggests_the_steep_descent_of_a_known_curve(seed: int) -> Non
 
 def test_lr_finder_records_the_measured_loss_from_the_first_step(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config("optim.lr_find_steps=20", "trainer.batch_size=8")
-    result = train.find_lr(config, tiny_data_dir, tmp_path / "find")
+    result = train.find_lr(train.TrainOptions(config, tiny_data_dir, tmp_path / "find"))
     assert len(result.raw_losses) == len(result.losses) == len(result.lrs) == result.steps >= 15
     assert result.losses[0] == result.raw_losses[0]
     # A fresh 3-class head at the smallest LR: about ln 3 (a random init, so within a factor of 2).

@@ -74,7 +74,7 @@ def test_train_on_an_image_folder_ingests_it_beside_the_run_and_reuses_it(tmp_pa
     extra = demo_images("train", TINY_CLASSES[0], 9)[-1]
     shutil.copyfile(extra, photos / "train" / TINY_CLASSES[0] / extra.name)
     data = _ingest.data_for_training(photos, run_dir)  # what `imgclf train` and imgclf.train do first
-    result = train.run(tiny_config("trainer.epochs=2"), data, run_dir, resume=True)
+    result = train.run(train.TrainOptions(tiny_config("trainer.epochs=2"), data, run_dir, resume=True))
     assert result.epochs_run == 2
     assert len(read_manifest(data_dir)) == 34
     assert not (tmp_path / "runs" / "r1_data_data").exists()

@@ -83,7 +83,7 @@ def test_training_logs_weights_frozen_parameters_and_the_unfreeze_epoch(
     config = tiny_config(f"model.arch={ARCH}", f"model.weights={lite0_weights}", "model.freeze_backbone_epochs=1",
                          "trainer.epochs=2")
     with caplog.at_level(logging.INFO):
-        train.run(config, tiny_data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "294 of 296 tensors loaded by order" in text
     frozen = [r.getMessage() for r in caplog.records if "backbone frozen" in r.getMessage()]
@@ -101,7 +101,7 @@ def test_freezing_a_random_backbone_is_warned_about_and_not_done(
     config = tiny_config("model.arch=resnet18", "model.freeze_backbone_epochs=2", "trainer.epochs=1")
     before = models.create_model("resnet18", 3).state_dict()["layer1.0.conv1.weight"].clone()
     with caplog.at_level(logging.INFO):
-        result = train.run(config, tiny_data_dir, tmp_path / "run")
+        result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("model.freeze_backbone_epochs=2 ignored: the backbone has no pretrained weights" in w
                for w in warnings)
@@ -139,7 +139,7 @@ def test_probe_head_and_frozen_batchnorm_on_the_real_backbone(
     config = tiny_config(f"model.arch={ARCH}", f"model.weights={lite0_weights}", "model.freeze_backbone_epochs=1",
                          "model.head_init=probe", "model.bn_frozen=true", "trainer.epochs=1")
     with caplog.at_level(logging.INFO):
-        result = train.run(config, tiny_data_dir, tmp_path / "run")
+        result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     probe = [r.getMessage() for r in caplog.records if "head_init=probe" in r.getMessage()]
     train_rows = int((data.read_split(result.run_dir)["subset"] == "train").sum())
     assert len(probe) == 1 and f"logistic regression on {train_rows} frozen feature vectors (1280 values" in probe[0]
@@ -155,7 +155,8 @@ def test_probe_head_needs_a_pretrained_backbone(tmp_path: Path, tiny_data_dir: P
     from imgclf.stages import train
 
     with pytest.raises(ConfigError, match="model.head_init=probe needs a pretrained backbone"):
-        train.run(tiny_config("model.head_init=probe", "trainer.epochs=1"), tiny_data_dir, tmp_path / "run")
+        train.run(train.TrainOptions(tiny_config("model.head_init=probe", "trainer.epochs=1"), tiny_data_dir,
+                                     tmp_path / "run"))
 
 
 def test_bn_frozen_keeps_batchnorm_in_eval_mode_while_training() -> None:

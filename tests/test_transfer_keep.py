@@ -106,7 +106,7 @@ def test_a_fine_tuning_that_breaks_the_model_keeps_the_probe(
                          "model.bn_frozen=true", "model.keep=better", "optim.lr=30", "optim.backbone_lr_mult=1",
                          "trainer.epochs=1", "data.image_size=64")
     with caplog.at_level(logging.INFO):
-        result = train.run(config, tiny_data_dir, tmp_path / "run")
+        result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     lines = _kept_lines(caplog)
     assert len(lines) == 1 and "kept the linear probe" in lines[0] and "finetuned.ckpt" in lines[0]
     kept = json.loads((result.run_dir / "run.json").read_text())["kept"]
@@ -131,9 +131,10 @@ def test_keep_finetuned_writes_no_choice_and_keep_better_needs_pretrained_weight
     config = tiny_config(f"model.arch={ARCH}", f"model.weights={lite0_weights}", "model.head_init=probe",
                          "trainer.epochs=1", "data.image_size=64")
     with caplog.at_level(logging.INFO):
-        result = train.run(config, tiny_data_dir, tmp_path / "plain")
+        result = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "plain"))
     assert not _kept_lines(caplog)
     assert "kept" not in json.loads((result.run_dir / "run.json").read_text())
     assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     with pytest.raises(ConfigError, match="model.keep=better needs a pretrained backbone"):
-        train.run(tiny_config("model.keep=better", "trainer.epochs=1"), tiny_data_dir, tmp_path / "scratch")
+        train.run(train.TrainOptions(tiny_config("model.keep=better", "trainer.epochs=1"), tiny_data_dir,
+                                     tmp_path / "scratch"))

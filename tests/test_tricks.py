@@ -117,7 +117,7 @@ def test_every_trick_together_trains_and_resumes(tiny_data_dir: Path, tmp_path: 
                          "data.augment.progressive_min_size=16", "optim.name=sgd", "optim.lr=0.05",
                          "optim.lookahead_steps=2", "loss.label_smoothing=0.1", "trainer.channels_last=true")
     with caplog.at_level(logging.INFO, logger="imgclf.train"):
-        first = train.run(config, tiny_data_dir, tmp_path / "run")
+        first = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run"))
     # resnet18's 7x7 stem: 147 patch dimensions, more than its 64 filters, so all are set.
     assert "stem_init whiten: 64 of 64 first-layer filters" in caplog.text
     state = torch.load(first.last_checkpoint, weights_only=True)["optimizer_states"][0]
@@ -125,7 +125,7 @@ def test_every_trick_together_trains_and_resumes(tiny_data_dir: Path, tmp_path: 
     caplog.clear()
     config = config.model_copy(update={"trainer": config.trainer.model_copy(update={"epochs": 2})})
     with caplog.at_level(logging.INFO, logger="imgclf.train"):
-        resumed = train.run(config, tiny_data_dir, tmp_path / "run", resume=True)
+        resumed = train.run(train.TrainOptions(config, tiny_data_dir, tmp_path / "run", resume=True))
     assert resumed.epochs_run == 2
     assert "stem_init" not in caplog.text  # a resumed run keeps its trained first layer
 

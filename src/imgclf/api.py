@@ -4,7 +4,7 @@
 
     data = imgclf.download(["photos/"], "data")                  # folders, archives, URL tables
     run = imgclf.train("data", "runs/r1", epochs=5)               # -> Run (also runs/r1 on disk)
-    metrics = imgclf.evaluate(run)                                # -> dict, the content of metrics.json
+    metrics = imgclf.evaluate(run)                                # reads as metrics.json's dict: metrics["f1_macro"]
     imgclf.predict(run, "photo.jpg").label                        # or a list, PIL images, arrays, bytes, URLs
     model = imgclf.load(run)                                      # run, checkpoint, .onnx or TorchScript
 
@@ -33,8 +33,10 @@ from imgclf.prediction import Prediction
 if TYPE_CHECKING:
     import pandas as pd
 
+    from imgclf.audit import AuditResult
     from imgclf.config import TrainConfig
     from imgclf.download import DownloadResult
+    from imgclf.evaluate import EvaluateResult
     from imgclf.export import ExportResult
     from imgclf.inference import Classifier
 
@@ -86,7 +88,8 @@ def download(sources: PathLike | Sequence[PathLike], out: PathLike, *, resize: s
     """
     if isinstance(sources, str | Path):
         sources = [sources]
-    fields = dict(resize=resize, size=size, image_format=image_format, layout=layout, url_col=url_col,
+    fields = dict(sources=tuple(Path(s) for s in sources), out=out, resize=resize, size=size,
+                  image_format=image_format, layout=layout, url_col=url_col,
                   path_col=path_col, label_col=label_col, split_col=split_col, show_progress=progress,
                   print_summary=print_summary, **options)
     with _shown():
@@ -96,7 +99,7 @@ def download(sources: PathLike | Sequence[PathLike], out: PathLike, *, resize: s
             opts = DownloadOptions(**fields)
         except TypeError as err:
             raise ConfigError(f"download: {err}") from None
-        return run([Path(s) for s in sources], out, opts)
+        return run(opts)
 
 
 # ---------------------------------------------------------------- audit
@@ -104,25 +107,24 @@ def download(sources: PathLike | Sequence[PathLike], out: PathLike, *, resize: s
 
 def audit(data: PathLike, out: PathLike, *, model: PathLike | None = None, config: PathLike | None = None,
           overrides: Sequence[str] = (), folds: int = 5, relabel: bool = False, apply: bool = False,
-          seed: int = 0, **options: Any) -> dict[str, Any]:
+          seed: int = 0, **options: Any) -> AuditResult:
     """Find likely label errors, near-duplicates, train/test leakage and outliers (`imgclf audit`).
 
     data: a data directory written by download. out: the audit folder (audit.csv, audit.json,
     audit.html). model: embed with this model; None trains one briefly on the data (with
     `config` and key=value `overrides`). apply=True writes the actions into the manifest.
     More in `options`, as AuditOptions fields (batch_size, filter_by, max_self_confidence, ...).
-    Returns audit.json's content. Needs `pip install 'imgclf[audit]'`.
+    Returns an AuditResult, which reads as audit.json's dict (`result["counts"]`), with the files written
+    and `summary()`. Needs `pip install 'imgclf[audit]'`.
     """
-    if model is not None and (config is not None or overrides):
-        raise ConfigError("audit: config and overrides configure the model trained on the data; "
-                          "with model= none is trained")
     require("cleanlab", "imagehash", "faiss")
     with _shown():
         from imgclf.audit import AuditOptions, run
+        from imgclf.storage import location
 
         try:
-            opts = AuditOptions(data=Path(data), out=Path(out), model=None if model is None else Path(model),
-                                config=None if config is None else Path(config), overrides=list(overrides),
+            opts = AuditOptions(data=location(data), out=Path(out), model=None if model is None else Path(model),
+                                config=None if config is None else Path(config), overrides=tuple(overrides),
                                 folds=folds, relabel=relabel, apply=apply, seed=seed, **options)
         except TypeError as err:
             raise ConfigError(f"audit: {err}") from None
@@ -183,7 +185,7 @@ class Run:
             raise DataError(f"{path}: not a run directory (no run.json)")
         return cls(rd.path, info.class_names, rd / info.best_checkpoint, info.best_score, info.epochs_run)
 
-    def evaluate(self, **options: Any) -> dict[str, Any]:
+    def evaluate(self, **options: Any) -> EvaluateResult:
         return evaluate(self.path, **options)
 
     def load(self, backend: str = "auto") -> Model:
@@ -221,9 +223,9 @@ def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None =
         resolved = load_config(config, extra)
     with _shown():
         from imgclf.pipeline import data_for_training
-        from imgclf.train import run
+        from imgclf.train import TrainOptions, run
 
-        result = run(resolved, data_for_training(data, out), Path(out), resume=resume)
+        result = run(TrainOptions(resolved, data_for_training(data, out), Path(out), resume=resume))
     return Run(result.run_dir, result.class_names, result.best_checkpoint, result.best_score, result.epochs_run)
 
 
@@ -232,8 +234,11 @@ def train(data: PathLike, out: PathLike, config: PathLike | TrainConfig | None =
 
 def evaluate(model: PathLike | Run, data: PathLike | None = None, *, split: str = "test",
              out: PathLike | None = None, tta: str = "none", batch_size: int = 128, device: str = "auto",
-             seed: int = 0, progress: bool = True, **options: Any) -> dict[str, Any]:
-    """Metrics with intervals and baselines, plots and report.html (`imgclf evaluate`); returns metrics.json's content.
+             seed: int = 0, progress: bool = True, **options: Any) -> EvaluateResult:
+    """Metrics with intervals and baselines, plots and report.html (`imgclf evaluate`).
+
+    Returns an EvaluateResult, which reads as metrics.json's dict (`result["f1_macro"]`), with the
+    files written and `summary()` (what the command prints).
 
     model: a Run, run directory, checkpoint, .onnx or TorchScript file. data: the data directory
     (default: the run's own). out: where to write (default: the run directory). tta: none, flip
@@ -269,12 +274,13 @@ def export(model: PathLike | Run, output: PathLike | None = None, format: str | 
 
     require_model(Path(model))
     with _shown():
-        from imgclf.export import QuantizeOptions, resolve_format, run
+        from imgclf.export import ExportOptions, QuantizeOptions, resolve_format, run
 
-        if resolve_format(format, None if output is None else Path(output)) == "onnx":
+        options = ExportOptions(Path(model), format, None if output is None else Path(output), quantize,
+                                QuantizeOptions(calibration_data, calibration_images, held_out_images))
+        if resolve_format(options.format, options.out) == "onnx":
             require("onnx", "onnxruntime")
-        options = QuantizeOptions(calibration_data, calibration_images, held_out_images)
-        return run(Path(model), format, None if output is None else Path(output), quantize, options)
+        return run(options)
 
 
 # ---------------------------------------------------------------- load and predict

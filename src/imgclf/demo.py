@@ -82,21 +82,20 @@ def run(out: Path, seed: int = 42, overrides: list[str] | None = None, limit: in
     with LocalServer(SAMPLE_ROOT) as server:
         sources = write_sources(server.base_url, out / "sources", limit)
         t0 = _stage(f"download: {server.base_url} -> {data_dir}")
-        options = download.DownloadOptions(show_progress=show_progress)
-        download.run(sources, data_dir, options)
+        download.run(download.DownloadOptions(sources=tuple(sources), out=data_dir, show_progress=show_progress))
         timings["download"] = time.perf_counter() - t0
 
     t0 = _stage(f"train: {config.model.arch}, {config.trainer.epochs} epochs -> {run_dir}")
-    train.run(config, data_dir, run_dir)
+    train.run(train.TrainOptions(config, data_dir, run_dir))
     timings["train"] = time.perf_counter() - t0
 
     t0 = _stage("evaluate: test split")
-    metrics = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test", seed=seed,
-                                                    progress=show_progress))
+    evaluated = evaluate.run(evaluate.EvaluateOptions(model=run_dir, data=data_dir, split="test", seed=seed,
+                                                      progress=show_progress))
     timings["evaluate"] = time.perf_counter() - t0
 
     print("\n== demo summary")
-    print(evaluate.format_summary(metrics))
+    print(evaluated.summary())
     print("\ntime per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f" (total {sum(timings.values()):.0f}s)")
     # The summary above already lists report.html, the confusion matrix and metrics.json.

@@ -46,8 +46,9 @@ def ingest(source: Path, run_dir: Path) -> Path:
 
     out = data_dir_for(run_dir)
     reused = (out / MANIFEST_NAME).is_file()
-    options = download.DownloadOptions(show_progress=False, print_summary=False)  # defaults: 512 px longer side
-    result = download.run([Path(source)], out, options)
+    # The download defaults (512 px longer side), quietly: one log line below says what happened.
+    result = download.run(download.DownloadOptions(sources=(Path(source),), out=out, show_progress=False,
+                                                   print_summary=False))
     counts = result.counts
     ok = counts.get("ok", 0)
     others = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "ok")

@@ -4,7 +4,7 @@
 gives the function, not the package it runs. The package is here:
 
     from imgclf.stages import train
-    train.run(config, data_dir, run_dir)             # the stage's own entry point
+    train.run(train.TrainOptions(config, data_dir, run_dir))    # every stage: run(options) -> result
 
 Each name is the module itself (`imgclf.stages.train is sys.modules["imgclf.train"]`),
 imported on first use, so this module costs nothing to import.

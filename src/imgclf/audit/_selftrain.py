@@ -47,10 +47,11 @@ def train_embedder(data_dir: Path, audit_dir: Path, config: TrainConfig, class_n
                             f"{', '.join(class_names)}; delete {run_dir} to train a new one")
         log.info("reusing the embedding model in %s", run_dir)
         return run_dir
+    from imgclf.train import TrainOptions
     from imgclf.train import run as run_training
 
     resume = rundir.RunDir(run_dir).last.is_file()
     log.info("training an embedding model on %s into %s (%s)", data_dir, run_dir,
              "resuming" if resume else f"{config.model.arch}, {config.trainer.epochs} epochs at most")
-    run_training(config, data_dir, run_dir, resume=resume)
+    run_training(TrainOptions(config, data_dir, run_dir, resume=resume))
     return run_dir

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from imgclf.cli._common import renamed
 from imgclf.errors import ConfigError, require
-from imgclf.storage import is_url, location
+from imgclf.storage import location
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -68,18 +68,6 @@ def handle(args: argparse.Namespace) -> int:
     data, overrides = _data_and_overrides(args)
     if args.review:
         return _review(args, data, overrides)
-    if args.apply and is_url(data):
-        raise ConfigError(f"--apply rewrites the manifest in place: it needs a local data directory, not {data}")
-    if args.folds < 2:
-        raise ConfigError(f"--folds {args.folds}: need at least 2")
-    if args.model is not None and (args.config is not None or overrides):
-        raise ConfigError("--config and key=value configure the model trained on the data; with --model none is "
-                          "trained")
-    if args.model is not None and (args.backbone not in ("auto", "none") or args.backbone_weights is not None):
-        raise ConfigError("--backbone and --model are two judges: give one")
-    if (args.config is not None or overrides) and args.backbone not in ("auto", "none"):
-        raise ConfigError("--config and key=value configure the model trained on the data; with --backbone none is "
-                          "trained")
     from imgclf.audit._duplicates import DuplicateSettings
     from imgclf.stages import audit
 
@@ -91,7 +79,7 @@ def handle(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply, task=args.task,
         label_sep=args.label_sep,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
-    print(audit.format_summary(audit.run(opts)))
+    print(audit.run(opts).summary())  # the options checked themselves: conflicting judges, --folds, --apply
     return 0
 
 

@@ -96,11 +96,9 @@ def handle(args: argparse.Namespace) -> int:
 
     from imgclf.stages import download
 
-    options = download.DownloadOptions.from_namespace(args)
-    if args.merge:
-        result = download.merge(args.sources, args.out, options)
-    else:
-        result = download.run(args.sources, args.out, options)
+    options = download.DownloadOptions.from_namespace(args)  # sources and --out included
+    # The table of statuses is printed by the stage itself (options.print_summary): in colour, and on Ctrl-C.
+    result = download.merge(list(options.sources), options.out, options) if args.merge else download.run(options)
     if result.total == 0 and options.job_shard is not None:  # the hosts all hashed to other jobs: not a failure
         print(f"imgclf download: --shard {options.job_shard} holds no rows (the other jobs hold them all)",
               file=sys.stderr)

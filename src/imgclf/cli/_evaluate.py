@@ -36,9 +36,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from imgclf.stages import evaluate
 
-    model = one_model(args)
-    metrics = evaluate.run(evaluate.EvaluateOptions(
-        model=model, data=args.data, split=args.split, out=args.out, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, num_workers=args.num_workers, progress=not args.no_progress, tta=args.tta))
-    print(evaluate.format_summary(metrics))
+    options = evaluate.EvaluateOptions(
+        model=one_model(args), data=args.data, split=args.split, out=args.out, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
+        tta=args.tta)
+    print(evaluate.run(options).summary())
     return 0

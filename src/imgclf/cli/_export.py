@@ -32,10 +32,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from imgclf.stages import export
 
-    model = one_model(args)
-    if export.resolve_format(args.format, args.output) == "onnx":
+    options = export.ExportOptions(one_model(args), args.format, args.output, args.quantize, export.QuantizeOptions(
+        args.calibration_data, args.calibration_images, args.held_out_images))
+    if export.resolve_format(options.format, options.out) == "onnx":
         require("onnx", "onnxruntime")  # a missing extra: one line before the export starts
-    options = export.QuantizeOptions(args.calibration_data, args.calibration_images, args.held_out_images)
-    result = export.run(model, args.format, args.output, args.quantize, options)
-    print(result.summary())
+    print(export.run(options).summary())
     return 0

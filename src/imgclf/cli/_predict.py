@@ -52,24 +52,22 @@ def handle(args: argparse.Namespace) -> int:
     from imgclf.rundir import require_model
     from imgclf.stages import predict
 
-    model = require_model(args.model)
     if args.engine == "ray" and (args.url_col or args.path_col):
         raise ConfigError("--url-col/--path-col: not supported with --engine ray yet (name the columns url and path)")
-    options = predict.PredictOptions(top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress,
-                                     timeout=args.timeout, tta=args.tta,
-                                     columns=TableColumns(args.url_col, args.path_col))
+    options = predict.PredictOptions(
+        model=require_model(args.model), inputs=args.inputs, out=args.output, backend=args.backend, format=args.format,
+        top_k=args.top_k, batch_size=args.batch_size, progress=not args.no_progress, timeout=args.timeout,
+        tta=args.tta, columns=TableColumns(args.url_col, args.path_col))
     try:
         if args.engine == "ray":
             from imgclf.predict import _ray
 
-            ok, failed = _ray.run(args.inputs, model, args.output, args.backend, options, args.format,
-                                  _ray.RayOptions(args.address, args.workers, args.shard_size))
+            result = _ray.run(options, _ray.RayOptions(args.address, args.workers, args.shard_size))
         else:
-            ok, failed = predict.run(args.inputs, model, args.output, args.backend, options, args.format)
+            result = predict.run(options)
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
-    if failed:
-        print(f"imgclf predict: {failed} of {ok + failed} inputs could not be classified "
-              "(see the error column)", file=sys.stderr)
-    return 0 if ok else 1
+    if result.summary():  # the rows are the output (stdout or -o); stderr says how many failed
+        print(result.summary(), file=sys.stderr)
+    return 0 if result.ok else 1

@@ -56,8 +56,11 @@ def handle(args: argparse.Namespace) -> int:
 
     max_bytes = int(args.max_upload_mb * 1024 * 1024)
     fetch = FetchOptions(allow_private=args.allow_private_urls, total_timeout=args.timeout, max_bytes=max_bytes)
-    options = serve.ServeOptions(max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch,
+    options = serve.ServeOptions(model=require_model(args.model), backend=args.backend, host=args.host, port=args.port,
+                                 max_upload_bytes=max_bytes, fetch=fetch, max_batch=args.max_batch,
                                  max_concurrency=args.max_concurrency, body_timeout=args.body_timeout,
                                  head_timeout=args.head_timeout, model_threads=args.model_threads,
                                  trusted_proxies=tuple(args.trusted_proxy))
-    return serve.run(require_model(args.model), args.backend, args.host, args.port, options)
+    if summary := serve.run(options).summary():  # "" today: the start line said where it listened
+        print(summary)
+    return 0

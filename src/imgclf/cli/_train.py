@@ -50,10 +50,11 @@ def handle(args: argparse.Namespace) -> int:
     from imgclf.pipeline import data_for_training
     from imgclf.stages import train
 
-    data = data_for_training(args.data, args.out)  # an image folder or archive: download's ingest, run for you
+    # An image folder or archive: download's ingest, run for you, makes the data directory.
+    options = train.TrainOptions(config, data_for_training(args.data, args.out), args.out, resume=args.resume)
     if args.lr_find:
-        found = train.find_lr(config, data, args.out)
+        found = train.find_lr(options)
         print(train.lr_find_summary(found, args.out))
         return 0 if found.suggestion is not None else 1
-    train.run(config, data, args.out, resume=args.resume)
+    train.run(options)  # its summary() is the stage's last log line (stderr, with the per-epoch lines)
     return 0

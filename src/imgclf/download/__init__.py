@@ -15,7 +15,8 @@ train/test leakage, skipped local files) are written from the state (`_report`).
 evaluate and predict read only the manifest and images/.
 
     from imgclf.stages import download
-    result = download.run([Path("train.csv")], Path("data"), download.DownloadOptions(show_progress=False))
+    result = download.run(download.DownloadOptions(sources=(Path("train.csv"),), out="data", show_progress=False))
+    print(result.summary())
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from pathlib import Path
 
 from imgclf import sources as _sources
 from imgclf.download import _engine_local
@@ -42,13 +42,14 @@ from imgclf.net.http import check_url
 
 __all__ = ["DownloadOptions", "DownloadResult", "run", "merge", "check_url", "STATE_NAME"]
 
-def run(sources: list[Path], out_dir: Path | str, options: DownloadOptions | None = None) -> DownloadResult:
-    """Download every row of `sources` into `out_dir` (a folder or an object-store URL, see _sink);
-    resumes whatever an earlier run left."""
-    options = options or DownloadOptions()
-    paths = [Path(p) for p in sources]
+def run(options: DownloadOptions) -> DownloadResult:
+    """Download every row of `options.sources` into `options.out` (a folder or an object-store URL, see
+    _sink); resumes whatever an earlier run left."""
+    paths, out_dir = list(options.sources), options.out
     if not paths:
         raise DataError("download: give at least one source (a table, a folder or an archive)")
+    if out_dir is None:
+        raise DataError("download: give --out, the data directory to write into")
     for path in paths:
         _sources.source_kind(path)  # a one-line error for a missing or unsupported source
     target = Target.resolve(out_dir, options.state_dir)

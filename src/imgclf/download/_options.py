@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from imgclf.errors import ConfigError
@@ -40,6 +41,9 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class DownloadOptions:
+    # What: the sources (tables, folders, archives) and the data directory they go into (a folder or s3://...)
+    sources: tuple[Path, ...] = ()
+    out: Path | str | None = None
     # Network
     concurrency: int = 64
     per_host: int | None = None  # None: adapts per host (see _politeness); N: a fixed cap per host
@@ -89,6 +93,9 @@ class DownloadOptions:
     job_shard_by: str = "host"  # --shard-by url: by URL hash instead (per-host limits then hold per job)
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str | Path):  # one source given alone
+            object.__setattr__(self, "sources", (self.sources,))
+        object.__setattr__(self, "sources", tuple(Path(p) for p in self.sources))  # frozen: normalised once
         if self.per_host is not None and self.per_host < 1:
             raise ConfigError(f"download: --per-host must be > 0 (got {self.per_host})")
         positive = ("concurrency", "timeout", "connect_timeout", "read_timeout", "max_bytes",

@@ -25,6 +25,7 @@ from imgclf.evaluate._run import (
     SCHEMA_VERSION,
     EvalSet,
     EvaluateOptions,
+    EvaluateResult,
     Plan,
     compute_metrics,
     data_summary,
@@ -33,5 +34,5 @@ from imgclf.evaluate._run import (
     run,
 )
 
-__all__ = ["SCHEMA_VERSION", "EvalSet", "EvaluateOptions", "Plan", "compute_metrics", "data_summary",
+__all__ = ["SCHEMA_VERSION", "EvalSet", "EvaluateOptions", "EvaluateResult", "Plan", "compute_metrics", "data_summary",
            "format_summary", "resolve", "run"]

@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.metrics import classification_report
 
 from imgclf import storage
+from imgclf._dictresult import ReadsAsDict
 from imgclf._files import write_atomic
 from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
@@ -27,7 +28,7 @@ from imgclf.evaluate import _html, _metrics, _multilabel, _plots
 from imgclf.evaluate._scoring import drop_unreadable, open_model, predict_proba
 from imgclf.inference import _tta as tta
 from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
-from imgclf.rundir import RunDir
+from imgclf.rundir import RunDir, require_model
 from imgclf.version import __version__
 
 log = logging.getLogger("imgclf.evaluate")  # the stage's logger, as before this module was split out
@@ -39,12 +40,10 @@ TOP_K = 5
 CLEAR_MARGIN_STD = 2.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateOptions:
     model: Path | None = None  # a run directory, checkpoint, .onnx or TorchScript file
-    run_dir: Path | None = None  # older spellings of `model`: a run directory ...
-    weights: Path | None = None  # ... or a model file
-    data: Path | None = None
+    data: Path | str | None = None  # DATA_DIR, a folder or s3://... (default: the run's own)
     split: str = "test"
     out: Path | None = None
     seed: int = 0
@@ -57,6 +56,27 @@ class EvaluateOptions:
     max_unreadable: float = 0.05  # share of images that may be unreadable (skipped, counted) before it stops
     progress: bool = True  # a bar in a terminal, throttled lines in a log
     tta: str = "none"  # test-time augmentation (imgclf.inference._tta): none, flip, crops
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluateResult(ReadsAsDict):
+    """What `evaluate.run` returns: `result["f1_macro"]` reads metrics.json as before; `summary()` is what the
+    CLI prints."""
+
+    metrics: dict[str, Any]  # the content of metrics.json
+    out: Path  # the folder written into (the run directory, --out, or DATA_DIR/evaluations/...)
+    files: dict[str, Path]  # what was written there: metrics, report, predictions, confusion_matrix, ...
+
+    @classmethod
+    def of(cls, metrics: dict[str, Any]) -> EvaluateResult:
+        out = Path(metrics["out_dir"])
+        return cls(metrics, out, {name: out / file for name, file in metrics.get("files", {}).items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.metrics
+
+    def summary(self) -> str:
+        return format_summary(self.metrics)
 
 
 @dataclass
@@ -88,29 +108,23 @@ def _read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def resolve(opts: EvaluateOptions) -> Plan:
-    if opts.model is not None:
-        model = Path(opts.model)
-        opts = replace(opts, model=None, run_dir=model if model.is_dir() else None,
-                       weights=None if model.is_dir() else model)
-    if opts.run_dir is None and opts.weights is None:
+    if opts.model is None:
         raise ConfigError("evaluate: give a model: a run directory, checkpoint, .onnx or TorchScript file")
-    if opts.run_dir is not None:
-        run_dir = Path(opts.run_dir)
-        if not run_dir.is_dir():
-            raise DataError(f"{run_dir}: no such run directory")
-        info = _read_run_info(run_dir)
+    model = require_model(Path(opts.model))  # a typo is named before anything asks for --data
+    if model.is_dir():
+        info = _read_run_info(model)
         data = opts.data or info.get("data_dir") or None
         if data is None:
-            raise ConfigError(f"{run_dir}: run.json names no data_dir; pass --data DATA_DIR")
-        return Plan(Path(opts.weights or run_dir), storage.location(data), Path(opts.out or run_dir), run_dir, info)
+            raise ConfigError(f"{model}: run.json names no data_dir; pass --data DATA_DIR")
+        return Plan(model, storage.location(data), Path(opts.out or model), model, info)
     if opts.data is None:
-        raise ConfigError(f"evaluate {opts.weights}: a model file needs --data DATA_DIR "
+        raise ConfigError(f"evaluate {model}: a model file needs --data DATA_DIR "
                           "(a run directory knows its data)")
-    weights, data = Path(opts.weights), storage.location(opts.data)
+    data = storage.location(opts.data)
     if opts.out is None and storage.is_url(data):
-        raise ConfigError(f"evaluate {weights}: --data {data} is object storage; pass --out DIR (a local folder)")
-    out = opts.out or Path(data) / "evaluations" / f"{weights.stem}-{opts.split}"
-    return Plan(weights, data, Path(out), None)
+        raise ConfigError(f"evaluate {model}: --data {data} is object storage; pass --out DIR (a local folder)")
+    out = opts.out or Path(data) / "evaluations" / f"{model.stem}-{opts.split}"
+    return Plan(model, data, Path(out), None)
 
 
 def _read_split_csv(run_dir: Path | None) -> pd.DataFrame | None:
@@ -287,8 +301,13 @@ def write_plots(out: Path, metrics: dict[str, Any], class_names: list[str],
     return {name: path.name for name, path in files.items()}
 
 
-def run(opts: EvaluateOptions) -> dict[str, Any]:
-    """Evaluate, write every file into the output folder, and return the metrics.json content."""
+def run(opts: EvaluateOptions) -> EvaluateResult:
+    """Evaluate, write every file into the output folder; returns metrics.json's content and the files written
+    (the result reads as the metrics dict)."""
+    return EvaluateResult.of(_evaluate(opts))
+
+
+def _evaluate(opts: EvaluateOptions) -> dict[str, Any]:
     plan = resolve(opts)
     tta.check_mode(opts.tta)
     loaded = open_model(plan.model_source, opts.device)

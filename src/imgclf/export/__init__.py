@@ -23,6 +23,7 @@ from imgclf.export._run import (
     PARITY_TOLERANCE,
     QUANTIZE_MODES,
     SUFFIXES,
+    ExportOptions,
     ExportResult,
     QuantizeOptions,
     QuantizeReport,
@@ -36,6 +37,6 @@ from imgclf.export._run import (
     run,
 )
 
-__all__ = ["FORMAT_OF_SUFFIX", "PARITY_TOLERANCE", "QUANTIZE_MODES", "SUFFIXES", "ExportResult", "QuantizeOptions",
-           "QuantizeReport", "WithProbabilities", "default_out", "export_onnx", "export_torchscript", "metadata",
-           "quantize_onnx", "resolve_format", "run"]
+__all__ = ["FORMAT_OF_SUFFIX", "PARITY_TOLERANCE", "QUANTIZE_MODES", "SUFFIXES", "ExportOptions", "ExportResult",
+           "QuantizeOptions", "QuantizeReport", "WithProbabilities", "default_out", "export_onnx", "export_torchscript",
+           "metadata", "quantize_onnx", "resolve_format", "run"]

@@ -373,18 +373,26 @@ def resolve_format(fmt: str | None, out: Path | None) -> str:
     return by_suffix
 
 
-def run(model_path: str | Path, fmt: str | None = None, out: str | Path | None = None,
-        quantize: str | None = None, quantize_options: QuantizeOptions | None = None) -> ExportResult:
+@dataclass(frozen=True)
+class ExportOptions:
+    model: Path  # a run directory or checkpoint (PyTorch weights)
+    format: str | None = None  # onnx or torchscript; None: from out's suffix, else onnx
+    out: Path | None = None  # None: RUN_DIR/model.onnx, model.torchscript or model.int8.onnx
+    quantize: str | None = None  # "int8": an int8 ONNX file (QUANTIZE_MODES)
+    calibration: QuantizeOptions | None = None  # how int8 quantises (None: dynamic, QuantizeOptions())
+
+
+def run(options: ExportOptions) -> ExportResult:
     """Export a run's best checkpoint (or a checkpoint file); the format follows `out`'s suffix.
 
     `quantize="int8"` writes an int8 ONNX file instead (static quantisation calibrated on
-    `quantize_options.calibration_data`, else dynamic), after the fp32 export passed its parity check;
+    `calibration.calibration_data`, else dynamic), after the fp32 export passed its parity check;
     the result's `quantization` says which method ran and how int8 agrees with fp32 on held-out data.
     Raises ImgclfError when the exported file disagrees with PyTorch (nothing is written then).
     """
-    model_path = Path(model_path)
-    out_arg = Path(out) if out is not None else None
-    fmt = resolve_format(fmt, out_arg)
+    model_path, quantize, quantize_options = Path(options.model), options.quantize, options.calibration
+    out_arg = Path(options.out) if options.out is not None else None
+    fmt = resolve_format(options.format, out_arg)
     if quantize is not None and (quantize not in QUANTIZE_MODES or fmt != "onnx"):
         raise ConfigError(f"export: --quantize {quantize} needs an ONNX output and one of {', '.join(QUANTIZE_MODES)}")
     if quantize is None and quantize_options is not None and quantize_options.calibration_data is not None:

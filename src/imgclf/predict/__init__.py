@@ -36,11 +36,18 @@ from imgclf.progress import track
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PredictOptions", "Prediction", "load_classifier", "predict", "run", "write_predictions"]
+__all__ = ["PredictOptions", "PredictResult", "Prediction", "load_classifier", "predict", "run", "write_predictions"]
 
 
 @dataclass(frozen=True)
 class PredictOptions:
+    # What: the model, the inputs, and where the rows go (`out` None: stdout; `format` None: from out's suffix)
+    model: str | Path | None = None  # a run directory, checkpoint, .onnx or TorchScript file
+    inputs: tuple[str, ...] = ()  # files, folders, globs, URLs, tables
+    out: Path | None = None
+    backend: str = "auto"  # auto: the model file's own (imgclf.inference.OPENERS)
+    format: str | None = None  # csv or jsonl
+    # How
     top_k: int = 5
     batch_size: int = 64
     progress: bool = True
@@ -48,6 +55,29 @@ class PredictOptions:
     read_threads: int = min(4, os.cpu_count() or 1)  # batches read, decoded and preprocessed ahead
     tta: str = "none"  # test-time augmentation: none, flip or crops (imgclf.inference._tta)
     columns: TableColumns = TableColumns()  # --url-col / --path-col of table inputs (as in download)
+
+    def __post_init__(self) -> None:
+        inputs = (self.inputs,) if isinstance(self.inputs, str | Path) else self.inputs
+        object.__setattr__(self, "inputs", tuple(str(i) for i in inputs))  # frozen: normalised once
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """Rows written (`ok` classified, `failed` with their error), and where (None: stdout)."""
+
+    ok: int
+    failed: int
+    out: Path | None
+
+    def summary(self) -> str:
+        """What the CLI prints on stderr: the inputs that could not be classified ("" when there are none;
+        the predictions themselves are the command's output)."""
+        if not self.failed:
+            return ""
+        return (f"imgclf predict: {self.failed} of {self.ok + self.failed} inputs could not be classified "
+                "(see the error column)")
 
 
 def predict(items: Iterable[Input], classifier: Classifier, options: PredictOptions) -> Iterator[Prediction]:
@@ -140,16 +170,18 @@ def _output_format(out: Path | None, fmt: str | None) -> str:
     return "csv"
 
 
-def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: str = "auto",
-        options: PredictOptions = PredictOptions(), fmt: str | None = None) -> tuple[int, int]:
-    """Predict every input into `out` (stdout when None); returns (ok, failed) counts."""
+def run(options: PredictOptions) -> PredictResult:
+    """Predict every input of `options.inputs` into `options.out` (stdout when None)."""
     if options.top_k < 1 or options.batch_size < 1:
         raise ConfigError("predict: --top-k and --batch-size must be at least 1")
-    classifier = load_classifier(model, backend)
+    if options.model is None:
+        raise ConfigError("predict: give a model: --model MODEL")
+    out, inputs = options.out, list(options.inputs)
+    classifier = load_classifier(options.model, options.backend)
     classifier.tta = check_tta(options.tta)
     items = expand_inputs(inputs, options.columns)  # lazy: a folder or table is read as the predictions go
     passed = passed_through(inputs, options.columns)
-    fmt = _output_format(out, fmt)
+    fmt = _output_format(out, options.format)
     # The count is unknown until the inputs are consumed: the progress shows images done and images/s.
     preds = track(predict(items, classifier, options), "predict", unit="images", enabled=options.progress)
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes (it
@@ -157,7 +189,9 @@ def run(inputs: list[str], model: str | Path, out: Path | None = None, backend: 
     if out is None:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="surrogateescape")
-        return write_predictions(preds, sys.stdout, fmt, options.top_k, passed, classifier.multilabel)
+        return PredictResult(*write_predictions(preds, sys.stdout, fmt, options.top_k, passed, classifier.multilabel),
+                             None)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
-        return write_predictions(preds, stream, fmt, options.top_k, passed, classifier.multilabel)
+        return PredictResult(*write_predictions(preds, stream, fmt, options.top_k, passed, classifier.multilabel),
+                             out)

@@ -40,7 +40,7 @@ from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.images import Rejected, decode_image
 from imgclf.inference import PREDICT_LIMITS, Classifier, load_classifier
 from imgclf.manifest import MANIFEST_NAME, read_manifest, row_refs, usable_rows
-from imgclf.predict import Prediction, PredictOptions, predict, write_predictions
+from imgclf.predict import Prediction, PredictOptions, PredictResult, predict, write_predictions
 from imgclf.predict._inputs import Input, expand_inputs, is_url
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,16 @@ def predict_shard(model: str, backend: str, units: list[Unit], options: PredictO
 
 
 # ---- the driver --------------------------------------------------------------------------------
-def run(inputs: list[str], model: str | Path, output: Path, backend: str = "auto",
-        options: PredictOptions | None = None, fmt: str | None = None,
-        ray_options: RayOptions | None = None) -> tuple[int, int]:
-    """Predict every input on Ray into `output` (merged, input order); returns (ok, failed) counts."""
+def run(options: PredictOptions, ray_options: RayOptions | None = None) -> PredictResult:
+    """Predict every input of `options` on Ray into `options.out` (merged, input order)."""
     from imgclf import _ray
 
-    options, ray_options = options or PredictOptions(), ray_options or RayOptions()
+    ray_options = ray_options or RayOptions()
+    inputs, model, output, backend, fmt = (list(options.inputs), options.model, options.out, options.backend,
+                                           options.format)
+    options = replace(options, inputs=())  # the tasks get their shard, not every input again
+    if model is None:
+        raise ConfigError("predict: give a model: --model MODEL")
     if output is None:
         raise ConfigError("predict --engine ray: give -o/--output FILE (parts are written next to it)")
     if ray_options.shard_size < 1 or ray_options.workers < 1 or options.top_k < 1 or options.batch_size < 1:
@@ -181,7 +184,7 @@ def run(inputs: list[str], model: str | Path, output: Path, backend: str = "auto
                     ray_options, options.progress)
     ok, failed = parts.merge(len(shards))
     log.info("predicted %d inputs in %d shards in %.1fs", len(units), len(shards), time.perf_counter() - started)
-    return ok, failed
+    return PredictResult(ok, failed, output)
 
 
 def _run_shards(ray: Any, task: Any, shards: list[list[Unit]], todo: list[int], parts: _Parts,

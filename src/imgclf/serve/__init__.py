@@ -28,12 +28,14 @@ private, loopback and link-local addresses unless --allow-private-urls (see imgc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from imgclf.errors import ConfigError
 from imgclf.inference import load_classifier
 from imgclf.serve._app import ServeOptions, create_app
 from imgclf.serve._connections import MAX_HEAD_BYTES, guarded_protocol
 
-__all__ = ["ServeOptions", "create_app", "run", "where_to_open"]
+__all__ = ["ServeOptions", "ServeResult", "create_app", "run", "where_to_open"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,30 @@ def where_to_open(host: str, port: int) -> str:
     return f"on http://{shown}:{port}/"
 
 
-def run(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
-        options: ServeOptions | None = None) -> int:
-    """Load the model and serve it until interrupted (the request limit is `options.max_concurrency`)."""
+@dataclass(frozen=True)
+class ServeResult:
+    """What `serve.run` returns once the server stopped (Ctrl-C or SIGTERM)."""
+
+    model: str  # what was served (the classifier's source)
+    backend: str
+    host: str
+    port: int
+
+    def summary(self) -> str:
+        """Empty: `imgclf serve` says where it listens when it starts (a log line) and prints nothing when it
+        stops, so the summary the CLI prints is "" (kept for the one stage contract)."""
+        return ""
+
+
+def run(options: ServeOptions) -> ServeResult:
+    """Load `options.model` and serve it on `options.host:port` until interrupted (the request limit is
+    `options.max_concurrency`)."""
     import uvicorn
 
-    options = options or ServeOptions()
-    classifier = load_classifier(model, backend)
+    if options.model is None:
+        raise ConfigError("serve: give a model: --model MODEL")
+    host, port = options.host, options.port
+    classifier = load_classifier(options.model, options.backend)
     app = create_app(classifier, options)
     log.info("serving %s (%s, %d classes) %s", classifier.source, classifier.backend.name,
              len(classifier.class_names), where_to_open(host, port))
@@ -63,4 +82,4 @@ def run(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
                 http=guarded_protocol(options.head_timeout, options.max_connections),
                 timeout_keep_alive=options.keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
-    return 0
+    return ServeResult(str(classifier.source), classifier.backend.name, host, port)

@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,12 @@ JSON_BODY_LIMIT = 64 * 1024  # a {"url": ...} body; anything bigger is not one
 
 @dataclass(frozen=True)
 class ServeOptions:
+    # What: the model and the address (`serve.run`; create_app takes the opened classifier instead)
+    model: str | Path | None = None  # a run directory, checkpoint, .onnx or TorchScript file
+    backend: str = "auto"  # auto: the model file's own (imgclf.inference.OPENERS)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # How
     max_upload_bytes: int = 10 * 1024 * 1024
     fetch: FetchOptions = field(default_factory=lambda: FetchOptions(total_timeout=10.0))
     max_batch: int = 16

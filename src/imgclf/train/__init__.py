@@ -16,25 +16,23 @@ the run directory (see docs/train.md):
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from imgclf.config import TrainConfig
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._lr_find import summary as lr_find_summary
-from imgclf.train._run import TrainResult, auto_bn_momentum, start
+from imgclf.train._run import TrainOptions, TrainResult, auto_bn_momentum, start
 
-__all__ = ["LrFindResult", "TrainResult", "auto_bn_momentum", "find_lr", "lr_find_summary", "run"]
+__all__ = ["LrFindResult", "TrainOptions", "TrainResult", "auto_bn_momentum", "find_lr", "lr_find_summary", "run"]
 
 
-def run(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool = False) -> TrainResult:
-    """Train `config` on DATA_DIR into RUN_DIR; with resume, continue from checkpoints/last.ckpt."""
-    result = start(config, data_dir, run_dir, resume, lr_find_only=False)
+def run(options: TrainOptions) -> TrainResult:
+    """Train `options.config` on `options.data` into `options.out`; with resume, continue from
+    checkpoints/last.ckpt."""
+    result = start(options.config, options.data, options.out, options.resume, lr_find_only=False)
     assert isinstance(result, TrainResult)
     return result
 
 
-def find_lr(config: TrainConfig, data_dir: Path | str, run_dir: Path) -> LrFindResult:
+def find_lr(options: TrainOptions) -> LrFindResult:
     """The learning-rate finder alone (`train --lr-find`): RUN_DIR/lr_find.png and lr_find.json, no training."""
-    result = start(config, data_dir, run_dir, False, lr_find_only=True)
+    result = start(options.config, options.data, options.out, False, lr_find_only=True)
     assert isinstance(result, LrFindResult)
     return result

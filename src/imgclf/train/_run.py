@@ -43,6 +43,19 @@ log = logging.getLogger("imgclf.train")  # the stage's logger, as before this mo
 
 
 @dataclass(frozen=True)
+class TrainOptions:
+    """What `train.run` trains: a config, on a data directory (a folder or s3://...), into a run directory."""
+
+    config: TrainConfig
+    data: Path | str  # DATA_DIR (the manifest's folder); the API and CLI ingest an image folder first (pipeline)
+    out: Path  # RUN_DIR
+    resume: bool = False  # continue from RUN_DIR/checkpoints/last.ckpt
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+
+
+@dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
     best_checkpoint: Path
@@ -51,11 +64,12 @@ class TrainResult:
     best_score: float | None  # the monitored metric at the best checkpoint
     epochs_run: int
     seconds: float
+    monitor: str = "score"  # the config's trainer.monitor, which best_score is
 
     def summary(self) -> str:
-        """One line: epochs, time, best score and checkpoint (the log line says the same, with the metric's name)."""
+        """One line: epochs, time, best score and checkpoint; the stage logs it as its last line (the CLI's output)."""
         score = f"{self.best_score:.4f}" if self.best_score is not None else "n/a"
-        return (f"trained {self.epochs_run} epoch(s) in {self.seconds:.0f}s; best score {score} -> "
+        return (f"trained {self.epochs_run} epoch(s) in {self.seconds:.0f}s; best {self.monitor} = {score} -> "
                 f"{self.best_checkpoint}")
 
 
@@ -188,10 +202,11 @@ def _fit(job: FitJob) -> TrainResult:
             "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
             "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1),
             "unreadable_images": guard.unreadable, **({"kept": kept.as_json()} if kept else {})})
-        log.info("trained %d epoch(s) in %.0fs; best %s = %s -> %s", epochs, seconds, config.trainer.monitor,
-                 f"{best_score:.4f}" if best_score is not None else "n/a", best)
+    result = TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds, config.trainer.monitor)
+    if zero:
+        log.info("%s", result.summary())
         _warn_if_ended_collapsed(module.collapsed_epochs, epochs)
-    return TrainResult(run_dir, best, last, class_names, best_score, epochs, seconds)
+    return result
 
 
 def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFrame, class_names: list[str],
