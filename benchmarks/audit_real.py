@@ -138,7 +138,7 @@ def main() -> int:
             report[f"{judge}/{name}"] = {**scores(out, planted, result), "wall_s": round(time.perf_counter() - t0, 1)}
             print(json.dumps({f"{judge}/{name}": report[f"{judge}/{name}"]}), flush=True)
             if name == "flips":
-                print(audit.format_summary(result), flush=True)
+                print(result.summary(), flush=True)
     (work / "report.json").write_text(json.dumps(report, indent=2))
     return 0
 

@@ -113,9 +113,8 @@ def roundtrip(args: argparse.Namespace) -> None:
             results = {}
             for name, data_dir in (("s3-tar", "s3://bench/data"), ("local files", tmp / "local")):
                 t0 = time.perf_counter()
-                kind = {"run_dir": model} if model.is_dir() else {"weights": model}
                 results[name] = evaluate.run(evaluate.EvaluateOptions(
-                    **kind, data=data_dir, num_workers=0, out=tmp / f"eval-{label[-7:]}-{len(results)}"))
+                    model=model, data=data_dir, num_workers=0, out=tmp / f"eval-{label[-7:]}-{len(results)}"))
                 m = results[name]
                 print(f"{label}, evaluated from {name:11}: {m['n_images']} images, f1_macro {m['f1_macro']:.4f}, "
                       f"accuracy {m['accuracy']:.4f} in {time.perf_counter() - t0:.1f}s")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,19 @@ def test_download_format_is_image_format(tmp_path: Path, capsys: pytest.CaptureF
     args = build_parser().parse_args(["download", "s.csv", "--out", str(tmp_path), "--format", "png"])
     assert args.image_format == "png"
     assert "--format is an old spelling of --image-format" in capsys.readouterr().err
+
+
+def test_backend_choices_are_the_loaders_openers_read_only_when_needed() -> None:
+    """--backend of predict and serve lists `inference.OPENERS` (a new backend is one edit there), and
+    building the parser does not import the loader."""
+    code = ("import sys\nfrom imgclf.cli import build_parser\nparser = build_parser()\n"
+            "assert 'imgclf.inference' not in sys.modules\n"
+            "from imgclf.inference._handle import OPENERS\n"
+            "for command in ('predict', 'serve'):\n"
+            "    action = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions\n"
+            "                  if a.dest == 'backend')\n"
+            "    assert list(action.choices) == ['auto', *OPENERS], list(action.choices)\n"
+            "    assert 'onnx' in action.choices and 'tensorrt' not in action.choices\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr[-800:]

@@ -27,7 +27,7 @@ EXPECTED_FILES = ("metrics.json", "predictions.csv", "classification_report.csv"
 
 
 @pytest.fixture(scope="module")
-def run_metrics(tiny_run: Path) -> dict:
+def run_metrics(tiny_run: Path) -> evaluate.EvaluateResult:
     """Evaluate tiny_run with the defaults: test split, output into the run directory."""
     return evaluate.run(evaluate.EvaluateOptions(model=tiny_run, bootstrap_resamples=400,
                                                  baseline_simulations=400))
@@ -117,11 +117,12 @@ def test_files_written_into_the_run_directory(tiny_run: Path, tiny_data_dir: Pat
     assert data["leakage_found"] == {"test": 0} and data["leakage_evaluated"] == {"test": 0}
 
 
-def test_summary_compares_with_the_baseline_and_warns(run_metrics: dict) -> None:
-    text = evaluate.format_summary(run_metrics)
+def test_summary_compares_with_the_baseline_and_warns(run_metrics: evaluate.EvaluateResult) -> None:
+    text = run_metrics.summary()  # what `imgclf evaluate` prints
+    assert text == evaluate.format_summary(run_metrics.as_dict())
     assert "F1-macro" in text and "weighted random" in text and "report.html" in text
     assert f"{run_metrics['f1_macro']:.3f}" in text
-    weak = json.loads(json.dumps(run_metrics))
+    weak = json.loads(json.dumps(run_metrics.as_dict()))
     weak["vs_weighted_random"]["clearly_above"] = False
     assert "not clearly above" in evaluate.format_summary(weak)
     weak["vs_weighted_random"]["clearly_above"] = True

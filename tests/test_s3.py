@@ -141,7 +141,7 @@ def test_the_shipped_weights_score_the_same_from_s3_shards_as_from_local_files(s
     """A model that has learned (the metrics are not those of a constant prediction) sees the same images."""
     tmp = s3_data[0]
     weights = Path(__file__).resolve().parents[1] / "weights" / "fashion_mnist_mobilenet_v3_small.pt"
-    options = {"weights": weights, "split": "test", "num_workers": 0, "bootstrap_resamples": 50,
+    options = {"model": weights, "split": "test", "num_workers": 0, "bootstrap_resamples": 50,
                "baseline_simulations": 50}
     remote = evaluate.run(evaluate.EvaluateOptions(data=TAR, out=tmp_path / "s3", **options))
     local = evaluate.run(evaluate.EvaluateOptions(data=tmp / "local", out=tmp_path / "local", **options))

@@ -1,11 +1,12 @@
 """Embeddings and perceptual hashes of every audited image, batched and cached by content.
 
 The embedding is the model's penultimate layer (its head removed), on the model's own eval
-preprocessing. Exported models (ONNX, TorchScript) expose no inner layer: their log-probabilities
-are the embedding. Images stream through in batches; every PART_SIZE of them are saved as one
-part of AUDIT_DIR/cache/embeddings-KEY/ (KEY: a fingerprint of the model file and preprocessing;
-each image by its sha256), so a rerun, or an audit resumed after Ctrl-C or a crash, decodes only
-images it has not seen with that model.
+preprocessing, applied to whole batches by predict's and evaluate's preprocessor
+(`inference.eval_preprocessor`, in the loader workers' collate). Exported models (ONNX, TorchScript)
+expose no inner layer: their log-probabilities are the embedding. Images stream through in batches;
+every PART_SIZE of them are saved as one part of AUDIT_DIR/cache/embeddings-KEY/ (KEY: a fingerprint
+of the model file and preprocessing; each image by its sha256), so a rerun, or an audit resumed
+after Ctrl-C or a crash, decodes only images it has not seen with that model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import imagehash
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,7 +31,7 @@ from imgclf import presets, storage
 from imgclf._files import atomic_path
 from imgclf.errors import DataError, first_line
 from imgclf.images import ImageLimits, Rejected, decode_image
-from imgclf.inference import ModelHandle, load
+from imgclf.inference import ModelHandle, Preprocessor, eval_preprocessor, load
 from imgclf.manifest import RowRef, row_refs
 from imgclf.progress import track
 
@@ -132,30 +134,48 @@ def phash256(image) -> np.ndarray:
 
 
 class _Images(Dataset):
-    """(normalised tensor, phash, ok) per row; an unreadable file is a value (ok False), not an exception."""
+    """(decoded image, phash, ok) per row; an unreadable file is a value (ok False), not an exception."""
 
     def __init__(self, data_dir: str | Path, refs: list[RowRef], pre: presets.Preprocessing) -> None:
         self.data_dir = data_dir
         self.refs = refs
-        self.transform = presets.eval_transform(pre)
         # Stored images were validated at download; any size is fine, but the resize bounds the work.
         self.limits = ImageLimits(min_side=1).for_resize(pre.resize_size)
-        self.blank = torch.zeros(3, pre.image_size, pre.image_size)
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, np.ndarray, bool]:
+    def __getitem__(self, i: int) -> tuple[Image.Image | None, np.ndarray, bool]:
         try:
             decoded = decode_image(storage.read_row(self.data_dir, self.refs[i]), self.limits)
             if isinstance(decoded, Rejected):
                 raise ValueError(f"{decoded.status}: {decoded.reason}")
             image = decoded.image
-            # int64 view: the default collate makes tensors, and torch has no uint64 dtype to collate into
-            return self.transform(image), phash256(image).view(np.int64), True
+            # int64 view: torch has no uint64 dtype to collate into
+            return image, phash256(image).view(np.int64), True
         except (OSError, ValueError, SyntaxError, DataError) as err:  # truncated, removed, outside DATA_DIR
             log.warning("cannot read %s: %s", self.refs[i].path, first_line(err))
-            return self.blank, np.zeros((len(CROPS), HASH_WORDS), np.int64), False
+            return None, np.zeros((len(CROPS), HASH_WORDS), np.int64), False
+
+
+class _Collate:
+    """A loader worker's batch: the readable images preprocessed together by predict's and evaluate's
+    preprocessor (`inference.eval_preprocessor`, bitwise `presets.eval_transform`), zeros for the rest;
+    (images (N, 3, S, S), hashes (N, crops, 4) int64, ok (N,) bool)."""
+
+    def __init__(self, pre: presets.Preprocessing) -> None:
+        self.pre = pre
+        self._prepare: Preprocessor | None = None  # built where it runs (a worker): torch modules do not pickle
+
+    def __call__(self, items: list[tuple[Image.Image | None, np.ndarray, bool]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._prepare is None:
+            self._prepare = eval_preprocessor(self.pre)
+        ok = torch.tensor([good for _, _, good in items], dtype=torch.bool)
+        batch = torch.zeros(len(items), 3, self.pre.image_size, self.pre.image_size)
+        if ok.any():
+            batch[ok] = torch.from_numpy(self._prepare([image for image, _, good in items if good]))
+        return batch, torch.from_numpy(np.stack([hashes for _, hashes, _ in items])), ok
 
 
 # ---------------------------------------------------------------- cache
@@ -228,7 +248,8 @@ def _embed_missing(todo: list[str], frame: pd.DataFrame, data_dir: str | Path, e
     log.info("embedding %d image(s) (%d from cache)", len(todo), frame["sha256"].nunique() - len(todo))
     first_ref = dict(zip(frame["sha256"].tolist(), row_refs(frame), strict=True))
     dataset = _Images(data_dir, [first_ref[s] for s in todo], embedder.preprocessing)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=_Collate(embedder.preprocessing))
     done = 0
     part: tuple[list[str], list[np.ndarray], list[np.ndarray]] = ([], [], [])
     for images, hashes, ok in track(loader, "embed", total=len(todo), unit="images", size=lambda b: len(b[2])):

@@ -1,7 +1,8 @@
 """`imgclf <stage> ...`: one command per pipeline stage (one module per command: cli/_<stage>.py).
 
-The CLI only parses arguments, builds the stage's typed options and calls the stage;
-stages are imported lazily so `imgclf --help` answers without loading torch.
+The CLI only parses arguments into the stage's one options object, calls `run(options)` and
+prints the result's `summary()` (the stages' one contract, docs/architecture.md); stages are
+imported lazily so `imgclf --help` answers without loading torch.
 User errors (ImgclfError) become one line on stderr and a non-zero exit code.
 """
 

@@ -139,6 +139,30 @@ def add_model_argument(parser: argparse.ArgumentParser, command: str, required: 
         parser.add_argument("--model", type=Path, required=required, help=MODEL_HELP)
 
 
+class _Backends:
+    """argparse `choices` read from the loader's OPENERS when first needed (a --backend given, help, an
+    error): a new backend is one entry there, and a command that takes no --backend never imports
+    the loader (numpy, Pillow, pydantic) just to build its parser."""
+
+    def _names(self) -> tuple[str, ...]:
+        from imgclf.inference import BACKENDS  # ("auto", *OPENERS)
+
+        return BACKENDS
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # noqa: ANN204 - argparse only iterates it for help and error messages
+        return iter(self._names())
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """`--backend`, its choices from `imgclf.inference.OPENERS`."""
+    parser.add_argument("--backend", choices=_Backends(), default="auto", metavar="BACKEND",
+                        help="%(choices)s; auto: the model file's own (onnx for .onnx, torchscript for exported "
+                             "TorchScript, else torch)")
+
+
 def one_model(args: argparse.Namespace) -> Path:
     """The one model named by --model or an old spelling; a usage error for none or two; a clear one for a typo."""
     from imgclf.errors import ConfigError

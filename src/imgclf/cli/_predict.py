@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgclf.cli._common import add_model_argument, add_output_argument
+from imgclf.cli._common import add_backend_argument, add_model_argument, add_output_argument
 from imgclf.errors import ConfigError
 
 
@@ -25,9 +25,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                        help=f"table inputs: column holding the {name} (default: {name}), as in download")
     p.add_argument("--top-k", type=int, default=5, help="labels per row")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
-                   help="auto: the model file's own (onnx for .onnx, torchscript for exported TorchScript, "
-                        "else torch)")
+    add_backend_argument(p)
     p.add_argument("--timeout", type=float, default=15.0, help="seconds allowed per URL fetch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--tta", choices=("none", "flip", "crops"), default="none",

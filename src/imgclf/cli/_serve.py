@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgclf.cli._common import add_model_argument, add_renamed
+from imgclf.cli._common import add_backend_argument, add_model_argument, add_renamed
 from imgclf.rundir import require_model
 
 
@@ -13,8 +13,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                        description="HTTP service: POST /predict (multipart image or JSON {\"url\": ...}), "
                                    "GET /health, GET /labels, GET /docs, and a page at /.")
     add_model_argument(p, "serve", required=True)
-    p.add_argument("--backend", choices=("auto", "torch", "onnx", "torchscript"), default="auto",
-                   help="auto: the model file's own")
+    add_backend_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--allow-private-urls", action="store_true",
