@@ -180,6 +180,14 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     return _checked(frame, path)
 
 
+def is_parts(data_dir: str | Path) -> bool:
+    """True for a local DATA_DIR whose manifest is written as parts (more than PART_ROWS rows):
+    train, evaluate and audit then read it as a stream instead of as one frame of every row."""
+    from imgclf import storage
+
+    return not storage.is_url(data_dir) and (Path(data_dir) / PARTS_DIR / PARTS_INDEX).is_file()
+
+
 def part_files(data_dir: str | Path) -> list[Path]:
     """The Parquet files of a local manifest: the parts its index names, or manifest.parquet."""
     index = Path(data_dir) / PARTS_DIR / PARTS_INDEX
@@ -258,6 +266,21 @@ def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | No
         col = frame[name] if name in frame else pd.Series(default, index=frame.index)
         frame[name] = col.fillna("" if dtype == "string" else 0).astype(dtype)
     return frame[columns]
+
+
+def scan_batches(data_dir: str | Path, columns: list[str], split: str | None = None, status: str | None = None,
+                 batch_rows: int = 262_144) -> Iterator[pd.DataFrame]:
+    """`scan`, a batch at a time (columns as stored, not typed): one streaming pass over the rows of a
+    split and/or status, holding one batch of the columns asked for, for counting at any size."""
+    data = dataset(data_dir)
+    present = [c for c in columns if c in data.schema.names]
+    try:
+        for batch in data.scanner(columns=present, filter=_filter(split, status), batch_size=batch_rows,
+                                  batch_readahead=2, fragment_readahead=1).to_batches():
+            if batch.num_rows:
+                yield batch.to_pandas()
+    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
 
 
 def epoch_batches(data_dir: str | Path, split: str, seed: int, columns: list[str], batch_rows: int = 65_536,
