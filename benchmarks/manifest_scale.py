@@ -66,12 +66,14 @@ def _template() -> pa.Table:
                     schema=schema)
 
 
-def write(data_dir: Path, rows: int, part_rows: int) -> None:
+def write(data_dir: Path, rows: int, part_rows: int, template: pa.Table | None = None) -> None:
+    """`rows` rows as parts: `template` (default `_template()`) repeated with its own row numbers."""
     from imgclf.download._report import _Parts
 
-    started = time.monotonic()
-    template = _template()
-    print(f"template of {TEMPLATE:,} rows built in {time.monotonic() - started:.1f}s")
+    if template is None:
+        started = time.monotonic()
+        template = _template()
+        print(f"template of {TEMPLATE:,} rows built in {time.monotonic() - started:.1f}s")
 
     def batches():  # noqa: ANN202
         for first in range(0, rows, TEMPLATE):
