@@ -14,7 +14,8 @@ Steps, in a fresh process after the write (so its peak RSS is the reader's alone
 2. `_stream.loaders(...)` and the first --batches batches of the train loader (2 workers, 256
    images each, decoded and augmented at 32 px): time to the first batch, then the rate.
 Printed: each step's seconds and rows, peak RSS (VmHWM) of the main process, the largest peak of
-a worker process (getrusage of the children), and their sum as the loading's bound.
+a worker process (getrusage of the children), the largest PSS of the main process and its workers
+together (sampled after each batch), and main + 2 x worker RSS as a crude upper bound.
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _peak_mib() -> float:
     return manifest_scale._peak_mib()
 
 
+def _pss_mib() -> float:
+    """Proportional set size of this process and its children (the loader workers) together: pages
+    shared after fork counted once, unlike summing each worker's RSS."""
+    pids = [str(Path("/proc/self").resolve().name)]
+    for task in Path("/proc/self/task").iterdir():
+        pids += (task / "children").read_text().split()
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:  # a worker that just exited
+            pass
+    return total / 1024
+
+
 def read(data_dir: Path, batches: int) -> None:
     from imgclf import presets
     from imgclf.config import load_config
@@ -85,18 +103,20 @@ def read(data_dir: Path, batches: int) -> None:
     it = iter(train_loader)
     images, targets = next(it)
     first = time.monotonic() - t
-    seen = len(targets)
+    seen, pss = len(targets), _pss_mib()
     t2 = time.monotonic()
     for _ in range(batches - 1):
         images, targets = next(it)
         seen += len(targets)
+        pss = max(pss, _pss_mib())
     rate = (seen - 256) / max(time.monotonic() - t2, 1e-9)
     del it  # joins the workers, so their peak is in the children's rusage
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"train loader: {len(train_loader):,} batches per epoch; first batch {tuple(images.shape)} after "
           f"{first:.1f}s; {batches} batches ({seen:,} images) at {rate:,.0f} images/s after it")
-    print(f"peak RSS: main {_peak_mib():,.0f} MiB, largest worker {child:,.0f} MiB; main + 2 workers "
-          f"{_peak_mib() + 2 * child:,.0f} MiB (goal < 4,096)")
+    print(f"peak RSS: main {_peak_mib():,.0f} MiB, largest worker {child:,.0f} MiB (its RSS counts the pages "
+          f"it shares with the main process); largest PSS of main + workers together, sampled after each "
+          f"batch: {pss:,.0f} MiB; main + 2 x worker RSS {_peak_mib() + 2 * child:,.0f} MiB (goal < 4,096)")
 
 
 def main() -> None:

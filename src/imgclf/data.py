@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,8 +61,8 @@ class ValRule:
     fraction: float
     HASH = "splitmix64(int(sha256[:16], 16) ^ splitmix64(seed)) / 2**64 < fraction"
 
-    def is_val(self, sha256: pd.Series | list[str]) -> np.ndarray:
-        """A boolean per row: True where that sha256 goes to validation."""
+    def is_val(self, sha256: Any) -> np.ndarray:
+        """A boolean per row: True where that sha256 goes to validation (a list, Series or Arrow array)."""
         values = _hex_prefix(sha256)
         return (_splitmix64(values ^ _splitmix64(np.array([self.seed], dtype=np.uint64))) >> np.uint64(11)) \
             < np.uint64(int(self.fraction * 2**53))
@@ -78,15 +79,24 @@ class ValRule:
             raise DataError(f"{where}: unreadable split_rule {str(value)[:200]!r}") from None
 
 
-def _hex_prefix(sha256: pd.Series | list[str]) -> np.ndarray:
-    """The first 16 hex digits of each sha256 as uint64 (0 for an empty or malformed cell)."""
-    out = np.zeros(len(sha256), dtype=np.uint64)
-    for i, text in enumerate(sha256):  # ~10M cells/s: a part's 5M rows take half a second
-        try:
-            out[i] = int(text[:16], 16)
-        except (TypeError, ValueError):
-            pass
-    return out
+def _hex_prefix(sha256: Any) -> np.ndarray:
+    """The first 16 hex digits of each sha256 as uint64 (0 for an empty or malformed cell), without a
+    Python object per cell: the digits are read from the Arrow string buffer as a (n, 16) byte array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(sha256, pa.ChunkedArray):
+        sha256 = sha256.combine_chunks()
+    elif not isinstance(sha256, pa.Array):
+        sha256 = pa.array(list(sha256), pa.string())
+    head = pc.utf8_rpad(pc.utf8_slice_codeunits(pc.fill_null(sha256.cast(pa.string()), ""), 0, 16), 16, "g")
+    offsets = np.frombuffer(head.buffers()[1], dtype=np.int32, count=len(head) + 1, offset=4 * head.offset)
+    chars = np.frombuffer(head.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(len(head), 16)
+    digits = np.select([(chars >= 48) & (chars <= 57), (chars >= 97) & (chars <= 102), (chars >= 65) & (chars <= 70)],
+                       [chars - 48, chars - 87, chars - 55], 255).astype(np.uint64)
+    valid = (digits != 255).all(axis=1)  # "g" pads a short cell: malformed, as any non-hex digit
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    return np.where(valid, (digits << shifts).sum(axis=1, dtype=np.uint64), np.uint64(0))
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -101,19 +111,25 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def subset_label_counts(data_dir: str | Path, rule: ValRule) -> dict[str, dict[str, int]]:
     """Usable rows per label of a parts manifest, in one streaming pass over its split, label and
     sha256 columns: "given_val" (the manifest's own val split), and its train split cut by `rule`
-    into "train" and "val". Memory: one batch of those columns, and a count per label."""
-    from collections import Counter
+    into "train" and "val". Memory: one Arrow batch of those columns (no Python object per cell),
+    and a count per label."""
+    import pyarrow.compute as pc
 
-    from imgclf.manifest import scan_batches
+    from imgclf.manifest import scan_arrow
 
-    tallies: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "given_val": Counter()}
-    for batch in scan_batches(data_dir, ["split", "label", "sha256"], status="ok"):
-        tallies["given_val"].update(batch.loc[batch["split"] == "val", "label"].value_counts().to_dict())
-        train = batch[batch["split"] == "train"]
-        side = rule.is_val(train["sha256"].tolist())
-        tallies["val"].update(train.loc[side, "label"].value_counts().to_dict())
-        tallies["train"].update(train.loc[~side, "label"].value_counts().to_dict())
-    return {name: {str(k): int(v) for k, v in counts.items()} for name, counts in tallies.items()}
+    tallies: dict[str, dict[str, int]] = {"train": {}, "val": {}, "given_val": {}}
+
+    def add(name: str, labels: Any) -> None:
+        for item in pc.value_counts(labels).to_pylist():
+            tallies[name][item["values"]] = tallies[name].get(item["values"], 0) + item["counts"]
+
+    for batch in scan_arrow(data_dir, ["split", "label", "sha256"], status="ok"):
+        add("given_val", pc.filter(batch["label"], pc.equal(batch["split"], "val")))
+        train = batch.filter(pc.equal(batch["split"], "train"))
+        side = rule.is_val(train["sha256"])
+        add("val", train["label"].filter(side))
+        add("train", train["label"].filter(~side))
+    return tallies
 
 
 def stratified_split(labels: pd.Series, val_fraction: float, seed: int) -> np.ndarray:

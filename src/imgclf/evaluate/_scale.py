@@ -32,10 +32,7 @@ COLUMNS = ["row", "path", "label", "url", "sha256"]
 
 
 def _usable_count(data_dir: Path | str, split: str) -> int:
-    import pyarrow.dataset as ds
-
-    data = manifest.dataset(data_dir)
-    return data.count_rows(filter=(ds.field("split") == split) & (ds.field("status") == "ok"))
+    return sum(table.num_rows for table in manifest.scan_arrow(data_dir, ["status"], split=split, status="ok"))
 
 
 def _rows(data_dir: Path | str, split: str, keep: Any = None) -> pd.DataFrame:
