@@ -12,7 +12,7 @@ from conftest import TINY_CLASSES
 from helpers import make_data_dir
 from test_scale_stream import to_parts
 
-from imgclf import data
+from imgclf import hashsplit
 from imgclf.audit import _rows
 from imgclf.errors import DataError
 from imgclf.stages import audit
@@ -40,7 +40,7 @@ def test_a_sample_is_seeded_per_image_and_the_same_for_one_file_and_parts(both) 
     single, parts, frame = both
     got = _rows.usable(parts, sample=40, seed=5)
     ok = frame[frame["status"] == "ok"]
-    want = ok[data.ValRule(5, 40 / 102).is_val(ok["sha256"].tolist())]
+    want = ok[hashsplit.ValRule(5, 40 / 102).is_val(ok["sha256"].tolist())]
     assert got["row"].tolist() == want["row"].tolist() and 20 < len(got) < 60
     assert got.equals(_rows.usable(single, sample=40, seed=5))  # every column, typed alike
     assert _rows.usable(parts, sample=40, seed=6)["row"].tolist() != got["row"].tolist()

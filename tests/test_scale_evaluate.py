@@ -15,7 +15,7 @@ from conftest import TINY_CLASSES, tiny_config
 from helpers import make_data_dir
 from test_scale_stream import to_parts
 
-from imgclf import data
+from imgclf import hashsplit
 from imgclf.errors import DataError
 from imgclf.evaluate import _scale
 from imgclf.stages import evaluate, train
@@ -54,7 +54,7 @@ def test_parts_give_the_figures_of_the_single_file_manifest(both, tmp_path: Path
 
 def test_the_run_validation_rows_come_from_its_recorded_rule(both, tmp_path: Path) -> None:
     _, parts, frame, run = both
-    rule = data.ValRule.from_json(json.loads((run / "run.json").read_text())["split_rule"], "run.json")
+    rule = hashsplit.ValRule.from_json(json.loads((run / "run.json").read_text())["split_rule"], "run.json")
     pool = frame[frame["split"] == "train"]
     want = set(pool.loc[rule.is_val(pool["sha256"].tolist()), "row"])
     metrics = _evaluate(tmp_path, "val", model=run, split="val")
@@ -72,6 +72,6 @@ def test_a_split_over_the_bound_is_refused_in_one_line_and_sampled_on_request(bo
     assert not (tmp_path / "refused").exists()
     metrics = _evaluate(tmp_path, "sampled", model=run, sample=12, seed=3)
     test = frame[frame["split"] == "test"]
-    want = set(test.loc[data.ValRule(3, 12 / 30).is_val(test["sha256"].tolist()), "row"])
+    want = set(test.loc[hashsplit.ValRule(3, 12 / 30).is_val(test["sha256"].tolist()), "row"])
     assert set(pd.read_csv(tmp_path / "sampled" / "predictions.csv")["row"]) == want
     assert metrics["n_images"] == len(want) and 0 < len(want) < 30

@@ -1,4 +1,4 @@
-"""Training streams a manifest written as parts (issue 25 item 2; imgclf.train._stream, data.ValRule):
+"""Training streams a manifest written as parts (issue 25 item 2; imgclf.train._stream, hashsplit.ValRule):
 a real data directory of bundled Fashion-MNIST PNGs whose manifest is rewritten as parts of 11 rows
 by download's own parts writer; real tiny training (seconds), real DataLoader workers."""
 
@@ -15,7 +15,7 @@ from conftest import TINY_CLASSES, tiny_config
 from helpers import make_data_dir
 from torch.utils.data import DataLoader
 
-from imgclf import data, manifest, presets
+from imgclf import hashsplit, manifest, presets
 from imgclf.download._report import _Parts
 from imgclf.errors import ConfigError
 from imgclf.stages import train
@@ -37,7 +37,7 @@ def parts_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFr
     return dest, to_parts(dest, 11)
 
 
-def _rule_sides(frame: pd.DataFrame, rule: data.ValRule) -> tuple[set[int], set[int]]:
+def _rule_sides(frame: pd.DataFrame, rule: hashsplit.ValRule) -> tuple[set[int], set[int]]:
     """(train rows, val rows) as the rule says, computed from the whole frame (what the stream avoids)."""
     pool = frame[(frame["split"] == "train") & (frame["status"] == "ok")]
     side = rule.is_val(pool["sha256"].tolist())
@@ -48,20 +48,20 @@ def test_the_val_rule_is_seeded_per_image_and_near_the_fraction() -> None:
     import hashlib
 
     shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
-    rule = data.ValRule(0, 0.15)
+    rule = hashsplit.ValRule(0, 0.15)
     side = rule.is_val(shas)
     assert abs(side.mean() - 0.15) < 0.01
     assert (rule.is_val(shas[::-1])[::-1] == side).all()  # a row's side depends on its sha256 alone
-    assert (data.ValRule(1, 0.15).is_val(shas) != side).mean() > 0.2  # another seed, another draw
-    assert not data.ValRule(0, 0.15).is_val(["", "not hex"]).any()
-    assert data.ValRule.from_json(rule.as_json(), "run.json") == rule
+    assert (hashsplit.ValRule(1, 0.15).is_val(shas) != side).mean() > 0.2  # another seed, another draw
+    assert not hashsplit.ValRule(0, 0.15).is_val(["", "not hex"]).any()
+    assert hashsplit.ValRule.from_json(rule.as_json(), "run.json") == rule
 
 
 def test_train_on_parts_uses_the_rule_and_records_it(parts_dir, tmp_path: Path) -> None:
     data_dir, frame = parts_dir
     result = train.run(tiny_config("trainer.epochs=1"), data_dir, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run.json").read_text())
-    rule = data.ValRule(tiny_config().seed, 0.15)
+    rule = hashsplit.ValRule(tiny_config().seed, 0.15)
     train_rows, val_rows = _rule_sides(frame, rule)
     assert info["status"] == "done" and info["class_names"] == sorted(TINY_CLASSES) == result.class_names
     assert info["split_rule"] == {**rule.as_json(), "train_rows": len(train_rows),

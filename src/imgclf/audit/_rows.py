@@ -4,7 +4,7 @@ The audit's analysis holds all its images at once: 2 KB of float16 embedding per
 label head's float32 copies of them in scikit-learn's scaler, PCA and cross-validation (4-8 KB per
 image each; docs/benchmarks.md, issue 27 item 4). At MAX_IMAGES that is already about 10 GB, so
 above it the audit refuses in one line that names the size and the way out, `--sample N`: a
-seeded sample of about N images, chosen per image by a hash of its sha256 (data.ValRule), so the
+seeded sample of about N images, chosen per image by a hash of its sha256 (hashsplit.ValRule), so the
 same images every time and copies of one image together. A manifest written as parts is counted
 and sampled by streaming passes (manifest.scan_arrow), never read whole.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from imgclf import manifest
-from imgclf.data import ValRule
 from imgclf.errors import DataError
+from imgclf.hashsplit import ValRule
 from imgclf.untrusted import check_labels
 
 log = logging.getLogger("imgclf.audit")

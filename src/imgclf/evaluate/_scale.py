@@ -7,7 +7,7 @@ What still grows with the evaluated split: its rows (row, path, label, url), the
 probabilities (images x classes), predictions.csv and the bootstrap's resamples, all of which the
 metrics and the report need whole. So the evaluated split is bounded: above MAX_IMAGES usable
 images evaluate refuses in one line, and `--sample N` evaluates a seeded sample of about N of them
-instead (per image by a seeded hash of its sha256, data.ValRule, so the same images every time). At
+instead (per image by a seeded hash of its sha256, hashsplit.ValRule, so the same images every time). At
 2,000,000 images the 95% interval of accuracy is about +-0.0007 wide: a larger test set changes
 no decision, and the probabilities of 1,000 classes already take 8 GB.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from imgclf import manifest
-from imgclf.data import ValRule, subset_label_counts
 from imgclf.errors import DataError
+from imgclf.hashsplit import ValRule, subset_label_counts
 
 log = logging.getLogger("imgclf.evaluate")
 

@@ -1,10 +1,10 @@
 """Training on a manifest written as parts (more than manifest.PART_ROWS rows): a stream, never one
 frame of every row (issue 25 item 2; docs/scale.md "training on a parts manifest").
 
-- The split: the manifest's own `val` rows when it has any, else `data.ValRule` (a seeded hash of
+- The split: the manifest's own `val` rows when it has any, else `hashsplit.ValRule` (a seeded hash of
   each row's sha256 against data.val_fraction). No split.csv: run.json's `split_rule` records the
   rule, resume reads it back, and evaluate applies the same rule.
-- Class names and per-subset counts: one streaming pass (`data.subset_label_counts`).
+- Class names and per-subset counts: one streaming pass (`hashsplit.subset_label_counts`).
 - The loaders: `StreamImages`, an IterableDataset over `manifest.epoch_batches` (row groups in a
   seeded order, rows shuffled within a window of groups, reseeded every epoch). The epoch's rows
   are cut into batches; global batch g belongs to DDP rank g % world and, on that rank, to
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgclf import data, manifest, presets, rundir
+from imgclf import data, hashsplit, manifest, presets, rundir
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, DataError, first_line
 from imgclf.presets import ImageTooLarge
@@ -44,7 +44,7 @@ class StreamSplit:
     """The train/val split of a parts manifest, as a rule and counts (what split.csv is for a frame)."""
 
     data_dir: Path | str
-    rule: data.ValRule | None  # None: the manifest's own val split is the validation subset
+    rule: hashsplit.ValRule | None  # None: the manifest's own val split is the validation subset
     counts: dict[str, dict[str, int]]  # "train"/"val" -> label -> usable rows
 
     @property
@@ -89,12 +89,12 @@ def check_options(config: TrainConfig, data_dir: Path | str) -> None:
 def stream_split(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool) -> StreamSplit:
     """The split of a parts manifest; a resumed run keeps the rule its run.json recorded."""
     check_options(config, data_dir)
-    rule = data.ValRule(config.seed, config.data.val_fraction)
+    rule = hashsplit.ValRule(config.seed, config.data.val_fraction)
     info = rundir.RunDir(run_dir).read_info() if resume else None
     saved = getattr(info, "split_rule", None) if info is not None else None
     if isinstance(saved, dict) and saved.get("kind") == "hash":
-        rule = data.ValRule.from_json(saved, str(rundir.RunDir(run_dir).info_path))
-    counts = data.subset_label_counts(data_dir, rule)
+        rule = hashsplit.ValRule.from_json(saved, str(rundir.RunDir(run_dir).info_path))
+    counts = hashsplit.subset_label_counts(data_dir, rule)
     if counts["given_val"]:  # the manifest's own val split, as make_split uses it
         train = {k: counts["train"].get(k, 0) + counts["val"].get(k, 0) for k in counts["train"].keys()
                  | counts["val"].keys()}
