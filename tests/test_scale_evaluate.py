@@ -6,7 +6,10 @@ training and real evaluation of bundled Fashion-MNIST PNGs (seconds)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -75,3 +78,22 @@ def test_a_split_over_the_bound_is_refused_in_one_line_and_sampled_on_request(bo
     want = set(test.loc[hashsplit.ValRule(3, 12 / 30).is_val(test["sha256"].tolist()), "row"])
     assert set(pd.read_csv(tmp_path / "sampled" / "predictions.csv")["row"]) == want
     assert metrics["n_images"] == len(want) and 0 < len(want) < 30
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imgclf", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_the_cli_samples_and_refuses_in_one_line(both, tmp_path: Path) -> None:
+    _, parts, frame, run = both
+    done = _cli("evaluate", str(run), "--sample", "12", "--seed", "3", "--out", str(tmp_path / "ev"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    test = frame[frame["split"] == "test"]
+    want = set(test.loc[hashsplit.ValRule(3, 12 / 30).is_val(test["sha256"].tolist()), "row"])
+    assert set(pd.read_csv(tmp_path / "ev" / "predictions.csv")["row"]) == want
+    refused = _cli("audit", "--data", str(parts), "--out", str(tmp_path / "au"), "--apply")
+    assert refused.returncode == 2 and not (tmp_path / "au").exists()
+    # faiss's loader writes its own notes first (INFO lines, its ModuleNotFoundError repr); then our one line
+    assert "Traceback" not in refused.stderr
+    assert "written as parts; --apply" in refused.stderr.strip().splitlines()[-1]

@@ -5,6 +5,7 @@ by download's own parts writer; real tiny training (seconds), real DataLoader wo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -127,3 +128,21 @@ def test_options_that_need_every_row_are_refused_in_one_line(parts_dir, tmp_path
     with pytest.raises(ConfigError, match=r"written as parts.*data\.balanced_sampler.*docs/scale\.md"):
         train.run(tiny_config("data.balanced_sampler=true"), data_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_image_is_counted_and_stood_in_for_within_its_batch(parts_dir, tmp_path: Path) -> None:
+    data_dir, frame = parts_dir
+    broken = tmp_path / "d"
+    shutil.copytree(data_dir, broken)
+    split = _stream.stream_split(tiny_config(), broken, Path("unused"), resume=False)
+    dataset = _dataset(split, "val", 4)
+    first = next(dataset.own_batches(0, 1))
+    victim = broken / first["path"].iloc[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
+    images, targets = dataset.decode(first)
+    assert images.shape[0] == len(first) == len(targets) and dataset.failures.count() == 1
+    index = {n: i for i, n in enumerate(split.class_names)}
+    readable = [index[label] for label in first["label"].iloc[1:]]
+    assert sorted(targets.tolist()) == sorted(readable + [readable[0]])  # a readable image of the batch, its label
+    dataset.failures.reset()
+    assert dataset.failures.count() == 0
