@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from imgclf import hashsplit, manifest, presets
 from imgclf.download._report import _Parts
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, DataError
 from imgclf.stages import train
 from imgclf.train import _stream
 
@@ -146,3 +146,21 @@ def test_an_unreadable_image_is_counted_and_stood_in_for_within_its_batch(parts_
     assert sorted(targets.tolist()) == sorted(readable + [readable[0]])  # a readable image of the batch, its label
     dataset.failures.reset()
     assert dataset.failures.count() == 0
+
+
+def test_data_exclude_leaves_its_rows_out_of_the_stream(parts_dir, tmp_path: Path) -> None:
+    data_dir, frame = parts_dir
+    config = tiny_config(f"data.exclude={tmp_path / 'drop.csv'}")
+    whole = _stream.stream_split(tiny_config(), data_dir, Path("unused"), resume=False)
+    pool = frame[frame["split"] == "train"]
+    side = whole.rule.is_val(pool["sha256"].tolist())
+    dropped = pool.loc[~side, "row"].tolist()[:3] + pool.loc[side, "row"].tolist()[:1]
+    pd.DataFrame({"row": dropped}).to_csv(tmp_path / "drop.csv", index=False)  # a hand-made row list
+    split = _stream.stream_split(config, data_dir, Path("unused"), resume=False)
+    assert (split.rows("train"), split.rows("val")) == (whole.rows("train") - 3, whole.rows("val") - 1)
+    seen = {r for subset in ("train", "val") for b in _reader_rows(_dataset(split, subset, 1), 0, 1) for r in b}
+    assert seen == set(pool["row"]) - set(dropped)
+
+    pd.DataFrame({"row": [10**9]}).to_csv(tmp_path / "drop.csv", index=False)
+    with pytest.raises(DataError, match=r"drop\.csv: manifest row 1000000000 does not exist"):
+        _stream.stream_split(config, data_dir, Path("unused"), resume=False)

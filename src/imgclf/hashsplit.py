@@ -76,11 +76,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def subset_label_counts(data_dir: str | Path, rule: ValRule) -> dict[str, dict[str, int]]:
+def subset_label_counts(data_dir: str | Path, rule: ValRule,
+                        excluded: frozenset[int] = frozenset()) -> dict[str, dict[str, int]]:
     """Usable rows per label of a parts manifest, in one streaming pass over its split, label and
     sha256 columns: "given_val" (the manifest's own val split), and its train split cut by `rule`
-    into "train" and "val". Memory: one Arrow batch of those columns (no Python object per cell),
-    and a count per label."""
+    into "train" and "val"; rows numbered in `excluded` (data.exclude) left out. Memory: one Arrow
+    batch of those columns (no Python object per cell), and a count per label."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from imgclf.manifest import scan_arrow
@@ -91,7 +93,10 @@ def subset_label_counts(data_dir: str | Path, rule: ValRule) -> dict[str, dict[s
         for item in pc.value_counts(labels).to_pylist():
             tallies[name][item["values"]] = tallies[name].get(item["values"], 0) + item["counts"]
 
-    for batch in scan_arrow(data_dir, ["split", "label", "sha256"], status="ok"):
+    left_out = pa.array(sorted(excluded), pa.int64())
+    for batch in scan_arrow(data_dir, ["row", "split", "label", "sha256"], status="ok"):
+        if excluded:
+            batch = batch.filter(pc.invert(pc.is_in(batch["row"], value_set=left_out)))
         add("given_val", pc.filter(batch["label"], pc.equal(batch["split"], "val")))
         train = batch.filter(pc.equal(batch["split"], "train"))
         side = rule.is_val(train["sha256"])

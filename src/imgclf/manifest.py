@@ -287,6 +287,19 @@ def scan_arrow(data_dir: str | Path, columns: list[str], split: str | None = Non
         raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
 
 
+def rows_of(data_dir: str | Path, rows: set[int], columns: list[str]) -> pd.DataFrame:
+    """The manifest rows numbered in `rows` (columns as stored), found by a filter pushed down to the
+    parts: a few listed rows of a billion-row manifest without reading the others into memory."""
+    import pyarrow.dataset as ds
+
+    data = dataset(data_dir)
+    try:
+        table = data.to_table(columns=columns, filter=ds.field("row").isin(sorted(rows)))
+    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
+    return table.to_pandas()
+
+
 def scan_batches(data_dir: str | Path, columns: list[str], split: str | None = None,
                  status: str | None = None) -> Iterator[pd.DataFrame]:
     """`scan_arrow` as pandas frames (for the few rows of one split, not for counting all of them)."""

@@ -165,7 +165,7 @@ def run(opts: AuditOptions) -> dict[str, Any]:
         raise DataError(f"--filter-by {opts.filter_by!r}: choose from {', '.join(FILTERS)}")
     if opts.apply and is_parts(opts.data):  # --apply rewrites manifest.parquet whole; parts win over it
         raise DataError(f"{opts.data}: its manifest is written as parts; --apply cannot rewrite it yet: audit "
-                        "without --apply and keep audit.csv")
+                        "without --apply and train with data.exclude: AUDIT_DIR/audit.csv")
     ok, names = _audited_rows(opts.data, opts.label_sep if opts.multilabel else None, opts.sample, opts.seed)
     embedder = _embedder(opts, names)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ class StreamSplit:
     data_dir: Path | str
     rule: hashsplit.ValRule | None  # None: the manifest's own val split is the validation subset
     counts: dict[str, dict[str, int]]  # "train"/"val" -> label -> usable rows
+    excluded: frozenset[int] = frozenset()  # rows data.exclude leaves out
 
     @property
     def class_names(self) -> list[str]:
@@ -72,7 +73,6 @@ def check_options(config: TrainConfig, data_dir: Path | str) -> None:
     cfg, model = config.data, config.model
     needs_rows = {
         "task: multilabel": config.task == "multilabel",
-        "data.exclude": cfg.exclude is not None,
         "data.balanced_sampler": cfg.balanced_sampler,
         "data.augment.hflip=alternate": cfg.augment.hflip == "alternate",
         "data.cache=true": cfg.cache is True,
@@ -94,13 +94,14 @@ def stream_split(config: TrainConfig, data_dir: Path | str, run_dir: Path, resum
     saved = getattr(info, "split_rule", None) if info is not None else None
     if isinstance(saved, dict) and saved.get("kind") == "hash":
         rule = hashsplit.ValRule.from_json(saved, str(rundir.RunDir(run_dir).info_path))
-    counts = hashsplit.subset_label_counts(data_dir, rule)
+    excluded = excluded_rows(config.data.exclude, data_dir) if config.data.exclude else frozenset()
+    counts = hashsplit.subset_label_counts(data_dir, rule, excluded)
     if counts["given_val"]:  # the manifest's own val split, as make_split uses it
         train = {k: counts["train"].get(k, 0) + counts["val"].get(k, 0) for k in counts["train"].keys()
                  | counts["val"].keys()}
-        split = StreamSplit(data_dir, None, {"train": train, "val": counts["given_val"]})
+        split = StreamSplit(data_dir, None, {"train": train, "val": counts["given_val"]}, excluded)
     else:
-        split = StreamSplit(data_dir, rule, {"train": counts["train"], "val": counts["val"]})
+        split = StreamSplit(data_dir, rule, {"train": counts["train"], "val": counts["val"]}, excluded)
     if not split.rows("train"):
         raise DataError(f"{data_dir}: no downloaded images with split 'train' in the manifest")
     if not split.rows("val"):
@@ -114,6 +115,21 @@ def stream_split(config: TrainConfig, data_dir: Path | str, run_dir: Path, resum
     log.info("streaming the parts manifest of %s: %d train and %d val images, %d classes (split: %s)", data_dir,
              split.rows("train"), split.rows("val"), len(names), "manifest" if split.rule is None else "hash")
     return split
+
+
+def excluded_rows(path: str, data_dir: Path | str) -> frozenset[int]:
+    """data.exclude's rows (audit.csv, decisions.csv drops, any CSV with `row`), checked against the
+    manifest rows they name only (found by a pushed-down filter, not a frame of every row)."""
+    from imgclf import auditdir
+
+    findings = auditdir.read_findings(path)
+    if auditdir.is_decisions(findings) and (findings["action"] == "relabel").any():
+        raise ConfigError(f"data.exclude={path}: relabel decisions need every row in memory to check the new "
+                          f"labels; with the parts manifest of {data_dir}, exclude drops only")
+    named = manifest.rows_of(data_dir, set(findings["row"].tolist()), ["row", "sha256"])
+    rows = frozenset(auditdir.excluded_rows(path, named))
+    log.info("data.exclude: leaving out %d row(s) listed in %s", len(rows), path)
+    return rows
 
 
 class StreamFailures:
@@ -171,6 +187,8 @@ class StreamImages(IterableDataset):
         """This subset's rows (COLUMNS) in the epoch's order, as frames of up to 65,536 rows."""
         given = self.split.rule is None
         for frame in manifest.epoch_batches(self.data_dir, self.subset if given else "train", seed, COLUMNS):
+            if self.split.excluded:
+                frame = frame[~frame["row"].isin(self.split.excluded)]
             if not given:
                 frame = frame[self.split.rule.is_val(frame["sha256"].tolist()) == (self.subset == "val")]
             if len(frame):
