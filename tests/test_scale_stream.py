@@ -164,3 +164,10 @@ def test_data_exclude_leaves_its_rows_out_of_the_stream(parts_dir, tmp_path: Pat
     pd.DataFrame({"row": [10**9]}).to_csv(tmp_path / "drop.csv", index=False)
     with pytest.raises(DataError, match=r"drop\.csv: manifest row 1000000000 does not exist"):
         _stream.stream_split(config, data_dir, Path("unused"), resume=False)
+
+
+def test_too_few_train_images_for_one_batch_is_one_line(parts_dir, tmp_path: Path) -> None:
+    data_dir, _ = parts_dir
+    with pytest.raises(DataError, match=r"train images make no full batch of trainer.batch_size=512; lower it"):
+        train.run(tiny_config("trainer.batch_size=512"), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

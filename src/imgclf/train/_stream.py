@@ -292,6 +292,9 @@ def loaders(config: TrainConfig, split: StreamSplit, class_names: list[str],
                          presets.train_augment(pre, cfg.augment), pre, config.seed, cfg.shard_cache),
             StreamImages(split, "val", class_names, config.trainer.batch_size * 2, presets.eval_resize(pre), pre,
                          config.seed, cfg.shard_cache)]
+    if not len(sets[0]):  # the tail is dropped: fewer rows than one batch would train nothing
+        raise DataError(f"{split.data_dir}: {split.rows('train')} train images make no full batch of "
+                        f"trainer.batch_size={config.trainer.batch_size}; lower it")
     # Not persistent: each epoch's workers start from the dataset as StreamPosition left it.
     common: dict[str, Any] = {"batch_size": None, "num_workers": cfg.num_workers,
                               "pin_memory": torch.cuda.is_available()}
