@@ -107,6 +107,16 @@ def read(data_dir: Path) -> None:
     print(f"open: {total:,} rows in {len(data.files)} parts, {time.monotonic() - t:.2f}s; "
           f"peak RSS {_peak_mib():,.0f} MiB")
     t = time.monotonic()
+    from imgclf.predict import _ray  # `predict --engine ray`'s driver plan: footers only, no row read
+
+    units = _ray.expand_units([str(data_dir)], 1000)
+    shards = _ray.cut_shards(units, 1000)
+    _ray._plan_key("model.onnx", "auto", units, _ray.PredictOptions(), "csv", 1000)
+    print(f"predict --engine ray plan (slices of <= 1,000 rows from the parts' footers, shards, resume key): "
+          f"{len(units):,} slices, {len(shards):,} shards, {time.monotonic() - t:.1f}s; "
+          f"peak RSS {_peak_mib():,.0f} MiB")
+    del units, shards
+    t = time.monotonic()
     per_split = {s: data.count_rows(filter=(ds.field("split") == s) & (ds.field("status") == "ok"))
                  for s in ("train", "val", "test")}
     print(f"usable rows per split {per_split}: {time.monotonic() - t:.1f}s; peak RSS {_peak_mib():,.0f} MiB")
