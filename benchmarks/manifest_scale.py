@@ -66,12 +66,14 @@ def _template() -> pa.Table:
                     schema=schema)
 
 
-def write(data_dir: Path, rows: int, part_rows: int) -> None:
+def write(data_dir: Path, rows: int, part_rows: int, template: pa.Table | None = None) -> None:
+    """`rows` rows as parts: `template` (default `_template()`) repeated with its own row numbers."""
     from imgclf.download._report import _Parts
 
-    started = time.monotonic()
-    template = _template()
-    print(f"template of {TEMPLATE:,} rows built in {time.monotonic() - started:.1f}s")
+    if template is None:
+        started = time.monotonic()
+        template = _template()
+        print(f"template of {TEMPLATE:,} rows built in {time.monotonic() - started:.1f}s")
 
     def batches():  # noqa: ANN202
         for first in range(0, rows, TEMPLATE):
@@ -104,6 +106,16 @@ def read(data_dir: Path) -> None:
     total = data.count_rows()
     print(f"open: {total:,} rows in {len(data.files)} parts, {time.monotonic() - t:.2f}s; "
           f"peak RSS {_peak_mib():,.0f} MiB")
+    t = time.monotonic()
+    from imgclf.predict import _ray  # `predict --engine ray`'s driver plan: footers only, no row read
+
+    units = _ray.expand_units([str(data_dir)], 1000)
+    shards = _ray.cut_shards(units, 1000)
+    _ray._plan_key("model.onnx", "auto", units, _ray.PredictOptions(), "csv", 1000)
+    print(f"predict --engine ray plan (slices of <= 1,000 rows from the parts' footers, shards, resume key): "
+          f"{len(units):,} slices, {len(shards):,} shards, {time.monotonic() - t:.1f}s; "
+          f"peak RSS {_peak_mib():,.0f} MiB")
+    del units, shards
     t = time.monotonic()
     per_split = {s: data.count_rows(filter=(ds.field("split") == s) & (ds.field("status") == "ok"))
                  for s in ("train", "val", "test")}

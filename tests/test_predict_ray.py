@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,39 @@ def test_ray_predict_gives_the_single_process_rows_in_input_order(cluster, input
     by_url = got[9:21]
     assert [r["input"].rsplit("/", 1)[-1] for r in by_url] == [f.name for f in train]
     assert _same(by_url, _rows(originals), names=False)
+
+
+
+def test_a_parts_data_dir_is_sliced_for_the_workers_and_predicts_like_its_one_file_manifest(
+        cluster, inputs, tiny_run: Path, tmp_path: Path) -> None:
+    """The same data directory with its manifest rewritten as parts of 5 rows (row groups of 3): the
+    driver cuts it into footer-only slices, workers read their rows; rows, order and names unchanged."""
+    import pyarrow as pa
+
+    from imgclf import manifest
+    from imgclf.download._report import _Parts
+
+    tmp, _, _ = inputs
+    parts_dir = tmp_path / "data"
+    shutil.copytree(tmp / "data", parts_dir)
+    frame = manifest.read_manifest(parts_dir)
+    broken = frame.index[1]
+    frame.loc[broken, "status"] = "http_error"  # a row that is not ok is left out, as read_manifest's way does
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    _Parts(parts_dir, 5).write(iter([table.slice(i, 3) for i in range(0, table.num_rows, 3)]))
+    assert manifest.is_parts(parts_dir) and not (parts_dir / manifest.MANIFEST_NAME).exists()
+    slices = list(_ray.part_slices(str(parts_dir), 2))
+    assert sum(s.stop - s.start for s in slices) == len(frame) and max(s.stop - s.start for s in slices) <= 2
+    assert [len(shard) for shard in _ray.cut_shards(slices, 4)][0] >= 2  # slices share a shard up to its size
+
+    got_path, want_path = tmp_path / "parts.csv", tmp_path / "one.csv"
+    result = _ray.run(dataclasses.replace(QUIET, inputs=(str(parts_dir),), model=tiny_run, out=got_path),
+                      _ray.RayOptions(workers=2, shard_size=2))
+    assert (result.ok, result.failed) == (len(frame) - 1, 0)
+    _ray.run(dataclasses.replace(QUIET, inputs=(str(tmp / "data"),), model=tiny_run, out=want_path),
+             _ray.RayOptions(workers=2))
+    want = [r for r in _rows(want_path) if r["input"] != frame.loc[broken, "url"]]
+    assert _same(_rows(got_path), want)
 
 
 def test_a_bad_model_is_one_line_before_ray_starts(inputs, tmp_path: Path) -> None:

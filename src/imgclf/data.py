@@ -10,6 +10,10 @@ at least 1 when n >= 2, and never all of them. A class with a single image stays
 `task: multilabel` (`label_sep` given): copies of one image (same sha256; rows with status duplicate
 too) become one sample whose label cell is the union of their sets, an empty cell is an image with
 no label, and the split is iteratively stratified on the label sets (imgclf.multilabel).
+
+A manifest written as parts (more than manifest.PART_ROWS rows) is not split by a global pass:
+`hashsplit.ValRule` sends an image to validation by a seeded hash of its sha256 against
+val_fraction; training records the rule in run.json instead of writing split.csv (train/_stream.py).
 """
 
 from __future__ import annotations
@@ -350,7 +354,7 @@ def check_unreadable(datasets: list[DecodedImages], max_share: float) -> int:
     """How many stored images could not be read so far; a one-line DataError once that is more than
     `max_share` of all images (data.max_unreadable): the data directory needs repair, not a model."""
     bad = sum(d.failures.count() for d in datasets)
-    total = sum(len(d) for d in datasets)
+    total = sum(getattr(d, "n_rows", None) or len(d) for d in datasets)  # a stream's len() counts batches
     if total and bad / total > max_share:
         raise DataError(f"{bad} of {total} stored images are unreadable ({bad / total:.1%}, more than "
                         f"data.max_unreadable={max_share}); see the warnings above, then repair or "

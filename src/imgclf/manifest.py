@@ -51,6 +51,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -180,6 +181,14 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     return _checked(frame, path)
 
 
+def is_parts(data_dir: str | Path) -> bool:
+    """True for a local DATA_DIR whose manifest is written as parts (more than PART_ROWS rows):
+    train, evaluate and audit then read it as a stream instead of as one frame of every row."""
+    from imgclf import storage
+
+    return not storage.is_url(data_dir) and (Path(data_dir) / PARTS_DIR / PARTS_INDEX).is_file()
+
+
 def part_files(data_dir: str | Path) -> list[Path]:
     """The Parquet files of a local manifest: the parts its index names, or manifest.parquet."""
     index = Path(data_dir) / PARTS_DIR / PARTS_INDEX
@@ -258,6 +267,44 @@ def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | No
         col = frame[name] if name in frame else pd.Series(default, index=frame.index)
         frame[name] = col.fillna("" if dtype == "string" else 0).astype(dtype)
     return frame[columns]
+
+
+def scan_arrow(data_dir: str | Path, columns: list[str], split: str | None = None,
+               status: str | None = None) -> Iterator[Any]:
+    """`scan`, one row group (20,000 rows as download writes them) at a time, as a pyarrow Table of
+    the columns asked for (as stored): a streaming pass for counting at any size. Read group by group
+    on purpose: pyarrow's scanner decodes ahead of a slow consumer, a whole 5M-row part in memory."""
+    data = dataset(data_dir)
+    present = [c for c in columns if c in data.schema.names]
+    expr = _filter(split, status)
+    try:
+        for fragment in data.get_fragments():
+            for group in fragment.split_by_row_group(filter=expr):
+                table = group.to_table(columns=present, filter=expr)
+                if table.num_rows:
+                    yield table
+    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
+
+
+def rows_of(data_dir: str | Path, rows: set[int], columns: list[str]) -> pd.DataFrame:
+    """The manifest rows numbered in `rows` (columns as stored), found by a filter pushed down to the
+    parts: a few listed rows of a billion-row manifest without reading the others into memory."""
+    import pyarrow.dataset as ds
+
+    data = dataset(data_dir)
+    try:
+        table = data.to_table(columns=columns, filter=ds.field("row").isin(sorted(rows)))
+    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
+    return table.to_pandas()
+
+
+def scan_batches(data_dir: str | Path, columns: list[str], split: str | None = None,
+                 status: str | None = None) -> Iterator[pd.DataFrame]:
+    """`scan_arrow` as pandas frames (for the few rows of one split, not for counting all of them)."""
+    for batch in scan_arrow(data_dir, columns, split, status):
+        yield batch.to_pandas()
 
 
 def epoch_batches(data_dir: str | Path, split: str, seed: int, columns: list[str], batch_rows: int = 65_536,

@@ -41,13 +41,14 @@ from imgclf.audit import (
     _labels,
     _multilabel,
     _outliers,
+    _rows,
     _selftrain,
     _trust,
 )
 from imgclf.audit._result import AuditResult, format_summary
 from imgclf.csvfile import frame_text
 from imgclf.errors import ConfigError, DataError
-from imgclf.manifest import read_manifest, row_refs, usable_rows
+from imgclf.manifest import is_parts, row_refs
 from imgclf.version import __version__
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class AuditOptions:
     gallery_size: int = 60
     task: str = "single_label"  # multilabel: label cells are sets split at label_sep (audit/_multilabel.py)
     label_sep: str = "|"
+    sample: int | None = None  # audit a seeded sample of about this many images (needed above _rows.MAX_IMAGES)
 
     def __post_init__(self) -> None:
         """The rules both the CLI and the API answer with one line, before any work."""
@@ -133,9 +135,11 @@ def _check_out(out: Path) -> None:
         raise DataError(f"{out}: exists and is not a folder; --out must be a folder (AUDIT_DIR)")
 
 
-def _audited_rows(data: Path, sep: str | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """The ok rows and the class names; with `sep` (multilabel), one row per image content and its label set."""
-    ok = usable_rows(read_manifest(data))
+def _audited_rows(data: Path, sep: str | None = None, sample: int | None = None,
+                  seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """The ok rows (all, or a seeded sample: _rows) and the class names; with `sep` (multilabel), one
+    row per image content and its label set."""
+    ok = _rows.usable(data, sample, seed)
     if ok.empty:
         raise DataError(f"{data}: no images with status ok in the manifest; nothing to audit")
     if sep is not None:
@@ -181,7 +185,10 @@ def run(opts: AuditOptions) -> AuditResult:
     _check_out(out)
     if opts.filter_by not in FILTERS:
         raise DataError(f"--filter-by {opts.filter_by!r}: choose from {', '.join(FILTERS)}")
-    ok, names = _audited_rows(opts.data, opts.label_sep if opts.multilabel else None)
+    if opts.apply and is_parts(opts.data):  # --apply rewrites manifest.parquet whole; parts win over it
+        raise DataError(f"{opts.data}: its manifest is written as parts; --apply cannot rewrite it yet: audit "
+                        "without --apply and train with data.exclude: AUDIT_DIR/audit.csv")
+    ok, names = _audited_rows(opts.data, opts.label_sep if opts.multilabel else None, opts.sample, opts.seed)
     embedder = _embedder(opts, names)
     out.mkdir(parents=True, exist_ok=True)
     clock.lap("model", started)

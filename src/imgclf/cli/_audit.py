@@ -55,6 +55,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="serve the review page of the audit in AUDIT_DIR on 127.0.0.1 (no new audit): keep / relabel "
                         "/ drop each finding, saved to AUDIT_DIR/decisions.csv for data.exclude")
     p.add_argument("--port", type=int, default=0, help="--review: port on 127.0.0.1 (0: a free one, printed)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="audit a seeded sample of about N usable images (needed above 1,000,000; the same "
+                        "images for the same --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch when computing embeddings")
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
@@ -77,7 +80,7 @@ def handle(args: argparse.Namespace) -> int:
         max_self_confidence=args.max_self_confidence, seed=args.seed,
         batch_size=args.batch_size,
         num_workers=args.num_workers, relabel=args.relabel, apply=args.apply, task=args.task,
-        label_sep=args.label_sep,
+        label_sep=args.label_sep, sample=args.sample,
         duplicates=DuplicateSettings(max_distance=args.hash_distance))
     print(audit.run(opts).summary())  # the options checked themselves: conflicting judges, --folds, --apply
     return 0

@@ -30,6 +30,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=("none", "flip", "crops"), default="none",
                    help="test-time augmentation: average the probabilities of the image and its mirror image "
                         "(flip, 2 passes) or also of 4 shifted crops (crops, 10 passes); recorded in metrics.json")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="a data directory whose manifest is parts: evaluate a seeded sample of about N images "
+                        "of the split (needed above 2,000,000; see docs/scale.md)")
     p.set_defaults(handler=handle)
 
 
@@ -39,6 +42,6 @@ def handle(args: argparse.Namespace) -> int:
     options = evaluate.EvaluateOptions(
         model=one_model(args), data=args.data, split=args.split, out=args.out, seed=args.seed,
         batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
-        tta=args.tta)
+        tta=args.tta, sample=args.sample)
     print(evaluate.run(options).summary())
     return 0

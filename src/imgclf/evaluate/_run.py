@@ -24,10 +24,10 @@ from imgclf.csvfile import write_frame
 from imgclf.curves import training_curves
 from imgclf.data import SPLIT_NAME, read_split
 from imgclf.errors import ConfigError, DataError
-from imgclf.evaluate import _html, _metrics, _multilabel, _plots
+from imgclf.evaluate import _html, _metrics, _multilabel, _plots, _scale
 from imgclf.evaluate._scoring import drop_unreadable, open_model, predict_proba
 from imgclf.inference import _tta as tta
-from imgclf.manifest import REPORT_NAME, read_manifest, usable_rows
+from imgclf.manifest import REPORT_NAME, is_parts, read_manifest, usable_rows
 from imgclf.rundir import RunDir, require_model
 from imgclf.version import __version__
 
@@ -56,6 +56,7 @@ class EvaluateOptions:
     max_unreadable: float = 0.05  # share of images that may be unreadable (skipped, counted) before it stops
     progress: bool = True  # a bar in a terminal, throttled lines in a log
     tta: str = "none"  # test-time augmentation (imgclf.inference._tta): none, flip, crops
+    sample: int | None = None  # a parts manifest: evaluate a seeded sample of about this many images (_scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,6 +172,20 @@ def training_labels(manifest: pd.DataFrame, split_csv: pd.DataFrame | None,
         return train["label"], "manifest split 'train'"
     log.warning("no training data found: the weighted-random baseline uses the evaluated split's own shares")
     return eval_set.frame["label"], f"evaluated split '{eval_set.split}' (no training data found)"
+
+
+def _parts_inputs(plan: Plan, opts: EvaluateOptions, names: list[str]
+                  ) -> tuple[EvalSet, np.ndarray, str, dict[str, Any]]:
+    """The eval set, training shares and data summary of a parts manifest (evaluate/_scale.py)."""
+    frame, split, source, note = _scale.eval_rows(plan.data_dir, opts.split, plan.run_info, opts.sample, opts.seed)
+    eval_set = EvalSet(frame[["row", "path", "label", "url"]], plan.data_dir, split, source, note)
+    counts, shares_source = _scale.train_counts(plan.data_dir, plan.run_info)
+    if not any(counts.get(n) for n in names):
+        log.warning("no training data found: the weighted-random baseline uses the evaluated split's own shares")
+        counts = frame["label"].value_counts().to_dict()
+        shares_source = f"evaluated split '{split}' (no training data found)"
+    shares = np.array([float(counts.get(n, 0)) for n in names])
+    return eval_set, shares / max(shares.sum(), 1.0), shares_source, _scale.data_summary(plan.data_dir, split)
 
 
 # ---------------------------------------------------------------- data summary
@@ -314,14 +329,18 @@ def _evaluate(opts: EvaluateOptions) -> dict[str, Any]:
     loaded = replace(loaded, probabilities=tta.wrap(loaded.probabilities, opts.tta))
     if loaded.task == "multilabel":  # label sets: other metrics, baseline and report (evaluate/_multilabel.py)
         return _multilabel.run(opts, plan, loaded)
-    manifest = read_manifest(plan.data_dir)
-    split_csv = _read_split_csv(plan.run_dir)
-    eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
     handle, names = loaded.handle, loaded.class_names
-    train_labels, shares_source = training_labels(manifest, split_csv, eval_set)
-    index = {n: i for i, n in enumerate(names)}
-    known = np.array([index[x] for x in train_labels if x in index], dtype=int)
-    shares = _metrics.class_shares(known, len(names))
+    if is_parts(plan.data_dir):  # a manifest written as parts: the split's rows and streamed counts only
+        eval_set, shares, shares_source, summary = _parts_inputs(plan, opts, names)
+    else:
+        manifest = read_manifest(plan.data_dir)
+        split_csv = _read_split_csv(plan.run_dir)
+        eval_set = select_eval_set(plan, manifest, opts.split, split_csv)
+        train_labels, shares_source = training_labels(manifest, split_csv, eval_set)
+        index = {n: i for i, n in enumerate(names)}
+        known = np.array([index[x] for x in train_labels if x in index], dtype=int)
+        shares = _metrics.class_shares(known, len(names))
+        summary = data_summary(manifest)
 
     t0 = time.perf_counter()
     proba, y_true = predict_proba(loaded, eval_set.frame, eval_set.images_root, opts.batch_size, opts.num_workers,
@@ -348,7 +367,7 @@ def _evaluate(opts: EvaluateOptions) -> dict[str, Any]:
         "data_dir": storage.display(plan.data_dir),
         "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None,
         "out_dir": str(plan.out_dir.resolve()),
-        "data": data_summary(manifest),
+        "data": summary,
         "timing": {"predict_seconds": seconds, "images_per_s": len(y_true) / max(seconds, 1e-9)},
     }
     out = plan.out_dir

@@ -4,16 +4,19 @@
     imgclf predict --engine ray --address HOST:6379 --model m.onnx s3://b/data list.csv -o preds.jsonl
 
 Inputs are what `imgclf predict` takes (files, folders, globs, URLs, CSV of them) and also data
-directories (a folder or an s3:// URL holding manifest.parquet): their rows with status ok, read
-with `imgclf.storage.read_row` from either layout, named by their `url` column. The inputs are cut
-into shards of `shard_size` in input order; each shard is one Ray task that opens the model once
-per worker process (kept for the next shard), predicts with the single-process code, and hands
-its rows back as text; the driver writes `<output>.parts/part-00000.<fmt>` (atomically) as shards
-finish, and when every shard is there, the merged file `<output>` in input order, then removes
-the parts folder. A killed run leaves finished parts: the same command again skips them (the
-parts folder records which inputs, model and options they belong to). At most two shards per
-worker are in flight; a task whose worker dies is retried by Ray, one that fails is sent again
-`shard_retries` times, then the command stops naming the shard.
+directories (a folder or an s3:// URL holding manifest.parquet, or a folder whose manifest is written as
+parts): their rows with status ok, read with `imgclf.storage.read_row` from either layout, named by
+their `url` column. A parts manifest is never read by the driver: it is cut into slices of at most
+`shard_size` rows of one row group (from the parts' Parquet footers), and each worker reads its own
+slice, so a billion-row DATA_DIR costs the driver a few hundred bytes per slice, not a row per image.
+The inputs are cut into shards of `shard_size` rows in input order; each shard is one Ray task that
+opens the model once per worker process (kept for the next shard), predicts with the single-process
+code, and hands its rows back as text; the driver writes `<output>.parts/part-00000.<fmt>` (atomically)
+as shards finish, and when every shard is there, the merged file `<output>` in input order, then removes
+the parts folder. A killed run leaves finished parts: the same command again skips them (the parts
+folder records which inputs, model and options they belong to). At most two shards per worker are in
+flight; a task whose worker dies is retried by Ray, one that fails is sent again `shard_retries` times,
+then the command stops naming the shard.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgclf import storage
+from imgclf import manifest, storage
 from imgclf._files import atomic_path, write_atomic
 from imgclf.errors import ConfigError, DataError, ImgclfError, first_line
 from imgclf.images import Rejected, decode_image
@@ -63,26 +66,100 @@ class RowInput:
     ref: storage.RowRef
 
 
-Unit = Input | RowInput
+@dataclass(frozen=True)
+class PartSlice:
+    """Rows [start, stop) of row group `group` of one manifest part, read by the worker that predicts them.
+    `stamp` (the part's size and mtime) puts a rewritten manifest into another resume plan."""
+
+    data_dir: str
+    part: str
+    group: int
+    start: int
+    stop: int
+    stamp: str
+
+    @property
+    def source(self) -> str:  # how an error names the shard
+        return f"{self.part} row group {self.group} rows {self.start}-{self.stop}"
+
+
+Unit = Input | RowInput | PartSlice
+_ROW_COLUMNS = ("url", "path", "status", "shard", "offset", "bytes")
 
 
 def is_data_dir(arg: str) -> bool:
-    """A folder or an object-store prefix holding manifest.parquet (never asked of an http(s) image URL)."""
+    """A folder or an object-store prefix holding manifest.parquet, or a folder with a parts manifest
+    (never asked of an http(s) image URL)."""
     if is_url(arg):
         return False
     if storage.is_url(arg):
         return storage.exists(arg, MANIFEST_NAME)
-    return Path(arg).is_dir() and (Path(arg) / MANIFEST_NAME).is_file()
+    return Path(arg).is_dir() and ((Path(arg) / MANIFEST_NAME).is_file() or manifest.is_parts(arg))
 
 
-def expand_units(arguments: list[str]) -> list[Unit]:
-    """The inputs in order: a data directory becomes its ok rows, anything else what predict expands it to.
+def part_slices(data_dir: str, size: int) -> Iterator[PartSlice]:
+    """A parts manifest as slices of at most `size` rows, one row group each: read from the footers only."""
+    import pyarrow.parquet as pq
+
+    for part in manifest.part_files(data_dir):
+        stat = part.stat()
+        stamp, name = f"{stat.st_size}-{stat.st_mtime_ns}", str(part)
+        try:
+            meta = pq.ParquetFile(part).metadata
+        except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{part}: unreadable manifest part ({err.__class__.__name__})") from None
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            for start in range(0, rows, size):
+                yield PartSlice(data_dir, name, group, start, min(rows, start + size), stamp)
+
+
+def _slice_rows(unit: PartSlice) -> list[RowInput]:
+    """The ok rows of one slice (in the worker): one row group read, only the columns a row needs."""
+    import pyarrow.parquet as pq
+
+    try:
+        source = pq.ParquetFile(unit.part)
+        columns = [c for c in _ROW_COLUMNS if c in source.schema_arrow.names]
+        table = source.read_row_group(unit.group, columns=columns).slice(unit.start, unit.stop - unit.start)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{unit.part}: unreadable manifest part ({err.__class__.__name__})") from None
+    rows = usable_rows(table.to_pandas())
+    return [RowInput(str(url), unit.data_dir, ref) for url, ref in zip(rows["url"], row_refs(rows), strict=True)]
+
+
+def _weight(unit: Unit) -> int:
+    """Inputs a unit stands for (a slice holds up to shard_size rows; filtered rows are counted too)."""
+    return unit.stop - unit.start if isinstance(unit, PartSlice) else 1
+
+
+def cut_shards(units: list[Unit], size: int) -> list[list[Unit]]:
+    """Consecutive shards of about `size` inputs each (a slice is never split; it is at most `size`)."""
+    shards: list[list[Unit]] = []
+    current: list[Unit] = []
+    held = 0
+    for unit in units:
+        if current and held + _weight(unit) > size:
+            shards.append(current)
+            current, held = [], 0
+        current.append(unit)
+        held += _weight(unit)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def expand_units(arguments: list[str], slice_rows: int = 1000) -> list[Unit]:
+    """The inputs in order: a data directory becomes its ok rows (a parts manifest: slices of at most
+    `slice_rows` rows, read by the workers), anything else what predict expands it to.
 
     Local paths are made absolute (Ray workers need not share the driver's working directory);
     the output keeps the names the user gave."""
     units: list[Unit] = []
     for arg in arguments:
-        if is_data_dir(arg):
+        if not is_url(arg) and not storage.is_url(arg) and manifest.is_parts(arg):
+            units += part_slices(storage.display(arg), slice_rows)
+        elif is_data_dir(arg):
             data_dir = storage.display(arg)
             rows = usable_rows(read_manifest(data_dir))
             units += [RowInput(str(url), data_dir, ref) for url, ref in zip(rows["url"], row_refs(rows), strict=True)]
@@ -139,6 +216,7 @@ def predict_shard(model: str, backend: str, units: list[Unit], options: PredictO
                   cwd: str) -> tuple[str, int, int]:
     """One shard's predictions as the text of a part file (header included), with (ok, failed)."""
     classifier = _classifier(model, backend, options)
+    units = [row for unit in units for row in (_slice_rows(unit) if isinstance(unit, PartSlice) else [unit])]
     found: dict[int, Prediction] = {}
     files = [(i, u) for i, u in enumerate(units) if isinstance(u, Input)]
     rows = [(i, u) for i, u in enumerate(units) if isinstance(u, RowInput)]
@@ -171,8 +249,8 @@ def run(options: PredictOptions, ray_options: RayOptions | None = None) -> Predi
     fmt = fmt or ("jsonl" if output.suffix.lower() in (".jsonl", ".ndjson") else "csv")
     model_path = str(Path(model).resolve())
     load_classifier(model_path, backend)  # a bad model is one line now, before Ray starts
-    units = expand_units(inputs)
-    shards = [units[i:i + ray_options.shard_size] for i in range(0, len(units), ray_options.shard_size)]
+    units = expand_units(inputs, ray_options.shard_size)
+    shards = cut_shards(units, ray_options.shard_size)
     parts = _Parts(output, fmt, _plan_key(model_path, backend, units, options, fmt, ray_options.shard_size))
     todo = [n for n in range(len(shards)) if not parts.done(n)]
     if len(todo) < len(shards):
@@ -183,7 +261,7 @@ def run(options: PredictOptions, ray_options: RayOptions | None = None) -> Predi
         _run_shards(ray, task, shards, todo, parts, (model_path, backend, options, fmt, os.getcwd()),
                     ray_options, options.progress)
     ok, failed = parts.merge(len(shards))
-    log.info("predicted %d inputs in %d shards in %.1fs", len(units), len(shards), time.perf_counter() - started)
+    log.info("predicted %d inputs in %d shards in %.1fs", ok + failed, len(shards), time.perf_counter() - started)
     return PredictResult(ok, failed, output)
 
 
@@ -193,7 +271,8 @@ def _run_shards(ray: Any, task: Any, shards: list[list[Unit]], todo: list[int], 
     model, backend, options, fmt, cwd = args
     window = 2 * max(1, ray_options.workers)
     queue, running, tries = deque(todo), {}, dict.fromkeys(todo, 0)
-    bar = tqdm(total=sum(len(shards[n]) for n in todo), unit="img", disable=not progress, file=sys.stderr)
+    total = sum(_weight(u) for n in todo for u in shards[n])
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr)
     try:
         while queue or running:
             while queue and len(running) < window:
@@ -215,7 +294,7 @@ def _run_shards(ray: Any, task: Any, shards: list[list[Unit]], todo: list[int], 
                 queue.append(n)
                 continue
             parts.write(n, text, ok, failed)
-            bar.update(len(shards[n]))
+            bar.update(sum(_weight(u) for u in shards[n]))
     finally:
         bar.close()
         for ref in running:

@@ -12,20 +12,24 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from imgclf import data, presets
+from imgclf import data, manifest, presets
 from imgclf.config import TrainConfig
 from imgclf.errors import DataError
-from imgclf.train import _tricks
+from imgclf.train import _stream, _tricks
+from imgclf.train._stream import StreamSplit
 
 log = logging.getLogger("imgclf.train")
 
 
-def make_split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> pd.DataFrame:
+def make_split(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool) -> pd.DataFrame | StreamSplit:
     """The run's saved split (resume) or a new one; every DDP rank derives the same one from the seed.
 
     Without --resume a split.csv left by an attempt that died before its first checkpoint is
     replaced: the data, seed or val_fraction may have changed since, and nothing trained is lost.
+    A manifest written as parts is streamed: its split is a rule and counts (train/_stream.py).
     """
+    if manifest.is_parts(data_dir):
+        return _stream.stream_split(config, data_dir, run_dir, resume)
     split = data.read_split(run_dir) if resume else None
     if split is None:
         split = data.make_split(data_dir, config.data.val_fraction, config.seed, config.data.exclude,
@@ -40,8 +44,21 @@ def label_sep(config: TrainConfig) -> str | None:
     return config.data.label_sep if config.task == "multilabel" else None
 
 
-def loaders(config: TrainConfig, split: pd.DataFrame, data_dir: Path, class_names: list[str],
-             pre: presets.Preprocessing) -> tuple[DataLoader, DataLoader]:
+def class_names(config: TrainConfig, split: pd.DataFrame | StreamSplit) -> list[str]:
+    if isinstance(split, StreamSplit):
+        return split.class_names
+    return data.class_names_of(split, label_sep(config))
+
+
+def loaders(config: TrainConfig, split: pd.DataFrame | StreamSplit, data_dir: Path, class_names: list[str],
+            pre: presets.Preprocessing, position: _stream.StreamPosition | None = None
+            ) -> tuple[DataLoader, DataLoader]:
+    """The train and val loaders; a streamed split's datasets are handed to `position` (its callback)."""
+    if isinstance(split, StreamSplit):
+        train_loader, val_loader = _stream.loaders(config, split, class_names, pre)
+        if position is not None:
+            position.datasets = [train_loader.dataset, val_loader.dataset]
+        return train_loader, val_loader
     cfg = config.data
     train_rows, val_rows = split[split["subset"] == "train"], split[split["subset"] == "val"]
     train_set = data.DecodedImages(train_rows, data_dir, class_names, pre.resize_size,
@@ -83,11 +100,15 @@ def _use_cache(cfg: Any, data_dir: Path, split: pd.DataFrame, pre: presets.Prepr
     return fits
 
 
-def class_weights(config: TrainConfig, split: pd.DataFrame, class_names: list[str]) -> torch.Tensor | None:
+def class_weights(config: TrainConfig, split: pd.DataFrame | StreamSplit,
+                  class_names: list[str]) -> torch.Tensor | None:
     """'balanced': n / (k * n_c), as scikit-learn defines it; classes absent from train weigh 1."""
     if config.loss.class_weights != "balanced":
         return None
-    train_labels = split.loc[split["subset"] == "train", "label"]
-    counts = torch.tensor([float((train_labels == name).sum()) for name in class_names])
+    if isinstance(split, StreamSplit):
+        counts = _stream.train_counts(split, class_names)
+    else:
+        train_labels = split.loc[split["subset"] == "train", "label"]
+        counts = torch.tensor([float((train_labels == name).sum()) for name in class_names])
     weights = counts.sum() / (len(class_names) * counts.clamp(min=1))
     return torch.where(counts > 0, weights, torch.ones_like(weights))

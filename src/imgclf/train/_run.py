@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader
 from imgclf import checkpoint, data, models, presets, rundir, storage
 from imgclf.config import TrainConfig, save_config
 from imgclf.errors import ConfigError, DataError
-from imgclf.manifest import MANIFEST_NAME, read_manifest
+from imgclf.manifest import MANIFEST_NAME, is_parts, read_manifest
 from imgclf.progress import interactive
-from imgclf.train import _lr_find, _multilabel, _probe, _transfer
+from imgclf.train import _lr_find, _multilabel, _probe, _stream, _transfer
 from imgclf.train._callbacks import MetricsLog, UnreadableGuard, read_metrics
-from imgclf.train._inputs import class_weights, label_sep, loaders, make_split
+from imgclf.train._inputs import class_names as class_names_of
+from imgclf.train._inputs import class_weights, loaders, make_split
 from imgclf.train._loggers import make_loggers
 from imgclf.train._lr_find import LrFindResult
 from imgclf.train._module import ImageClassifier
@@ -88,7 +89,7 @@ def start(config: TrainConfig, data_dir: Path | str, run_dir: Path, resume: bool
             raise DataError(f"{run_dir}: holds an interrupted run; continue it with --resume (Python: resume=True) "
                             "or choose a new --out")
         raise DataError(f"{run_dir}: already holds a trained run; pass --resume or choose a new --out")
-    if not storage.exists(data_dir, MANIFEST_NAME):
+    if not storage.exists(data_dir, MANIFEST_NAME) and not is_parts(data_dir):
         read_manifest(data_dir)  # raises the standard one-line error, before RUN_DIR is created
     pl.seed_everything(config.seed, workers=True, verbose=False)
     threads_before = torch.get_num_threads()
@@ -104,18 +105,18 @@ def _run(config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, start
     last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
     split = make_split(config, data_dir, run_dir, resume)
-    class_names = data.class_names_of(split, label_sep(config))
+    class_names = class_names_of(config, split)
     if resume:
         _check_resumable(config, last, class_names)
     # The model first: its initial weights then depend on the seed only, not on data loading.
     model = models.create_model(config.model.arch, len(class_names), config.model.pretrained,
                                 config.model.weights, config.model.cache_dir, config.model.dropout,
                                 config.model.small_input, config.model.timm_kwargs)
-    guard = UnreadableGuard(config.data.max_unreadable)
+    guard, position = UnreadableGuard(config.data.max_unreadable), _stream.StreamPosition()
     with _quiet_lightning():
-        trainer = _trainer(config, run_dir, [guard])
+        trainer = _trainer(config, run_dir, [guard, position])
     pre = presets.Preprocessing.from_config(config.data)
-    train_loader, val_loader = loaders(config, split, data_dir, class_names, pre)
+    train_loader, val_loader = loaders(config, split, data_dir, class_names, pre, position)
     guard.datasets = [train_loader.dataset, val_loader.dataset]
     guard.check()  # with the RAM cache every image has been read once already
     if lr_find_only:  # writes lr_find.png/json only: never a config or split over a trained run's
@@ -140,7 +141,7 @@ class FitJob:
     run_dir: Path
     resume: bool
     started: float  # perf_counter at the start of the command: run.json's last_seconds counts from it
-    split: pd.DataFrame
+    split: pd.DataFrame | _stream.StreamSplit  # a rule and counts for a streamed parts manifest
     class_names: list[str]
     model: torch.nn.Module
     trainer: pl.Trainer
@@ -156,12 +157,13 @@ def _fit(job: FitJob) -> TrainResult:
     last = rundir.RunDir(run_dir).last
     zero = rank_zero_only.rank == 0
     train_loader, val_loader = loaders
+    rule = _stream.run_info_fields(split)  # run.json's split_rule, for a streamed split
     if zero:  # only now: unusable data or config must not leave a half-made run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, rundir.RunDir(run_dir).config)
-        if not resume or not (run_dir / data.SPLIT_NAME).is_file():
-            data.write_split(split, run_dir)
-        write_batch_preview(train_loader.dataset, class_names, run_dir, seed=config.seed)
+        if isinstance(split, pd.DataFrame) and (not resume or not (run_dir / data.SPLIT_NAME).is_file()):
+            data.write_split(split, run_dir)  # a streamed split is a rule: run.json's split_rule
+        write_batch_preview(_stream.previewable(train_loader.dataset), class_names, run_dir, seed=config.seed)
     module = _make_module(config, model, split, class_names, pre, len(train_loader), train_loader)
     module.freeze_epochs = _transfer.freeze_plan(config, model)
     probe = _transfer.start_probe(config, module, train_loader, resume)  # (state, fit) or None
@@ -170,19 +172,21 @@ def _fit(job: FitJob) -> TrainResult:
         if zero:
             save_config(config, rundir.RunDir(run_dir).config)
     if zero:
-        _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training"})
+        _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "training", **rule})
     with warnings.catch_warnings(), _quiet_lightning():
         # Lightning suggests more workers than the 2 cores we tune for; the advice is noise here.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # --resume writes there
+        # A streamed parts manifest deals each batch to one worker (train/_stream.py): its len() is exact.
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
         except SystemExit:
             # Lightning turns Ctrl-C into sys.exit(1); record it and let the CLI report an
             # interruption (exit 130, "resume with --resume"), not a failure.
             if zero:
-                _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "interrupted"})
+                _write_run_info(run_dir, data_dir, class_names, config, extra={"status": "interrupted", **rule})
             raise KeyboardInterrupt(_resume_hint(run_dir, last)) from None
 
     best = Path(trainer.checkpoint_callback.best_model_path or last)
@@ -198,7 +202,7 @@ def _fit(job: FitJob) -> TrainResult:
     seconds = time.perf_counter() - started
     if zero:
         _write_run_info(run_dir, data_dir, class_names, config, extra={
-            "status": "done", "best_score": best_score, "monitor": config.trainer.monitor,
+            "status": "done", **rule, "best_score": best_score, "monitor": config.trainer.monitor,
             "epochs_run": epochs, "collapsed_epochs": module.collapsed_epochs,
             "best_checkpoint": _relative(best, run_dir), "last_seconds": round(seconds, 1),
             "unreadable_images": guard.unreadable, **({"kept": kept.as_json()} if kept else {})})
@@ -209,9 +213,9 @@ def _fit(job: FitJob) -> TrainResult:
     return result
 
 
-def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFrame, class_names: list[str],
-            pre: presets.Preprocessing, steps_per_epoch: int, train_loader: DataLoader | None = None
-                 ) -> ImageClassifier:
+def _make_module(config: TrainConfig, model: torch.nn.Module, split: pd.DataFrame | _stream.StreamSplit,
+                 class_names: list[str], pre: presets.Preprocessing, steps_per_epoch: int,
+                 train_loader: DataLoader | None = None) -> ImageClassifier:
     _tune_batchnorm(model, config, steps_per_epoch)
     if config.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
