@@ -7,7 +7,7 @@ Reads the model (`inference.load`), the images of the chosen split (manifest row
 with status ok; when the data has no such rows, the run's validation subset from split.csv),
 predicts with the checkpoint's own eval preprocessing, and writes into the output folder:
 
-    metrics.json               stable keys, documented in docs/evaluate.md (the returned dict)
+    metrics.json               stable keys, documented in docs/evaluate.md (the returned EvaluateResult reads as it)
     predictions.csv            row, path, url, true, predicted, correct, confidence, loss, top_k
     classification_report.csv  scikit-learn's per-class precision/recall/F1/support
     confusion_matrix.png, confusion_matrix_normalized.png, per_class_f1.png,
