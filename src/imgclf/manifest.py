@@ -269,6 +269,15 @@ def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | No
     return frame[columns]
 
 
+def count_rows(data_dir: str | Path, split: str | None = None, status: str | None = None) -> int:
+    """Rows of one split and/or status of a local manifest (one file or parts), counted by pyarrow
+    with the filter pushed down: no row is kept in memory."""
+    try:
+        return dataset(data_dir).count_rows(filter=_filter(split, status))
+    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
+
+
 def scan_arrow(data_dir: str | Path, columns: list[str], split: str | None = None,
                status: str | None = None) -> Iterator[Any]:
     """`scan`, one row group (20,000 rows as download writes them) at a time, as a pyarrow Table of

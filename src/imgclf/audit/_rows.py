@@ -44,7 +44,7 @@ def usable(data: Path | str, sample: int | None = None, seed: int = 0) -> pd.Dat
         ok = manifest.usable_rows(manifest.read_manifest(data))
         rule = _sampler(data, len(ok), sample, seed)
         return ok if rule is None else ok[rule.is_val(ok["sha256"].tolist())].reset_index(drop=True)
-    n = sum(t.num_rows for t in manifest.scan_arrow(data, ["status"], status="ok"))
+    n = manifest.count_rows(data, status="ok")
     rule = _sampler(data, n, sample, seed)
     if rule is None:
         return manifest.scan(data, status="ok")

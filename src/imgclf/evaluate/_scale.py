@@ -31,10 +31,6 @@ MAX_IMAGES = 2_000_000  # usable images evaluate holds at once (see the module d
 COLUMNS = ["row", "path", "label", "url", "sha256"]
 
 
-def _usable_count(data_dir: Path | str, split: str) -> int:
-    return sum(table.num_rows for table in manifest.scan_arrow(data_dir, ["status"], split=split, status="ok"))
-
-
 def _rows(data_dir: Path | str, split: str, keep: Any = None) -> pd.DataFrame:
     """The usable rows of `split` (COLUMNS) that `keep` (a function of a batch, a boolean mask) keeps."""
     frames = []
@@ -63,7 +59,7 @@ def eval_rows(data_dir: Path | str, split: str, run_info: dict[str, Any], sample
               seed: int) -> tuple[pd.DataFrame, str, str, str]:
     """(rows, split evaluated, where they came from, note): the split's usable rows, or for test/val
     without any, the run's validation rows as its run.json `split_rule` says."""
-    n = _usable_count(data_dir, split)
+    n = manifest.count_rows(data_dir, split, "ok")
     if n:
         keep = _bounded(data_dir, split, n, sample, seed, f"split '{split}'")
         return _rows(data_dir, split, keep), split, "manifest", ""
@@ -74,7 +70,7 @@ def eval_rows(data_dir: Path | str, split: str, run_info: dict[str, Any], sample
             source = "run split_rule (the manifest's split 'val')"
         else:
             val = ValRule.from_json(rule, "run.json")
-            n_val = int(rule.get("val_rows") or _usable_count(data_dir, "train"))
+            n_val = int(rule.get("val_rows") or manifest.count_rows(data_dir, "train", "ok"))
             sampled = _bounded(data_dir, "train", n_val, sample, seed, "the run's validation subset")
 
             def keep(batch: pd.DataFrame) -> Any:

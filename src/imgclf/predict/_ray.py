@@ -88,13 +88,12 @@ _ROW_COLUMNS = ("url", "path", "status", "shard", "offset", "bytes")
 
 
 def is_data_dir(arg: str) -> bool:
-    """A folder or an object-store prefix holding manifest.parquet, or a folder with a parts manifest
-    (never asked of an http(s) image URL)."""
+    """A folder or an object-store prefix holding manifest.parquet (never asked of an http(s) image URL)."""
     if is_url(arg):
         return False
     if storage.is_url(arg):
         return storage.exists(arg, MANIFEST_NAME)
-    return Path(arg).is_dir() and ((Path(arg) / MANIFEST_NAME).is_file() or manifest.is_parts(arg))
+    return Path(arg).is_dir() and (Path(arg) / MANIFEST_NAME).is_file()
 
 
 def part_slices(data_dir: str, size: int) -> Iterator[PartSlice]:
@@ -157,7 +156,7 @@ def expand_units(arguments: list[str], slice_rows: int = 1000) -> list[Unit]:
     the output keeps the names the user gave."""
     units: list[Unit] = []
     for arg in arguments:
-        if not is_url(arg) and not storage.is_url(arg) and manifest.is_parts(arg):
+        if not is_url(arg) and manifest.is_parts(arg):  # is_parts: local folders only
             units += part_slices(storage.display(arg), slice_rows)
         elif is_data_dir(arg):
             data_dir = storage.display(arg)
