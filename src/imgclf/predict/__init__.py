@@ -62,6 +62,14 @@ class PredictOptions:
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
 
+    def output_format(self) -> str:
+        """csv or jsonl: `format` when given, else jsonl for an `out` named .jsonl/.ndjson, else csv."""
+        if self.format:
+            return self.format
+        if self.out is not None and self.out.suffix.lower() in (".jsonl", ".ndjson"):
+            return "jsonl"
+        return "csv"
+
 
 @dataclass(frozen=True)
 class PredictResult:
@@ -162,13 +170,6 @@ def write_predictions(preds: Iterable[Prediction], stream: IO[str], fmt: str, k:
     return ok, failed
 
 
-def _output_format(out: Path | None, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    if out is not None and out.suffix.lower() in (".jsonl", ".ndjson"):
-        return "jsonl"
-    return "csv"
-
 
 def run(options: PredictOptions) -> PredictResult:
     """Predict every input of `options.inputs` into `options.out` (stdout when None)."""
@@ -181,7 +182,7 @@ def run(options: PredictOptions) -> PredictResult:
     classifier.tta = check_tta(options.tta)
     items = expand_inputs(inputs, options.columns)  # lazy: a folder or table is read as the predictions go
     passed = passed_through(inputs, options.columns)
-    fmt = _output_format(out, options.format)
+    fmt = options.output_format()
     # The count is unknown until the inputs are consumed: the progress shows images done and images/s.
     preds = track(predict(items, classifier, options), "predict", unit="images", enabled=options.progress)
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes (it

@@ -236,8 +236,7 @@ def run(options: PredictOptions, ray_options: RayOptions | None = None) -> Predi
     from imgclf import _ray
 
     ray_options = ray_options or RayOptions()
-    inputs, model, output, backend, fmt = (list(options.inputs), options.model, options.out, options.backend,
-                                           options.format)
+    inputs, model, output, backend = list(options.inputs), options.model, options.out, options.backend
     options = replace(options, inputs=())  # the tasks get their shard, not every input again
     if model is None:
         raise ConfigError("predict: give a model: --model MODEL")
@@ -245,7 +244,7 @@ def run(options: PredictOptions, ray_options: RayOptions | None = None) -> Predi
         raise ConfigError("predict --engine ray: give -o/--output FILE (parts are written next to it)")
     if ray_options.shard_size < 1 or ray_options.workers < 1 or options.top_k < 1 or options.batch_size < 1:
         raise ConfigError("predict --engine ray: --shard-size, --workers, --top-k and --batch-size must be >= 1")
-    fmt = fmt or ("jsonl" if output.suffix.lower() in (".jsonl", ".ndjson") else "csv")
+    fmt = options.output_format()
     model_path = str(Path(model).resolve())
     load_classifier(model_path, backend)  # a bad model is one line now, before Ray starts
     units = expand_units(inputs, ray_options.shard_size)
