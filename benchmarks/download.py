@@ -51,13 +51,17 @@ def load_fashion(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(images, (reps, 1, 1))[:n], np.tile(labels, reps)[:n]
 
 
-def write_images(www: Path, n: int) -> None:
-    """N JPEG files of 112x112 (each distinct: the row number is drawn into a corner)."""
+def write_images(www: Path, n: int, png: bool = False) -> None:
+    """N JPEG files of 112x112, or (png) the 28x28 grey originals as PNG; each distinct: the row
+    number is drawn into a corner."""
     images, _ = load_fashion(n)
     www.mkdir(parents=True, exist_ok=True)
     for i, arr in enumerate(images):
         arr = arr.copy()
         arr[0, :20] = [(i >> b & 1) * 255 for b in range(20)]  # distinct content even when tiled
+        if png:
+            Image.fromarray(arr, "L").save(www / f"{i}.png", "PNG")
+            continue
         img = Image.fromarray(arr, "L").resize((112, 112), Image.Resampling.BILINEAR).convert("RGB")
         img.save(www / f"{i}.jpg", "JPEG", quality=90)
 
@@ -66,7 +70,7 @@ def serve(www: str, latency: float, port_queue: multiprocessing.Queue) -> None:
     """The server process: files from memory, latency on every request, faults by path."""
     from aiohttp import web
 
-    files = {p.name: p.read_bytes() for p in Path(www).glob("*.jpg")}
+    files = {p.name: p.read_bytes() for p in Path(www).iterdir() if p.suffix in (".jpg", ".png")}
     seen: dict[str, int] = {}  # requests per image path: GET /_counts tells how many were fetched twice
 
     async def counts(request: web.Request) -> web.Response:
@@ -78,7 +82,7 @@ def serve(www: str, latency: float, port_queue: multiprocessing.Queue) -> None:
         kind, name = request.match_info["kind"], request.match_info["name"]
         if kind == "img":
             seen[name] = seen.get(name, 0) + 1
-            return web.Response(body=files[name], content_type="image/jpeg")
+            return web.Response(body=files[name], content_type=_mime(name))
         if kind == "404":
             return web.Response(status=404, text="not found")
         if kind == "500":
@@ -106,14 +110,18 @@ def serve(www: str, latency: float, port_queue: multiprocessing.Queue) -> None:
     asyncio.run(main())
 
 
-def write_urls(path: Path, base: str, n: int, fault_rate_on: bool = True) -> int:
+def _mime(name: str) -> str:
+    return "image/png" if name.endswith(".png") else "image/jpeg"
+
+
+def write_urls(path: Path, base: str, n: int, fault_rate_on: bool = True, ext: str = "jpg") -> int:
     """The URL list; returns the number of rows that should end as a stored image."""
     _, labels = load_fashion(n) if n else (None, np.zeros(0, np.uint8))
     urls, good = [], 0
     for i in range(n):
         kind = FAULTS.get(i % 200, "img") if fault_rate_on else "img"
         good += kind == "img"
-        urls.append(f"{base}/{kind}/{i}.jpg")
+        urls.append(f"{base}/{kind}/{i}.{ext}")
     pd.DataFrame({"url": urls, "label": [CLASSES[v] for v in labels]}).to_csv(path, index=False)
     return good
 
@@ -142,7 +150,12 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, log: Path | None 
 
 def run_imgclf(urls: Path, out: Path, args: argparse.Namespace, log: Path, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "imgclf", "download", str(urls), "--out", str(out), "--no-progress"]
-    if not args.default_flags:
+    if args.as_is:  # issue 23 item 5: C in flight per process, P processes, files stored as they came
+        total = args.concurrency * args.processes
+        cmd += ["--processes", str(args.processes), "--concurrency", str(total), "--per-host", str(total),
+                "--timeout", str(args.timeout), "--retries", str(args.retries),
+                "--resize", "none", "--image-format", "keep"]
+    elif not args.default_flags:
         cmd += ["--processes", str(args.processes), "--concurrency", str(args.concurrency),
                 "--per-host", str(args.concurrency), "--timeout", str(args.timeout),
                 "--retries", str(args.retries),
@@ -156,6 +169,10 @@ def run_imgclf(urls: Path, out: Path, args: argparse.Namespace, log: Path, extra
 
 
 def run_img2dataset(urls: Path, out: Path, args: argparse.Namespace, log: Path) -> dict:
+    as_is = (
+        f", output_format='files', processes_count={args.processes}, thread_count={args.concurrency}, "
+        f"resize_mode='no', disable_all_reencoding=True, timeout={args.timeout}, retries={args.retries}, "
+        "number_sample_per_shard=1000, enable_wandb=False, distributor='multiprocessing'")
     matched = (
         f", output_format='files', processes_count={args.processes}, "
         f"thread_count={args.concurrency}, image_size={args.size}, resize_mode='keep_ratio', "
@@ -165,7 +182,7 @@ def run_img2dataset(urls: Path, out: Path, args: argparse.Namespace, log: Path) 
     code = (
         "from img2dataset import download\n"
         f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, input_format='csv', url_col='url', "
-        f"caption_col='label'{'' if args.default_flags else matched})\n")
+        f"caption_col='label'{'' if args.default_flags else as_is if args.as_is else matched})\n")
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     wall, peak = measure([args.img2dataset, "-c", code], env=env, log=log)
     ok = rows = 0
@@ -174,6 +191,68 @@ def run_img2dataset(urls: Path, out: Path, args: argparse.Namespace, log: Path) 
         ok += data["successes"]
         rows += data["count"]
     return {"wall_s": wall, "peak_rss": peak, "ok": ok, "rows": rows, "accounted": rows}
+
+
+def _bare_fetch(urls: list[str], in_flight: int) -> None:
+    """One process of the fetch ceiling: aiohttp, `in_flight` requests at a time, each body read whole
+    and dropped (no validation, hashing, storing or bookkeeping)."""
+    import aiohttp
+
+    async def main() -> None:
+        todo = iter(urls)
+        connector = aiohttp.TCPConnector(limit=in_flight, limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def loop() -> None:
+                for url in todo:
+                    async with session.get(url) as resp:
+                        await resp.read()
+            await asyncio.gather(*(loop() for _ in range(in_flight)))
+
+    asyncio.run(main())
+
+
+def run_ceiling(urls: Path, args: argparse.Namespace) -> dict:
+    """The fetch ceiling: the same URLs, split over P forked processes of C requests in flight each."""
+    rows = pd.read_csv(urls)["url"].tolist()
+    ctx = multiprocessing.get_context("fork")
+    started = time.monotonic()
+    procs = [ctx.Process(target=_bare_fetch, args=(rows[i::args.processes], args.concurrency))
+             for i in range(args.processes)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    wall = time.monotonic() - started
+    if any(proc.exitcode for proc in procs):
+        raise SystemExit("bare fetch failed")
+    return {"wall_s": wall, "peak_rss": 0, "ok": len(rows), "rows": len(rows), "accounted": len(rows)}
+
+
+def _compare(urls: Path, work: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """One round: each tool once, one after the other, against the same server."""
+    results = {}
+    if args.ceiling:
+        results["bare fetch"] = run_ceiling(urls, args)
+    if args.img2dataset:
+        shutil.rmtree(work / "i2d", ignore_errors=True)
+        results["img2dataset"] = run_img2dataset(urls, work / "i2d", args, work / "i2d.log")
+    shutil.rmtree(work / "imgclf", ignore_errors=True)
+    results["imgclf"] = run_imgclf(urls, work / "imgclf", args, work / "imgclf.log")
+    return results
+
+
+def _print_round(round_no: int, results: dict[str, dict], n: int) -> None:
+    print(f"round {round_no}, load average {os.getloadavg()[0]:.1f} after it")
+    for name, r in results.items():
+        print(f"  {name:12s} {r['ok'] / r['wall_s']:8.1f} images/s  ok {r['ok']:6d}  "
+              f"wall {r['wall_s']:6.2f}s  peak RSS {r['peak_rss'] / 2**20:6.0f} MiB  "
+              f"rows accounted {r['accounted']}/{n}")
+    ours = results["imgclf"]["ok"] / results["imgclf"]["wall_s"]
+    for other in ("img2dataset", "bare fetch"):
+        if other in results:
+            theirs = results[other]["ok"] / results[other]["wall_s"]
+            print(f"  imgclf / {other}: {ours / max(theirs, 1e-9):.2f}x")
+    print(f"  imgclf statuses: {results['imgclf']['counts']}")
 
 
 def main() -> None:
@@ -192,15 +271,22 @@ def main() -> None:
     parser.add_argument("--rss-rows", type=int, default=0,
                         help="also run imgclf alone on this many rows of fast 404s (memory of the row path)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--as-is", action="store_true",
+                        help="issue 23 item 5's setting: the 28x28 PNGs, no faults, stored as they came; "
+                             "--concurrency is then per process (img2dataset's threads), imgclf gets P x C")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time a bare aiohttp fetch of the same URLs (P processes x C in flight)")
+    parser.add_argument("--repeats", type=int, default=1, help="run the comparison this many times")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    www = work / "www"
+    www = work / ("www_png" if args.as_is else "www")
+    ext = "png" if args.as_is else "jpg"
     n_files = max(args.images, 1)
-    if len(list(www.glob("*.jpg"))) < n_files:
+    if len(list(www.glob(f"*.{ext}"))) < n_files:
         t = time.monotonic()
-        write_images(www, n_files)
+        write_images(www, n_files, png=args.as_is)
         print(f"wrote {n_files} images in {time.monotonic() - t:.0f}s")
     ports: multiprocessing.Queue = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve, args=(str(www), args.latency, ports), daemon=True)
@@ -208,27 +294,15 @@ def main() -> None:
     base = f"http://127.0.0.1:{ports.get(timeout=60)}"
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; "
           f"latency {args.latency * 1000:.0f} ms, "
-          + ("default flags" if args.default_flags else f"processes {args.processes}, concurrency {args.concurrency}"))
+          + ("default flags" if args.default_flags else f"processes {args.processes}, concurrency {args.concurrency}"
+             + (" per process, stored as they came" if args.as_is else "")))
     try:
         if args.images:
             urls = work / "urls.csv"
-            good = write_urls(urls, base, args.images, not args.no_faults)
-            results = {}
-            if args.img2dataset:
-                shutil.rmtree(work / "i2d", ignore_errors=True)
-                results["img2dataset"] = run_img2dataset(urls, work / "i2d", args, work / "i2d.log")
-            shutil.rmtree(work / "imgclf", ignore_errors=True)
-            results["imgclf"] = run_imgclf(urls, work / "imgclf", args, work / "imgclf.log")
+            good = write_urls(urls, base, args.images, not (args.no_faults or args.as_is), ext)
             print(f"{args.images} rows, {good} valid images, {args.images - good} faults")
-            for name, r in results.items():
-                print(f"{name:12s} {r['ok'] / r['wall_s']:8.1f} images/s  ok {r['ok']:6d}  "
-                      f"wall {r['wall_s']:6.1f}s  peak RSS {r['peak_rss'] / 2**20:6.0f} MiB  "
-                      f"rows accounted {r['accounted']}/{args.images}")
-            if "img2dataset" in results:
-                ratio = (results["imgclf"]["ok"] / results["imgclf"]["wall_s"]) / max(
-                    1e-9, results["img2dataset"]["ok"] / results["img2dataset"]["wall_s"])
-                print(f"ratio imgclf / img2dataset: {ratio:.2f}x")
-            print(f"imgclf statuses: {results['imgclf']['counts']}")
+            for round_no in range(1, args.repeats + 1):
+                _print_round(round_no, _compare(urls, work, args), args.images)
         if args.rss_rows:
             urls = work / "rss.csv"
             pd.DataFrame({"url": [f"{base}/404/{i}.jpg" for i in range(args.rss_rows)], "label": "x"}
