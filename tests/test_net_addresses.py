@@ -77,3 +77,19 @@ def test_wrapped_loopback_urls_never_reach_the_server() -> None:
         # The same server is reachable when private addresses are allowed: the refusal was the guard.
         (ok,) = asyncio.run(fetch_all([server.url("file/x.png")], FetchOptions(allow_private=True)))
         assert isinstance(ok, FetchedBody) and ok.data == b"secret" and server.counts["/file/x.png"] == 1
+
+
+@pytest.mark.parametrize("ch", ["\t", "\n", "\r", "\x0b", "\x1f", "\x85", "\xa0", "\u1680", "\u2028",
+                                "\u3000", " "])
+def test_check_url_refuses_every_whitespace_and_control_character(ch: str) -> None:
+    from imgclf.net.http import check_url
+
+    assert check_url(f"http://example.com/a{ch}b.png") == "URL contains whitespace or control characters"
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a.png?x=1&y=%20", "https://例え.jp/写真.jpg",
+                                 "http://example.com/\u200bzero-width.png"])
+def test_check_url_passes_printable_urls_and_other_invisible_characters(url: str) -> None:
+    from imgclf.net.http import check_url
+
+    assert check_url(url) == ""  # a zero-width space is not whitespace: refused by neither rule, as before

@@ -230,3 +230,20 @@ def test_a_429_with_retry_after_pauses_the_whole_host_not_just_its_url() -> None
     waited, other, host_pause = asyncio.run(scenario())
     assert 0.28 <= waited < 1.0 and other < 0.05
     assert host_pause <= PAUSE_MAX_S
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/a.png", "https://EXAMPLE.com/x?y=1", "http://user:pw@Host.example:81#frag",
+    "http://[::1]:9000/img", "http://[::1]/img", "https://例え.jp/写真.jpg", "http://example.com?x",
+    "http://example.com#f", "HTTP://Example.COM/", "http://exa mple.com/", "http://", "not a url",
+    "http://a:notaport/x", "http://a:99999/x", "http://example.com:/x", "http://a.com\\b/c", "//host/x"])
+def test_host_key_is_yarls_host_and_port_of_the_whole_url(url: str) -> None:
+    """host_key parses only the scheme and authority (cached): the same key as parsing the whole URL."""
+    from yarl import URL
+
+    try:
+        parsed = URL(url)
+        expected = f"{parsed.host}:{parsed.port}"
+    except (ValueError, TypeError):
+        expected = ""
+    assert host_key(url) == expected
