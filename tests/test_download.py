@@ -123,6 +123,21 @@ def test_fault_case_ends_with_its_status(faults, case: str) -> None:
         assert row["error"] and row["path"] == "" and row["sha256"] == ""
 
 
+def test_every_fault_case_ends_alike_on_the_plain_asyncio_loop(
+        faults, server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture's run took uvloop's event loop (net.run, where uvloop is installed); without uvloop
+    (Windows) the same rows end with the same statuses."""
+    manifest, _, _, _ = faults
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    port = closed_port()
+    rows = [{"url": server.url("file/rgb.jpg"), "label": "first"}]
+    rows += [{"url": _url(server, spec, port), "label": name} for name, (spec, _) in CASES.items()]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    result = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "data", **FAST))
+    plain = pd.read_parquet(result.manifest_path)
+    assert plain["status"].tolist() == manifest["status"].tolist()
+
+
 def test_manifest_follows_the_contract(faults) -> None:
     manifest, data_dir, result, _ = faults
     assert list(manifest.columns) == list(COLUMNS)

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 
 from imgclf.download._options import StoreSettings
+from imgclf.download._pool import Pool
 from imgclf.download._store import Stored, process_many
 from imgclf.images import Rejected
 
@@ -20,7 +21,7 @@ MAX_WAIT_S = 0.004
 
 
 class Batcher:
-    def __init__(self, pool: concurrent.futures.Executor, settings: StoreSettings) -> None:
+    def __init__(self, pool: Pool, settings: StoreSettings) -> None:
         self.pool, self.settings = pool, settings
         self._bodies: list[bytes] = []
         self._waiters: list[asyncio.Future[Stored | Rejected]] = []

@@ -8,17 +8,16 @@ Same signature as the Ray engine (`_engine_ray.fetch_pending`): (state, settings
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import multiprocessing
 import os
-import sys
 import time
 
+from imgclf import net
 from imgclf.download._batch import Batcher
 from imgclf.download._commit import outcome as outcome_of
 from imgclf.download._feed import feed, local_pages, stream_pages, worker_death
 from imgclf.download._fetch import Fetcher
 from imgclf.download._options import DownloadOptions, StoreSettings
+from imgclf.download._pool import LoopPool
 from imgclf.download._progress import Progress
 from imgclf.download._sink import Target, TarSink, next_shard_number
 from imgclf.download._state import Outcome, State
@@ -40,7 +39,7 @@ def fetch_pending(state: State, settings: StoreSettings, options: DownloadOption
     progress = Progress(pending, options.show_progress)
     try:
         with progress:
-            return asyncio.run(_download(state, settings, options, pool, progress, target))
+            return net.run(_download(state, settings, options, pool, progress, target))
     except KeyboardInterrupt:
         raise Interrupted(progress.ok + progress.failed, progress.ok) from None
     finally:
@@ -86,18 +85,14 @@ class _Recorder:
         self.last = time.monotonic()
 
 
-def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+def _pool(workers: int) -> LoopPool:
     # fork starts workers in milliseconds; they are started here, before the event loop and the
     # progress thread exist, so no lock held by another thread is copied into them.
-    ctx = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                  initializer=die_with_parent, initargs=(os.getpid(),))
-    pool.submit(int).result()
-    return pool
+    return LoopPool(workers, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 async def _download(state: State, settings: StoreSettings, options: DownloadOptions,
-                    pool: concurrent.futures.ProcessPoolExecutor, progress: Progress,
+                    pool: LoopPool, progress: Progress,
                     target: Target) -> tuple[int, int]:
     fetcher = Fetcher(options)
     recorder = _Recorder(state)

@@ -17,6 +17,7 @@ from itertools import islice
 
 from imgclf.download._local import LocalRef
 from imgclf.download._options import StoreSettings
+from imgclf.download._pool import Pool
 from imgclf.download._read import stream_members
 from imgclf.download._store import Stored, process_many
 from imgclf.errors import ImgclfError
@@ -29,7 +30,7 @@ Payload = LocalRef | bytes | Rejected
 Deliver = Callable[[int, Stored | Rejected], None]
 
 
-async def feed(pool: concurrent.futures.Executor, settings: StoreSettings, workers: int,
+async def feed(pool: Pool, settings: StoreSettings, workers: int,
                pages: AsyncIterator[list[tuple[int, Payload]]], deliver: Deliver) -> None:
     """Process every (id, payload) of `pages` in the pool; a payload that is already a verdict
     (Rejected) is delivered as is."""
