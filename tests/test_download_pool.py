@@ -129,7 +129,6 @@ def test_net_run_takes_uvloop_when_installed_and_asyncio_without(monkeypatch: py
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
 
-    pytest.importorskip("uvloop")
     assert net.run(loop_module()).startswith("uvloop")
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as on Windows, where uvloop does not install
     assert net.run(loop_module()).startswith("asyncio")
