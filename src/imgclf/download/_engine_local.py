@@ -8,7 +8,9 @@ Same signature as the Ray engine (`_engine_ray.fetch_pending`): (state, settings
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import sys
 import time
 
 from imgclf import net
@@ -17,7 +19,7 @@ from imgclf.download._commit import outcome as outcome_of
 from imgclf.download._feed import feed, local_pages, stream_pages, worker_death
 from imgclf.download._fetch import Fetcher
 from imgclf.download._options import DownloadOptions, StoreSettings
-from imgclf.download._pool import LoopPool
+from imgclf.download._pool import LoopPool, Pool
 from imgclf.download._progress import Progress
 from imgclf.download._sink import Target, TarSink, next_shard_number
 from imgclf.download._state import Outcome, State
@@ -85,14 +87,19 @@ class _Recorder:
         self.last = time.monotonic()
 
 
-def _pool(workers: int) -> LoopPool:
+def _pool(workers: int) -> Pool:
     # fork starts workers in milliseconds; they are started here, before the event loop and the
     # progress thread exist, so no lock held by another thread is copied into them.
-    return LoopPool(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    if sys.platform == "linux":
+        return LoopPool(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
+                                                  initargs=(os.getpid(),))  # macOS: spawn, not fork
+    pool.submit(int).result()
+    return pool
 
 
 async def _download(state: State, settings: StoreSettings, options: DownloadOptions,
-                    pool: LoopPool, progress: Progress,
+                    pool: Pool, progress: Progress,
                     target: Target) -> tuple[int, int]:
     fetcher = Fetcher(options)
     recorder = _Recorder(state)

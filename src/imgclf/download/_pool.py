@@ -1,15 +1,15 @@
 """The local download's worker processes, driven by the event loop itself: no helper thread.
 
 `concurrent.futures.ProcessPoolExecutor` keeps a manager thread in the parent that wakes for every
-result and then wants the GIL the event loop holds. On the downloader's busy loop (thousands of
-small images a second) each of the loop's socket writes released the GIL to that thread and waited
-to get it back: profiled on 5,000 small PNGs (issue 23 item 5), the loop spent 1.4 s in
-`socket.send` and 0.9 s in the executor's wake-up write, most of it waiting for the GIL.
+result and then wants the GIL the fetch loop holds: one more thread taking turns with the loop, for
+each batch of bodies. Here each worker is a forked process with two pipes. The loop writes tasks
+without blocking (`add_writer` when a pipe is full) and reads results with `add_reader`;
+`submit(fn, *args)` returns an asyncio future. Measured on 20,000 small PNGs from a loopback server
+(docs/benchmarks.md, issue 23 item 5), with uvloop: 15-20% less CPU in the parent.
 
-Here each worker is a forked process with two pipes. The loop writes tasks without blocking
-(`add_writer` when a pipe is full) and reads results with `add_reader`; `submit(fn, *args)` returns
-an asyncio future. A worker that dies (the OOM killer) closes its result pipe: its tasks and every
-later `submit` fail with `BrokenProcessPool`, as with the executor (see `_feed.worker_death`).
+A worker that dies (the OOM killer) closes its result pipe: its tasks and every later `submit` fail
+with `BrokenProcessPool`, as with the executor (see `_feed.worker_death`). Linux only (fork and
+inherited pipe ends); elsewhere the engine keeps the executor (`_engine_local._pool`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import pickle
 import struct
-import sys
 import traceback
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -148,8 +147,8 @@ class _Worker:
         # The child closes the parent's ends, its siblings' included, so that each result pipe has
         # one writer: its worker's death is an end of file here.
         theirs = [task_w, result_r] + [fd for w in siblings for fd in (w.tasks, w.results)]
-        ctx = multiprocessing.get_context("fork") if sys.platform == "linux" else multiprocessing.get_context()
-        process = ctx.Process(target=_serve, args=(task_r, result_w, theirs, initializer, initargs), daemon=True)
+        process = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(task_r, result_w, theirs, initializer, initargs), daemon=True)
         process.start()
         os.close(task_r)
         os.close(result_w)
