@@ -80,14 +80,18 @@ def _url(server: FaultServer, spec: str, port: int) -> str:
     return spec.format(port=port) if absolute else server.url(spec)
 
 
+def _stock(srv: FaultServer) -> FaultServer:
+    for name, body in sample_images().items():
+        srv.add(name, body, CONTENT_TYPES.get(name, "image/jpeg" if name.endswith(".jpg") else
+                                              "application/octet-stream"))
+    srv.add("rgb-copy.jpg", srv.files["rgb.jpg"][0], "image/jpeg")
+    return srv
+
+
 @pytest.fixture(scope="module")
 def server():
     with FaultServer() as srv:
-        for name, body in sample_images().items():
-            srv.add(name, body, CONTENT_TYPES.get(name, "image/jpeg" if name.endswith(".jpg") else
-                                                  "application/octet-stream"))
-        srv.add("rgb-copy.jpg", srv.files["rgb.jpg"][0], "image/jpeg")
-        yield srv
+        yield _stock(srv)
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +128,20 @@ def test_fault_case_ends_with_its_status(faults, case: str) -> None:
 
 
 def test_every_fault_case_ends_alike_on_the_plain_asyncio_loop(
-        faults, server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        faults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixture's run took uvloop's event loop (net.run, where uvloop is installed); without uvloop
-    (Windows) the same rows end with the same statuses."""
+    (Windows) the same rows end with the same statuses. A server of its own: the module's counts
+    requests (test_same_url_fetched_once) and its flaky URLs count failures."""
     manifest, _, _, _ = faults
     monkeypatch.setitem(sys.modules, "uvloop", None)
     port = closed_port()
-    rows = [{"url": server.url("file/rgb.jpg"), "label": "first"}]
-    rows += [{"url": _url(server, spec, port), "label": name} for name, (spec, _) in CASES.items()]
-    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
-    result = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "data", **FAST))
+    with FaultServer() as server:
+        _stock(server)
+        rows = [{"url": server.url("file/rgb.jpg"), "label": "first"}]
+        rows += [{"url": _url(server, spec, port), "label": name} for name, (spec, _) in CASES.items()]
+        pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+        result = download.run(download.DownloadOptions(sources=[tmp_path / "train.csv"], out=tmp_path / "data",
+                                                       **FAST))
     plain = pd.read_parquet(result.manifest_path)
     assert plain["status"].tolist() == manifest["status"].tolist()
 
