@@ -48,6 +48,7 @@ under `skipped` in download_report.json. Manifests written before local sources,
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,12 +253,10 @@ def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | No
         return frame.loc[keep, columns or list(frame.columns)].reset_index(drop=True)
     data = dataset(data_dir)
     present = [c for c in (columns or list(COLUMNS)) if c in data.schema.names]
-    try:
+    with _unreadable(data_dir, Exception):  # a corrupt part: pyarrow's own types
         # One part and a few batches read ahead: pyarrow's defaults hold 4 parts x 16 batches in flight.
         table = data.scanner(columns=present, filter=_filter(split, status), batch_readahead=2,
                              fragment_readahead=1).to_table()
-    except Exception as err:  # a corrupt part: pyarrow's own types
-        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
     frame = table.to_pandas()
     if columns is None:
         return _checked(frame, Path(data_dir) / PARTS_DIR)
@@ -272,10 +271,8 @@ def scan(data_dir: str | Path, columns: list[str] | None = None, split: str | No
 def count_rows(data_dir: str | Path, split: str | None = None, status: str | None = None) -> int:
     """Rows of one split and/or status of a local manifest (one file or parts), counted by pyarrow
     with the filter pushed down: no row is kept in memory."""
-    try:
+    with _unreadable(data_dir):
         return dataset(data_dir).count_rows(filter=_filter(split, status))
-    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
 
 
 def scan_arrow(data_dir: str | Path, columns: list[str], split: str | None = None,
@@ -286,14 +283,12 @@ def scan_arrow(data_dir: str | Path, columns: list[str], split: str | None = Non
     data = dataset(data_dir)
     present = [c for c in columns if c in data.schema.names]
     expr = _filter(split, status)
-    try:
+    with _unreadable(data_dir):
         for fragment in data.get_fragments():
             for group in fragment.split_by_row_group(filter=expr):
                 table = group.to_table(columns=present, filter=expr)
                 if table.num_rows:
                     yield table
-    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
 
 
 def rows_of(data_dir: str | Path, rows: set[int], columns: list[str]) -> pd.DataFrame:
@@ -302,11 +297,20 @@ def rows_of(data_dir: str | Path, rows: set[int], columns: list[str]) -> pd.Data
     import pyarrow.dataset as ds
 
     data = dataset(data_dir)
-    try:
+    with _unreadable(data_dir):
         table = data.to_table(columns=columns, filter=ds.field("row").isin(sorted(rows)))
-    except (OSError, ValueError) as err:  # a corrupt part: pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
     return table.to_pandas()
+
+
+@contextlib.contextmanager
+def _unreadable(data_dir: str | Path, errors: type[Exception] | tuple[type[Exception], ...] = (OSError, ValueError)
+                ) -> Iterator[None]:
+    """A corrupt part read by pyarrow is one line naming the data directory (ArrowInvalid is a ValueError,
+    ArrowIOError an OSError)."""
+    try:
+        yield
+    except errors as err:
+        raise DataError(f"{data_dir}: unreadable manifest ({err.__class__.__name__}: {str(err)[:200]})") from None
 
 
 def scan_batches(data_dir: str | Path, columns: list[str], split: str | None = None,
