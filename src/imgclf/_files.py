@@ -3,6 +3,7 @@
 A process killed mid-write (SIGKILL, a full disk) leaves the previous file intact, never a
 half-written one: the content goes to a temporary name in the same folder, and only a complete
 file is renamed over the target (`os.replace` is atomic on POSIX within one filesystem).
+`write_all`: the loop that writes all of a buffer to a file descriptor.
 """
 
 from __future__ import annotations
@@ -36,3 +37,10 @@ def write_atomic(path: str | Path, data: bytes | str, encoding: str = "utf-8", e
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode(encoding, errors) if isinstance(data, str) else data)
     return path
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to a file descriptor (os.write may write less than asked: a pipe, a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

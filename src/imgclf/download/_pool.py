@@ -27,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from imgclf._files import write_all
+
 _HEADER = struct.Struct("!Q")  # frame length, then a pickle
 _READ = 1 << 16
 
@@ -194,7 +196,7 @@ def _serve(tasks: int, results: int, theirs: list[int], initializer: Callable[..
         except BaseException as err:  # noqa: BLE001 - goes back to the caller's future
             answer = (task_id, False, _portable(err))
         out = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        _write_all(results, _HEADER.pack(len(out)) + out)
+        write_all(results, _HEADER.pack(len(out)) + out)
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -215,12 +217,6 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
         parts.append(chunk)
         left -= len(chunk)
     return b"".join(parts)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 # What the Batcher and the local feed submit to: this pool, or an executor (a Ray worker's).

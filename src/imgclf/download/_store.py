@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from imgclf import storage
+from imgclf._files import write_all
 from imgclf.download._local import LocalRef
 from imgclf.download._options import StoreSettings
 from imgclf.download._read import read_local
@@ -121,9 +122,7 @@ def _write_new(tmp: str, final: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, final)
